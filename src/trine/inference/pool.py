@@ -1,0 +1,109 @@
+"""Devices, precision, and the one multi-device pool shared by every encoder and reranker.
+
+The pool starts one process per device once (not per call), each holding its own copy of
+the model on its device, and keeps them until :meth:`DevicePool.close`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+logger = logging.getLogger(__name__)
+
+def resolve_devices(devices: str | int | Sequence[str | int] | None) -> list[str]:
+    """``None`` means one device: ``cuda:0`` when CUDA is present, else ``cpu``."""
+    if devices is None:
+        return ["cuda:0" if torch.cuda.is_available() else "cpu"]
+    items = [devices] if isinstance(devices, (str, int)) else list(devices)
+    if not items:
+        raise ValueError("devices is an empty list")
+    out = []
+    for d in items:
+        if isinstance(d, bool) or not isinstance(d, (str, int)):
+            raise ValueError(f"a device is a string like 'cpu' or 'cuda:0', or a CUDA index; got {d!r}")
+        name = f"cuda:{d}" if isinstance(d, int) else d
+        try:
+            torch.device(name)
+        except RuntimeError as err:
+            raise ValueError(f"unknown device {name!r}: {err}") from err
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but CUDA is not available")
+        out.append(name)
+    return out
+
+
+def resolve_dtype(use_fp16: bool, use_bf16: bool) -> torch.dtype:
+    if use_fp16 and use_bf16:
+        raise ValueError("use_fp16 and use_bf16 are exclusive")
+    return torch.float16 if use_fp16 else torch.bfloat16 if use_bf16 else torch.float32
+
+
+def _worker(owner: Any, device: str, tasks: mp.Queue, results: mp.Queue) -> None:
+    owner._move_to(device)
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        chunk_id, method, items, kwargs = task
+        try:
+            results.put((chunk_id, True, getattr(owner, method)(items, device=device, **kwargs)))
+        except BaseException:  # report, the parent raises
+            results.put((chunk_id, False, traceback.format_exc()))
+
+
+class DevicePool:
+    """Split work over several devices; results come back in input order."""
+
+    def __init__(self, owner: Any, devices: Sequence[str]):
+        ctx = mp.get_context("spawn")
+        self.devices = list(devices)
+        self.tasks: mp.Queue = ctx.Queue()
+        self.results: mp.Queue = ctx.Queue()
+        self.processes = []
+        for device in self.devices:
+            p = ctx.Process(target=_worker, args=(owner, device, self.tasks, self.results), daemon=True)
+            p.start()
+            self.processes.append(p)
+        logger.info("started a device pool on %s", ", ".join(self.devices))
+
+    def map(self, method: str, items: Sequence[Any], chunks_per_device: int = 1, **kwargs: Any) -> list[Any]:
+        """Run ``owner.method(chunk, device=..., **kwargs)`` on contiguous chunks of ``items``."""
+        n_chunks = max(1, min(len(items), len(self.devices) * chunks_per_device))
+        size = math.ceil(len(items) / n_chunks)
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+        for cid, chunk in enumerate(chunks):
+            self.tasks.put((cid, method, list(chunk), kwargs))
+        out: list[Any] = [None] * len(chunks)
+        for _ in chunks:
+            while True:
+                try:
+                    cid, ok, value = self.results.get(timeout=5)
+                    break
+                except queue.Empty:
+                    dead = [p for p in self.processes if not p.is_alive()]
+                    if dead:
+                        self.close()
+                        raise RuntimeError(f"a device-pool worker died (exit code {dead[0].exitcode})") from None
+            if not ok:
+                self.close()
+                raise RuntimeError(f"device-pool worker failed:\n{value}")
+            out[cid] = value
+        return out
+
+    def close(self) -> None:
+        for p in self.processes:
+            if p.is_alive():
+                self.tasks.put(None)
+        for p in self.processes:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+        self.processes = []

