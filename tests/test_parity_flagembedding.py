@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import TEXTS, make_tiny_m3
+
 from trine import M3Embedder, TriHeadModel
 
 FlagEmbedding = pytest.importorskip("FlagEmbedding")
@@ -97,7 +97,8 @@ def test_score_helpers_match(flag_model, trine_model):
     assert abs(flag_model.compute_lexical_matching_score(lw[0], lw[2])
                - trine_model.compute_lexical_matching_score(lw[0], lw[2])) < 1e-6
     for i, j in [(0, 1), (3, 5), (4, 4)]:
-        assert abs(float(flag_model.colbert_score(cv[i], cv[j])) - float(trine_model.colbert_score(cv[i], cv[j]))) < 1e-6
+        expected = float(flag_model.colbert_score(cv[i], cv[j]))
+        assert abs(expected - float(trine_model.colbert_score(cv[i], cv[j]))) < 1e-6
     assert flag_model.convert_id_to_token(lw) == trine_model.convert_id_to_token(lw)
 
 
