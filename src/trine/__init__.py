@@ -2,6 +2,18 @@
 
 from trine.inference import Embedder, M3Embedder
 from trine.modeling import TriHeadModel
+from trine.retrieval import DenseIndex, HybridRetriever, MultiVectorIndex, QueryReps, SearchResult, SparseIndex
 
 __version__ = "0.1.0"
-__all__ = ["Embedder", "M3Embedder", "TriHeadModel", "__version__"]
+__all__ = [
+    "DenseIndex",
+    "Embedder",
+    "HybridRetriever",
+    "M3Embedder",
+    "MultiVectorIndex",
+    "QueryReps",
+    "SearchResult",
+    "SparseIndex",
+    "TriHeadModel",
+    "__version__",
+]

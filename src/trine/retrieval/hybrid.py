@@ -1,0 +1,170 @@
+"""Hybrid search: weighted fusion of exact scores over the union of candidate lists, and reciprocal-rank fusion.
+
+Weighted fusion follows FlagEmbedding's MLDR/MKQA recipe: candidates are the union of each
+first-stage list (e.g. dense top-k and sparse top-k), and every mode's score is computed exactly
+for every candidate of the union (a document found only by the sparse index still gets its exact
+dense score), then ``sum_m w_m * s_m`` ranks them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from trine.retrieval.base import SearchResult, pad_results, top_k, unique_rows
+from trine.retrieval.dense import DenseIndex
+from trine.retrieval.multivector import MultiVectorIndex
+from trine.retrieval.sparse import SparseIndex
+
+MODES = ("dense", "sparse", "colbert")
+Scorer = Callable[[np.ndarray], np.ndarray]
+
+
+def union_rows(results: Sequence[SearchResult]) -> np.ndarray:
+    """Per query, the sorted union of the rows of several results, padded with -1 (queries x m)."""
+    if not results:
+        raise ValueError("union of no results")
+    n = len(results[0])
+    if any(len(r) != n for r in results):
+        raise ValueError("results to fuse must cover the same queries")
+    return unique_rows(np.concatenate([r.rows for r in results], axis=1))
+
+
+def weighted_fusion(candidates: Sequence[SearchResult], scorers: Sequence[Scorer], weights: Sequence[float],
+                    k: int) -> SearchResult:
+    """Rank the union of ``candidates`` by ``sum_m weights[m] * scorers[m](rows)``, best ``k`` per query.
+
+    Each scorer takes a (queries x m) row matrix (-1 padding) and returns exact scores of that shape.
+    """
+    if len(scorers) != len(weights) or not scorers:
+        raise ValueError(f"{len(scorers)} scorers for {len(weights)} weights")
+    rows = union_rows(candidates)
+    total = np.zeros(rows.shape, dtype=np.float64)
+    for scorer, w in zip(scorers, weights):
+        s = np.asarray(scorer(rows), dtype=np.float64)
+        if s.shape != rows.shape:
+            raise ValueError(f"a scorer returned shape {s.shape} for rows {rows.shape}")
+        total += float(w) * np.where(rows >= 0, s, 0.0)
+    out = []
+    for s, r in zip(total, rows):
+        valid = r >= 0
+        out.append(top_k(s[valid], k, r[valid]) if valid.any() else (np.zeros(0), np.zeros(0, np.int64)))
+    return pad_results(out, k)
+
+
+def reciprocal_rank_fusion(results: Sequence[SearchResult], k: int, rrf_k: float = 60.0,
+                           weights: Sequence[float] | None = None) -> SearchResult:
+    """Score ``sum_lists w / (rrf_k + rank)`` (rank from 1) over the lists a document appears in."""
+    if weights is not None and len(weights) != len(results):
+        raise ValueError(f"{len(weights)} weights for {len(results)} result lists")
+    ws = [1.0] * len(results) if weights is None else [float(w) for w in weights]
+    rows = union_rows(results)
+    out = []
+    for i in range(len(rows)):
+        fused: dict[int, float] = {}
+        for res, w in zip(results, ws):
+            for rank, r in enumerate(res.rows[i].tolist(), start=1):
+                if r >= 0:
+                    fused[r] = fused.get(r, 0.0) + w / (rrf_k + rank)
+        if not fused:
+            out.append((np.zeros(0), np.zeros(0, np.int64)))
+            continue
+        r_arr = np.fromiter(fused.keys(), dtype=np.int64, count=len(fused))
+        s_arr = np.fromiter(fused.values(), dtype=np.float64, count=len(fused))
+        out.append(top_k(s_arr, k, r_arr))
+    return pad_results(out, k)
+
+
+@dataclass
+class QueryReps:
+    """Encoded queries: any of dense vectors, lexical weights, multi-vectors (``M3Embedder.encode`` keys)."""
+
+    dense_vecs: np.ndarray | None = None
+    lexical_weights: Sequence[Mapping[str, float]] | None = None
+    colbert_vecs: Sequence[np.ndarray] | None = None
+
+    @classmethod
+    def from_encode(cls, out: Mapping[str, Any]) -> QueryReps:
+        unknown = set(out) - {"dense_vecs", "lexical_weights", "colbert_vecs"}
+        if unknown:
+            raise ValueError(f"unknown representation keys {sorted(unknown)}")
+        return cls(out.get("dense_vecs"), out.get("lexical_weights"), out.get("colbert_vecs"))
+
+
+class HybridRetriever:
+    """Dense, sparse and multi-vector indexes over the same documents (same ids, same order).
+
+    ``search(reps, k, weights={"dense": 1, "sparse": 0.3})`` fuses the modes named in ``weights``;
+    candidates come from ``candidate_modes`` (dense and/or sparse first-stage lists of
+    ``candidate_k`` each) and every weighted mode is scored exactly on their union.
+    ``fusion="rrf"`` fuses the ranked lists of the weighted modes instead (multi-vector lists are
+    the re-ranked union of candidates).
+    """
+
+    def __init__(self, dense: DenseIndex | None = None, sparse: SparseIndex | None = None,
+                 multivector: MultiVectorIndex | None = None):
+        present = [i for i in (dense, sparse, multivector) if i is not None]
+        if not present:
+            raise ValueError("a HybridRetriever needs at least one index")
+        for other in present[1:]:
+            if other.ids != present[0].ids:
+                raise ValueError("the indexes must hold the same document ids in the same order")
+        self.dense, self.sparse, self.multivector = dense, sparse, multivector
+        self.ids = present[0].ids
+
+    def _index(self, mode: str) -> DenseIndex | SparseIndex | MultiVectorIndex:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; modes are {MODES}")
+        index = {"dense": self.dense, "sparse": self.sparse, "colbert": self.multivector}[mode]
+        if index is None:
+            raise ValueError(f"mode {mode!r} needs its index, which this retriever was not given")
+        return index
+
+    @staticmethod
+    def _reps(reps: QueryReps, mode: str) -> Any:
+        rep = {"dense": reps.dense_vecs, "sparse": reps.lexical_weights, "colbert": reps.colbert_vecs}[mode]
+        if rep is None:
+            key = {"dense": "dense_vecs", "sparse": "lexical_weights", "colbert": "colbert_vecs"}[mode]
+            raise ValueError(f"mode {mode!r} needs the queries' {key}")
+        return rep
+
+    def first_stage(self, reps: QueryReps, mode: str, k: int) -> SearchResult:
+        """One mode's own top ``k`` (dense or sparse index search; multi-vector: exact full search)."""
+        return self._index(mode).search(self._reps(reps, mode), k)
+
+    def scorer(self, reps: QueryReps, mode: str) -> Scorer:
+        index, rep = self._index(mode), self._reps(reps, mode)
+        return lambda rows: index.score(rep, rows)
+
+    def search(self, reps: QueryReps, k: int, weights: Mapping[str, float], *,
+               candidate_modes: Sequence[str] = ("dense", "sparse"), candidate_k: int = 100,
+               fusion: str = "weighted", rrf_k: float = 60.0) -> SearchResult:
+        if fusion not in ("weighted", "rrf"):
+            raise ValueError(f"fusion must be 'weighted' or 'rrf', not {fusion!r}")
+        if not weights:
+            raise ValueError("weights must name at least one mode")
+        for mode in list(weights) + list(candidate_modes):
+            self._index(mode)
+        bad = [m for m in candidate_modes if m == "colbert"]
+        if bad or not candidate_modes:
+            raise ValueError("candidate_modes must be a non-empty choice of 'dense' and 'sparse'")
+        candidates = [self.first_stage(reps, m, candidate_k) for m in candidate_modes]
+        modes = list(weights)
+        if fusion == "weighted":
+            return weighted_fusion(candidates, [self.scorer(reps, m) for m in modes],
+                                   [weights[m] for m in modes], k)
+        lists = []
+        by_mode = dict(zip(candidate_modes, candidates))
+        for m in modes:
+            if m in by_mode:
+                lists.append(by_mode[m])
+            else:  # a mode without its own first stage ranks the union of candidates
+                rows = union_rows(candidates)
+                scores = self.scorer(reps, m)(rows)
+                per_query = [top_k(s[r >= 0], rows.shape[1] or 1, r[r >= 0]) if (r >= 0).any()
+                             else (np.zeros(0), np.zeros(0, np.int64)) for s, r in zip(scores, rows)]
+                lists.append(pad_results(per_query, max(rows.shape[1], 1)))
+        return reciprocal_rank_fusion(lists, k, rrf_k, [weights[m] for m in modes])

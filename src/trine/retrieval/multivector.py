@@ -1,0 +1,138 @@
+"""Multi-vector (ColBERT) retrieval: exact maxsim re-ranking of candidates, and full search for small corpora.
+
+Every document's token vectors are stored in one (total tokens x dim) array with row offsets.
+Scores come from ``trine.scoring.colbert_scores_padded`` (the one maxsim implementation).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from trine.retrieval.base import (
+    SearchResult,
+    atomic_folder,
+    check_ids,
+    check_unique,
+    pad_results,
+    read_ids,
+    read_meta,
+    top_k,
+    unique_rows,
+    write_ids,
+    write_meta,
+)
+from trine.scoring import colbert_scores_padded, pad_vectors
+
+STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class MultiVectorIndex:
+    """Token vectors per document (``colbert_vecs`` as ``M3Embedder`` returns), scored by exact maxsim.
+
+    ``dtype="float16"`` halves the memory; scores are computed in float32 either way.
+    """
+
+    def __init__(self, vectors: np.ndarray, offsets: np.ndarray, ids: list[str]):
+        self.vectors = vectors
+        self.offsets = offsets
+        self.ids = ids
+        self.dim = int(vectors.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def build(cls, colbert_vecs: Sequence[np.ndarray], ids: Sequence[str] | None = None,
+              dtype: str = "float32") -> MultiVectorIndex:
+        if dtype not in STORE_DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(STORE_DTYPES)}, not {dtype!r}")
+        if len(colbert_vecs) == 0:
+            raise ValueError("colbert_vecs is empty: nothing to index")
+        doc_ids = check_ids(ids, len(colbert_vecs))
+        check_unique(doc_ids)
+        arrays = [np.asarray(v) for v in colbert_vecs]
+        dim = arrays[0].shape[-1] if arrays[0].ndim == 2 else -1
+        for i, a in enumerate(arrays):
+            if a.ndim != 2 or a.shape[1] != dim:
+                raise ValueError(f"colbert_vecs[{i}] has shape {a.shape}; expected (tokens x {dim})")
+        lengths = np.array([a.shape[0] for a in arrays], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        vectors = np.concatenate(arrays, axis=0).astype(STORE_DTYPES[dtype], copy=False)
+        if not np.isfinite(vectors).all():
+            raise ValueError("colbert_vecs contain NaN or infinite values")
+        return cls(np.ascontiguousarray(vectors), offsets, doc_ids)
+
+    def doc_vectors(self, row: int) -> np.ndarray:
+        return self.vectors[self.offsets[row] : self.offsets[row + 1]]
+
+    def _padded(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_vectors([self.doc_vectors(r) for r in rows.tolist()])
+
+    def _check_queries(self, queries: Sequence[np.ndarray]) -> None:
+        for i, q in enumerate(queries):
+            if np.ndim(q) != 2 or np.shape(q)[1] != self.dim:
+                raise ValueError(f"query {i}: multi-vectors of shape {np.shape(q)}; expected (tokens x {self.dim})")
+
+    def score(self, queries: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
+        """Exact maxsim of query i with rows[i] (queries x m); -inf where rows is -1."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 2 or rows.shape[0] != len(queries):
+            raise ValueError(f"rows must be (queries x m) with {len(queries)} queries, got {rows.shape}")
+        self._check_queries(queries)
+        out = np.full(rows.shape, -np.inf, dtype=np.float32)
+        for i, q in enumerate(queries):
+            valid = rows[i] >= 0
+            if not valid.any():
+                continue
+            qv, qm = pad_vectors([q])
+            pv, pm = self._padded(rows[i, valid])
+            out[i, valid] = colbert_scores_padded(qv, qm, pv, pm)[0].numpy()
+        return out
+
+    def rerank(self, queries: Sequence[np.ndarray], candidates: SearchResult | np.ndarray, k: int) -> SearchResult:
+        """Re-order each query's candidate rows (duplicates and -1 ignored) by exact maxsim; keep the best ``k``."""
+        rows = unique_rows(candidates.rows if isinstance(candidates, SearchResult) else candidates)
+        if rows.shape[0] != len(queries):
+            raise ValueError(f"{rows.shape[0]} candidate lists for {len(queries)} queries")
+        scores = self.score(queries, rows)
+        out = []
+        for s, r in zip(scores, rows):
+            valid = r >= 0
+            out.append(top_k(s[valid], k, r[valid]) if valid.any() else (np.zeros(0), np.zeros(0, np.int64)))
+        return pad_results(out, k)
+
+    def search(self, queries: Sequence[np.ndarray], k: int, doc_batch: int = 2048) -> SearchResult:
+        """Exact maxsim against every document (small corpora: cost is queries x all tokens)."""
+        self._check_queries(queries)
+        qv, qm = pad_vectors(list(queries))
+        scores = np.empty((len(queries), len(self.ids)), dtype=np.float32)
+        for start in range(0, len(self.ids), doc_batch):
+            rows = np.arange(start, min(start + doc_batch, len(self.ids)))
+            pv, pm = self._padded(rows)
+            scores[:, rows] = colbert_scores_padded(qv, qm, pv, pm).numpy()
+        return pad_results([top_k(s, k) for s in scores], k)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``index.json``, ``ids.json``, ``vectors.npy`` and ``offsets.npy``; all or nothing."""
+        with atomic_folder(path) as tmp:
+            np.save(os.path.join(tmp, "vectors.npy"), self.vectors)
+            np.save(os.path.join(tmp, "offsets.npy"), self.offsets)
+            write_ids(tmp, self.ids)
+            write_meta(tmp, "multivector", count=len(self.ids), dim=self.dim, tokens=int(self.offsets[-1]),
+                       dtype=str(self.vectors.dtype))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, mmap: bool = False) -> MultiVectorIndex:
+        """``mmap=True`` maps the vectors from disk instead of reading them into memory."""
+        meta = read_meta(path, "multivector")
+        folder = os.fspath(path)
+        vectors = np.load(os.path.join(folder, "vectors.npy"), mmap_mode="r" if mmap else None)
+        offsets = np.load(os.path.join(folder, "offsets.npy"))
+        if vectors.shape != (meta["tokens"], meta["dim"]) or offsets.size != meta["count"] + 1:
+            raise ValueError(f"{folder}: vectors.npy / offsets.npy do not match index.json")
+        return cls(vectors, offsets, read_ids(folder, meta["count"]))

@@ -1,0 +1,154 @@
+"""Lexical (sparse) retrieval: an inverted index over lexical weights with impact scoring.
+
+Documents' ``{token: weight}`` maps become postings sorted by term (a term-major CSR matrix:
+``indptr`` per term into ``postings_rows`` / ``postings_weights``). A query's score for every
+document is its sparse dot product with the query's weights, gathered from the postings of the
+query's terms with one ``np.bincount``: the same number ``trine.scoring.lexical_matching_score``
+gives for the pair, without visiting documents that share no term.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from trine.retrieval.base import (
+    SearchResult,
+    atomic_folder,
+    check_ids,
+    check_unique,
+    pad_results,
+    read_ids,
+    read_meta,
+    top_k,
+    write_ids,
+    write_meta,
+)
+
+LexicalWeights = Mapping[str, float]
+
+
+def _check_weight(w: float, where: str, term: str) -> float:
+    w = float(w)
+    if not math.isfinite(w) or w < 0:
+        raise ValueError(f"{where}: weight of token {term!r} is {w}; lexical weights must be finite and >= 0")
+    return w
+
+
+class SparseIndex:
+    """Inverted index over lexical weights (``{token id string: weight}``, as ``M3Embedder`` returns).
+
+    Keys are any strings (token ids or token strings), matched exactly. Zero weights are dropped;
+    negative or non-finite weights are an error. Only documents sharing a term with the query
+    (score > 0) are returned.
+    """
+
+    def __init__(self, vocab: dict[str, int], indptr: np.ndarray, postings_rows: np.ndarray,
+                 postings_weights: np.ndarray, ids: list[str]):
+        self.vocab = vocab
+        self.indptr = indptr
+        self.postings_rows = postings_rows
+        self.postings_weights = postings_weights
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def build(cls, lexical_weights: Sequence[LexicalWeights], ids: Sequence[str] | None = None) -> SparseIndex:
+        doc_ids = check_ids(ids, len(lexical_weights))
+        check_unique(doc_ids)
+        vocab: dict[str, int] = {}
+        terms: list[int] = []
+        rows: list[int] = []
+        weights: list[float] = []
+        for row, doc in enumerate(lexical_weights):
+            if not isinstance(doc, Mapping):
+                raise TypeError(f"lexical_weights[{row}] is a {type(doc).__name__}, not a {{token: weight}} mapping")
+            for term, w in doc.items():
+                w = _check_weight(w, f"lexical_weights[{row}]", term)
+                if w == 0:
+                    continue
+                terms.append(vocab.setdefault(str(term), len(vocab)))
+                rows.append(row)
+                weights.append(w)
+        term_arr = np.asarray(terms, dtype=np.int64)
+        order = np.argsort(term_arr, kind="stable")  # rows stay ascending within a term
+        indptr = np.zeros(len(vocab) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(term_arr, minlength=len(vocab)), out=indptr[1:])
+        return cls(vocab, indptr, np.asarray(rows, dtype=np.int32)[order],
+                   np.asarray(weights, dtype=np.float32)[order], doc_ids)
+
+    # ------------------------------------------------------------------ scoring
+    def score_all(self, query: LexicalWeights) -> np.ndarray:
+        """The query's score for every document (float64, length ``len(self)``)."""
+        starts, ends, qw = [], [], []
+        for term, w in query.items():
+            t = self.vocab.get(str(term))
+            w = _check_weight(w, "query", term)
+            if t is not None and w > 0:
+                starts.append(self.indptr[t])
+                ends.append(self.indptr[t + 1])
+                qw.append(w)
+        if not starts:
+            return np.zeros(len(self.ids), dtype=np.float64)
+        if len(starts) == 1:
+            sl = slice(starts[0], ends[0])
+            return np.bincount(self.postings_rows[sl], self.postings_weights[sl] * np.float64(qw[0]),
+                               minlength=len(self.ids))
+        lengths = np.asarray(ends) - np.asarray(starts)
+        # positions of every posting of every query term, in one gather
+        offsets = np.repeat(np.asarray(starts) - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        pos = np.arange(lengths.sum()) + offsets
+        contrib = self.postings_weights[pos].astype(np.float64) * np.repeat(np.asarray(qw), lengths)
+        return np.bincount(self.postings_rows[pos], contrib, minlength=len(self.ids))
+
+    def search(self, queries: Sequence[LexicalWeights], k: int) -> SearchResult:
+        out = []
+        for q in queries:
+            scores = self.score_all(q)
+            hit = np.flatnonzero(scores > 0)
+            s, r = top_k(scores[hit], k, hit) if hit.size else (np.zeros(0), np.zeros(0, dtype=np.int64))
+            out.append((s, r))
+        return pad_results(out, k)
+
+    def score(self, queries: Sequence[LexicalWeights], rows: np.ndarray) -> np.ndarray:
+        """Exact scores of query i with rows[i] (queries x m); -inf where rows is -1."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 2 or rows.shape[0] != len(queries):
+            raise ValueError(f"rows must be (queries x m) with {len(queries)} queries, got {rows.shape}")
+        out = np.full(rows.shape, -np.inf, dtype=np.float64)
+        for i, q in enumerate(queries):
+            valid = rows[i] >= 0
+            out[i, valid] = self.score_all(q)[rows[i, valid]]
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``index.json``, ``ids.json``, ``vocab.json`` and ``postings.npz``; all or nothing."""
+        with atomic_folder(path) as tmp:
+            terms = [None] * len(self.vocab)
+            for term, t in self.vocab.items():
+                terms[t] = term
+            with open(os.path.join(tmp, "vocab.json"), "w") as f:
+                json.dump(terms, f)
+            np.savez(os.path.join(tmp, "postings.npz"), indptr=self.indptr, rows=self.postings_rows,
+                     weights=self.postings_weights)
+            write_ids(tmp, self.ids)
+            write_meta(tmp, "sparse", count=len(self.ids), terms=len(terms), postings=int(self.indptr[-1]))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SparseIndex:
+        meta = read_meta(path, "sparse")
+        folder = os.fspath(path)
+        with open(os.path.join(folder, "vocab.json")) as f:
+            terms = json.load(f)
+        with np.load(os.path.join(folder, "postings.npz")) as z:
+            indptr, rows, weights = z["indptr"], z["rows"], z["weights"]
+        if len(terms) != meta["terms"] or indptr.size != len(terms) + 1 or rows.size != meta["postings"]:
+            raise ValueError(f"{folder}: vocab.json / postings.npz do not match index.json")
+        return cls({t: i for i, t in enumerate(terms)}, indptr, rows, weights, read_ids(folder, meta["count"]))
