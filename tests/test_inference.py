@@ -125,6 +125,7 @@ def test_device_pool_equals_single_device(tiny_m3_dir):
     try:
         pooled = pooled_model.encode(texts, **kw)
         again = pooled_model.compute_score([(texts[0], texts[1]), (texts[2], texts[3])])
+        one = pooled_model.encode(texts[5], **kw)
     finally:
         pooled_model.close()
     np.testing.assert_allclose(pooled["dense_vecs"], single["dense_vecs"], atol=1e-6)
@@ -132,6 +133,13 @@ def test_device_pool_equals_single_device(tiny_m3_dir):
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert [a.keys() for a in pooled["lexical_weights"]] == [b.keys() for b in single["lexical_weights"]]
     assert len(again["dense"]) == 2
+    np.testing.assert_allclose(one["dense_vecs"], single["dense_vecs"][5], atol=1e-6)
+
+
+def test_empty_input(tiny_m3_dir, minilm_dir):
+    out = M3Embedder(tiny_m3_dir, show_progress=False).encode([], return_sparse=True, return_colbert_vecs=True)
+    assert out["dense_vecs"].shape == (0, 32) and out["lexical_weights"] == [] and out["colbert_vecs"] == []
+    assert Embedder(minilm_dir, show_progress=False).encode([]).shape == (0, 384)
 
 
 def test_bf16_close_to_fp32(minilm_dir):

@@ -142,8 +142,12 @@ class _EncoderBase:
             pass
 
     def _run(self, method: str, items: list[Any], **kwargs: Any) -> list[Any]:
-        """Run ``method`` on one device, or on chunks over the device pool; a list of chunk results."""
-        if len(self.devices) == 1 or len(items) <= 1:
+        """Run ``method`` on one device, or on chunks over the device pool; a list of chunk results.
+
+        With several devices the model lives only in the pool's processes (this process keeps
+        its CPU copy for pickling), so even one item goes through the pool.
+        """
+        if len(self.devices) == 1:
             return [getattr(self, method)(items, device=self.devices[0], **kwargs)]
         if self._pool is None:
             self._pool = DevicePool(self, self.devices)
@@ -221,6 +225,8 @@ class _EncoderBase:
         return_sparse: bool,
         return_colbert_vecs: bool,
     ) -> list[tuple[Any, Any, Any]]:
+        if not texts:
+            return []
         chunks = self._run(
             "_encode_chunk",
             texts,
