@@ -1,0 +1,61 @@
+"""A BEIR-layout test set from Debian's man pages: query = NAME one-liner, document = DESCRIPTION.
+
+Every page is a document; its one-liner is a query judged relevant (1) to that page only. Pages
+are split into train and test queries by a seeded shuffle (the corpus holds all pages).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+
+from trine.datasets.manpages import ManPage, load_manpages
+from trine.retrieval.base import atomic_folder
+
+QUERY_PREFIX = "q:"
+
+
+def build_manpages_beir(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    pages: Sequence[ManPage] | None = None,
+    limit: int | None = None,
+) -> str:
+    """Write ``corpus.jsonl``, ``queries.jsonl``, ``qrels/train.tsv`` and ``qrels/test.tsv``; return the folder.
+
+    ``limit`` keeps a seeded random subset of pages (corpus and queries alike).
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}")
+    pages = list(load_manpages() if pages is None else pages)
+    rng = random.Random(seed)
+    if limit is not None:
+        if limit < 2:
+            raise ValueError(f"limit must be at least 2 pages, got {limit}")
+        pages = rng.sample(pages, min(limit, len(pages)))
+    pages.sort(key=lambda p: p.page)
+    if len({p.page for p in pages}) != len(pages):
+        raise ValueError("man page names must be unique")
+    order = list(range(len(pages)))
+    rng.shuffle(order)
+    n_test = max(1, round(len(pages) * test_fraction))
+    test = set(order[:n_test])
+    with atomic_folder(out_dir) as tmp:
+        with open(os.path.join(tmp, "corpus.jsonl"), "w") as f:
+            for p in pages:
+                f.write(json.dumps({"_id": p.page, "title": "", "text": p.description}) + "\n")
+        with open(os.path.join(tmp, "queries.jsonl"), "w") as f:
+            for p in pages:
+                f.write(json.dumps({"_id": QUERY_PREFIX + p.page, "text": p.name}) + "\n")
+        os.makedirs(os.path.join(tmp, "qrels"))
+        for split in ("train", "test"):
+            with open(os.path.join(tmp, "qrels", f"{split}.tsv"), "w") as f:
+                f.write("query-id\tcorpus-id\tscore\n")
+                for i, p in enumerate(pages):
+                    if (i in test) == (split == "test"):
+                        f.write(f"{QUERY_PREFIX}{p.page}\t{p.page}\t1\n")
+    return os.path.abspath(os.fspath(out_dir))

@@ -1,0 +1,199 @@
+"""Evaluate one or several models on a test set in every retrieval mode.
+
+Modes (as BGE-M3's evaluation, see FlagEmbedding's MLDR/MKQA recipes):
+
+- ``dense``: exact inner-product search (FAISS flat), top ``top_k``;
+- ``sparse``: the inverted lexical index, top ``top_k``;
+- ``colbert``: exact maxsim re-ranking of the dense top ``rerank_k`` (``colbert_search="rerank"``,
+  FlagEmbedding's recipe) or exact maxsim over the whole corpus (``"full"``, small corpora);
+- ``dense+sparse``: the union of dense and sparse top ``top_k``, every candidate scored exactly in
+  both modes, ranked by ``w_d * s_d + w_s * s_s`` (``weights_dense_sparse``, default (1, 0.3));
+- ``all``: the same union scored exactly in all three modes (``weights_all``, default (1, 0.3, 1));
+- ``rrf``: reciprocal-rank fusion of the dense, sparse and (union re-ranked) multi-vector lists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from trine.evaluation.data import RetrievalDataset
+from trine.evaluation.metrics import DEFAULT_K, DEFAULT_METRICS, evaluate_run
+from trine.inference.embedder import M3Embedder
+from trine.retrieval import DenseIndex, HybridRetriever, MultiVectorIndex, QueryReps, SearchResult, SparseIndex
+
+logger = logging.getLogger(__name__)
+
+MODES = ("dense", "sparse", "colbert", "dense+sparse", "all", "rrf")
+DEFAULT_MODES = ("dense", "sparse", "colbert", "dense+sparse", "all")
+_NEEDS = {
+    "dense": {"dense"},
+    "sparse": {"sparse"},
+    "colbert": {"dense", "colbert"},
+    "dense+sparse": {"dense", "sparse"},
+    "all": {"dense", "sparse", "colbert"},
+    "rrf": {"dense", "sparse", "colbert"},
+}
+
+
+@dataclass
+class EvalConfig:
+    modes: Sequence[str] = DEFAULT_MODES
+    k_values: Sequence[int] = DEFAULT_K
+    metrics: Sequence[str] = DEFAULT_METRICS
+    top_k: int = 100
+    rerank_k: int = 100
+    colbert_search: str = "rerank"
+    weights_dense_sparse: Sequence[float] = (1.0, 0.3)
+    weights_all: Sequence[float] = (1.0, 0.3, 1.0)
+    rrf_k: float = 60.0
+    dense_index: str = "flat"
+    ignore_identical_ids: bool = False
+    batch_size: int | None = None
+    query_max_length: int = 64
+    passage_max_length: int = 512
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"unknown modes {bad}; choose from {MODES}")
+        if self.colbert_search not in ("rerank", "full"):
+            raise ValueError(f"colbert_search must be 'rerank' or 'full', not {self.colbert_search!r}")
+        if len(self.weights_dense_sparse) != 2:
+            raise ValueError("weights_dense_sparse needs 2 values (dense, sparse)")
+        if len(self.weights_all) != 3:
+            raise ValueError("weights_all needs 3 values (dense, sparse, colbert)")
+        if self.top_k < max(self.k_values):
+            raise ValueError(f"top_k ({self.top_k}) must be at least the largest k ({max(self.k_values)})")
+        if self.rerank_k < 1:
+            raise ValueError(f"rerank_k must be positive, got {self.rerank_k}")
+
+
+def needed_outputs(modes: Sequence[str]) -> set[str]:
+    out: set[str] = set()
+    for m in modes:
+        out |= _NEEDS[m]
+    return out
+
+
+Timed = tuple[SearchResult, float]
+
+
+def search_modes(retriever: HybridRetriever, reps: QueryReps, config: EvalConfig) -> dict[str, Timed]:
+    """Run every configured mode; ``{mode: (result, seconds)}``."""
+    out: dict[str, Timed] = {}
+    k = config.top_k
+    w_ds, w_all = config.weights_dense_sparse, config.weights_all
+    for mode in config.modes:
+        start = time.perf_counter()
+        if mode in ("dense", "sparse"):
+            res = retriever.first_stage(reps, mode, k)
+        elif mode == "colbert":
+            if config.colbert_search == "full":
+                res = retriever.first_stage(reps, "colbert", k)
+            else:
+                candidates = retriever.first_stage(reps, "dense", config.rerank_k)
+                res = retriever.multivector.rerank(reps.colbert_vecs, candidates, min(k, config.rerank_k))
+        elif mode == "dense+sparse":
+            res = retriever.search(reps, k, {"dense": w_ds[0], "sparse": w_ds[1]}, candidate_k=k)
+        elif mode == "all":
+            res = retriever.search(reps, k, {"dense": w_all[0], "sparse": w_all[1], "colbert": w_all[2]},
+                                   candidate_k=k)
+        else:
+            res = retriever.search(reps, k, {"dense": 1.0, "sparse": 1.0, "colbert": 1.0}, candidate_k=k,
+                                   fusion="rrf", rrf_k=config.rrf_k)
+        out[mode] = (res, time.perf_counter() - start)
+    return out
+
+
+def evaluate_model(model: M3Embedder, dataset: RetrievalDataset, config: EvalConfig) -> dict[str, Any]:
+    """Encode corpus and queries once, search every mode, score with pytrec_eval."""
+    needs = needed_outputs(config.modes)
+    kw = {"return_dense": "dense" in needs, "return_sparse": "sparse" in needs,
+          "return_colbert_vecs": "colbert" in needs}
+    doc_ids, texts = dataset.passages()
+    query_ids = list(dataset.queries)
+    start = time.perf_counter()
+    docs = model.encode_corpus(texts, batch_size=config.batch_size, max_length=config.passage_max_length, **kw)
+    encode_corpus_s = time.perf_counter() - start
+    start = time.perf_counter()
+    queries = model.encode_queries([dataset.queries[q] for q in query_ids], batch_size=config.batch_size,
+                                   max_length=config.query_max_length, **kw)
+    encode_queries_s = time.perf_counter() - start
+    start = time.perf_counter()
+    retriever = HybridRetriever(
+        DenseIndex.build(docs["dense_vecs"], doc_ids, kind=config.dense_index) if kw["return_dense"] else None,
+        SparseIndex.build(docs["lexical_weights"], doc_ids) if kw["return_sparse"] else None,
+        MultiVectorIndex.build(docs["colbert_vecs"], doc_ids) if kw["return_colbert_vecs"] else None,
+    )
+    index_s = time.perf_counter() - start
+    reps = QueryReps.from_encode(queries)
+    metrics: dict[str, dict[str, float]] = {}
+    search_s: dict[str, float] = {}
+    for mode, (res, seconds) in search_modes(retriever, reps, config).items():
+        run = res.to_run(query_ids, doc_ids)
+        metrics[mode] = evaluate_run(dataset.qrels, run, config.k_values, config.metrics,
+                                     ignore_identical_ids=config.ignore_identical_ids)
+        search_s[mode] = seconds
+    return {
+        "metrics": metrics,
+        "timings": {"encode_corpus_s": encode_corpus_s, "encode_queries_s": encode_queries_s, "index_s": index_s,
+                    "search_s": search_s},
+    }
+
+
+def model_label(model: str | M3Embedder, used: set[str]) -> str:
+    base = os.path.basename(os.path.normpath(model)) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+    label, n = base, 2
+    while label in used:
+        label, n = f"{base}#{n}", n + 1
+    used.add(label)
+    return label
+
+
+def run_evaluation(
+    models: Sequence[str | os.PathLike | M3Embedder],
+    dataset: RetrievalDataset,
+    config: EvalConfig | None = None,
+    *,
+    model_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate every model; paths are loaded with ``M3Embedder(path, **model_options)``.
+
+    Returns ``{"dataset", "split", "queries", "documents", "config", "models": {label: {"path",
+    "metrics": {mode: {metric: value}}, "timings"}}}``.
+    """
+    config = config or EvalConfig()
+    if not models:
+        raise ValueError("no models to evaluate")
+    used: set[str] = set()
+    result: dict[str, Any] = {
+        "dataset": dataset.name,
+        "split": dataset.split,
+        "queries": len(dataset.queries),
+        "documents": len(dataset.corpus),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        "models": {},
+    }
+    for model in models:
+        label = model_label(model, used)
+        embedder = model if isinstance(model, M3Embedder) else M3Embedder(model, **(model_options or {}))
+        logger.info("evaluating %s on %s (%d queries, %d documents)", label, dataset.name, len(dataset.queries),
+                    len(dataset.corpus))
+        out = evaluate_model(embedder, dataset, config)
+        result["models"][label] = {"path": os.fspath(model) if not isinstance(model, M3Embedder) else None, **out}
+    return result
+
+
+def main_metric_table(result: Mapping[str, Any], metrics: Sequence[str]) -> list[list[str]]:
+    """Rows ``[model, mode, metric values...]`` as strings (4 decimals)."""
+    rows = []
+    for label, entry in result["models"].items():
+        for mode, values in entry["metrics"].items():
+            rows.append([label, mode] + [f"{values[m]:.4f}" if m in values else "" for m in metrics])
+    return rows
