@@ -172,22 +172,22 @@ class TriHeadModel(nn.Module):
             normalize_embeddings=normalize_embeddings,
         )
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write backbone, tokenizer and head files; the folder appears whole or not at all."""
+    def save_pretrained(self, path: str | os.PathLike, *, atomic: bool = True) -> None:
+        """Write backbone, tokenizer and head files (BGE-M3 layout).
+
+        ``atomic``: the folder appears whole or not at all (written aside, then renamed over any
+        old one). The trainer writes into its own checkpoint folders with ``atomic=False``.
+        """
         path = os.path.abspath(os.fspath(path))
+        if not atomic:
+            os.makedirs(path, exist_ok=True)
+            self._write(path)
+            return
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
         try:
-            self.backbone.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            if self.has_heads:
-
-                def cpu_state(linear: nn.Linear) -> dict[str, torch.Tensor]:
-                    return {k: v.detach().clone().cpu() for k, v in linear.state_dict().items()}
-
-                torch.save(cpu_state(self.colbert_linear), os.path.join(tmp, COLBERT_FILE))
-                torch.save(cpu_state(self.sparse_linear), os.path.join(tmp, SPARSE_FILE))
+            self._write(tmp)
             if os.path.exists(path):
                 old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(path) + "-", dir=parent)
                 os.rmdir(old)
@@ -199,6 +199,31 @@ class TriHeadModel(nn.Module):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def _write(self, folder: str) -> None:
+        self.backbone.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        if self.has_heads:
+            for linear, name in ((self.colbert_linear, COLBERT_FILE), (self.sparse_linear, SPARSE_FILE)):
+                state = {k: v.detach().clone().cpu() for k, v in linear.state_dict().items()}
+                torch.save(state, os.path.join(folder, name))
+
+    def load_weights(self, folder: str | os.PathLike) -> None:
+        """Load weights saved by :meth:`save_pretrained` into this model (resuming training)."""
+        from safetensors.torch import load_file
+
+        folder = os.fspath(folder)
+        weights = os.path.join(folder, "model.safetensors")
+        if not os.path.exists(weights):
+            raise FileNotFoundError(f"{folder}: no model.safetensors to resume from")
+        state = load_file(weights)
+        missing, unexpected = self.backbone.load_state_dict(state, strict=False)
+        tied = set(getattr(self.backbone, "_tied_weights_keys", None) or [])
+        if unexpected or set(missing) - tied:
+            raise ValueError(f"{weights}: does not fit this backbone (missing {missing}, unexpected {unexpected})")
+        if self.has_heads:
+            for linear, name in ((self.colbert_linear, COLBERT_FILE), (self.sparse_linear, SPARSE_FILE)):
+                linear.load_state_dict(torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True))
 
     # ------------------------------------------------------------------ forward
     def forward(

@@ -1,0 +1,91 @@
+"""Fine-tuning arguments, with FlagEmbedding's names where FlagEmbedding has the argument."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from trine.modeling.pooling import check_pooling_method
+from trine.training.losses import KD_LOSS_TYPES
+from trine.training.model import TRAINING_MODES
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "model folder (a backbone, or a tri-head BGE-M3 folder)"})
+    sentence_pooling_method: str = field(default="cls", metadata={"help": "cls, mean or last_token"})
+    normalize_embeddings: bool = field(default=True, metadata={"help": "L2-normalise dense vectors"})
+    init_missing_heads: str | None = field(
+        default=None, metadata={"help": "start lexical/ColBERT heads for a folder without them: random or neutral"}
+    )
+    colbert_dim: int = field(default=-1, metadata={"help": "ColBERT dimension (-1: hidden size)"})
+    trust_remote_code: bool = field(default=False)
+
+    def __post_init__(self) -> None:
+        check_pooling_method(self.sentence_pooling_method)
+        if self.init_missing_heads not in (None, "random", "neutral"):
+            raise ValueError(f"init_missing_heads must be random or neutral, got {self.init_missing_heads!r}")
+
+
+@dataclass
+class DataArguments:
+    train_data: list[str] = field(metadata={"help": "JSONL files and/or folders of them"})
+    train_group_size: int = field(default=8, metadata={"help": "1 positive + (G-1) negatives per query"})
+    query_max_len: int = field(default=32)
+    passage_max_len: int = field(default=128)
+    pad_to_multiple_of: int | None = field(default=None)
+    query_instruction_for_retrieval: str | None = field(default=None)
+    query_instruction_format: str = field(default="{}{}")
+    passage_instruction_for_retrieval: str | None = field(default=None)
+    passage_instruction_format: str = field(default="{}{}")
+    knowledge_distillation: bool = field(default=False, metadata={"help": "use pos_scores/neg_scores as teacher"})
+    same_dataset_within_batch: bool = field(
+        default=False, metadata={"help": "each global batch from one file; every rank on the same file at a step"}
+    )
+    group_by_length: bool = field(
+        default=False, metadata={"help": "sort records of similar length into the same batch (less padding)"}
+    )
+    fill_missing_negatives: str = field(
+        default="error", metadata={"help": "too few negatives: error, or random (fill from other records)"}
+    )
+    file_options: str | None = field(
+        default=None,
+        metadata={"help": 'JSON {"path": {"batch_size": N, "in_batch_negatives": false}} (a mapping in a config)'},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train_data, str):
+            self.train_data = [self.train_data]
+        if self.fill_missing_negatives not in ("error", "random"):
+            raise ValueError(f"fill_missing_negatives must be error or random, got {self.fill_missing_negatives!r}")
+
+    def parsed_file_options(self) -> dict[str, dict[str, Any]]:
+        if self.file_options is None:
+            return {}
+        if isinstance(self.file_options, dict):
+            return self.file_options
+        try:
+            value = json.loads(self.file_options)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"file_options: not valid JSON: {err}") from err
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            raise ValueError("file_options: must map file paths to option mappings")
+        return value
+
+
+@dataclass
+class EmbedderTrainingArguments(TrainingArguments):
+    temperature: float = field(default=0.02)
+    negatives_cross_device: bool = field(default=False, metadata={"help": "add other ranks' passages as negatives"})
+    kd_loss_type: str = field(default="kl_div", metadata={"help": "kl_div or m3_kd_loss"})
+    training_mode: str = field(default="dense", metadata={"help": f"one of {', '.join(TRAINING_MODES)}"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kd_loss_type not in KD_LOSS_TYPES:
+            raise ValueError(f"kd_loss_type must be one of {KD_LOSS_TYPES}, got {self.kd_loss_type!r}")
+        if self.training_mode not in TRAINING_MODES:
+            raise ValueError(f"training_mode must be one of {TRAINING_MODES}, got {self.training_mode!r}")

@@ -1,0 +1,124 @@
+"""The epoch plan: which records form each step's batch on each rank.
+
+A seeded plan shared by every rank (same seed, same epoch -> same plan) cuts the data into
+global batches of ``batch_size x world_size``; rank r takes the r-th slice. With
+``same_dataset_within_batch`` each global batch comes from one file (and every rank is on that
+file at that step), so per-file batch sizes and per-file in-batch-negative switches hold.
+Negatives are resampled from each record's pool every epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from trine.training.data import Example, TrainFile, sample_group
+
+LENGTH_WINDOW = 64  # global batches sorted together by length when group_by_length is on
+
+
+@dataclass
+class PlannedBatch:
+    file_index: int
+    record_indices: np.ndarray  # the global batch, rank slices taken in __getitem__
+
+
+class EpochPlanDataset(torch.utils.data.Dataset):
+    """Item i of an epoch is this rank's local batch for step i (a list of :class:`Example`)."""
+
+    def __init__(
+        self,
+        files: list[TrainFile],
+        *,
+        train_group_size: int,
+        default_batch_size: int,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 42,
+        same_dataset_within_batch: bool = False,
+        group_by_length: bool = False,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.files = files
+        self.group_size = train_group_size
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.same_dataset = same_dataset_within_batch
+        self.group_by_length = group_by_length
+        if not same_dataset_within_batch:
+            if any(f.batch_size is not None for f in files):
+                raise ValueError("per-file batch sizes need same_dataset_within_batch (each batch from one file)")
+            if len({f.in_batch_negatives for f in files}) > 1:
+                raise ValueError("files differ in in_batch_negatives; that needs same_dataset_within_batch")
+        self.batch_sizes = [f.batch_size or default_batch_size for f in files]
+        self.fill_pools = [sorted({t for r in f.records for t in (*r.pos, *r.neg)}) for f in files]
+        self.epoch = 0
+        self._plan = self._make_plan(0)
+        if not self._plan:
+            raise ValueError(
+                "no complete global batch: every file has fewer records than batch_size x world_size "
+                f"({[b * world_size for b in self.batch_sizes]})"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._plan = self._make_plan(epoch)
+
+    def _make_plan(self, epoch: int) -> list[PlannedBatch]:
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.same_dataset:
+            groups = [(i, np.arange(len(f.records))) for i, f in enumerate(self.files)]
+        else:
+            groups = [(-1, np.arange(sum(len(f.records) for f in self.files)))]
+        plan = []
+        for file_index, idx in groups:
+            gbs = self.batch_sizes[max(file_index, 0)] * self.world_size
+            idx = rng.permutation(idx)
+            idx = idx[: len(idx) // gbs * gbs]
+            if self.group_by_length and len(idx):
+                window = gbs * LENGTH_WINDOW
+                parts = []
+                for s in range(0, len(idx), window):
+                    chunk = idx[s : s + window]
+                    lengths = np.array([self._length(file_index, int(j)) for j in chunk])
+                    parts.append(chunk[np.argsort(-lengths, kind="stable")])
+                idx = np.concatenate(parts)
+            plan += [PlannedBatch(file_index, idx[s : s + gbs]) for s in range(0, len(idx), gbs)]
+        order = rng.permutation(len(plan))
+        return [plan[i] for i in order]
+
+    def _locate(self, file_index: int, j: int) -> tuple[int, int]:
+        if file_index >= 0:
+            return file_index, j
+        for f_i, f in enumerate(self.files):
+            if j < len(f.records):
+                return f_i, j
+            j -= len(f.records)
+        raise IndexError(j)
+
+    def _length(self, file_index: int, j: int) -> int:
+        f_i, r_i = self._locate(file_index, j)
+        r = self.files[f_i].records[r_i]
+        return len(r.query) + max(len(p) for p in r.pos)
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+    def __getitem__(self, step: int) -> dict[str, Any]:
+        batch = self._plan[step]
+        bs = len(batch.record_indices) // self.world_size
+        mine = batch.record_indices[self.rank * bs : (self.rank + 1) * bs]
+        examples: list[Example] = []
+        in_batch = True
+        for j in mine.tolist():
+            f_i, r_i = self._locate(batch.file_index, j)
+            in_batch = self.files[f_i].in_batch_negatives
+            rng = np.random.default_rng([self.seed, self.epoch, f_i, r_i])
+            examples.append(sample_group(self.files[f_i].records[r_i], self.group_size, rng, self.fill_pools[f_i]))
+        return {"examples": examples, "in_batch_negatives": in_batch}

@@ -1,0 +1,46 @@
+"""The one cross-device gather: every rank's tensor, with gradients flowing back to their owners."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        rank, size = world()
+        ctx.rank, ctx.rows = rank, tensor.size(0)
+        shapes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(size)]
+        dist.all_gather(shapes, torch.tensor([tensor.size(0)], device=tensor.device))
+        if len({int(s) for s in shapes}) != 1:
+            sizes = [int(s) for s in shapes]
+            raise RuntimeError(f"cross-device gather needs equal batch sizes on all ranks, got {sizes}")
+        parts = [torch.empty_like(tensor) for _ in range(size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # Each rank's loss used every rank's rows: sum the gradients for my rows from all ranks.
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from all ranks (rank order) along dim 0; identity on one process.
+
+    With each rank's loss averaged over its own queries and DDP averaging gradients, the
+    result is exactly the gradient of the loss over the whole global batch.
+    """
+    if world()[1] == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)

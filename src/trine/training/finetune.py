@@ -1,0 +1,108 @@
+"""`trine finetune`: contrastive fine-tuning (and unsupervised pair training) of an embedder."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from transformers import HfArgumentParser
+
+from trine.modeling.trihead import COLBERT_FILE, SPARSE_FILE, TriHeadModel
+from trine.training.arguments import DataArguments, EmbedderTrainingArguments, ModelArguments
+from trine.training.collator import EmbedderCollator
+from trine.training.data import load_train_files
+from trine.training.dataset import EpochPlanDataset
+from trine.training.model import EmbedderTrainingModel
+from trine.training.trainer import EmbedderTrainer, EpochPlanCallback
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, EmbedderTrainingArguments]:
+    """Command-line flags, or one YAML/JSON config file; unknown names are errors."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, EmbedderTrainingArguments))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        if argv[0].endswith(".json"):
+            return parser.parse_json_file(argv[0], allow_extra_keys=False)
+        return parser.parse_yaml_file(argv[0], allow_extra_keys=False)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: EmbedderTrainingArguments):
+    """Validate the data, load the model, and make the trainer (nothing is written yet)."""
+    files = load_train_files(
+        data_args.train_data,
+        train_group_size=data_args.train_group_size,
+        knowledge_distillation=data_args.knowledge_distillation,
+        fill_missing_negatives=data_args.fill_missing_negatives,
+        file_options=data_args.parsed_file_options(),
+    )
+    path = model_args.model_name_or_path
+    has_heads = all(os.path.exists(os.path.join(path, f)) for f in (COLBERT_FILE, SPARSE_FILE))
+    encoder = TriHeadModel.from_pretrained(
+        path,
+        with_heads=has_heads or model_args.init_missing_heads is not None,
+        init_missing_heads=model_args.init_missing_heads,
+        colbert_dim=model_args.colbert_dim,
+        pooling_method=model_args.sentence_pooling_method,
+        normalize_embeddings=model_args.normalize_embeddings,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    if args.negatives_cross_device and args.world_size == 1:
+        logger.warning("negatives_cross_device is on but only one process runs: no extra negatives")
+    model = EmbedderTrainingModel(
+        encoder,
+        temperature=args.temperature,
+        negatives_cross_device=args.negatives_cross_device,
+        kd_loss_type=args.kd_loss_type,
+        training_mode=args.training_mode,
+    )
+    dataset = EpochPlanDataset(
+        files,
+        train_group_size=data_args.train_group_size,
+        default_batch_size=args.per_device_train_batch_size,
+        world_size=args.world_size,
+        rank=args.process_index,
+        seed=args.data_seed if args.data_seed is not None else args.seed,
+        same_dataset_within_batch=data_args.same_dataset_within_batch,
+        group_by_length=data_args.group_by_length,
+    )
+    collator = EmbedderCollator(
+        encoder.tokenizer,
+        query_max_len=data_args.query_max_len,
+        passage_max_len=data_args.passage_max_len,
+        query_instruction_for_retrieval=data_args.query_instruction_for_retrieval,
+        query_instruction_format=data_args.query_instruction_format,
+        passage_instruction_for_retrieval=data_args.passage_instruction_for_retrieval,
+        passage_instruction_format=data_args.passage_instruction_format,
+        pad_to_multiple_of=data_args.pad_to_multiple_of,
+        knowledge_distillation=data_args.knowledge_distillation,
+    )
+    return EmbedderTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collator,
+        callbacks=[EpochPlanCallback(dataset)],
+    )
+
+
+def finetune(model_args: ModelArguments, data_args: DataArguments, args: EmbedderTrainingArguments) -> str:
+    trainer = build_trainer(model_args, data_args, args)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
+    return args.output_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trine.training.data import DataError
+
+    try:
+        model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
+        finetune(model_args, data_args, args)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

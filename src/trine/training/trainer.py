@@ -1,0 +1,67 @@
+"""The Hugging Face ``Trainer``, with trine's batch plan, loss logging and BGE-M3-layout checkpoints."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainerCallback
+
+from trine.training.dataset import EpochPlanDataset
+
+
+class EpochPlanCallback(TrainerCallback):
+    """Tells the dataset which epoch starts, so every rank re-plans identically."""
+
+    def __init__(self, dataset: EpochPlanDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        self.dataset.set_epoch(math.floor((state.epoch or 0) + 1e-6))
+
+
+class EmbedderTrainer(Trainer):
+    """Each rank reads its own slice of the shared plan (no distributed sampler re-sharding);
+    checkpoints are tri-head folders that ``M3Embedder``/FlagEmbedding load directly."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._parts: dict[str, list[float]] = defaultdict(list)
+
+    def get_train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_dataset,
+            batch_size=1,
+            shuffle=False,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        out = model(**inputs)
+        for name, value in out["parts"].items():
+            self._parts[f"loss_{name}"].append(float(value))
+        self._parts["negatives_per_query"].append(float(out["negatives_per_query"]))
+        return (out["loss"], out) if return_outputs else out["loss"]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._parts:
+            for name, values in self._parts.items():
+                logs[name] = round(sum(values) / len(values), 6)
+            self._parts.clear()
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        model.encoder.save_pretrained(output_dir, atomic=False)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:  # noqa: ANN001
+        target = self.accelerator.unwrap_model(model or self.model)
+        target.encoder.load_weights(resume_from_checkpoint)
