@@ -307,3 +307,58 @@ def test_real_hybrid_retrieval_finds_pages(manpage_encodings):
         retriever.search(reps, 10, {"bm25": 1.0})
     with pytest.raises(ValueError, match="fusion"):
         retriever.search(reps, 10, {"dense": 1.0}, fusion="max")
+
+
+def test_rerank_of_every_row_equals_full_search():
+    rng = np.random.default_rng(6)
+    docs = random_multivectors(rng, 40)
+    queries = random_multivectors(rng, 4)
+    index = MultiVectorIndex.build(docs)
+    full = index.search(queries, 40)
+    everything = np.tile(np.arange(40)[::-1], (4, 1))
+    reranked = index.rerank(queries, everything, 40)
+    np.testing.assert_array_equal(reranked.rows, full.rows)
+    np.testing.assert_allclose(reranked.scores, full.scores, rtol=1e-6)
+
+
+def test_dense_incremental_add_padding_and_errors(tmp_path):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((6, 4)).astype(np.float32)
+    index = DenseIndex(4)
+    index.add(x[:3], ids=["a", "b", "c"])
+    index.add(x[3:])
+    assert index.ids == ["a", "b", "c", "3", "4", "5"]
+    res = index.search(x[:1], 10)  # k larger than the corpus: padded
+    assert (res.rows[0, 6:] == -1).all() and np.isneginf(res.scores[0, 6:]).all()
+    assert sorted(res.rows[0, :6].tolist()) == list(range(6))
+    with pytest.raises(ValueError, match="unique"):
+        index.add(x[:1], ids=["a"])
+    with pytest.raises(ValueError, match="NaN"):
+        index.add(np.full((1, 4), np.nan, np.float32))
+    with pytest.raises(ValueError, match="at least that many"):
+        DenseIndex.build(x, kind="ivf", nlist=16)
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        DenseIndex.load(tmp_path)
+
+
+def test_hybrid_retriever_errors():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    dense = DenseIndex.build(x)
+    with pytest.raises(ValueError, match="same document ids"):
+        HybridRetriever(dense, SparseIndex.build([{"1": 1.0}] * 5, ids=list("abcde")))
+    retriever = HybridRetriever(dense, SparseIndex.build([{"1": 1.0}] * 5))
+    with pytest.raises(ValueError, match="lexical_weights"):
+        retriever.search(QueryReps(dense_vecs=x[:1]), 3, {"dense": 1.0, "sparse": 1.0})
+    with pytest.raises(ValueError, match="not given"):
+        retriever.search(QueryReps(dense_vecs=x[:1]), 3, {"colbert": 1.0})
+    with pytest.raises(ValueError, match="candidate_modes"):
+        retriever.search(QueryReps(dense_vecs=x[:1]), 3, {"dense": 1.0}, candidate_modes=())
+    with pytest.raises(ValueError, match="unknown representation keys"):
+        QueryReps.from_encode({"dense_vecs": x, "sparse": []})
+    res = retriever.search(QueryReps(x[:2], [{"1": 2.0}, {}]), 3, {"dense": 1.0, "sparse": 0.5},
+                           candidate_k=2)
+    exact = x[:2] @ x.T + 0.5 * np.array([[2.0] * 5, [0.0] * 5])
+    for i in range(2):
+        np.testing.assert_allclose(res.scores[i][res.rows[i] >= 0], exact[i][res.rows[i][res.rows[i] >= 0]],
+                                   rtol=1e-5)

@@ -67,7 +67,8 @@ class MultiVectorIndex:
         return cls(np.ascontiguousarray(vectors), offsets, doc_ids)
 
     def doc_vectors(self, row: int) -> np.ndarray:
-        return self.vectors[self.offsets[row] : self.offsets[row + 1]]
+        v = self.vectors[self.offsets[row] : self.offsets[row + 1]]
+        return v if v.flags.writeable else np.array(v)  # memory-mapped: torch wants writable arrays
 
     def _padded(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return pad_vectors([self.doc_vectors(r) for r in rows.tolist()])
