@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -362,3 +363,23 @@ def test_hybrid_retriever_errors():
     for i in range(2):
         np.testing.assert_allclose(res.scores[i][res.rows[i] >= 0], exact[i][res.rows[i][res.rows[i] >= 0]],
                                    rtol=1e-5)
+
+
+def test_sparse_impact_quantisation_as_flagembedding(tmp_path):
+    rng = np.random.default_rng(9)
+    docs = random_lexical(rng, 200)
+    queries = random_lexical(rng, 10, max_terms=8)
+    index = SparseIndex.build(docs, impact_scale=100)
+
+    def quantised(w):
+        return {t: float(math.ceil(v * 100)) for t, v in w.items()}
+
+    brute = scoring.lexical_scores([quantised(q) for q in queries], [quantised(d) for d in docs])
+    for i, q in enumerate(queries):
+        np.testing.assert_array_equal(index.score_all(q), brute[i])  # integers: exact
+    index.save(tmp_path / "q")
+    loaded = SparseIndex.load(tmp_path / "q")
+    assert loaded.impact_scale == 100
+    np.testing.assert_array_equal(loaded.search(queries, 5).rows, index.search(queries, 5).rows)
+    with pytest.raises(ValueError, match="impact_scale"):
+        SparseIndex.build(docs, impact_scale=0)

@@ -39,29 +39,46 @@ def _check_weight(w: float, where: str, term: str) -> float:
     return w
 
 
+def impact(w: float, scale: float | None) -> float:
+    """The weight as indexed: unchanged, or FlagEmbedding's integer impact ``ceil(w * scale)``."""
+    return w if scale is None else float(math.ceil(w * scale))
+
+
 class SparseIndex:
     """Inverted index over lexical weights (``{token id string: weight}``, as ``M3Embedder`` returns).
 
     Keys are any strings (token ids or token strings), matched exactly. Zero weights are dropped;
     negative or non-finite weights are an error. Only documents sharing a term with the query
     (score > 0) are returned.
+
+    ``impact_scale=None`` (default) keeps the weights as they are (float32), so scores equal
+    ``lexical_matching_score``. ``impact_scale=100`` reproduces FlagEmbedding's BGE-M3 sparse runs
+    (Lucene impact index): document and query weights become ``ceil(w * 100)`` integers, and scores
+    are in units of 1/100^2 (divide by 10000 to compare).
     """
 
     def __init__(self, vocab: dict[str, int], indptr: np.ndarray, postings_rows: np.ndarray,
-                 postings_weights: np.ndarray, ids: list[str]):
+                 postings_weights: np.ndarray, ids: list[str], impact_scale: float | None = None):
+        if impact_scale is not None and not impact_scale > 0:
+            raise ValueError(f"impact_scale must be positive or None, got {impact_scale}")
         self.vocab = vocab
         self.indptr = indptr
         self.postings_rows = postings_rows
         self.postings_weights = postings_weights
         self.ids = ids
+        self.impact_scale = impact_scale
+
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @classmethod
-    def build(cls, lexical_weights: Sequence[LexicalWeights], ids: Sequence[str] | None = None) -> SparseIndex:
+    def build(cls, lexical_weights: Sequence[LexicalWeights], ids: Sequence[str] | None = None,
+              impact_scale: float | None = None) -> SparseIndex:
         doc_ids = check_ids(ids, len(lexical_weights))
         check_unique(doc_ids)
+        if impact_scale is not None and not impact_scale > 0:
+            raise ValueError(f"impact_scale must be positive or None, got {impact_scale}")
         vocab: dict[str, int] = {}
         terms: list[int] = []
         rows: list[int] = []
@@ -70,7 +87,7 @@ class SparseIndex:
             if not isinstance(doc, Mapping):
                 raise TypeError(f"lexical_weights[{row}] is a {type(doc).__name__}, not a {{token: weight}} mapping")
             for term, w in doc.items():
-                w = _check_weight(w, f"lexical_weights[{row}]", term)
+                w = impact(_check_weight(w, f"lexical_weights[{row}]", term), impact_scale)
                 if w == 0:
                     continue
                 terms.append(vocab.setdefault(str(term), len(vocab)))
@@ -81,7 +98,7 @@ class SparseIndex:
         indptr = np.zeros(len(vocab) + 1, dtype=np.int64)
         np.cumsum(np.bincount(term_arr, minlength=len(vocab)), out=indptr[1:])
         return cls(vocab, indptr, np.asarray(rows, dtype=np.int32)[order],
-                   np.asarray(weights, dtype=np.float32)[order], doc_ids)
+                   np.asarray(weights, dtype=np.float32)[order], doc_ids, impact_scale)
 
     # ------------------------------------------------------------------ scoring
     def score_all(self, query: LexicalWeights) -> np.ndarray:
@@ -89,7 +106,7 @@ class SparseIndex:
         starts, ends, qw = [], [], []
         for term, w in query.items():
             t = self.vocab.get(str(term))
-            w = _check_weight(w, "query", term)
+            w = impact(_check_weight(w, "query", term), self.impact_scale)
             if t is not None and w > 0:
                 starts.append(self.indptr[t])
                 ends.append(self.indptr[t + 1])
@@ -139,7 +156,8 @@ class SparseIndex:
             np.savez(os.path.join(tmp, "postings.npz"), indptr=self.indptr, rows=self.postings_rows,
                      weights=self.postings_weights)
             write_ids(tmp, self.ids)
-            write_meta(tmp, "sparse", count=len(self.ids), terms=len(terms), postings=int(self.indptr[-1]))
+            write_meta(tmp, "sparse", count=len(self.ids), terms=len(terms), postings=int(self.indptr[-1]),
+                       impact_scale=self.impact_scale)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SparseIndex:
@@ -151,4 +169,5 @@ class SparseIndex:
             indptr, rows, weights = z["indptr"], z["rows"], z["weights"]
         if len(terms) != meta["terms"] or indptr.size != len(terms) + 1 or rows.size != meta["postings"]:
             raise ValueError(f"{folder}: vocab.json / postings.npz do not match index.json")
-        return cls({t: i for i, t in enumerate(terms)}, indptr, rows, weights, read_ids(folder, meta["count"]))
+        return cls({t: i for i, t in enumerate(terms)}, indptr, rows, weights, read_ids(folder, meta["count"]),
+                   meta["impact_scale"])
