@@ -281,7 +281,7 @@ def test_real_sparse_and_multivector_equal_brute_force(manpage_encodings):
         assert np.isclose(brute[res.rows[i]], ref_s, rtol=1e-5).all()
 
 
-def test_real_hybrid_retrieval_finds_pages(manpage_encodings):
+def test_real_hybrid_retrieval_finds_pages(manpage_encodings, tmp_path):
     pages, docs, queries = manpage_encodings
     ids = [p.page for p in pages]
     retriever = HybridRetriever(DenseIndex.build(docs["dense_vecs"], ids),
@@ -301,6 +301,12 @@ def test_real_hybrid_retrieval_finds_pages(manpage_encodings):
                     (("dense", d), ("sparse", s), ("colbert", c)))
         np.testing.assert_allclose(np.where(res.rows >= 0, res.scores, 0), total, rtol=1e-4, atol=1e-5)
     rrf = retriever.search(reps, 10, {"dense": 1.0, "sparse": 1.0, "colbert": 1.0}, fusion="rrf", candidate_k=30)
+    retriever.save(tmp_path / "hybrid")
+    loaded = HybridRetriever.load(tmp_path / "hybrid")
+    again = loaded.search(reps, 10, {"dense": 1.0, "sparse": 0.3, "colbert": 1.0}, candidate_k=30)
+    np.testing.assert_array_equal(again.rows, res.rows)
+    np.testing.assert_allclose(again.scores, res.scores, rtol=1e-6)
+    assert HybridRetriever.from_encoded(docs, ids).ids == ids
     hits["rrf"] = np.mean([i in rrf.rows[i] for i in range(n)])
     # the NAME line finds its own DESCRIPTION among 300 pages for most pages
     assert min(hits.values()) > 0.6, hits

@@ -24,7 +24,7 @@ from typing import Any
 from trine.evaluation.data import RetrievalDataset
 from trine.evaluation.metrics import DEFAULT_K, DEFAULT_METRICS, evaluate_run
 from trine.inference.embedder import M3Embedder
-from trine.retrieval import DenseIndex, HybridRetriever, MultiVectorIndex, QueryReps, SearchResult, SparseIndex
+from trine.retrieval import HybridRetriever, QueryReps, SearchResult
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +126,8 @@ def evaluate_model(model: M3Embedder, dataset: RetrievalDataset, config: EvalCon
                                    max_length=config.query_max_length, **kw)
     encode_queries_s = time.perf_counter() - start
     start = time.perf_counter()
-    retriever = HybridRetriever(
-        DenseIndex.build(docs["dense_vecs"], doc_ids, kind=config.dense_index) if kw["return_dense"] else None,
-        SparseIndex.build(docs["lexical_weights"], doc_ids) if kw["return_sparse"] else None,
-        MultiVectorIndex.build(docs["colbert_vecs"], doc_ids) if kw["return_colbert_vecs"] else None,
-    )
+    retriever = HybridRetriever.from_encoded({k: v for k, v in docs.items() if v is not None}, doc_ids,
+                                             dense_kind=config.dense_index)
     index_s = time.perf_counter() - start
     reps = QueryReps.from_encode(queries)
     metrics: dict[str, dict[str, float]] = {}

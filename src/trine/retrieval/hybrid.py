@@ -8,13 +8,14 @@ dense score), then ``sum_m w_m * s_m`` ranks them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from trine.retrieval.base import SearchResult, pad_results, top_k, unique_rows
+from trine.retrieval.base import SearchResult, atomic_folder, pad_results, read_meta, top_k, unique_rows, write_meta
 from trine.retrieval.dense import DenseIndex
 from trine.retrieval.multivector import MultiVectorIndex
 from trine.retrieval.sparse import SparseIndex
@@ -114,6 +115,38 @@ class HybridRetriever:
                 raise ValueError("the indexes must hold the same document ids in the same order")
         self.dense, self.sparse, self.multivector = dense, sparse, multivector
         self.ids = present[0].ids
+
+    @classmethod
+    def from_encoded(cls, docs: Mapping[str, Any], ids: Sequence[str] | None = None, dense_kind: str = "flat",
+                     **dense_options: int) -> HybridRetriever:
+        """Indexes for whichever of ``dense_vecs``, ``lexical_weights``, ``colbert_vecs`` ``docs`` holds
+        (the dictionary ``M3Embedder.encode`` returns)."""
+        reps = QueryReps.from_encode(docs)
+        return cls(
+            DenseIndex.build(reps.dense_vecs, ids, kind=dense_kind, **dense_options)
+            if reps.dense_vecs is not None else None,
+            SparseIndex.build(reps.lexical_weights, ids) if reps.lexical_weights is not None else None,
+            MultiVectorIndex.build(reps.colbert_vecs, ids) if reps.colbert_vecs is not None else None,
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """One folder with ``dense/``, ``sparse/``, ``multivector/`` (those present); all or nothing."""
+        with atomic_folder(path) as tmp:
+            for name, index in (("dense", self.dense), ("sparse", self.sparse), ("multivector", self.multivector)):
+                if index is not None:
+                    index.save(os.path.join(tmp, name))
+            write_meta(tmp, "hybrid", parts=[n for n, i in (("dense", self.dense), ("sparse", self.sparse),
+                                                             ("multivector", self.multivector)) if i is not None])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> HybridRetriever:
+        meta = read_meta(path, "hybrid")
+        loaders = {"dense": DenseIndex.load, "sparse": SparseIndex.load, "multivector": MultiVectorIndex.load}
+        unknown = set(meta["parts"]) - set(loaders)
+        if unknown:
+            raise ValueError(f"{path}: index.json names unknown parts {sorted(unknown)}")
+        parts = {n: loaders[n](os.path.join(os.fspath(path), n)) for n in meta["parts"]}
+        return cls(parts.get("dense"), parts.get("sparse"), parts.get("multivector"))
 
     def _index(self, mode: str) -> DenseIndex | SparseIndex | MultiVectorIndex:
         if mode not in MODES:
