@@ -273,3 +273,15 @@ def test_cli_eval(tmp_path, splade_tiny_dir, capsys):
     assert sorted(os.listdir(out)) == ["modes.png", "results.json", "results.md"]
     with pytest.raises(SystemExit):
         main(["eval", "--data", str(data), "--k", "1,x"])
+
+
+def test_cli_manpages_data(tmp_path, manpage_set, capsys):
+    from trine.cli import main
+
+    assert main(["manpages-data", str(tmp_path / "mp"), "--limit", "40", "--seed", "3"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "mp")
+    test = load_dataset(tmp_path / "mp", "test")
+    assert len(test.corpus) == 40 and len(test.queries) == 8
+    q = next(iter(test.queries))
+    doc = next(iter(test.qrels[q]))
+    assert q == "q:" + doc and test.corpus[doc]["text"]
