@@ -13,25 +13,42 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+_GROUP: dict[str, object] = {}
+
+
+def _gather_group():
+    """A process group of its own for the gather.
+
+    Its backward all-reduce runs in the middle of autograd while DDP may already be reducing
+    gradient buckets asynchronously on the default group; a separate group keeps the two
+    streams of collectives from pairing up out of order. All ranks create it at their first
+    gather, in the same order.
+    """
+    if "group" not in _GROUP:
+        _GROUP["group"] = dist.new_group(ranks=list(range(dist.get_world_size())))
+    return _GROUP["group"]
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         rank, size = world()
-        ctx.rank, ctx.rows = rank, tensor.size(0)
+        group = _gather_group()
+        ctx.rank, ctx.rows, ctx.group = rank, tensor.size(0), group
         shapes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(size)]
-        dist.all_gather(shapes, torch.tensor([tensor.size(0)], device=tensor.device))
+        dist.all_gather(shapes, torch.tensor([tensor.size(0)], device=tensor.device), group=group)
         if len({int(s) for s in shapes}) != 1:
             sizes = [int(s) for s in shapes]
             raise RuntimeError(f"cross-device gather needs equal batch sizes on all ranks, got {sizes}")
         parts = [torch.empty_like(tensor) for _ in range(size)]
-        dist.all_gather(parts, tensor.contiguous())
+        dist.all_gather(parts, tensor.contiguous(), group=group)
         return torch.cat(parts, 0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         # Each rank's loss used every rank's rows: sum the gradients for my rows from all ranks.
         grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 

@@ -39,9 +39,13 @@ class EmbedderTrainingModel(nn.Module):
         self.negatives_cross_device = negatives_cross_device
         self.kd_loss_type = kd_loss_type
         self.training_mode = training_mode
-        for head in (encoder.colbert_linear, encoder.sparse_linear):
-            if head is not None:
-                head.requires_grad_(False)
+        # Frozen: the heads this mode does not train, and the backbone's pooler (trine pools the
+        # token states itself). DDP needs every trainable parameter to get a gradient each step;
+        # an unused one leaves its gradient bucket un-averaged.
+        unused = [encoder.colbert_linear, encoder.sparse_linear, getattr(encoder.backbone, "pooler", None)]
+        for module in unused:
+            if module is not None:
+                module.requires_grad_(False)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
         self.encoder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
