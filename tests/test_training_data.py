@@ -37,7 +37,10 @@ def good(i, n_neg=3):
         ({"query": "q", "pos": ["p"], "neg": [1, 2]}, "2: neg: must be a list of strings"),
         ({"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1.0, 2.0]}, "2: pos_scores: 2 scores for 1 pos"),
         ({"query": "q", "pos": ["p"], "neg": ["n", "m"], "neg_scores": [1.0]}, "2: neg_scores: 1 scores for 2 neg"),
-        ({"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": ["high"]}, "2: pos_scores: must be a list of numbers"),
+        (
+            {"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": ["high"]},
+            "2: pos_scores: must be a list of numbers",
+        ),
         ({"query": "q", "pos": ["p"], "neg": ["n"], "type": "symmetric_sts"}, "2: type:"),
         ({"query": "q", "pos": ["p"], "neg": ["n"], "negs": ["n"]}, "2: negs: unknown field"),
         ({"query": "q", "pos": ["p"], "neg": ["n"], "prompt": 5}, "2: prompt: must be a string"),
@@ -94,8 +97,15 @@ def test_plan_same_file_per_global_batch_rank_slices_and_resampling(tmp_path):
     b = write(tmp_path / "b.jsonl", [good(100 + i, n_neg=6) for i in range(24)])
     files = load_train_files([a, b], train_group_size=3, file_options={b: {"batch_size": 3}})
     ranks = [
-        EpochPlanDataset(files, train_group_size=3, default_batch_size=4, world_size=2, rank=r, seed=7,
-                         same_dataset_within_batch=True)
+        EpochPlanDataset(
+            files,
+            train_group_size=3,
+            default_batch_size=4,
+            world_size=2,
+            rank=r,
+            seed=7,
+            same_dataset_within_batch=True,
+        )
         for r in range(2)
     ]
     assert len(ranks[0]) == len(ranks[1]) == 40 // 8 + 24 // 6
@@ -115,8 +125,9 @@ def test_plan_same_file_per_global_batch_rank_slices_and_resampling(tmp_path):
     again = [ex for step in range(len(ranks[0])) for ex in ranks[0][step]["examples"]]
     changed = [ex.passages[1:] != first[ex.query][1:] for ex in again if ex.query in first]
     assert changed and any(changed)  # negatives are resampled each epoch
-    ds0 = EpochPlanDataset(files, train_group_size=3, default_batch_size=4, world_size=2, rank=0, seed=7,
-                           same_dataset_within_batch=True)
+    ds0 = EpochPlanDataset(
+        files, train_group_size=3, default_batch_size=4, world_size=2, rank=0, seed=7, same_dataset_within_batch=True
+    )
     assert [ex.passages for ex in ds0[0]["examples"]] == [first[q] for q in first]  # deterministic
 
 

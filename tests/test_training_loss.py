@@ -15,10 +15,18 @@ from trine.training.model import EmbedderTrainingModel
 
 QUERIES = ["how to change file permissions", "allocate memory", "open a network socket", "print formatted text"]
 PASSAGES = [
-    "chmod changes the mode bits of a file", "ls lists a directory", "kill sends a signal",
-    "malloc allocates bytes on the heap", "free releases memory", "cat concatenates files",
-    "socket creates an endpoint for communication", "bind assigns an address", "pipe creates a channel",
-    "printf writes formatted output", "puts writes a string", "read reads from a descriptor",
+    "chmod changes the mode bits of a file",
+    "ls lists a directory",
+    "kill sends a signal",
+    "malloc allocates bytes on the heap",
+    "free releases memory",
+    "cat concatenates files",
+    "socket creates an endpoint for communication",
+    "bind assigns an address",
+    "pipe creates a channel",
+    "printf writes formatted output",
+    "puts writes a string",
+    "read reads from a descriptor",
 ]
 GROUP = 3
 
@@ -31,8 +39,9 @@ def no_dropout(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def tokenize(tokenizer, texts, max_len=24):
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt",
-                    return_token_type_ids=False)
+    enc = tokenizer(
+        texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt", return_token_type_ids=False
+    )
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
@@ -48,15 +57,22 @@ def test_dense_loss_and_gradients_match_flagembedding(splade_tiny_dir, kd, in_ba
     fe_backbone = copy.deepcopy(encoder.backbone)
     ours = EmbedderTrainingModel(encoder, temperature=0.05, kd_loss_type=kd or "kl_div").train()
     theirs = fe_modeling.BiEncoderOnlyEmbedderModel(
-        fe_backbone, tokenizer=encoder.tokenizer, temperature=0.05, kd_loss_type=kd or "kl_div",
-        sentence_pooling_method="cls", normalize_embeddings=True,
+        fe_backbone,
+        tokenizer=encoder.tokenizer,
+        temperature=0.05,
+        kd_loss_type=kd or "kl_div",
+        sentence_pooling_method="cls",
+        normalize_embeddings=True,
     ).train()
     q = tokenize(encoder.tokenizer, QUERIES)
     p = tokenize(encoder.tokenizer, PASSAGES)
-    teacher = None if kd is None else torch.tensor([[3.0, 1.0, 0.5], [2.0, 2.5, 0.0], [1.0, 0.0, -1.0], [0.2, 0.1, 0.3]])
+    teacher = (
+        None if kd is None else torch.tensor([[3.0, 1.0, 0.5], [2.0, 2.5, 0.0], [1.0, 0.0, -1.0], [0.2, 0.1, 0.3]])
+    )
     got = ours(q, p, teacher_scores=teacher, in_batch_negatives=in_batch)["loss"]
-    want = theirs(q, p, teacher_scores=None if teacher is None else teacher.flatten().tolist(),
-                  no_in_batch_neg_flag=not in_batch).loss
+    want = theirs(
+        q, p, teacher_scores=None if teacher is None else teacher.flatten().tolist(), no_in_batch_neg_flag=not in_batch
+    ).loss
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     got.backward()
     want.backward()
@@ -81,7 +97,9 @@ def _rank_run(rank: int, world: int, port: int, model_dir: str, out: str, kd: st
     ps = PASSAGES[rank * per * GROUP : (rank + 1) * per * GROUP]
     teacher = None
     if kd:
-        teacher = torch.arange(len(QUERIES) * GROUP, dtype=torch.float32).view(-1, GROUP).cos()[rank * per : (rank + 1) * per]
+        teacher = (
+            torch.arange(len(QUERIES) * GROUP, dtype=torch.float32).view(-1, GROUP).cos()[rank * per : (rank + 1) * per]
+        )
     loss = ddp(tokenize(encoder.tokenizer, qs), tokenize(encoder.tokenizer, ps), teacher_scores=teacher)["loss"]
     loss.backward()
     total = loss.detach().clone()
@@ -102,7 +120,9 @@ def test_two_processes_cross_device_equal_one_process(tmp_path, splade_tiny_dir,
     no_dropout(encoder.backbone)
     model = EmbedderTrainingModel(encoder, temperature=0.05, kd_loss_type=kd or "kl_div").train()
     teacher = torch.arange(len(QUERIES) * GROUP, dtype=torch.float32).view(-1, GROUP).cos() if kd else None
-    loss = model(tokenize(encoder.tokenizer, QUERIES), tokenize(encoder.tokenizer, PASSAGES), teacher_scores=teacher)["loss"]
+    loss = model(tokenize(encoder.tokenizer, QUERIES), tokenize(encoder.tokenizer, PASSAGES), teacher_scores=teacher)[
+        "loss"
+    ]
     loss.backward()
     torch.testing.assert_close(dist_result["loss"], loss.detach(), atol=1e-5, rtol=1e-5)
     for name, p in encoder.backbone.named_parameters():
