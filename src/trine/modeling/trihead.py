@@ -126,7 +126,13 @@ class TriHeadModel(nn.Module):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model folder {path!r} does not exist (trine loads local folders only)")
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        backbone, info = AutoModel.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
+        )
+        if getattr(backbone, "pooler", None) is not None and any(k.startswith("pooler.") for k in info["missing_keys"]):
+            # trine pools token states itself; a pooler the checkpoint lacks would be random
+            # weights saved into every later checkpoint, so it is dropped.
+            backbone.pooler = None
         colbert_linear = sparse_linear = None
         if with_heads:
             hidden = int(backbone.config.hidden_size)
@@ -209,18 +215,17 @@ class TriHeadModel(nn.Module):
                 torch.save(state, os.path.join(folder, name))
 
     def load_weights(self, folder: str | os.PathLike) -> None:
-        """Load weights saved by :meth:`save_pretrained` into this model (resuming training)."""
-        from safetensors.torch import load_file
+        """Load weights saved by :meth:`save_pretrained` into this model (resuming training).
 
+        The backbone goes through ``transformers`` loading (which maps saved key names, e.g.
+        BERT's LayerNorm gamma/beta, back to the module's names).
+        """
         folder = os.fspath(folder)
-        weights = os.path.join(folder, "model.safetensors")
-        if not os.path.exists(weights):
-            raise FileNotFoundError(f"{folder}: no model.safetensors to resume from")
-        state = load_file(weights)
-        missing, unexpected = self.backbone.load_state_dict(state, strict=False)
-        tied = set(getattr(self.backbone, "_tied_weights_keys", None) or [])
-        if unexpected or set(missing) - tied:
-            raise ValueError(f"{weights}: does not fit this backbone (missing {missing}, unexpected {unexpected})")
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder}: no checkpoint folder to resume from")
+        dtype = next(self.backbone.parameters()).dtype
+        loaded = AutoModel.from_pretrained(folder, dtype=dtype, config=self.backbone.config)
+        self.backbone.load_state_dict(loaded.state_dict(), strict=True)
         if self.has_heads:
             for linear, name in ((self.colbert_linear, COLBERT_FILE), (self.sparse_linear, SPARSE_FILE)):
                 linear.load_state_dict(torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True))

@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
         finetune(model_args, data_args, args)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
