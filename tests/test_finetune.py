@@ -148,3 +148,23 @@ def test_torchrun_two_processes_equal_one(tmp_path, splade_tiny_dir):
     assert any(not torch.equal(a[k], start[k]) for k in a)  # training moved the weights
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_retrieval_eval_is_logged_before_and_during_training(tmp_path, splade_tiny_dir):
+    data = write_data(tmp_path / "train.jsonl")
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    with open(beir / "corpus.jsonl", "w") as c, open(beir / "queries.jsonl", "w") as q:
+        for i, (query, doc) in enumerate(PAGES):
+            c.write(json.dumps({"_id": f"d{i}", "title": "", "text": doc}) + "\n")
+            q.write(json.dumps({"_id": f"q{i}", "text": query}) + "\n")
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{i}\td{i}\t1\n" for i in range(len(PAGES))))
+    trainer = build_trainer(*parse_args(common_args(splade_tiny_dir, data, tmp_path / "o", max_steps=4,
+                                                    save_steps=100, eval_data=str(beir), retrieval_eval_steps=2)))
+    trainer.train()
+    evals = [(h["step"], h["eval_ndcg_at_10"]) for h in trainer.state.log_history if "eval_ndcg_at_10" in h]
+    assert [s for s, _ in evals] == [0, 2, 4]
+    assert all(0 < v <= 1 for _, v in evals)
+    with pytest.raises(ValueError, match="needs eval_data"):
+        build_trainer(*parse_args(common_args(splade_tiny_dir, data, tmp_path / "o", retrieval_eval_steps=2)))

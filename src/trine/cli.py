@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trine", description=__doc__)
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("finetune", add_help=False,
+                   help="contrastive fine-tuning (flags: `trine finetune --help`, or one YAML/JSON config file)")
     demo = sub.add_parser("demo", help="encode real texts with a real small model and print every score mode")
     demo.add_argument("--model", default=None, help="model folder (default: all-MiniLM-L6-v2 from its PyPI package)")
     demo.add_argument("--heads", default="neutral", choices=["neutral", "random"],
@@ -109,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "finetune":
+        # Hugging Face's argument parser owns these flags (TrainingArguments and trine's dataclasses).
+        from trine.training.finetune import main as finetune_main
+
+        return finetune_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     return args.func(args)

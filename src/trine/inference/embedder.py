@@ -100,8 +100,6 @@ class _EncoderBase:
                 trust_remote_code=trust_remote_code,
                 **(_head_options or {}),
             )
-        if self._with_heads and not model.has_heads:
-            raise ValueError("M3Embedder needs a model with heads; use Embedder for dense-only models")
         if mcls_interval is not None and model.pooling_method != "cls":
             raise ValueError("mcls_interval averages CLS states: it needs pooling_method 'cls'")
         self.model = model.eval()

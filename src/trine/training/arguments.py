@@ -56,6 +56,11 @@ class DataArguments:
         metadata={"help": 'JSON {"path": {"batch_size": N, "in_batch_negatives": false}} (a mapping in a config)'},
     )
 
+    eval_data: str | None = field(
+        default=None, metadata={"help": "held-out retrieval set (BEIR or FlagEmbedding custom layout) for eval"}
+    )
+    eval_split: str = field(default="test")
+
     def __post_init__(self) -> None:
         if isinstance(self.train_data, str):
             self.train_data = [self.train_data]
@@ -82,6 +87,9 @@ class EmbedderTrainingArguments(TrainingArguments):
     negatives_cross_device: bool = field(default=False, metadata={"help": "add other ranks' passages as negatives"})
     kd_loss_type: str = field(default="kl_div", metadata={"help": "kl_div or m3_kd_loss"})
     training_mode: str = field(default="dense", metadata={"help": f"one of {', '.join(TRAINING_MODES)}"})
+    retrieval_eval_steps: int = field(
+        default=0, metadata={"help": "every N steps (and before training) log nDCG@10 and MRR@10 on eval_data"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -14,7 +14,7 @@ from trine.training.collator import EmbedderCollator
 from trine.training.data import load_train_files
 from trine.training.dataset import EpochPlanDataset
 from trine.training.model import EmbedderTrainingModel
-from trine.training.trainer import EmbedderTrainer, EpochPlanCallback
+from trine.training.trainer import EmbedderTrainer, EpochPlanCallback, RetrievalEvalCallback
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +79,25 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: Em
         pad_to_multiple_of=data_args.pad_to_multiple_of,
         knowledge_distillation=data_args.knowledge_distillation,
     )
-    return EmbedderTrainer(
+    eval_set = None
+    if args.retrieval_eval_steps:
+        if not data_args.eval_data:
+            raise ValueError("retrieval_eval_steps needs eval_data (a held-out retrieval set)")
+        from trine.evaluation.data import load_dataset
+
+        eval_set = load_dataset(data_args.eval_data, data_args.eval_split)
+    trainer = EmbedderTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator,
         callbacks=[EpochPlanCallback(dataset)],
     )
+    if eval_set is not None:
+        trainer.add_callback(RetrievalEvalCallback(
+            trainer, eval_set, args.retrieval_eval_steps, query_max_len=data_args.query_max_len,
+            passage_max_len=data_args.passage_max_len,
+            query_instruction=data_args.query_instruction_for_retrieval,
+            query_instruction_format=data_args.query_instruction_format,
+        ))
+    return trainer
 
 
 def finetune(model_args: ModelArguments, data_args: DataArguments, args: EmbedderTrainingArguments) -> str:

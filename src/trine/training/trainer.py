@@ -65,3 +65,49 @@ class EmbedderTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:  # noqa: ANN001
         target = self.accelerator.unwrap_model(model or self.model)
         target.encoder.load_weights(resume_from_checkpoint)
+
+
+class RetrievalEvalCallback(TrainerCallback):
+    """Before training and every N steps: dense nDCG@10 and MRR@10 on a held-out set, logged with the loss."""
+
+    def __init__(self, trainer: EmbedderTrainer, dataset: Any, every: int, *, query_max_len: int,
+                 passage_max_len: int, query_instruction: str | None, query_instruction_format: str):
+        self.trainer = trainer
+        self.dataset = dataset
+        self.every = every
+        self.query_max_len = query_max_len
+        self.passage_max_len = passage_max_len
+        self.query_instruction = query_instruction
+        self.query_instruction_format = query_instruction_format
+
+    def evaluate(self) -> dict[str, float]:
+        from trine.evaluation.runner import EvalConfig, evaluate_model
+        from trine.inference.embedder import M3Embedder
+
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        encoder = model.encoder
+        was_training = encoder.training
+        embedder = M3Embedder(
+            encoder, devices=str(self.trainer.args.device), normalize_embeddings=encoder.normalize_embeddings,
+            show_progress=False, query_instruction_for_retrieval=self.query_instruction,
+            query_instruction_format=self.query_instruction_format,
+        )
+        config = EvalConfig(modes=["dense"], k_values=[10], metrics=["ndcg", "mrr"], top_k=10,
+                            query_max_length=self.query_max_len, passage_max_length=self.passage_max_len)
+        try:
+            result = evaluate_model(embedder, self.dataset, config)["metrics"]["dense"]
+        finally:
+            encoder.train(was_training)
+        return {f"eval_{k.replace('@', '_at_')}": round(float(v), 6) for k, v in result.items()}
+
+    def _maybe(self, args, state) -> None:  # noqa: ANN001
+        if args.process_index == 0:
+            self.trainer.log(self.evaluate())
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        if state.global_step == 0:
+            self._maybe(args, state)
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if self.every and state.global_step % self.every == 0:
+            self._maybe(args, state)
