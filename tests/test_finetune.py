@@ -168,3 +168,10 @@ def test_retrieval_eval_is_logged_before_and_during_training(tmp_path, splade_ti
     assert all(0 < v <= 1 for _, v in evals)
     with pytest.raises(ValueError, match="needs eval_data"):
         build_trainer(*parse_args(common_args(splade_tiny_dir, data, tmp_path / "o", retrieval_eval_steps=2)))
+
+
+@pytest.mark.parametrize("recipe", ["stage2_pairs.yaml", "stage3_hard_negatives.yaml"])
+def test_example_recipes_parse(recipe):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    model_args, data_args, args = parse_args([os.path.join(root, "examples", recipe)])
+    assert args.negatives_cross_device and data_args.train_data
