@@ -175,3 +175,16 @@ def test_example_recipes_parse(recipe):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     model_args, data_args, args = parse_args([os.path.join(root, "examples", recipe)])
     assert args.negatives_cross_device and data_args.train_data
+
+
+def test_gradient_checkpointing_accumulation_and_bf16_run(tmp_path, splade_tiny_dir):
+    data = write_data(tmp_path / "train.jsonl")
+    trainer = build_trainer(*parse_args(common_args(
+        splade_tiny_dir, data, tmp_path / "o", max_steps=2, save_steps=100, gradient_checkpointing=True,
+        gradient_accumulation_steps=2, bf16=True, per_device_train_batch_size=2,
+    )))
+    trainer.train()
+    backbone = trainer.model.encoder.backbone
+    assert backbone.is_gradient_checkpointing
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(x > 0 for x in losses)

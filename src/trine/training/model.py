@@ -47,8 +47,18 @@ class EmbedderTrainingModel(nn.Module):
             if module is not None:
                 module.requires_grad_(False)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
-        self.encoder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """Called by the Trainer for ``--gradient_checkpointing`` (transformers 5 name)."""
+        backbone = self.encoder.backbone
+        if hasattr(backbone, "activation_checkpointing_enable"):
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs,
+                                                     **kwargs)
+        else:  # transformers 4
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+
+    gradient_checkpointing_enable = activation_checkpointing_enable
 
     def encode(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encoder(features["input_ids"], features["attention_mask"], return_dense=True)["dense_vecs"]
