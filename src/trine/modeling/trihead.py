@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from typing import Literal
 
 import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
+from trine.io import atomic_folder
 from trine.modeling.heads import colbert_vectors, lexical_token_weights
 from trine.modeling.pooling import check_pooling_method, pool
 
@@ -184,27 +183,12 @@ class TriHeadModel(nn.Module):
         ``atomic``: the folder appears whole or not at all (written aside, then renamed over any
         old one). The trainer writes into its own checkpoint folders with ``atomic=False``.
         """
-        path = os.path.abspath(os.fspath(path))
         if not atomic:
             os.makedirs(path, exist_ok=True)
-            self._write(path)
+            self._write(os.fspath(path))
             return
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-        try:
+        with atomic_folder(path) as tmp:
             self._write(tmp)
-            if os.path.exists(path):
-                old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(path) + "-", dir=parent)
-                os.rmdir(old)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def _write(self, folder: str) -> None:
         self.backbone.save_pretrained(folder, safe_serialization=True)
