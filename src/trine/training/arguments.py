@@ -87,6 +87,17 @@ class EmbedderTrainingArguments(TrainingArguments):
     negatives_cross_device: bool = field(default=False, metadata={"help": "add other ranks' passages as negatives"})
     kd_loss_type: str = field(default="kl_div", metadata={"help": "kl_div or m3_kd_loss"})
     training_mode: str = field(default="dense", metadata={"help": f"one of {', '.join(TRAINING_MODES)}"})
+    unified_finetuning: bool = field(default=False, metadata={"help": "FlagEmbedding's name for training_mode unified"})
+    use_self_distill: bool = field(default=False, metadata={"help": "unified: the ensemble teaches each head"})
+    self_distill_start_step: int = field(default=-1, metadata={"help": "self-distillation after this many steps"})
+    fix_encoder: bool = field(default=False, metadata={"help": "train the heads only (backbone frozen)"})
+    ensemble_dense_weight: float = field(default=1.0, metadata={"help": "weight of dense scores in the ensemble"})
+    ensemble_sparse_weight: float = field(default=0.3, metadata={"help": "weight of lexical scores in the ensemble"})
+    ensemble_colbert_weight: float = field(default=1.0, metadata={"help": "weight of ColBERT scores in the ensemble"})
+    dense_loss_weight: float = field(default=1.0)
+    sparse_loss_weight: float = field(default=0.1)
+    colbert_loss_weight: float = field(default=1.0)
+    ensemble_loss_weight: float = field(default=1.0)
     retrieval_eval_steps: int = field(
         default=0, metadata={"help": "every N steps (and before training) log nDCG@10 and MRR@10 on eval_data"}
     )
@@ -95,5 +106,9 @@ class EmbedderTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.kd_loss_type not in KD_LOSS_TYPES:
             raise ValueError(f"kd_loss_type must be one of {KD_LOSS_TYPES}, got {self.kd_loss_type!r}")
+        if self.unified_finetuning:
+            if self.training_mode not in ("dense", "unified"):
+                raise ValueError(f"unified_finetuning contradicts training_mode {self.training_mode!r}")
+            self.training_mode = "unified"
         if self.training_mode not in TRAINING_MODES:
             raise ValueError(f"training_mode must be one of {TRAINING_MODES}, got {self.training_mode!r}")

@@ -61,3 +61,16 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     if world()[1] == 1:
         return tensor
     return _GatherWithGrad.apply(tensor)
+
+
+def gather_padded(vectors: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather (rows x length x dim) multi-vectors whose length differs by rank: pad to the longest."""
+    if world()[1] == 1:
+        return vectors, mask
+    length = torch.tensor([vectors.size(1)], device=vectors.device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX, group=_gather_group())
+    extra = int(length) - vectors.size(1)
+    if extra:
+        vectors = torch.nn.functional.pad(vectors, (0, 0, 0, extra))
+        mask = torch.nn.functional.pad(mask, (0, extra))
+    return gather_with_grad(vectors), gather_with_grad(mask.to(torch.uint8)).bool()

@@ -13,7 +13,7 @@ from trine.training.arguments import DataArguments, EmbedderTrainingArguments, M
 from trine.training.collator import EmbedderCollator
 from trine.training.data import load_train_files
 from trine.training.dataset import EpochPlanDataset
-from trine.training.model import EmbedderTrainingModel
+from trine.training.model import EmbedderTrainingModel, M3LossWeights
 from trine.training.trainer import EmbedderTrainer, EpochPlanCallback, RetrievalEvalCallback
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: Em
     has_heads = all(os.path.exists(os.path.join(path, f)) for f in (COLBERT_FILE, SPARSE_FILE))
     encoder = TriHeadModel.from_pretrained(
         path,
-        with_heads=has_heads or model_args.init_missing_heads is not None,
+        with_heads=has_heads or model_args.init_missing_heads is not None or args.training_mode != "dense",
         init_missing_heads=model_args.init_missing_heads,
         colbert_dim=model_args.colbert_dim,
         pooling_method=model_args.sentence_pooling_method,
@@ -57,6 +57,14 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: Em
         negatives_cross_device=args.negatives_cross_device,
         kd_loss_type=args.kd_loss_type,
         training_mode=args.training_mode,
+        fix_encoder=args.fix_encoder,
+        use_self_distill=args.use_self_distill,
+        self_distill_start_step=args.self_distill_start_step,
+        weights=M3LossWeights(
+            ensemble_dense=args.ensemble_dense_weight, ensemble_sparse=args.ensemble_sparse_weight,
+            ensemble_colbert=args.ensemble_colbert_weight, dense=args.dense_loss_weight,
+            sparse=args.sparse_loss_weight, colbert=args.colbert_loss_weight, ensemble=args.ensemble_loss_weight,
+        ),
     )
     dataset = EpochPlanDataset(
         files,

@@ -1,7 +1,8 @@
-"""Contrastive (InfoNCE) and distillation losses over embeddings.
+"""Contrastive (InfoNCE) and distillation losses over score matrices.
 
-Layout: ``q`` is (queries x dim); ``p`` is (queries * group x dim) with each query's group
-``[positive, negative_1, ...]`` contiguous. Scores are divided by ``temperature``.
+Layout: ``q`` is (queries x ...); passages are (queries * group x ...) with each query's group
+``[positive, negative_1, ...]`` contiguous. A score matrix is queries x candidate passages,
+already divided by the temperature; ``targets`` give each query's positive column.
 """
 
 from __future__ import annotations
@@ -23,17 +24,14 @@ class LossOutput:
     negatives_per_query: int
 
 
-def kl_div_loss(teacher: torch.Tensor, student_group_scores: torch.Tensor) -> torch.Tensor:
-    """-mean sum_g t_g log softmax(s)_g, teacher already a distribution (queries x group)."""
-    return -(teacher * torch.log_softmax(student_group_scores, dim=-1)).sum(-1).mean()
+def kl_div_loss(teacher: torch.Tensor, student_scores: torch.Tensor) -> torch.Tensor:
+    """-mean sum_c t_c log softmax(s)_c, ``teacher`` already a distribution over the same columns."""
+    return -(teacher * torch.log_softmax(student_scores, dim=-1)).sum(-1).mean()
 
 
 def m3_kd_loss(teacher: torch.Tensor, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """BGE-M3's listwise distillation over the full score matrix.
-
-    For g = 0..G-1: weight t_g times cross-entropy towards column target+g, then that column is
-    masked out for the following g.
-    """
+    """BGE-M3's listwise distillation: for g = 0..G-1, weight t_g times cross-entropy towards
+    column target+g, then mask that column out for the following g."""
     loss = scores.new_zeros(())
     mask = torch.zeros_like(scores)
     for g in range(teacher.size(1)):
@@ -50,6 +48,41 @@ def group_scores(scores: torch.Tensor, targets: torch.Tensor, group_size: int) -
     return scores.gather(1, cols)
 
 
+def score_loss(
+    scores: torch.Tensor,
+    targets: torch.Tensor,
+    group_size: int,
+    teacher: torch.Tensor | None = None,
+    kd_loss_type: str = "kl_div",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy towards ``targets``; with a ``teacher`` (queries x group distribution):
+    ``kl_div`` adds KL on each query's own group to the cross-entropy, ``m3_kd_loss`` replaces it."""
+    if teacher is None:
+        ce = F.cross_entropy(scores, targets)
+        return ce, {"ce": ce.detach()}
+    if kd_loss_type == "kl_div":
+        kd = kl_div_loss(teacher, group_scores(scores, targets, group_size))
+        ce = F.cross_entropy(scores, targets)
+        return kd + ce, {"kd": kd.detach(), "ce": ce.detach()}
+    if kd_loss_type == "m3_kd_loss":
+        kd = m3_kd_loss(teacher, scores, targets)
+        return kd, {"kd": kd.detach()}
+    raise ValueError(f"kd_loss_type must be one of {KD_LOSS_TYPES}, got {kd_loss_type!r}")
+
+
+def teacher_distribution(teacher_scores: torch.Tensor | None) -> torch.Tensor | None:
+    """Teacher scores (queries x group, raw) -> softmax targets (no temperature, as FlagEmbedding)."""
+    return None if teacher_scores is None else torch.softmax(teacher_scores.detach().float(), dim=-1)
+
+
+def positive_columns(n_queries: int, group_size: int, in_batch: bool, cross_device: bool, device) -> torch.Tensor:
+    """Column of each local query's positive: in its own group row (0), or in the (gathered) batch."""
+    if not in_batch:
+        return torch.zeros(n_queries, dtype=torch.long, device=device)
+    rank = world()[0] if cross_device else 0
+    return (torch.arange(n_queries, device=device) + rank * n_queries) * group_size
+
+
 def contrastive_loss(
     q: torch.Tensor,
     p: torch.Tensor,
@@ -60,12 +93,11 @@ def contrastive_loss(
     teacher_scores: torch.Tensor | None = None,
     kd_loss_type: str = "kl_div",
 ) -> LossOutput:
-    """InfoNCE over the positive, the hard negatives, in-batch and (optionally) other ranks' passages.
+    """Dense InfoNCE over the positive, the hard negatives, in-batch and (optionally) other ranks' passages.
 
     With ``cross_device`` the passages of every rank are gathered (gradients reach their
     owners); the loss is the mean over this rank's queries, so averaging over ranks (as DDP does
     with gradients) gives the loss of the whole global batch.
-    ``teacher_scores`` (queries x group, raw scores) become softmax targets for distillation.
     """
     if kd_loss_type not in KD_LOSS_TYPES:
         raise ValueError(f"kd_loss_type must be one of {KD_LOSS_TYPES}, got {kd_loss_type!r}")
@@ -73,29 +105,11 @@ def contrastive_loss(
     if p.size(0) % n_q:
         raise ValueError(f"{p.size(0)} passages for {n_q} queries: not a whole group per query")
     group = p.size(0) // n_q
-    teacher = None if teacher_scores is None else torch.softmax(teacher_scores.detach().float(), dim=-1)
-    if not in_batch_negatives:
+    cross = cross_device and in_batch_negatives
+    if in_batch_negatives:
+        scores = q @ (gather_with_grad(p) if cross else p).T / temperature
+    else:
         scores = torch.einsum("qd,qgd->qg", q, p.view(n_q, group, -1)) / temperature
-        targets = torch.zeros(n_q, dtype=torch.long, device=q.device)
-        ce = F.cross_entropy(scores, targets)
-        if teacher is None:
-            return LossOutput(ce, {"ce": ce.detach()}, group - 1)
-        if kd_loss_type == "kl_div":
-            kd = kl_div_loss(teacher, scores)
-            return LossOutput(kd + ce, {"kd": kd.detach(), "ce": ce.detach()}, group - 1)
-        kd = m3_kd_loss(teacher, scores, targets)
-        return LossOutput(kd, {"kd": kd.detach()}, group - 1)
-    rank = world()[0] if cross_device else 0
-    all_p = gather_with_grad(p) if cross_device else p
-    scores = q @ all_p.T / temperature
-    targets = (torch.arange(n_q, device=q.device) + rank * n_q) * group
-    negatives = scores.size(1) - 1
-    if teacher is None:
-        ce = F.cross_entropy(scores, targets)
-        return LossOutput(ce, {"ce": ce.detach()}, negatives)
-    if kd_loss_type == "kl_div":
-        kd = kl_div_loss(teacher, group_scores(scores, targets, group))
-        ce = F.cross_entropy(scores, targets)
-        return LossOutput(kd + ce, {"kd": kd.detach(), "ce": ce.detach()}, negatives)
-    kd = m3_kd_loss(teacher, scores, targets)
-    return LossOutput(kd, {"kd": kd.detach()}, negatives)
+    targets = positive_columns(n_q, group, in_batch_negatives, cross, q.device)
+    loss, parts = score_loss(scores, targets, group, teacher_distribution(teacher_scores), kd_loss_type)
+    return LossOutput(loss, parts, scores.size(1) - 1)

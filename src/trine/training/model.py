@@ -1,23 +1,55 @@
-"""The training wrapper: a tri-head model plus the loss for the chosen training mode."""
+"""The training wrapper: a tri-head model plus the loss of the chosen training mode.
+
+Modes: ``dense``, ``sparse``, ``colbert`` (one head's InfoNCE) and ``unified`` (BGE-M3: the
+three heads and their ensemble, optionally with self-knowledge distillation). Every head gets
+in-batch and, with ``negatives_cross_device``, other ranks' negatives.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from trine.modeling.heads import lexical_matrix
 from trine.modeling.trihead import TriHeadModel
-from trine.training.losses import contrastive_loss
+from trine.scoring import colbert_scores_padded
+from trine.training.distributed import gather_padded, gather_with_grad
+from trine.training.losses import (
+    KD_LOSS_TYPES,
+    LossOutput,
+    group_scores,
+    kl_div_loss,
+    positive_columns,
+    score_loss,
+    teacher_distribution,
+)
 
-TRAINING_MODES = ("dense",)
+TRAINING_MODES = ("dense", "sparse", "colbert", "unified")
+
+
+@dataclass
+class M3LossWeights:
+    """BGE-M3's defaults: ensemble score = 1*dense + 0.3*lexical + 1*multi-vector;
+    loss weights 1 (dense), 0.1 (lexical), 1 (multi-vector), 1 (ensemble)."""
+
+    ensemble_dense: float = 1.0
+    ensemble_sparse: float = 0.3
+    ensemble_colbert: float = 1.0
+    dense: float = 1.0
+    sparse: float = 0.1
+    colbert: float = 1.0
+    ensemble: float = 1.0
 
 
 class EmbedderTrainingModel(nn.Module):
-    """Encodes queries and passages and returns the contrastive loss (dense mode).
+    """Encodes queries and passages once and returns the mode's loss with its parts.
 
-    Parameters not trained in the mode (the lexical and ColBERT heads in dense mode) are frozen
-    and saved back unchanged.
+    Parameters the mode does not train are frozen and saved back unchanged: in ``dense`` mode
+    the heads; in ``sparse``/``colbert`` mode the other head; with ``fix_encoder`` the backbone.
+    The backbone's pooler is always frozen (trine pools token states itself).
     """
 
     def __init__(
@@ -28,22 +60,44 @@ class EmbedderTrainingModel(nn.Module):
         negatives_cross_device: bool = False,
         kd_loss_type: str = "kl_div",
         training_mode: str = "dense",
+        fix_encoder: bool = False,
+        weights: M3LossWeights | None = None,
+        use_self_distill: bool = False,
+        self_distill_start_step: int = -1,
+        colbert_chunk_elements: int = 1 << 24,
     ):
         super().__init__()
         if training_mode not in TRAINING_MODES:
             raise ValueError(f"training_mode must be one of {TRAINING_MODES}, got {training_mode!r}")
+        if kd_loss_type not in KD_LOSS_TYPES:
+            raise ValueError(f"kd_loss_type must be one of {KD_LOSS_TYPES}, got {kd_loss_type!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if training_mode != "dense" and not encoder.has_heads:
+            raise ValueError(f"training_mode {training_mode!r} needs lexical and ColBERT heads; load the model with "
+                             "init_missing_heads='random' or 'neutral' if its folder has none")
+        if use_self_distill and training_mode != "unified":
+            raise ValueError("use_self_distill needs training_mode 'unified' (the ensemble is the teacher)")
+        if fix_encoder and training_mode == "dense":
+            raise ValueError("fix_encoder leaves nothing to train in dense mode")
         self.encoder = encoder
         self.temperature = temperature
         self.negatives_cross_device = negatives_cross_device
         self.kd_loss_type = kd_loss_type
         self.training_mode = training_mode
-        # Frozen: the heads this mode does not train, and the backbone's pooler (trine pools the
-        # token states itself). DDP needs every trainable parameter to get a gradient each step;
-        # an unused one leaves its gradient bucket un-averaged.
-        unused = [encoder.colbert_linear, encoder.sparse_linear, getattr(encoder.backbone, "pooler", None)]
-        for module in unused:
+        self.weights = weights or M3LossWeights()
+        self.use_self_distill = use_self_distill
+        self.self_distill_start_step = self_distill_start_step
+        self.colbert_chunk_elements = colbert_chunk_elements
+        self.step = 0
+        frozen = [getattr(encoder.backbone, "pooler", None)]
+        if training_mode in ("dense", "colbert"):
+            frozen.append(encoder.sparse_linear)
+        if training_mode in ("dense", "sparse"):
+            frozen.append(encoder.colbert_linear)
+        if fix_encoder:
+            frozen.append(encoder.backbone)
+        for module in frozen:
             if module is not None:
                 module.requires_grad_(False)
 
@@ -60,8 +114,31 @@ class EmbedderTrainingModel(nn.Module):
 
     gradient_checkpointing_enable = activation_checkpointing_enable
 
-    def encode(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.encoder(features["input_ids"], features["attention_mask"], return_dense=True)["dense_vecs"]
+    @property
+    def heads(self) -> tuple[str, ...]:
+        return ("dense", "sparse", "colbert") if self.training_mode == "unified" else (self.training_mode,)
+
+    def encode(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        heads = self.heads
+        out = self.encoder(
+            features["input_ids"], features["attention_mask"], return_dense="dense" in heads,
+            return_sparse="sparse" in heads, return_colbert_vecs="colbert" in heads,
+        )
+        if "sparse" in heads:
+            out["lexical"] = lexical_matrix(out["token_weights"], features["input_ids"], self.encoder.vocab_size)
+        return out
+
+    def _scores(self, head: str, q: dict[str, torch.Tensor], p: dict[str, torch.Tensor], cross: bool) -> torch.Tensor:
+        """Queries x (gathered) passages for one head, divided by the temperature."""
+        if head == "colbert":
+            pv, pm = (gather_padded(p["colbert_vecs"], p["colbert_mask"]) if cross
+                      else (p["colbert_vecs"], p["colbert_mask"]))
+            s = colbert_scores_padded(q["colbert_vecs"], q["colbert_mask"], pv, pm,
+                                      max_elements=self.colbert_chunk_elements)
+        else:
+            key = "dense_vecs" if head == "dense" else "lexical"
+            s = q[key] @ (gather_with_grad(p[key]) if cross else p[key]).T
+        return s / self.temperature
 
     def forward(
         self,
@@ -70,15 +147,50 @@ class EmbedderTrainingModel(nn.Module):
         teacher_scores: torch.Tensor | None = None,
         in_batch_negatives: bool = True,
     ) -> dict[str, Any]:
-        q = self.encode(queries)
-        p = self.encode(passages)
-        out = contrastive_loss(
-            q,
-            p,
-            temperature=self.temperature,
-            in_batch_negatives=in_batch_negatives,
-            cross_device=self.negatives_cross_device and in_batch_negatives,
-            teacher_scores=teacher_scores,
-            kd_loss_type=self.kd_loss_type,
-        )
-        return {"loss": out.loss, "parts": out.parts, "negatives_per_query": out.negatives_per_query}
+        q, p = self.encode(queries), self.encode(passages)
+        n_q = queries["input_ids"].size(0)
+        n_p = passages["input_ids"].size(0)
+        if n_p % n_q:
+            raise ValueError(f"{n_p} passages for {n_q} queries: not a whole group per query")
+        group = n_p // n_q
+        cross = self.negatives_cross_device and in_batch_negatives
+        targets = positive_columns(n_q, group, True, cross, queries["input_ids"].device)
+        teacher = teacher_distribution(teacher_scores)
+        scores = {}
+        for head in self.heads:
+            s = self._scores(head, q, p, cross)
+            # Without in-batch negatives each query sees its own group only.
+            scores[head] = s if in_batch_negatives else group_scores(s, targets, group)
+        if not in_batch_negatives:
+            targets = positive_columns(n_q, group, False, False, targets.device)
+        out = self._loss(scores, targets, group, teacher)
+        self.step += 1  # forward passes, as FlagEmbedding counts them for self_distill_start_step
+        negatives = next(iter(scores.values())).size(1) - 1
+        return {"loss": out.loss, "parts": out.parts, "negatives_per_query": negatives}
+
+    def _loss(self, scores: dict[str, torch.Tensor], targets: torch.Tensor, group: int,
+              teacher: torch.Tensor | None) -> LossOutput:
+        if self.training_mode != "unified":
+            loss, parts = score_loss(scores[self.training_mode], targets, group, teacher, self.kd_loss_type)
+            return LossOutput(loss, parts, 0)
+        w = self.weights
+        parts: dict[str, torch.Tensor] = {}
+        ensemble = w.ensemble_dense * scores["dense"] + w.ensemble_sparse * scores["sparse"] + \
+            w.ensemble_colbert * scores["colbert"]
+        total = 0
+        for head, weight, s in (("dense", w.dense, scores["dense"]), ("sparse", w.sparse, scores["sparse"]),
+                                ("colbert", w.colbert, scores["colbert"]), ("ensemble", w.ensemble, ensemble)):
+            loss, _ = score_loss(s, targets, group, teacher, self.kd_loss_type)
+            parts[head] = loss.detach()
+            total = total + weight * loss
+        # BGE-M3's normalisation: the mean of the four weighted terms.
+        total = total / 4
+        if self.use_self_distill and self.step > self.self_distill_start_step:
+            soft = torch.softmax(ensemble.detach(), dim=-1)
+            distill = 0
+            for head, weight in (("dense", w.dense), ("sparse", w.sparse), ("colbert", w.colbert)):
+                d = kl_div_loss(soft, scores[head])
+                parts[f"self_distill_{head}"] = d.detach()
+                distill = distill + weight * d
+            total = (total + distill / 3) / 2
+        return LossOutput(total, parts, 0)
