@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from test_training_loss import GROUP, PASSAGES, QUERIES, no_dropout, tokenize
+
 from trine import TriHeadModel
 from trine.training.model import EmbedderTrainingModel
 
