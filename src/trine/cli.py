@@ -8,9 +8,14 @@ import sys
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from trine.demo import run_demo
+    from trine.demo import run_demo, run_end_to_end
 
-    run_demo(args.model, heads=args.heads)
+    if args.quick:
+        run_demo(args.model, heads=args.heads)
+    else:
+        if args.model:
+            raise SystemExit("--model goes with --quick; the end-to-end demo fine-tunes all-MiniLM-L6-v2")
+        run_end_to_end(args.out, steps=args.steps, limit=args.limit, heads=args.heads)
     return 0
 
 
@@ -71,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help="model folder (default: all-MiniLM-L6-v2 from its PyPI package)")
     demo.add_argument("--heads", default="neutral", choices=["neutral", "random"],
                       help="how to start heads for a folder without head files")
+    demo.add_argument("--quick", action="store_true", help="only encode a few texts and print every score mode")
+    demo.add_argument("--out", default="outputs/demo", help="where data, models and the report go")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: one epoch)")
+    demo.add_argument("--limit", type=int, default=None, help="use this many man pages (default: all)")
     demo.set_defaults(func=_demo)
 
     ev = sub.add_parser("eval", help="evaluate models on a BEIR-layout or FlagEmbedding custom test set, every mode")

@@ -81,13 +81,19 @@ def _fetch(cache_dir: str) -> str:
         return root
     os.makedirs(cache_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        download = ["apt-get", "download", *PACKAGES]
         try:
-            subprocess.run(["apt-get", "download", *PACKAGES], cwd=tmp, check=True, capture_output=True, text=True)
+            done = subprocess.run(download, cwd=tmp, capture_output=True, text=True)
+            if done.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
+                # A fresh machine has no package lists yet; as root, fetch them once and retry.
+                subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, text=True)
+                done = subprocess.run(download, cwd=tmp, capture_output=True, text=True)
+            done.check_returncode()
         except (OSError, subprocess.CalledProcessError) as err:
             detail = getattr(err, "stderr", "") or str(err)
             raise RuntimeError(
                 f"could not fetch Debian packages {PACKAGES} with apt-get download: {detail.strip()}\n"
-                "(on a fresh Debian machine run `apt-get update` once first)"
+                "(run `apt-get update` as root once, then retry)"
             ) from err
         staging = os.path.join(tmp, "root")
         for deb in glob.glob(os.path.join(tmp, "*.deb")):
