@@ -139,3 +139,17 @@ def test_mcls_dense_is_mean_of_cls_states(tiny_m3_dir):
     plain = M3Embedder(tiny_m3_dir, show_progress=False, normalize_embeddings=False)
     short_plain = plain.encode(TEXTS[0], return_dense=True)["dense_vecs"]
     np.testing.assert_allclose(out["dense_vecs"][1], short_plain, atol=1e-5)  # short text: one CLS, as before
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_saved_folder_keeps_pooling_and_loads_in_sentence_transformers(tmp_path, minilm_dir, pooling):
+    st = pytest.importorskip("sentence_transformers")
+    from trine import Embedder
+
+    model = TriHeadModel.from_pretrained(minilm_dir, init_missing_heads="neutral", pooling_method=pooling)
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = TriHeadModel.from_pretrained(tmp_path / "saved")
+    assert reloaded.pooling_method == pooling  # no silent fallback to another pooling
+    ours = Embedder(str(tmp_path / "saved"), show_progress=False).encode(TEXTS)
+    theirs = st.SentenceTransformer(str(tmp_path / "saved"), device="cpu").encode(TEXTS)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)

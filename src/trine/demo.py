@@ -81,13 +81,12 @@ def run_end_to_end(out_dir: str = "outputs/demo", *, steps: int | None = None, b
           f"{len(test.corpus)} man pages ({beir})")
 
     zero_shot = os.path.join(out_dir, "zero-shot")
-    TriHeadModel.from_pretrained(default_model_dir(), init_missing_heads=heads, pooling_method="mean").save_pretrained(
-        zero_shot)
+    TriHeadModel.from_pretrained(default_model_dir(), init_missing_heads=heads).save_pretrained(zero_shot)
     print(f"model: all-MiniLM-L6-v2 with new '{heads}' lexical and ColBERT heads -> {zero_shot}")
 
     finetuned = os.path.join(out_dir, "unified")
     options = {
-        "model_name_or_path": zero_shot, "sentence_pooling_method": "mean", "train_data": [pairs],
+        "model_name_or_path": zero_shot, "train_data": [pairs],
         "output_dir": finetuned, "training_mode": "unified", "use_self_distill": True, "train_group_size": 1,
         "per_device_train_batch_size": batch_size, "query_max_len": 32, "passage_max_len": 128,
         "temperature": 0.05, "learning_rate": 5e-5, "warmup_steps": 0.1, "logging_steps": 10,

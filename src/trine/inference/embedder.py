@@ -7,7 +7,6 @@ Both share one encode path: tokenise once, length-sorted batches with out-of-mem
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -26,22 +25,6 @@ logger = logging.getLogger(__name__)
 # Padded-token budget per batch on CPU under max_tokens_per_batch="auto": small batches keep the
 # activations in cache; benchmarks/encode.py measured 4096 fastest among 4096-32768 (2 cores).
 CPU_TOKENS_PER_BATCH = 4096
-
-
-def sentence_transformers_pooling(path: str) -> str | None:
-    """The pooling a sentence-transformers folder declares in ``1_Pooling/config.json``, if any."""
-    cfg = os.path.join(path, "1_Pooling", "config.json")
-    if not os.path.exists(cfg):
-        return None
-    with open(cfg) as f:
-        data = json.load(f)
-    if data.get("pooling_mode_mean_tokens"):
-        return "mean"
-    if data.get("pooling_mode_cls_token"):
-        return "cls"
-    if data.get("pooling_mode_lasttoken"):
-        return "last_token"
-    raise ValueError(f"{cfg}: pooling mode not supported by trine (cls, mean or last token)")
 
 
 class _EncoderBase:
@@ -87,14 +70,10 @@ class _EncoderBase:
             model.normalize_embeddings = normalize_embeddings
         else:
             path = os.fspath(model_name_or_path)
-            if pooling_method is None:
-                pooling_method = sentence_transformers_pooling(path) if os.path.isdir(path) else None
-                if pooling_method is not None:
-                    logger.info("%s declares %s pooling (sentence-transformers config)", path, pooling_method)
             model = TriHeadModel.from_pretrained(
                 path,
                 with_heads=self._with_heads,
-                pooling_method=pooling_method or "cls",
+                pooling_method=pooling_method,
                 normalize_embeddings=normalize_embeddings,
                 dtype=self.dtype,
                 trust_remote_code=trust_remote_code,

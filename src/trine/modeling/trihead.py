@@ -8,6 +8,7 @@ A real BGE-M3 folder loads unchanged, and FlagEmbedding's ``BGEM3FlagModel`` loa
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Literal
@@ -26,6 +27,22 @@ COLBERT_FILE = "colbert_linear.pt"
 SPARSE_FILE = "sparse_linear.pt"
 
 HeadInit = Literal["random", "neutral"]
+
+
+def sentence_transformers_pooling(path: str) -> str | None:
+    """The pooling a sentence-transformers folder declares in ``1_Pooling/config.json``, if any."""
+    cfg = os.path.join(path, "1_Pooling", "config.json")
+    if not os.path.exists(cfg):
+        return None
+    with open(cfg) as f:
+        data = json.load(f)
+    if data.get("pooling_mode_mean_tokens"):
+        return "mean"
+    if data.get("pooling_mode_cls_token"):
+        return "cls"
+    if data.get("pooling_mode_lasttoken"):
+        return "last_token"
+    raise ValueError(f"{cfg}: pooling mode not supported by trine (cls, mean or last token)")
 
 
 def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -111,7 +128,7 @@ class TriHeadModel(nn.Module):
         with_heads: bool = True,
         init_missing_heads: HeadInit | None = None,
         colbert_dim: int = -1,
-        pooling_method: str = "cls",
+        pooling_method: str | None = None,
         normalize_embeddings: bool = True,
         dtype: torch.dtype = torch.float32,
         trust_remote_code: bool = False,
@@ -120,10 +137,14 @@ class TriHeadModel(nn.Module):
 
         A folder without head files raises unless ``init_missing_heads`` is ``"random"`` or
         ``"neutral"``, in which case new heads are made and a warning says so.
+        ``pooling_method`` unset: the folder's sentence-transformers pooling config (which
+        :meth:`save_pretrained` writes), else ``cls``.
         """
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model folder {path!r} does not exist (trine loads local folders only)")
+        if pooling_method is None:
+            pooling_method = sentence_transformers_pooling(path) or "cls"
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         backbone, info = AutoModel.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
@@ -193,10 +214,43 @@ class TriHeadModel(nn.Module):
     def _write(self, folder: str) -> None:
         self.backbone.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
+        self._write_sentence_transformers_config(folder)
         if self.has_heads:
             for linear, name in ((self.colbert_linear, COLBERT_FILE), (self.sparse_linear, SPARSE_FILE)):
                 state = {k: v.detach().clone().cpu() for k, v in linear.state_dict().items()}
                 torch.save(state, os.path.join(folder, name))
+
+    def _write_sentence_transformers_config(self, folder: str) -> None:
+        """Pooling and normalisation as sentence-transformers files: trine and sentence-transformers
+        both read the dense recipe back from the folder (no silent 'mean pooling' guess downstream)."""
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        if self.normalize_embeddings:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+            os.makedirs(os.path.join(folder, "2_Normalize"), exist_ok=True)
+        os.makedirs(os.path.join(folder, "1_Pooling"), exist_ok=True)
+        pooling = {
+            "word_embedding_dimension": self.hidden_size,
+            "pooling_mode_cls_token": self.pooling_method == "cls",
+            "pooling_mode_mean_tokens": self.pooling_method == "mean",
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+            "pooling_mode_weightedmean_tokens": False,
+            "pooling_mode_lasttoken": self.pooling_method == "last_token",
+            "include_prompt": True,
+        }
+        max_len = int(getattr(self.backbone.config, "max_position_embeddings", 512))
+        if getattr(self.backbone.config, "model_type", "") in ("xlm-roberta", "roberta"):
+            max_len -= 2  # positions start after the padding index
+        files = {
+            "modules.json": modules,
+            os.path.join("1_Pooling", "config.json"): pooling,
+            "sentence_bert_config.json": {"max_seq_length": min(max_len, 8192), "do_lower_case": False},
+        }
+        for name, data in files.items():
+            with open(os.path.join(folder, name), "w") as f:
+                json.dump(data, f, indent=2)
 
     def load_weights(self, folder: str | os.PathLike) -> None:
         """Load weights saved by :meth:`save_pretrained` into this model (resuming training).

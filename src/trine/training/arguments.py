@@ -16,7 +16,10 @@ from trine.training.model import TRAINING_MODES
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "model folder (a backbone, or a tri-head BGE-M3 folder)"})
-    sentence_pooling_method: str = field(default="cls", metadata={"help": "cls, mean or last_token"})
+    sentence_pooling_method: str | None = field(
+        default=None, metadata={"help": "cls, mean or last_token (default: the folder's sentence-transformers config, "
+                                        "else cls)"}
+    )
     normalize_embeddings: bool = field(default=True, metadata={"help": "L2-normalise dense vectors"})
     init_missing_heads: str | None = field(
         default=None, metadata={"help": "start lexical/ColBERT heads for a folder without them: random or neutral"}
@@ -25,7 +28,8 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False)
 
     def __post_init__(self) -> None:
-        check_pooling_method(self.sentence_pooling_method)
+        if self.sentence_pooling_method is not None:
+            check_pooling_method(self.sentence_pooling_method)
         if self.init_missing_heads not in (None, "random", "neutral"):
             raise ValueError(f"init_missing_heads must be random or neutral, got {self.init_missing_heads!r}")
 

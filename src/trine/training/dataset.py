@@ -110,6 +110,11 @@ class EpochPlanDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._plan)
 
+    @property
+    def num_examples(self) -> int:
+        """Queries per epoch over all ranks (the plan's items are batches, not examples)."""
+        return sum(len(b.record_indices) for b in self._plan)
+
     def __getitem__(self, step: int) -> dict[str, Any]:
         batch = self._plan[step]
         bs = len(batch.record_indices) // self.world_size

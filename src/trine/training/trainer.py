@@ -42,6 +42,10 @@ class EmbedderTrainer(Trainer):
             pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
         )
 
+    def num_examples(self, dataloader: DataLoader) -> int:
+        # Per rank: the Trainer multiplies by the number of processes itself.
+        return self.train_dataset.num_examples // self.args.world_size
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         out = model(**inputs)
         for name, value in out["parts"].items():
