@@ -42,3 +42,19 @@ def test_lexical_and_hybrid():
     h = scoring.hybrid_scores([1.0], [2.0], [4.0], weights=[1.0, 0.5, 2.0])
     assert h["sparse+dense"][0] == (0.5 * 2 + 1) / 1.5
     assert h["colbert+sparse+dense"][0] == (1 + 0.5 * 2 + 2 * 4) / 3.5
+
+
+def test_chunked_maxsim_gradients_equal_unchunked():
+    torch.manual_seed(0)
+    q = torch.randn(3, 5, 4, requires_grad=True)
+    p = torch.randn(7, 6, 4, requires_grad=True)
+    qm = torch.rand(3, 5) > 0.3
+    pm = torch.rand(7, 6) > 0.3
+    qm[:, 0] = pm[:, 0] = True
+    grads = []
+    for budget in (1 << 26, 40):
+        q.grad = p.grad = None
+        scoring.colbert_scores_padded(q, qm, p, pm, max_elements=budget).pow(2).sum().backward()
+        grads.append((q.grad.clone(), p.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
