@@ -188,3 +188,22 @@ def test_gradient_checkpointing_accumulation_and_bf16_run(tmp_path, splade_tiny_
     assert backbone.is_gradient_checkpointing
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(x > 0 for x in losses)
+
+
+def test_head_learning_rate_puts_heads_in_their_own_group(tmp_path, splade_tiny_dir):
+    data = write_data(tmp_path / "train.jsonl")
+    trainer = build_trainer(*parse_args(common_args(
+        splade_tiny_dir, data, tmp_path / "o", training_mode="unified", init_missing_heads="neutral",
+        head_learning_rate=0.01,
+    )))
+    optimizer = trainer.create_optimizer()
+    encoder = trainer.model.encoder
+    heads = {id(p) for m in (encoder.colbert_linear, encoder.sparse_linear) for p in m.parameters()}
+    head_groups = [g for g in optimizer.param_groups if any(id(p) in heads for p in g["params"])]
+    assert len(head_groups) == 1 and head_groups[0]["lr"] == 0.01
+    assert {id(p) for p in head_groups[0]["params"]} == heads
+    others = [p for g in optimizer.param_groups if g is not head_groups[0] for p in g["params"]]
+    assert others and all(g["lr"] == 1e-4 for g in optimizer.param_groups if g is not head_groups[0])
+    dense = build_trainer(*parse_args(common_args(splade_tiny_dir, data, tmp_path / "d", head_learning_rate=0.01)))
+    with pytest.raises(ValueError, match="no head is trained"):
+        dense.create_optimizer()

@@ -58,7 +58,7 @@ def _matrix(title: str, scores: np.ndarray) -> str:
 
 
 def run_end_to_end(out_dir: str = "outputs/demo", *, steps: int | None = None, batch_size: int = 32,
-                   limit: int | None = None, heads: str = "neutral") -> dict:
+                   limit: int | None = None, heads: str = "neutral", head_learning_rate: float = 1e-3) -> dict:
     """Data -> zero-shot eval -> unified fine-tuning -> eval; returns the evaluation result."""
     import json
     import time
@@ -89,7 +89,8 @@ def run_end_to_end(out_dir: str = "outputs/demo", *, steps: int | None = None, b
         "model_name_or_path": zero_shot, "train_data": [pairs],
         "output_dir": finetuned, "training_mode": "unified", "use_self_distill": True, "train_group_size": 1,
         "per_device_train_batch_size": batch_size, "query_max_len": 32, "passage_max_len": 128,
-        "temperature": 0.05, "learning_rate": 5e-5, "warmup_steps": 0.1, "logging_steps": 10,
+        "temperature": 0.05, "learning_rate": 5e-5, "head_learning_rate": head_learning_rate, "warmup_steps": 0.1,
+        "logging_steps": 10,
         "save_strategy": "no", "report_to": "none", "disable_tqdm": False, "seed": 0,
     }
     if steps:

@@ -95,6 +95,10 @@ class EmbedderTrainingArguments(TrainingArguments):
     use_self_distill: bool = field(default=False, metadata={"help": "unified: the ensemble teaches each head"})
     self_distill_start_step: int = field(default=-1, metadata={"help": "self-distillation after this many steps"})
     fix_encoder: bool = field(default=False, metadata={"help": "train the heads only (backbone frozen)"})
+    head_learning_rate: float | None = field(
+        default=None, metadata={"help": "learning rate of the lexical and ColBERT heads (default: learning_rate); "
+                                        "new heads usually want a larger one than the backbone"}
+    )
     ensemble_dense_weight: float = field(default=1.0, metadata={"help": "weight of dense scores in the ensemble"})
     ensemble_sparse_weight: float = field(default=0.3, metadata={"help": "weight of lexical scores in the ensemble"})
     ensemble_colbert_weight: float = field(default=1.0, metadata={"help": "weight of ColBERT scores in the ensemble"})

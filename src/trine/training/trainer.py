@@ -42,6 +42,22 @@ class EmbedderTrainer(Trainer):
             pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
         )
 
+    def create_optimizer(self, model=None):  # noqa: ANN001
+        optimizer = super().create_optimizer(model)
+        head_lr = getattr(self.args, "head_learning_rate", None)
+        if head_lr is None:
+            return optimizer
+        encoder = self.accelerator.unwrap_model(self.model).encoder
+        heads = [p for m in (encoder.colbert_linear, encoder.sparse_linear) if m is not None
+                 for p in m.parameters() if p.requires_grad]
+        if not heads:
+            raise ValueError("head_learning_rate is set but no head is trained in this mode")
+        ids = {id(p) for p in heads}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        optimizer.add_param_group({"params": heads, "lr": head_lr, "weight_decay": 0.0})
+        return optimizer
+
     def num_examples(self, dataloader: DataLoader) -> int:
         # Per rank: the Trainer multiplies by the number of processes itself.
         return self.train_dataset.num_examples // self.args.world_size
