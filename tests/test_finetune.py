@@ -207,3 +207,19 @@ def test_head_learning_rate_puts_heads_in_their_own_group(tmp_path, splade_tiny_
     dense = build_trainer(*parse_args(common_args(splade_tiny_dir, data, tmp_path / "d", head_learning_rate=0.01)))
     with pytest.raises(ValueError, match="no head is trained"):
         dense.create_optimizer()
+
+
+def test_trainer_with_gradient_caching_matches_plain_training(tmp_path, splade_tiny_dir):
+    model = no_dropout_copy(splade_tiny_dir, tmp_path / "model")
+    data = write_data(tmp_path / "train.jsonl")
+    finals = []
+    for name, extra in (("plain", {}), ("cached", {"gradcache_chunk_size": 3}), ("budget", {"gradcache_max_tokens": 40})):
+        trainer = build_trainer(*parse_args(common_args(model, data, tmp_path / name, max_steps=3, save_steps=100,
+                                                        **extra)))
+        trainer.train()
+        trainer.save_model(str(tmp_path / name))
+        assert [h for h in trainer.state.log_history if "loss_ce" in h]
+        finals.append(weights(tmp_path / name))
+    for other in finals[1:]:
+        for k in finals[0]:
+            torch.testing.assert_close(other[k], finals[0][k], atol=1e-5, rtol=1e-4, msg=k)

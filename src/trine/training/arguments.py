@@ -95,6 +95,12 @@ class EmbedderTrainingArguments(TrainingArguments):
     use_self_distill: bool = field(default=False, metadata={"help": "unified: the ensemble teaches each head"})
     self_distill_start_step: int = field(default=-1, metadata={"help": "self-distillation after this many steps"})
     fix_encoder: bool = field(default=False, metadata={"help": "train the heads only (backbone frozen)"})
+    gradcache_chunk_size: int | None = field(
+        default=None, metadata={"help": "gradient caching: encode the batch in sub-batches of this many texts"}
+    )
+    gradcache_max_tokens: int | None = field(
+        default=None, metadata={"help": "gradient caching: sub-batches of at most this many padded tokens"}
+    )
     head_learning_rate: float | None = field(
         default=None, metadata={"help": "learning rate of the lexical and ColBERT heads (default: learning_rate); "
                                         "new heads usually want a larger one than the backbone"}
@@ -114,6 +120,10 @@ class EmbedderTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.kd_loss_type not in KD_LOSS_TYPES:
             raise ValueError(f"kd_loss_type must be one of {KD_LOSS_TYPES}, got {self.kd_loss_type!r}")
+        for name in ("gradcache_chunk_size", "gradcache_max_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive number, got {value}")
         if self.unified_finetuning:
             if self.training_mode not in ("dense", "unified"):
                 raise ValueError(f"unified_finetuning contradicts training_mode {self.training_mode!r}")

@@ -63,14 +63,20 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(tensor)
 
 
-def gather_padded(vectors: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather (rows x length x dim) multi-vectors whose length differs by rank: pad to the longest."""
+def gather_padded(values: torch.Tensor, companion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather per-token tensors whose length (dim 1) differs by rank, padding both to the longest.
+
+    ``values`` (rows x length [x dim]) keeps its gradient; ``companion`` (rows x length: a mask
+    or token ids) is padded with zeros/False and gathered as data.
+    """
     if world()[1] == 1:
-        return vectors, mask
-    length = torch.tensor([vectors.size(1)], device=vectors.device)
+        return values, companion
+    length = torch.tensor([values.size(1)], device=values.device)
     dist.all_reduce(length, op=dist.ReduceOp.MAX, group=_gather_group())
-    extra = int(length) - vectors.size(1)
+    extra = int(length) - values.size(1)
     if extra:
-        vectors = torch.nn.functional.pad(vectors, (0, 0, 0, extra))
-        mask = torch.nn.functional.pad(mask, (0, extra))
-    return gather_with_grad(vectors), gather_with_grad(mask.to(torch.uint8)).bool()
+        values = torch.nn.functional.pad(values, (0, 0) * (values.dim() - 2) + (0, extra))
+        companion = torch.nn.functional.pad(companion, (0, extra))
+    dtype = companion.dtype
+    gathered = gather_with_grad(companion.to(torch.long)).to(dtype)
+    return gather_with_grad(values), gathered

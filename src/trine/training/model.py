@@ -119,13 +119,16 @@ class EmbedderTrainingModel(nn.Module):
         return ("dense", "sparse", "colbert") if self.training_mode == "unified" else (self.training_mode,)
 
     def encode(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The representations the loss needs (what gradient caching caches): dense vectors,
+        per-token lexical weights with their ids (batch x length, not x vocabulary), ColBERT
+        vectors with their mask."""
         heads = self.heads
         out = self.encoder(
             features["input_ids"], features["attention_mask"], return_dense="dense" in heads,
             return_sparse="sparse" in heads, return_colbert_vecs="colbert" in heads,
         )
         if "sparse" in heads:
-            out["lexical"] = lexical_matrix(out["token_weights"], features["input_ids"], self.encoder.vocab_size)
+            out["input_ids"] = features["input_ids"]
         return out
 
     def _scores(self, head: str, q: dict[str, torch.Tensor], p: dict[str, torch.Tensor], cross: bool) -> torch.Tensor:
@@ -135,26 +138,44 @@ class EmbedderTrainingModel(nn.Module):
                       else (p["colbert_vecs"], p["colbert_mask"]))
             s = colbert_scores_padded(q["colbert_vecs"], q["colbert_mask"], pv, pm,
                                       max_elements=self.colbert_chunk_elements)
+        elif head == "sparse":
+            vocab = self.encoder.vocab_size
+            pw, pid = (gather_padded(p["token_weights"], p["input_ids"]) if cross
+                        else (p["token_weights"], p["input_ids"]))
+            s = lexical_matrix(q["token_weights"], q["input_ids"], vocab) @ lexical_matrix(pw, pid, vocab).T
         else:
-            key = "dense_vecs" if head == "dense" else "lexical"
-            s = q[key] @ (gather_with_grad(p[key]) if cross else p[key]).T
+            s = q["dense_vecs"] @ (gather_with_grad(p["dense_vecs"]) if cross else p["dense_vecs"]).T
         return s / self.temperature
 
     def forward(
         self,
-        queries: dict[str, torch.Tensor],
-        passages: dict[str, torch.Tensor],
+        queries: dict[str, torch.Tensor] | None = None,
+        passages: dict[str, torch.Tensor] | None = None,
+        teacher_scores: torch.Tensor | None = None,
+        in_batch_negatives: bool = True,
+        encode_only: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, Any]:
+        """The loss for a batch; or, with ``encode_only``, just the representations of those
+        inputs (gradient caching re-runs sub-batches through here, so DDP sees a forward)."""
+        if encode_only is not None:
+            return self.encode(encode_only)
+        return self.loss_from_reps(self.encode(queries), self.encode(passages), teacher_scores, in_batch_negatives)
+
+    def loss_from_reps(
+        self,
+        q: dict[str, torch.Tensor],
+        p: dict[str, torch.Tensor],
         teacher_scores: torch.Tensor | None = None,
         in_batch_negatives: bool = True,
     ) -> dict[str, Any]:
-        q, p = self.encode(queries), self.encode(passages)
-        n_q = queries["input_ids"].size(0)
-        n_p = passages["input_ids"].size(0)
+        n_q = _rows(q)
+        n_p = _rows(p)
         if n_p % n_q:
             raise ValueError(f"{n_p} passages for {n_q} queries: not a whole group per query")
         group = n_p // n_q
         cross = self.negatives_cross_device and in_batch_negatives
-        targets = positive_columns(n_q, group, True, cross, queries["input_ids"].device)
+        device = next(iter(q.values())).device
+        targets = positive_columns(n_q, group, True, cross, device)
         teacher = teacher_distribution(teacher_scores)
         scores = {}
         for head in self.heads:
@@ -194,3 +215,7 @@ class EmbedderTrainingModel(nn.Module):
                 distill = distill + weight * d
             total = (total + distill / 3) / 2
         return LossOutput(total, parts, 0)
+
+
+def _rows(reps: dict[str, torch.Tensor]) -> int:
+    return next(iter(reps.values())).size(0)

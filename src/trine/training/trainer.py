@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
 from trine.training.dataset import EpochPlanDataset
+from trine.training.gradcache import gradcache_step
 
 
 class EpochPlanCallback(TrainerCallback):
@@ -58,15 +59,34 @@ class EmbedderTrainer(Trainer):
         optimizer.add_param_group({"params": heads, "lr": head_lr, "weight_decay": 0.0})
         return optimizer
 
+    def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001
+        chunk = getattr(self.args, "gradcache_chunk_size", None)
+        budget = getattr(self.args, "gradcache_max_tokens", None)
+        if chunk is None and budget is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        out = gradcache_step(
+            model, self.accelerator.unwrap_model(model), inputs["queries"], inputs["passages"],
+            teacher_scores=inputs["teacher_scores"], in_batch_negatives=inputs["in_batch_negatives"],
+            chunk_size=chunk, max_tokens=budget, backward=self.accelerator.backward,
+            loss_scale=self.current_gradient_accumulation_steps, autocast=self.compute_loss_context_manager,
+        )
+        self._record(out)
+        return out["loss"].detach() / self.current_gradient_accumulation_steps
+
+    def _record(self, out: dict[str, Any]) -> None:
+        for name, value in out["parts"].items():
+            self._parts[f"loss_{name}"].append(float(value))
+        self._parts["negatives_per_query"].append(float(out["negatives_per_query"]))
+
     def num_examples(self, dataloader: DataLoader) -> int:
         # Per rank: the Trainer multiplies by the number of processes itself.
         return self.train_dataset.num_examples // self.args.world_size
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         out = model(**inputs)
-        for name, value in out["parts"].items():
-            self._parts[f"loss_{name}"].append(float(value))
-        self._parts["negatives_per_query"].append(float(out["negatives_per_query"]))
+        self._record(out)
         return (out["loss"], out) if return_outputs else out["loss"]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
