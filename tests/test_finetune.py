@@ -213,7 +213,8 @@ def test_trainer_with_gradient_caching_matches_plain_training(tmp_path, splade_t
     model = no_dropout_copy(splade_tiny_dir, tmp_path / "model")
     data = write_data(tmp_path / "train.jsonl")
     finals = []
-    for name, extra in (("plain", {}), ("cached", {"gradcache_chunk_size": 3}), ("budget", {"gradcache_max_tokens": 40})):
+    variants = (("plain", {}), ("cached", {"gradcache_chunk_size": 3}), ("budget", {"gradcache_max_tokens": 40}))
+    for name, extra in variants:
         trainer = build_trainer(*parse_args(common_args(model, data, tmp_path / name, max_steps=3, save_steps=100,
                                                         **extra)))
         trainer.train()

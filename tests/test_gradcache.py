@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from test_training_loss import PASSAGES, QUERIES, no_dropout, tokenize
+
 from trine import TriHeadModel
 from trine.training.gradcache import concat_reps, gradcache_step, split_features
 from trine.training.model import EmbedderTrainingModel
