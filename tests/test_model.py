@@ -153,3 +153,8 @@ def test_saved_folder_keeps_pooling_and_loads_in_sentence_transformers(tmp_path,
     ours = Embedder(str(tmp_path / "saved"), show_progress=False).encode(TEXTS)
     theirs = st.SentenceTransformer(str(tmp_path / "saved"), device="cpu").encode(TEXTS)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_attention_implementation_is_passed_through(splade_tiny_dir):
+    m = TriHeadModel.from_pretrained(splade_tiny_dir, with_heads=False, attn_implementation="eager")
+    assert m.backbone.config._attn_implementation == "eager"

@@ -132,6 +132,7 @@ class TriHeadModel(nn.Module):
         normalize_embeddings: bool = True,
         dtype: torch.dtype = torch.float32,
         trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
     ) -> TriHeadModel:
         """Load a backbone folder and, with ``with_heads``, its BGE-M3 head files.
 
@@ -147,7 +148,8 @@ class TriHeadModel(nn.Module):
             pooling_method = sentence_transformers_pooling(path) or "cls"
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         backbone, info = AutoModel.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
+            path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
+            **({"attn_implementation": attn_implementation} if attn_implementation else {}),
         )
         if getattr(backbone, "pooler", None) is not None and any(k.startswith("pooler.") for k in info["missing_keys"]):
             # trine pools token states itself; a pooler the checkpoint lacks would be random

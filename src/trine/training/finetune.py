@@ -48,6 +48,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: Em
         pooling_method=model_args.sentence_pooling_method,
         normalize_embeddings=model_args.normalize_embeddings,
         trust_remote_code=model_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
     )
     if args.negatives_cross_device and args.world_size == 1:
         logger.warning("negatives_cross_device is on but only one process runs: no extra negatives")
