@@ -212,8 +212,8 @@ def test_runner_all_modes_on_real_data(tmp_path, manpage_set, splade_tiny_dir):
     config = EvalConfig(modes=("dense", "sparse", "colbert", "dense+sparse", "all", "rrf"), k_values=(1, 10, 50),
                         top_k=50, rerank_k=50, passage_max_length=256)
     result = run_evaluation([model, model], manpage_set, config)
-    assert list(result["models"]) == ["M3Embedder", "M3Embedder#2"]
-    metrics = result["models"]["M3Embedder"]["metrics"]
+    assert list(result["models"]) == ["M3Embedder#1", "M3Embedder#2"]
+    metrics = result["models"]["M3Embedder#1"]["metrics"]
     assert list(metrics) == list(config.modes)
     assert metrics == result["models"]["M3Embedder#2"]["metrics"]
     for values in metrics.values():
@@ -235,15 +235,23 @@ def test_runner_all_modes_on_real_data(tmp_path, manpage_set, splade_tiny_dir):
 
     paths = write_report(result, tmp_path / "report")
     with open(paths["json"]) as f:
-        assert json.load(f)["models"]["M3Embedder"]["metrics"] == metrics
+        assert json.load(f)["models"]["M3Embedder#1"]["metrics"] == metrics
     md = open(paths["markdown"]).read()
-    assert "| M3Embedder | all |" in md and "ndcg@10" in md
+    assert "| M3Embedder#1 | all |" in md and "ndcg@10" in md
     with open(paths["plot"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "dense+sparse" in text_table(result)
     with pytest.raises(ValueError, match="were not computed"):
         write_report(result, tmp_path / "r2", metrics=["ndcg@1000"])
     assert not (tmp_path / "r2").exists()
+
+
+def test_model_labels():
+    from trine.evaluation.runner import model_labels
+
+    assert model_labels(["/a/x/model", "/b/y/model", "/c/bge-m3"]) == ["x/model", "y/model", "bge-m3"]
+    assert model_labels(["/a/m", "/a/m"]) == ["m", "m#2"]
+    assert model_labels(["/a/m"]) == ["m"]
 
 
 def test_eval_config_errors():

@@ -144,13 +144,26 @@ def evaluate_model(model: M3Embedder, dataset: RetrievalDataset, config: EvalCon
     }
 
 
-def model_label(model: str | M3Embedder, used: set[str]) -> str:
-    base = os.path.basename(os.path.normpath(model)) if isinstance(model, (str, os.PathLike)) else type(model).__name__
-    label, n = base, 2
-    while label in used:
-        label, n = f"{base}#{n}", n + 1
-    used.add(label)
-    return label
+def model_labels(models: Sequence[str | os.PathLike | M3Embedder]) -> list[str]:
+    """Short unique names: the folder name, or as many trailing path parts as it takes to tell it apart."""
+    parts = [os.path.normpath(os.fspath(m)).strip(os.sep).split(os.sep) if not isinstance(m, M3Embedder) else None
+             for m in models]
+    labels = []
+    for i, p in enumerate(parts):
+        if p is None:
+            labels.append(f"{type(models[i]).__name__}#{i + 1}")
+            continue
+        others = [q for j, q in enumerate(parts) if j != i and q is not None and q != p]
+        depth = 1
+        while depth < len(p) and any(q[-depth:] == p[-depth:] for q in others):
+            depth += 1
+        labels.append("/".join(p[-depth:]))
+    seen: dict[str, int] = {}
+    out = []
+    for lab in labels:  # the same path given twice
+        seen[lab] = seen.get(lab, 0) + 1
+        out.append(lab if seen[lab] == 1 else f"{lab}#{seen[lab]}")
+    return out
 
 
 def run_evaluation(
@@ -168,7 +181,6 @@ def run_evaluation(
     config = config or EvalConfig()
     if not models:
         raise ValueError("no models to evaluate")
-    used: set[str] = set()
     result: dict[str, Any] = {
         "dataset": dataset.name,
         "split": dataset.split,
@@ -177,8 +189,7 @@ def run_evaluation(
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
         "models": {},
     }
-    for model in models:
-        label = model_label(model, used)
+    for model, label in zip(models, model_labels(models)):
         embedder = model if isinstance(model, M3Embedder) else M3Embedder(model, **(model_options or {}))
         logger.info("evaluating %s on %s (%d queries, %d documents)", label, dataset.name, len(dataset.queries),
                     len(dataset.corpus))
