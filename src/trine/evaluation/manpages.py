@@ -12,7 +12,7 @@ import random
 from collections.abc import Sequence
 
 from trine.datasets.manpages import ManPage, load_manpages
-from trine.retrieval.base import atomic_folder
+from trine.io import atomic_folder
 
 QUERY_PREFIX = "q:"
 

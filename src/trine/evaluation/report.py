@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from trine.evaluation.runner import main_metric_table
-from trine.retrieval.base import atomic_folder
+from trine.io import atomic_folder
 
 
 def report_metrics(result: Mapping[str, Any], metrics: Sequence[str] | None = None) -> list[str]:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from trine.io import atomic_folder  # noqa: F401  (re-exported for the index modules)
 
 FORMAT_VERSION = 1
 
@@ -101,28 +100,6 @@ def check_unique(ids: Sequence[str]) -> None:
         seen: set[str] = set()
         dup = next(i for i in ids if i in seen or seen.add(i))
         raise ValueError(f"document ids must be unique; {dup!r} appears more than once")
-
-
-@contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temp folder beside ``path``; on success it replaces ``path`` whole, on error it is removed."""
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-    try:
-        yield tmp
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(path) + "-", dir=parent)
-            os.rmdir(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_meta(folder: str, kind: str, **fields: Any) -> None:
