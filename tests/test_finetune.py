@@ -224,3 +224,15 @@ def test_trainer_with_gradient_caching_matches_plain_training(tmp_path, splade_t
     for other in finals[1:]:
         for k in finals[0]:
             torch.testing.assert_close(other[k], finals[0][k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_gradient_caching_with_checkpointing_and_bf16_runs(tmp_path, tiny_m3_dir):
+    data = write_data(tmp_path / "train.jsonl")
+    trainer = build_trainer(*parse_args(common_args(
+        tiny_m3_dir, data, tmp_path / "o", max_steps=2, save_steps=100, training_mode="unified",
+        use_self_distill=True, gradcache_max_tokens=64, gradient_checkpointing=True, bf16=True,
+    )))
+    trainer.train()
+    assert trainer.model.encoder.backbone.is_gradient_checkpointing
+    logged = [h for h in trainer.state.log_history if "loss_ensemble" in h]
+    assert len(logged) == 2 and all(h["loss"] > 0 for h in logged)
