@@ -97,10 +97,53 @@ def _split_by_length(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mine(args: argparse.Namespace) -> int:
+    from trine import Embedder
+    from trine.curation.mining import mine_hard_negatives, parse_range
+    from trine.training.data import DataError
+
+    embedder = Embedder(args.model_name_or_path, devices=args.devices, batch_size=args.batch_size,
+                        query_max_length=args.query_max_len, passage_max_length=args.passage_max_len,
+                        query_instruction_for_retrieval=args.query_instruction_for_retrieval,
+                        query_instruction_format=args.query_instruction_format, use_fp16=args.use_fp16)
+    try:
+        summary = mine_hard_negatives(
+            args.input_file, args.output_file, embedder, candidate_pool=args.candidate_pool,
+            range_for_sampling=parse_range(args.range_for_sampling), negative_number=args.negative_number,
+            relative_margin=args.relative_margin, backfill=args.backfill, seed=args.seed,
+        )
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(summary.lines()))
+    print(f"wrote {args.output_file}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trine", description=__doc__)
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
+    mine = sub.add_parser("mine", help="hard negatives for a training file from a dense index (FAISS)")
+    mine.add_argument("--input_file", required=True)
+    mine.add_argument("--output_file", required=True)
+    mine.add_argument("--model_name_or_path", required=True, help="any trine model folder (dense vectors are used)")
+    mine.add_argument("--candidate_pool", default=None, help='JSONL of {"text"} (default: the file\'s passages)')
+    mine.add_argument("--range_for_sampling", default="2-100", help="ranks to sample from, 0-based, end exclusive")
+    mine.add_argument("--negative_number", type=int, default=15)
+    mine.add_argument("--relative_margin", type=float, default=None,
+                      help="drop candidates scoring above (1 - margin) x the lowest positive score")
+    mine.add_argument("--backfill", default="random", choices=["random", "none", "error"],
+                      help="when too few candidates remain")
+    mine.add_argument("--query_instruction_for_retrieval", default=None)
+    mine.add_argument("--query_instruction_format", default="{}{}")
+    mine.add_argument("--query_max_len", type=int, default=64)
+    mine.add_argument("--passage_max_len", type=int, default=512)
+    mine.add_argument("--batch_size", type=int, default=256)
+    mine.add_argument("--devices", default=None)
+    mine.add_argument("--use_fp16", action="store_true")
+    mine.add_argument("--seed", type=int, default=42)
+    mine.set_defaults(func=_mine)
     split = sub.add_parser("split-by-length", help="cut training files into length buckets (per-bucket batch sizes)")
     split.add_argument("--input_path", nargs="+", required=True, help="training JSONL files or folders")
     split.add_argument("--output_dir", required=True)
