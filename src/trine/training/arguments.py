@@ -27,8 +27,8 @@ class ModelArguments:
     colbert_dim: int = field(default=-1, metadata={"help": "ColBERT dimension (-1: hidden size)"})
     trust_remote_code: bool = field(default=False)
     attn_implementation: str | None = field(
-        default=None, metadata={"help": "transformers attention: sdpa, eager, ... (on CPU, training with dropout "
-                                        "ran about 2x faster with eager than sdpa here)"}
+        default=None, metadata={"help": "transformers attention implementation: sdpa, eager, ... "
+                                        "(default: the transformers default)"}
     )
 
     def __post_init__(self) -> None:
