@@ -67,16 +67,26 @@ def tokenize(
 
 
 def pad_batch(
-    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str, cls_id: int | None = None
+    seqs: Sequence[Sequence[int]],
+    pad_id: int,
+    device: torch.device | str,
+    cls_id: int | None = None,
+    token_types: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Right-pad token id lists into ``input_ids``/``attention_mask`` (and ``cls_mask`` for MCLS)."""
+    """Right-pad token id lists into ``input_ids``/``attention_mask`` (and ``cls_mask`` for MCLS,
+    ``token_type_ids`` for pairs when ``token_types`` are given; padding gets type 0)."""
     width = max(len(s) for s in seqs)
     ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), width), dtype=np.int64)
+    types = np.zeros((len(seqs), width), dtype=np.int64) if token_types is not None else None
     for row, s in enumerate(seqs):
         ids[row, : len(s)] = s
         mask[row, : len(s)] = 1
+        if types is not None:
+            types[row, : len(s)] = token_types[row]
     batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+    if types is not None:
+        batch["token_type_ids"] = torch.from_numpy(types)
     if cls_id is not None:
         batch["cls_mask"] = batch["input_ids"] == cls_id
     return {k: v.to(device) for k, v in batch.items()}

@@ -17,17 +17,13 @@ import torch
 
 from trine import scoring
 from trine.inference.batching import pad_batch, run_batched, tokenize
-from trine.inference.pool import DevicePool, resolve_devices, resolve_dtype
+from trine.inference.pool import DeviceRunner, check_token_budget, resolve_devices, resolve_dtype
 from trine.modeling.trihead import HeadInit, TriHeadModel
 
 logger = logging.getLogger(__name__)
 
-# Padded-token budget per batch on CPU under max_tokens_per_batch="auto": small batches keep the
-# activations in cache; benchmarks/encode.py measured 4096 fastest among 4096-32768 (2 cores).
-CPU_TOKENS_PER_BATCH = 4096
 
-
-class _EncoderBase:
+class _EncoderBase(DeviceRunner):
     """What every encoder shares: loading, devices, precision, instructions, the pool."""
 
     _with_heads = False
@@ -54,11 +50,7 @@ class _EncoderBase:
         trust_remote_code: bool = False,
         _head_options: dict[str, Any] | None = None,
     ):
-        budget_ok = max_tokens_per_batch in (None, "auto") or (
-            isinstance(max_tokens_per_batch, int) and max_tokens_per_batch > 0
-        )
-        if not budget_ok:
-            raise ValueError(f"max_tokens_per_batch: a positive int, 'auto' or None, not {max_tokens_per_batch!r}")
+        check_token_budget(max_tokens_per_batch)
         self.devices = resolve_devices(devices)
         self.dtype = resolve_dtype(use_fp16, use_bf16)
         if mcls_interval is not None and mcls_interval < 1:
@@ -93,42 +85,9 @@ class _EncoderBase:
         self.passage_max_length = passage_max_length
         self.mcls_interval = mcls_interval
         self.show_progress = show_progress
-        self._pool: DevicePool | None = None
+        self._pool = None
         if len(self.devices) == 1:
             self._move_to(self.devices[0])
-
-    # ------------------------------------------------------------------ devices
-    def _move_to(self, device: str) -> None:
-        self.model.to(device=device, dtype=self.dtype)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_pool"] = None
-        return state
-
-    def close(self) -> None:
-        """Stop the device pool, if one was started."""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown
-            pass
-
-    def _run(self, method: str, items: list[Any], **kwargs: Any) -> list[Any]:
-        """Run ``method`` on one device, or on chunks over the device pool; a list of chunk results.
-
-        With several devices the model lives only in the pool's processes (this process keeps
-        its CPU copy for pickling), so even one item goes through the pool.
-        """
-        if len(self.devices) == 1:
-            return [getattr(self, method)(items, device=self.devices[0], **kwargs)]
-        if self._pool is None:
-            self._pool = DevicePool(self, self.devices)
-        return self._pool.map(method, items, **kwargs)
 
     # ------------------------------------------------------------------ instructions
     @staticmethod
@@ -181,14 +140,11 @@ class _EncoderBase:
                 colbert = [None] * n
             return list(zip(dense, lexical, colbert))
 
-        max_tokens = self.max_tokens_per_batch
-        if max_tokens == "auto":
-            max_tokens = CPU_TOKENS_PER_BATCH if torch.device(device).type == "cpu" else None
         return run_batched(
             [len(x) for x in ids],
             batch_size,
             run,
-            max_tokens=max_tokens,
+            max_tokens=self._max_tokens(device),
             desc="encode",
             show_progress=self.show_progress,
         )

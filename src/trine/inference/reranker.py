@@ -1,0 +1,132 @@
+"""``Reranker``: cross-encoder scores for (query, passage) pairs (FlagEmbedding's ``FlagReranker``).
+
+It runs on the same machinery as the embedders: one length-sorted batching routine with a
+token budget and out-of-memory back-off (:func:`trine.inference.batching.run_batched`), and the
+one device pool (:class:`trine.inference.pool.DeviceRunner`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from trine.inference.batching import pad_batch, run_batched
+from trine.inference.pool import DeviceRunner, check_token_budget, resolve_devices, resolve_dtype
+from trine.modeling.cross_encoder import CrossEncoder
+
+
+def _format(instruction: str | None, instruction_format: str, text: str) -> str:
+    if instruction is None:
+        return text
+    return instruction_format.replace("\\n", "\n").format(instruction, text)
+
+
+class Reranker(DeviceRunner):
+    """Relevance scores from a cross-encoder.
+
+    ``query_max_length`` (default 3/4 of ``max_length``) caps the query's tokens; the passage
+    gets the rest of ``max_length`` (special tokens included). ``normalize`` applies a sigmoid.
+    Instructions: ``query_instruction_for_rerank`` with ``query_instruction_format`` (and the
+    passage equivalents), as FlagEmbedding.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | os.PathLike | CrossEncoder,
+        *,
+        use_fp16: bool = False,
+        use_bf16: bool = False,
+        query_instruction_for_rerank: str | None = None,
+        query_instruction_format: str = "{}{}",
+        passage_instruction_for_rerank: str | None = None,
+        passage_instruction_format: str = "{}{}",
+        devices: str | int | Sequence[str | int] | None = None,
+        batch_size: int = 128,
+        query_max_length: int | None = None,
+        max_length: int = 512,
+        normalize: bool = False,
+        max_tokens_per_batch: int | Literal["auto"] | None = "auto",
+        show_progress: bool = True,
+        trust_remote_code: bool = False,
+    ):
+        check_token_budget(max_tokens_per_batch)
+        self.devices = resolve_devices(devices)
+        self.dtype = resolve_dtype(use_fp16, use_bf16)
+        if isinstance(model_name_or_path, CrossEncoder):
+            model = model_name_or_path
+        else:
+            model = CrossEncoder.from_pretrained(model_name_or_path, dtype=self.dtype,
+                                                 trust_remote_code=trust_remote_code)
+        self.model = model.eval()
+        self.tokenizer = model.tokenizer
+        self.query_instruction_for_rerank = query_instruction_for_rerank
+        self.query_instruction_format = query_instruction_format
+        self.passage_instruction_for_rerank = passage_instruction_for_rerank
+        self.passage_instruction_format = passage_instruction_format
+        self.batch_size = batch_size
+        self.query_max_length = query_max_length
+        self.max_length = max_length
+        self.normalize = normalize
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.show_progress = show_progress
+        self._pool = None
+        if len(self.devices) == 1:
+            self._move_to(self.devices[0])
+
+    @torch.inference_mode()
+    def _score_chunk(
+        self, pairs: list[tuple[str, str]], *, device: str, batch_size: int, query_max_length: int, max_length: int
+    ) -> list[float]:
+        ids, types = self.model.tokenize_pairs([p[0] for p in pairs], [p[1] for p in pairs],
+                                               query_max_length=query_max_length, max_length=max_length)
+        pad_id = self.tokenizer.pad_token_id
+
+        def run(idx: np.ndarray) -> list[float]:
+            batch = pad_batch([ids[i] for i in idx], pad_id, device, token_types=[types[i] for i in idx])
+            logits = self.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            return logits.float().cpu().tolist()
+
+        return run_batched([len(x) for x in ids], batch_size, run, max_tokens=self._max_tokens(device),
+                           desc="rerank", show_progress=self.show_progress)
+
+    def compute_score(
+        self,
+        sentence_pairs: Sequence[tuple[str, str]] | tuple[str, str],
+        batch_size: int | None = None,
+        query_max_length: int | None = None,
+        max_length: int | None = None,
+        normalize: bool | None = None,
+    ) -> list[float]:
+        """One score per pair (a list, also for a single pair, as FlagEmbedding)."""
+        single = len(sentence_pairs) == 2 and isinstance(sentence_pairs[0], str)
+        pairs = [tuple(sentence_pairs)] if single else [tuple(p) for p in sentence_pairs]
+        for i, p in enumerate(pairs):
+            if len(p) != 2 or not all(isinstance(t, str) for t in p):
+                raise TypeError(f"sentence_pairs[{i}] is not a (query, passage) pair of strings")
+        if not pairs:
+            return []
+        max_length = max_length or self.max_length
+        query_max_length = query_max_length or self.query_max_length or max_length * 3 // 4
+        pairs = [
+            (_format(self.query_instruction_for_rerank, self.query_instruction_format, q),
+             _format(self.passage_instruction_for_rerank, self.passage_instruction_format, p))
+            for q, p in pairs
+        ]
+        chunks = self._run("_score_chunk", pairs, batch_size=batch_size or self.batch_size,
+                           query_max_length=query_max_length, max_length=max_length)
+        scores = np.array([s for chunk in chunks for s in chunk], dtype=np.float64)
+        if normalize if normalize is not None else self.normalize:
+            scores = 1.0 / (1.0 + np.exp(-scores))
+        return scores.tolist()
+
+    def rerank(
+        self, query: str, passages: Sequence[str], *, top_k: int | None = None, **kwargs: Any
+    ) -> list[tuple[int, float]]:
+        """(index into ``passages``, score) pairs, best first."""
+        scores = self.compute_score([(query, p) for p in passages], **kwargs)
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        return [(i, scores[i]) for i in order[:top_k]]
