@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     split.set_defaults(func=_split_by_length)
     sub.add_parser("finetune", add_help=False,
                    help="contrastive fine-tuning (flags: `trine finetune --help`, or one YAML/JSON config file)")
+    sub.add_parser("pretrain", add_help=False,
+                   help="RetroMAE pre-training of an MLM encoder (flags: `trine pretrain --help`, or a YAML/JSON file)")
     demo = sub.add_parser("demo", help="encode real texts with a real small model and print every score mode")
     demo.add_argument("--model", default=None, help="model folder (default: all-MiniLM-L6-v2 from its PyPI package)")
     demo.add_argument("--heads", default="neutral", choices=["neutral", "random"],
@@ -210,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         from trine.training.finetune import main as finetune_main
 
         return finetune_main(argv[1:])
+    if argv and argv[0] == "pretrain":
+        from trine.training.pretrain import main as pretrain_main
+
+        return pretrain_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     return args.func(args)
