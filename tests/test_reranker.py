@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TEXTS
+from conftest import TEXTS, make_tiny_reranker
 
 from trine.inference.reranker import Reranker
 from trine.modeling.cross_encoder import CrossEncoder, PairTemplate
@@ -16,32 +16,6 @@ from trine.modeling.cross_encoder import CrossEncoder, PairTemplate
 FlagEmbedding = pytest.importorskip("FlagEmbedding")
 
 QUERIES = ["how do I change file permissions", "creation of the world", "malloc", "formatted output in C"]
-
-
-def make_tiny_reranker(out_dir: str, tokenizer_dir: str, kind: str, seed: int = 0) -> str:
-    """A randomly initialised 2-layer sequence classifier (1 label), written with plain transformers."""
-    from transformers import (
-        AutoTokenizer,
-        BertConfig,
-        BertForSequenceClassification,
-        XLMRobertaConfig,
-        XLMRobertaForSequenceClassification,
-    )
-
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    # a wide initialisation, so that scores differ clearly between pairs
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=1,
-                  initializer_range=0.3)
-    if kind == "bert":
-        model = BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, type_vocab_size=2, **common))
-    else:
-        model = XLMRobertaForSequenceClassification(XLMRobertaConfig(
-            vocab_size=250002, max_position_embeddings=514, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-            type_vocab_size=1, **common))
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return out_dir
 
 
 @pytest.fixture(scope="module", params=["bert", "xlmr"])

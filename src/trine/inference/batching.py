@@ -72,10 +72,13 @@ def pad_batch(
     device: torch.device | str,
     cls_id: int | None = None,
     token_types: Sequence[Sequence[int]] | None = None,
+    pad_to_multiple_of: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Right-pad token id lists into ``input_ids``/``attention_mask`` (and ``cls_mask`` for MCLS,
     ``token_type_ids`` for pairs when ``token_types`` are given; padding gets type 0)."""
     width = max(len(s) for s in seqs)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), width), dtype=np.int64)
     types = np.zeros((len(seqs), width), dtype=np.int64) if token_types is not None else None

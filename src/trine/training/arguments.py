@@ -39,16 +39,14 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class TrainDataArguments:
+    """What embedder and reranker training data share."""
+
     train_data: list[str] = field(metadata={"help": "JSONL files and/or folders of them"})
     train_group_size: int = field(default=8, metadata={"help": "1 positive + (G-1) negatives per query"})
     query_max_len: int = field(default=32)
     passage_max_len: int = field(default=128)
     pad_to_multiple_of: int | None = field(default=None)
-    query_instruction_for_retrieval: str | None = field(default=None)
-    query_instruction_format: str = field(default="{}{}")
-    passage_instruction_for_retrieval: str | None = field(default=None)
-    passage_instruction_format: str = field(default="{}{}")
     knowledge_distillation: bool = field(default=False, metadata={"help": "use pos_scores/neg_scores as teacher"})
     same_dataset_within_batch: bool = field(
         default=False, metadata={"help": "each global batch from one file; every rank on the same file at a step"}
@@ -63,11 +61,6 @@ class DataArguments:
         default=None,
         metadata={"help": 'JSON {"path": {"batch_size": N, "in_batch_negatives": false}} (a mapping in a config)'},
     )
-
-    eval_data: str | None = field(
-        default=None, metadata={"help": "held-out retrieval set (BEIR or FlagEmbedding custom layout) for eval"}
-    )
-    eval_split: str = field(default="test")
 
     def __post_init__(self) -> None:
         if isinstance(self.train_data, str):
@@ -87,6 +80,18 @@ class DataArguments:
         if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
             raise ValueError("file_options: must map file paths to option mappings")
         return value
+
+
+@dataclass
+class DataArguments(TrainDataArguments):
+    query_instruction_for_retrieval: str | None = field(default=None)
+    query_instruction_format: str = field(default="{}{}")
+    passage_instruction_for_retrieval: str | None = field(default=None)
+    passage_instruction_format: str = field(default="{}{}")
+    eval_data: str | None = field(
+        default=None, metadata={"help": "held-out retrieval set (BEIR or FlagEmbedding custom layout) for eval"}
+    )
+    eval_split: str = field(default="test")
 
 
 @dataclass

@@ -37,7 +37,9 @@ class EmbedderCollator:
                              pad_to_multiple_of=self.pad_to_multiple_of, return_token_type_ids=False)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+    def texts(self, items: list[dict[str, Any]]) -> tuple[list[str], list[str], torch.Tensor | None]:
+        """Queries and passages with their instructions (a record's ``prompt`` wins over the
+        query instruction), and the teacher scores (queries x group) when distilling."""
         if len(items) != 1:
             raise ValueError("the training dataloader hands over one planned batch at a time")
         examples = items[0]["examples"]
@@ -53,6 +55,10 @@ class EmbedderCollator:
             if any(ex.teacher_scores is None for ex in examples):
                 raise ValueError("knowledge_distillation is on but a sampled group has no teacher scores")
             teacher = torch.tensor([ex.teacher_scores for ex in examples], dtype=torch.float32)
+        return queries, passages, teacher
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        queries, passages, teacher = self.texts(items)
         return {
             "queries": self._tokenize(queries, self.query_max_len),
             "passages": self._tokenize(passages, self.passage_max_len),

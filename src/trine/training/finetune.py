@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 from transformers import HfArgumentParser
 
@@ -19,14 +20,18 @@ from trine.training.trainer import EmbedderTrainer, EpochPlanCallback, Retrieval
 logger = logging.getLogger(__name__)
 
 
-def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, EmbedderTrainingArguments]:
-    """Command-line flags, or one YAML/JSON config file; unknown names are errors."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, EmbedderTrainingArguments))
+def parse_config(argv: list[str], types: tuple[type, ...]) -> tuple[Any, ...]:
+    """Command-line flags, or one YAML/JSON config file, into ``types``; unknown names are errors."""
+    parser = HfArgumentParser(types)
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
         if argv[0].endswith(".json"):
             return parser.parse_json_file(argv[0], allow_extra_keys=False)
         return parser.parse_yaml_file(argv[0], allow_extra_keys=False)
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, EmbedderTrainingArguments]:
+    return parse_config(argv, (ModelArguments, DataArguments, EmbedderTrainingArguments))
 
 
 def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: EmbedderTrainingArguments):
@@ -116,20 +121,25 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, args: Embedde
     return args.output_dir
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_cli(argv: list[str] | None, parse, run) -> int:  # noqa: ANN001
+    """Parse, then run; bad options and bad data exit 2 with the message (nothing trained or written)."""
     from trine.training.data import DataError
 
     try:
-        model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
+        parsed = parse(sys.argv[1:] if argv is None else argv)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        finetune(model_args, data_args, args)
+        run(*parsed)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(argv, parse_args, finetune)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,14 @@ from trine.training.losses import (
 TRAINING_MODES = ("dense", "sparse", "colbert", "unified")
 
 
+def enable_checkpointing(model: nn.Module, checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """Gradient (activation) checkpointing on a transformers model, under either version's name."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs, **kwargs)
+    else:  # transformers 4
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+
+
 @dataclass
 class M3LossWeights:
     """BGE-M3's defaults: ensemble score = 1*dense + 0.3*lexical + 1*multi-vector;
@@ -105,12 +113,7 @@ class EmbedderTrainingModel(nn.Module):
         self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
         """Called by the Trainer for ``--gradient_checkpointing`` (transformers 5 name)."""
-        backbone = self.encoder.backbone
-        if hasattr(backbone, "activation_checkpointing_enable"):
-            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs,
-                                                     **kwargs)
-        else:  # transformers 4
-            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+        enable_checkpointing(self.encoder.backbone, activation_checkpointing_kwargs, **kwargs)
 
     gradient_checkpointing_enable = activation_checkpointing_enable
 

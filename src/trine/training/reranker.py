@@ -1,0 +1,198 @@
+"""`trine finetune-reranker`: cross-encoder training on the same data, plan and engine as embedders.
+
+Each query's group is ``[positive, negative_1, ..., negative_{G-1}]``, every pair scored by the
+cross-encoder. Losses (``reranker_loss``):
+
+- ``group_ce`` (FlagEmbedding's): cross-entropy of the group's logits towards the positive;
+- ``bce``: pointwise binary cross-entropy, label 1 for the positive and 0 for each negative.
+
+With ``knowledge_distillation`` the teacher's ``pos_scores``/``neg_scores`` (softmax over the
+group, no temperature) add a KL term on the group's logits (``kd_loss_type`` ``kl_div``), or
+replace the cross-entropy with BGE-M3's listwise ``m3_kd_loss``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import TrainingArguments, set_seed
+
+from trine.inference.batching import pad_batch
+from trine.modeling.cross_encoder import CrossEncoder
+from trine.training.arguments import TrainDataArguments
+from trine.training.collator import EmbedderCollator
+from trine.training.data import load_train_files
+from trine.training.dataset import EpochPlanDataset
+from trine.training.finetune import parse_config, run_cli
+from trine.training.losses import KD_LOSS_TYPES, score_loss, teacher_distribution
+from trine.training.model import enable_checkpointing
+from trine.training.trainer import EmbedderTrainer, EpochPlanCallback
+
+logger = logging.getLogger(__name__)
+
+RERANKER_LOSSES = ("group_ce", "bce")
+
+
+@dataclass
+class RerankerModelArguments:
+    model_name_or_path: str = field(metadata={"help": "a reranker folder, or a backbone (a new classifier starts)"})
+    trust_remote_code: bool = field(default=False)
+    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, eager, ... (transformers)"})
+
+
+@dataclass
+class RerankerDataArguments(TrainDataArguments):
+    """Pairs are at most ``query_max_len + passage_max_len`` tokens: the query is cut to
+    ``query_max_len``, the passage takes the rest (FlagReranker's inference rule, so training and
+    inference see the same inputs)."""
+
+    query_instruction_for_rerank: str | None = field(default=None)
+    query_instruction_format: str = field(default="{}{}")
+    passage_instruction_for_rerank: str | None = field(default=None)
+    passage_instruction_format: str = field(default="{}{}")
+
+
+@dataclass
+class RerankerTrainingArguments(TrainingArguments):
+    reranker_loss: str = field(default="group_ce", metadata={"help": f"one of {', '.join(RERANKER_LOSSES)}"})
+    kd_loss_type: str = field(default="kl_div", metadata={"help": "kl_div or m3_kd_loss (with knowledge_distillation)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reranker_loss not in RERANKER_LOSSES:
+            raise ValueError(f"reranker_loss must be one of {RERANKER_LOSSES}, got {self.reranker_loss!r}")
+        if self.kd_loss_type not in KD_LOSS_TYPES:
+            raise ValueError(f"kd_loss_type must be one of {KD_LOSS_TYPES}, got {self.kd_loss_type!r}")
+        if self.reranker_loss == "bce" and self.kd_loss_type == "m3_kd_loss":
+            raise ValueError("m3_kd_loss replaces the group cross-entropy; it does not combine with reranker_loss bce")
+
+
+class RerankerCollator(EmbedderCollator):
+    """A planned batch -> padded (query, passage) pairs, each query's group contiguous."""
+
+    def __init__(self, model: CrossEncoder, **kwargs: Any):
+        super().__init__(model.tokenizer, **kwargs)
+        self.model = model
+        self.max_len = self.query_max_len + self.passage_max_len
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        queries, passages, teacher = self.texts(items)
+        group = len(passages) // len(queries)
+        ids, types = self.model.tokenize_pairs([q for q in queries for _ in range(group)], passages,
+                                               query_max_length=self.query_max_len, max_length=self.max_len)
+        pairs = pad_batch(ids, self.tokenizer.pad_token_id, "cpu", token_types=types,
+                          pad_to_multiple_of=self.pad_to_multiple_of)
+        return {"pairs": pairs, "teacher_scores": teacher, "group_size": group}
+
+
+class RerankerTrainingModel(nn.Module):
+    """A cross-encoder plus its loss; ``encoder`` is the model the trainer saves and resumes."""
+
+    def __init__(self, encoder: CrossEncoder, *, reranker_loss: str = "group_ce", kd_loss_type: str = "kl_div"):
+        super().__init__()
+        if reranker_loss not in RERANKER_LOSSES:
+            raise ValueError(f"reranker_loss must be one of {RERANKER_LOSSES}, got {reranker_loss!r}")
+        if kd_loss_type not in KD_LOSS_TYPES:
+            raise ValueError(f"kd_loss_type must be one of {KD_LOSS_TYPES}, got {kd_loss_type!r}")
+        self.encoder = encoder
+        self.reranker_loss = reranker_loss
+        self.kd_loss_type = kd_loss_type
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        enable_checkpointing(self.encoder.model, activation_checkpointing_kwargs, **kwargs)
+
+    gradient_checkpointing_enable = activation_checkpointing_enable
+
+    def forward(self, pairs: dict[str, torch.Tensor], group_size: int,
+                teacher_scores: torch.Tensor | None = None) -> dict[str, Any]:
+        logits = self.encoder(pairs["input_ids"], pairs["attention_mask"], pairs.get("token_type_ids"))
+        return self.loss(logits, group_size, teacher_scores)
+
+    def loss(self, logits: torch.Tensor, group_size: int, teacher_scores: torch.Tensor | None = None) -> dict[str, Any]:
+        """Loss of the pair logits (queries * group,), each query's group contiguous, positive first."""
+        if logits.numel() % group_size:
+            raise ValueError(f"{logits.numel()} pair scores do not split into groups of {group_size}")
+        grouped = logits.float().view(-1, group_size)
+        teacher = teacher_distribution(teacher_scores)
+        targets = torch.zeros(grouped.size(0), dtype=torch.long, device=grouped.device)
+        if self.reranker_loss == "group_ce":
+            loss, parts = score_loss(grouped, targets, group_size, teacher, self.kd_loss_type)
+        else:
+            labels = torch.zeros_like(grouped)
+            labels[:, 0] = 1.0
+            bce = F.binary_cross_entropy_with_logits(grouped, labels)
+            loss, parts = bce, {"bce": bce.detach()}
+            if teacher is not None:
+                kd = -(teacher.to(grouped.device) * torch.log_softmax(grouped, dim=-1)).sum(-1).mean()
+                loss = loss + kd
+                parts["kd"] = kd.detach()
+        return {"loss": loss, "parts": parts, "negatives_per_query": group_size - 1, "scores": logits}
+
+
+def build_reranker_trainer(model_args: RerankerModelArguments, data_args: RerankerDataArguments,
+                           args: RerankerTrainingArguments) -> EmbedderTrainer:
+    """Validate the data, load the model, make the trainer (nothing is written yet)."""
+    files = load_train_files(
+        data_args.train_data,
+        train_group_size=data_args.train_group_size,
+        knowledge_distillation=data_args.knowledge_distillation,
+        fill_missing_negatives=data_args.fill_missing_negatives,
+        file_options=data_args.parsed_file_options(),
+    )
+    set_seed(args.seed)  # a new classifier starts the same on every rank and in every run
+    encoder = CrossEncoder.from_pretrained(model_args.model_name_or_path, new_classifier=True,
+                                           trust_remote_code=model_args.trust_remote_code,
+                                           attn_implementation=model_args.attn_implementation)
+    model = RerankerTrainingModel(encoder, reranker_loss=args.reranker_loss, kd_loss_type=args.kd_loss_type)
+    dataset = EpochPlanDataset(
+        files,
+        train_group_size=data_args.train_group_size,
+        default_batch_size=args.per_device_train_batch_size,
+        world_size=args.world_size,
+        rank=args.process_index,
+        seed=args.data_seed if args.data_seed is not None else args.seed,
+        same_dataset_within_batch=data_args.same_dataset_within_batch,
+        group_by_length=data_args.group_by_length,
+    )
+    collator = RerankerCollator(
+        encoder,
+        query_max_len=data_args.query_max_len,
+        passage_max_len=data_args.passage_max_len,
+        query_instruction_for_retrieval=data_args.query_instruction_for_rerank,
+        query_instruction_format=data_args.query_instruction_format,
+        passage_instruction_for_retrieval=data_args.passage_instruction_for_rerank,
+        passage_instruction_format=data_args.passage_instruction_format,
+        pad_to_multiple_of=data_args.pad_to_multiple_of,
+        knowledge_distillation=data_args.knowledge_distillation,
+    )
+    return EmbedderTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                           callbacks=[EpochPlanCallback(dataset)])
+
+
+def parse_reranker_args(argv: list[str]) -> tuple[RerankerModelArguments, RerankerDataArguments,
+                                                  RerankerTrainingArguments]:
+    return parse_config(argv, (RerankerModelArguments, RerankerDataArguments, RerankerTrainingArguments))
+
+
+def finetune_reranker(model_args: RerankerModelArguments, data_args: RerankerDataArguments,
+                      args: RerankerTrainingArguments) -> str:
+    trainer = build_reranker_trainer(model_args, data_args, args)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
+    return args.output_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(argv, parse_reranker_args, finetune_reranker)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
