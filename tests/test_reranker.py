@@ -123,3 +123,49 @@ def test_fp16_on_gpu_close_to_fp32(tiny_reranker_dir):
     a = Reranker(tiny_reranker_dir, devices="cuda:0", show_progress=False).compute_score(pairs)
     b = Reranker(tiny_reranker_dir, devices="cuda:0", use_fp16=True, show_progress=False).compute_score(pairs)
     np.testing.assert_allclose(a, b, atol=5e-2)
+
+
+def test_eval_rerank_stage_reorders_the_dense_top_k(tmp_path, splade_tiny_dir, minilm_dir):
+    """`trine eval --reranker`: rerank(dense) is the dense top-k ordered by the cross-encoder's own
+    scores, and its metrics are pytrec_eval's on that ranking."""
+    import pytrec_eval
+    from test_evaluation import fake_pages
+
+    from trine.cli import main
+    from trine.evaluation import EvalConfig, load_dataset, run_evaluation
+    from trine.evaluation.manpages import build_manpages_beir
+    from trine.inference.embedder import M3Embedder
+
+    data = tmp_path / "data"
+    build_manpages_beir(data, pages=fake_pages(60), seed=0)
+    dataset = load_dataset(str(data), "test")
+    rr_dir = make_tiny_reranker(str(tmp_path / "rr"), minilm_dir, "bert", seed=5)
+    reranker = Reranker(rr_dir, devices="cpu", show_progress=False)
+    model = M3Embedder(splade_tiny_dir, init_missing_heads="neutral", show_progress=False, devices="cpu")
+    config = EvalConfig(modes=("dense", "sparse"), k_values=(1, 10), top_k=20, rerank_modes=("dense",),
+                        reranker_top_k=15, reranker_max_length=96)
+    result = run_evaluation([model], dataset, config, reranker=reranker)
+    metrics = result["models"]["M3Embedder#1"]["metrics"]
+    assert list(metrics) == ["dense", "sparse", "rerank(dense)"]
+
+    ids, texts = dataset.passages()
+    qids = list(dataset.queries)
+    d = model.encode(texts, max_length=512)["dense_vecs"]
+    q = model.encode([dataset.queries[x] for x in qids], max_length=64)["dense_vecs"]
+    run = {}
+    for i, qid in enumerate(qids):
+        top = np.argsort(-(q[i] @ d.T), kind="stable")[:15]
+        scores = reranker.compute_score([(dataset.queries[qid], texts[j]) for j in top], max_length=96)
+        run[qid] = {ids[j]: float(s) for j, s in zip(top, scores)}
+    ref = pytrec_eval.RelevanceEvaluator(dataset.qrels, {"ndcg_cut.10"}).evaluate(run)
+    assert metrics["rerank(dense)"]["ndcg@10"] == pytest.approx(np.mean([ref[x]["ndcg_cut_10"] for x in qids]),
+                                                                abs=1e-4)
+    assert metrics["rerank(dense)"]["ndcg@10"] != metrics["dense"]["ndcg@10"]  # the random reranker reorders
+
+    with pytest.raises(ValueError, match="no reranker"):
+        run_evaluation([model], dataset, config)
+    with pytest.raises(ValueError, match="rerank_modes"):
+        EvalConfig(modes=("dense",), rerank_modes=("sparse",))
+    rc = main(["eval", "--data", str(data), "--model", splade_tiny_dir, "--heads", "neutral", "--quiet",
+               "--modes", "dense", "--k", "1,10", "--top-k", "20", "--reranker", rr_dir, "--reranker-top-k", "20"])
+    assert rc == 0

@@ -47,11 +47,14 @@ def _eval(args: argparse.Namespace) -> int:
         weights_all=args.weights_all, dense_index=args.dense_index, ignore_identical_ids=args.ignore_identical_ids,
         batch_size=args.batch_size, query_max_length=args.query_max_length,
         passage_max_length=args.passage_max_length,
+        rerank_modes=args.rerank_modes.split(",") if args.reranker else (), reranker_top_k=args.reranker_top_k,
+        reranker_max_length=args.reranker_max_length,
     )
     dataset = load_dataset(args.data, args.split, args.layout)
     options = {"devices": args.device, "show_progress": not args.quiet,
                "init_missing_heads": None if args.heads == "none" else args.heads}
-    result = run_evaluation(models, dataset, config, model_options=options)
+    result = run_evaluation(models, dataset, config, model_options=options, reranker=args.reranker,
+                            reranker_options={"devices": args.device, "show_progress": not args.quiet})
     print(text_table(result))
     if args.out:
         for kind, path in write_report(result, args.out).items():
@@ -305,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=None)
     ev.add_argument("--query-max-length", type=int, default=64)
     ev.add_argument("--passage-max-length", type=int, default=512)
+    ev.add_argument("--reranker", default=None, help="cross-encoder folder: also report rerank(<mode>)")
+    ev.add_argument("--rerank-modes", default="dense", help="first-stage modes the reranker re-orders")
+    ev.add_argument("--reranker-top-k", type=int, default=100, help="candidates per query the reranker scores")
+    ev.add_argument("--reranker-max-length", type=int, default=512, help="query + passage tokens per pair")
     ev.add_argument("--device", default=None, help="cpu, cuda:0, ... (default: one device)")
     ev.add_argument("--out", default=None, help="folder for results.json, results.md and modes.png")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -10,6 +10,9 @@ Modes (as BGE-M3's evaluation, see FlagEmbedding's MLDR/MKQA recipes):
   both modes, ranked by ``w_d * s_d + w_s * s_s`` (``weights_dense_sparse``, default (1, 0.3));
 - ``all``: the same union scored exactly in all three modes (``weights_all``, default (1, 0.3, 1));
 - ``rrf``: reciprocal-rank fusion of the dense, sparse and (union re-ranked) multi-vector lists.
+
+With a cross-encoder (``reranker``), each mode in ``rerank_modes`` is also reported re-ranked:
+its top ``reranker_top_k`` scored by the cross-encoder, as ``rerank(<mode>)``.
 """
 
 from __future__ import annotations
@@ -21,10 +24,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from trine.evaluation.data import RetrievalDataset
 from trine.evaluation.metrics import DEFAULT_K, DEFAULT_METRICS, evaluate_run
 from trine.inference.embedder import M3Embedder
+from trine.inference.reranker import Reranker
 from trine.retrieval import HybridRetriever, QueryReps, SearchResult
+from trine.retrieval.base import pad_results
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +63,10 @@ class EvalConfig:
     batch_size: int | None = None
     query_max_length: int = 64
     passage_max_length: int = 512
+    rerank_modes: Sequence[str] = ()
+    reranker_top_k: int = 100
+    reranker_max_length: int = 512
+    reranker_query_max_length: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -72,6 +83,12 @@ class EvalConfig:
             raise ValueError(f"top_k ({self.top_k}) must be at least the largest k ({max(self.k_values)})")
         if self.rerank_k < 1:
             raise ValueError(f"rerank_k must be positive, got {self.rerank_k}")
+        outside = [m for m in self.rerank_modes if m not in self.modes]
+        if outside:
+            raise ValueError(f"rerank_modes {outside} are not among the evaluated modes {list(self.modes)}")
+        if self.rerank_modes and self.reranker_top_k < max(self.k_values):
+            raise ValueError(f"reranker_top_k ({self.reranker_top_k}) must be at least the largest k "
+                             f"({max(self.k_values)})")
 
 
 def needed_outputs(modes: Sequence[str]) -> set[str]:
@@ -111,8 +128,34 @@ def search_modes(retriever: HybridRetriever, reps: QueryReps, config: EvalConfig
     return out
 
 
-def evaluate_model(model: M3Embedder, dataset: RetrievalDataset, config: EvalConfig) -> dict[str, Any]:
-    """Encode corpus and queries once, search every mode, score with pytrec_eval."""
+def rerank_result(reranker: Reranker, result: SearchResult, queries: Sequence[str], docs: Sequence[str],
+                  config: EvalConfig) -> SearchResult:
+    """Score each query's top ``reranker_top_k`` with the cross-encoder (all pairs in one batched
+    call) and order them by that score."""
+    top = min(config.reranker_top_k, result.rows.shape[1])
+    pairs, owners = [], []
+    for qi, rows in enumerate(result.rows[:, :top]):
+        for r in rows[rows >= 0].tolist():
+            pairs.append((queries[qi], docs[r]))
+            owners.append((qi, r))
+    scores = reranker.compute_score(pairs, max_length=config.reranker_max_length,
+                                    query_max_length=config.reranker_query_max_length) if pairs else []
+    per_query: list[list[tuple[float, int]]] = [[] for _ in range(len(result))]
+    for (qi, r), s in zip(owners, scores):
+        per_query[qi].append((s, r))
+    ordered = []
+    for items in per_query:
+        items.sort(key=lambda x: -x[0])
+        ordered.append((np.array([s for s, _ in items], dtype=np.float32), np.array([r for _, r in items])))
+    return pad_results(ordered, top)
+
+
+def evaluate_model(model: M3Embedder, dataset: RetrievalDataset, config: EvalConfig,
+                   reranker: Reranker | None = None) -> dict[str, Any]:
+    """Encode corpus and queries once, search every mode (and re-rank the ``rerank_modes`` with the
+    cross-encoder), score with pytrec_eval."""
+    if config.rerank_modes and reranker is None:
+        raise ValueError("rerank_modes are set but no reranker is given")
     needs = needed_outputs(config.modes)
     kw = {"return_dense": "dense" in needs, "return_sparse": "sparse" in needs,
           "return_colbert_vecs": "colbert" in needs}
@@ -132,7 +175,12 @@ def evaluate_model(model: M3Embedder, dataset: RetrievalDataset, config: EvalCon
     reps = QueryReps.from_encode(queries)
     metrics: dict[str, dict[str, float]] = {}
     search_s: dict[str, float] = {}
-    for mode, (res, seconds) in search_modes(retriever, reps, config).items():
+    results = search_modes(retriever, reps, config)
+    for mode in config.rerank_modes:
+        start = time.perf_counter()
+        reranked = rerank_result(reranker, results[mode][0], [dataset.queries[q] for q in query_ids], texts, config)
+        results[f"rerank({mode})"] = (reranked, results[mode][1] + time.perf_counter() - start)
+    for mode, (res, seconds) in results.items():
         run = res.to_run(query_ids, doc_ids)
         metrics[mode] = evaluate_run(dataset.qrels, run, config.k_values, config.metrics,
                                      ignore_identical_ids=config.ignore_identical_ids)
@@ -172,8 +220,11 @@ def run_evaluation(
     config: EvalConfig | None = None,
     *,
     model_options: Mapping[str, Any] | None = None,
+    reranker: str | os.PathLike | Reranker | None = None,
+    reranker_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every model; paths are loaded with ``M3Embedder(path, **model_options)``.
+    """Evaluate every model; paths are loaded with ``M3Embedder(path, **model_options)``; a
+    reranker path with ``Reranker(path, **reranker_options)``.
 
     Returns ``{"dataset", "split", "queries", "documents", "config", "models": {label: {"path",
     "metrics": {mode: {metric: value}}, "timings"}}}``.
@@ -189,11 +240,14 @@ def run_evaluation(
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
         "models": {},
     }
+    if reranker is not None and not isinstance(reranker, Reranker):
+        result["reranker"] = os.fspath(reranker)
+        reranker = Reranker(reranker, **(reranker_options or {}))
     for model, label in zip(models, model_labels(models)):
         embedder = model if isinstance(model, M3Embedder) else M3Embedder(model, **(model_options or {}))
         logger.info("evaluating %s on %s (%d queries, %d documents)", label, dataset.name, len(dataset.queries),
                     len(dataset.corpus))
-        out = evaluate_model(embedder, dataset, config)
+        out = evaluate_model(embedder, dataset, config, reranker)
         result["models"][label] = {"path": os.fspath(model) if not isinstance(model, M3Embedder) else None, **out}
     return result
 
