@@ -1,17 +1,19 @@
 """trine: multi-function (dense + lexical + multi-vector) text embeddings."""
 
-from trine.inference import Embedder, M3Embedder
-from trine.modeling import TriHeadModel
+from trine.inference import Embedder, M3Embedder, Reranker
+from trine.modeling import CrossEncoder, TriHeadModel
 from trine.retrieval import DenseIndex, HybridRetriever, MultiVectorIndex, QueryReps, SearchResult, SparseIndex
 
 __version__ = "0.1.0"
 __all__ = [
+    "CrossEncoder",
     "DenseIndex",
     "Embedder",
     "HybridRetriever",
     "M3Embedder",
     "MultiVectorIndex",
     "QueryReps",
+    "Reranker",
     "SearchResult",
     "SparseIndex",
     "TriHeadModel",
