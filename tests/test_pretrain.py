@@ -368,7 +368,9 @@ def test_config_file_unknown_options_and_position_limit(tmp_path, splade_tiny_di
     long_corpus = write_corpus(tmp_path / "long.jsonl", [" ".join(CORPUS * 3)] * 8)
     trainer = build_trainer(*parse_args(argv(splade_tiny_dir, long_corpus, tmp_path / "o", max_seq_length=800,
                                              extend_position_embeddings_to=1024, max_steps=1,
-                                             save_strategy="no")))
+                                             save_strategy="no", gradient_checkpointing=True, bf16=True)))
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["encoder_input_ids"].shape[1] == 800
     trainer.train()
+    assert trainer.model.lm.is_activation_checkpointing
+    assert np.isfinite(trainer.state.log_history[-1]["train_loss"])
