@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -93,3 +94,135 @@ def test_cli_with_candidate_pool(tmp_path, minilm_dir, pages, capsys):
     for line in open(out):
         assert set(json.loads(line)["neg"]) <= others
     assert "mined negative scores" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------- issue 6 additions
+def _rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_hybrid_ranks_equal_brute_force(tmp_path, tiny_m3_dir, pages):
+    from trine import M3Embedder
+    from trine.scoring import lexical_scores
+
+    src = write(tmp_path / "train.jsonl", pages[:60])
+    out = str(tmp_path / "mined.jsonl")
+    emb = M3Embedder(tiny_m3_dir, show_progress=False, passage_max_length=96, query_max_length=32)
+    w_d, w_s = 1.0, 0.3
+    lo, hi = 3, 25
+    pool = list(dict.fromkeys(p.description for p in pages[:60]))
+    summary = mine_hard_negatives(src, out, emb, range_for_sampling=(lo, hi), negative_number=4, backfill="none",
+                                  hybrid_weights=(w_d, w_s), hybrid_candidates=len(pool), query_chunk_size=16,
+                                  search_batch_size=5)
+    assert summary.ranking.startswith("hybrid")
+    c = emb.encode_corpus(pool, return_sparse=True)
+    q = emb.encode_queries([p.name for p in pages[:60]], return_sparse=True)
+    fused = w_d * (q["dense_vecs"].astype(np.float64) @ c["dense_vecs"].T.astype(np.float64)) \
+        + w_s * lexical_scores(q["lexical_weights"], c["lexical_weights"])
+    mined_scores = []
+    for r, s in zip(_rows(out), fused):
+        desc = np.sort(s)[::-1]
+        assert len(r["neg"]) == 4
+        for neg in r["neg"]:
+            assert neg not in r["pos"] and neg != r["query"]
+            score = s[pool.index(neg)]
+            mined_scores.append(score)
+            # rank in [lo, hi) of the brute-force fused ranking (ties tolerated)
+            assert desc[hi - 1] - 1e-4 <= score <= desc[lo] + 1e-4
+    np.testing.assert_allclose(np.asarray(summary.negative_scores), mined_scores, rtol=1e-4, atol=1e-4)
+    assert len(load_train_files([out], train_group_size=5)[0].records) == 60
+
+
+def test_hybrid_needs_m3_and_valid_options(tmp_path, minilm_dir, pages):
+    src = write(tmp_path / "train.jsonl", pages[:10])
+    emb = Embedder(minilm_dir, show_progress=False, passage_max_length=32)
+    out = str(tmp_path / "o.jsonl")
+    with pytest.raises(ValueError, match="M3Embedder"):
+        mine_hard_negatives(src, out, emb, hybrid_weights=(1, 0.3))
+    with pytest.raises(ValueError, match="unknown index options"):
+        mine_hard_negatives(src, out, emb, index_options={"efsearch": 3})
+    with pytest.raises(ValueError, match="index_kind"):
+        mine_hard_negatives(src, out, emb, index_kind="lsh")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_streaming_chunks_give_the_same_output_and_bounded_batches(tmp_path, minilm_dir, pages):
+    src = write(tmp_path / "train.jsonl", pages[:50])
+    emb = Embedder(minilm_dir, show_progress=False, passage_max_length=64)
+    a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
+    mine_hard_negatives(src, a, emb, range_for_sampling=(2, 20), negative_number=3)
+    sizes = []
+    original = emb.encode_queries
+
+    def spy(texts, *args, **kwargs):
+        sizes.append(len(texts))
+        return original(texts, *args, **kwargs)
+
+    emb.encode_queries = spy
+    mine_hard_negatives(src, b, emb, range_for_sampling=(2, 20), negative_number=3, query_chunk_size=7,
+                        search_batch_size=3)
+    assert max(sizes) == 7 and sum(sizes) == 50  # queries encoded chunk by chunk, each once
+    assert open(a).read() == open(b).read()
+
+
+def test_hnsw_index_mines_from_the_requested_ranks(tmp_path, minilm_dir, pages):
+    src = write(tmp_path / "train.jsonl", pages[:80])
+    out = str(tmp_path / "mined.jsonl")
+    emb = Embedder(minilm_dir, show_progress=False, passage_max_length=64)
+    summary = mine_hard_negatives(src, out, emb, range_for_sampling=(2, 30), negative_number=5, backfill="none",
+                                  index_kind="hnsw", index_options={"ef_search": 256, "hnsw_m": 16})
+    assert summary.index_kind == "hnsw"
+    pool = list(dict.fromkeys(p.description for p in pages[:80]))
+    corpus = emb.encode_corpus(pool)
+    inside = total = 0
+    for r, q in zip(_rows(out), emb.encode_queries([p.name for p in pages[:80]])):
+        ranking = [pool[j] for j in np.argsort(-(corpus @ q), kind="stable")]
+        for neg in r["neg"]:
+            assert neg not in r["pos"]
+            inside += neg in set(ranking[2:30])
+            total += 1
+    assert total > 0 and inside / total >= 0.95  # approximate search: nearly every pick from the exact range
+
+
+def test_embedding_cache_is_reused_and_keyed(tmp_path, minilm_dir, pages):
+    import torch
+
+    src = write(tmp_path / "train.jsonl", pages[:40])
+    cache = str(tmp_path / "cache")
+    emb = Embedder(minilm_dir, show_progress=False, passage_max_length=64)
+    outs = [str(tmp_path / f"m{i}.jsonl") for i in range(5)]
+    first = mine_hard_negatives(src, outs[0], emb, range_for_sampling=(1, 15), negative_number=4, cache_dir=cache,
+                                corpus_block_size=16)
+    assert first.cache == "miss" and len(os.listdir(cache)) == 1
+    calls = []
+    original = emb.encode_corpus
+    emb.encode_corpus = lambda texts, *a, **k: calls.append(len(texts)) or original(texts, *a, **k)
+    second = mine_hard_negatives(src, outs[1], emb, range_for_sampling=(1, 15), negative_number=4, cache_dir=cache,
+                                 corpus_block_size=7)
+    assert second.cache == "hit" and calls == []  # the pool was not encoded again
+    assert open(outs[0]).read() == open(outs[1]).read()
+    assert list(second.negative_scores) == list(first.negative_scores)
+    # a different pool, other encoder settings, or changed weights never reuse the entry
+    src2 = write(tmp_path / "train2.jsonl", pages[:39])
+    assert mine_hard_negatives(src2, outs[2], emb, cache_dir=cache).cache == "miss"
+    emb.passage_max_length = 48
+    assert mine_hard_negatives(src, outs[3], emb, cache_dir=cache).cache == "miss"
+    with torch.no_grad():
+        emb.model.backbone.embeddings.word_embeddings.weight[1000] += 0.01
+    assert mine_hard_negatives(src, outs[4], emb, cache_dir=cache).cache == "miss"
+    assert len([d for d in os.listdir(cache) if not d.startswith(".")]) == 4
+
+
+def test_cli_hybrid_with_cache(tmp_path, tiny_m3_dir, pages, capsys):
+    src = write(tmp_path / "train.jsonl", pages[:30])
+    out = tmp_path / "mined.jsonl"
+    args = ["mine", "--input_file", src, "--output_file", str(out), "--model_name_or_path", tiny_m3_dir,
+            "--hybrid_weights", "1,0.3", "--range_for_sampling", "1-12", "--negative_number", "3",
+            "--passage_max_len", "64", "--cache_dir", str(tmp_path / "cache"), "--quiet"]
+    assert main(args) == 0
+    assert "hybrid dense x 1.0 + sparse x 0.3" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "embedding cache hit" in capsys.readouterr().out
+    assert len(load_train_files([str(out)], train_group_size=4)[0].records) == 30
+    assert main(["mine", "--input_file", src, "--output_file", src, "--model_name_or_path", tiny_m3_dir]) == 2
+    assert "overwrite the input" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,12 +31,9 @@ OUTPUTS = ("dense", "sparse")
 def model_fingerprint(model: Any) -> str:
     """sha256 over the model's parameters and buffers (names, dtypes, shapes, bytes) and its tokenizer.
 
-    Computed from what is loaded, not from file names or dates; remembered on the model object
-    (an encoder's weights do not change while it encodes).
+    Computed from what is loaded, not from file names or dates, and again on every call (a model
+    changed in memory gets a new key; hashing costs about a second per GB of weights).
     """
-    cached = getattr(model, "_trine_fingerprint", None)
-    if cached is not None:
-        return cached
     h = hashlib.sha256()
     with torch.no_grad():
         for name, tensor in sorted(model.state_dict().items()):
@@ -46,14 +43,13 @@ def model_fingerprint(model: Any) -> str:
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        h.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-                 .encode())
-    digest = h.hexdigest()
-    try:
-        model._trine_fingerprint = digest
-    except AttributeError:
-        pass
-    return digest
+        if backend is not None:
+            # truncation and padding are call-time state the encoder sets itself, not part of the tokenizer
+            spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+            h.update(json.dumps(spec, sort_keys=True).encode())
+        else:
+            h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
+    return h.hexdigest()
 
 
 def texts_fingerprint(texts: Sequence[str]) -> str:
@@ -127,70 +123,120 @@ class EmbeddingCache:
     def path(self, key: str) -> str:
         return os.path.join(self.folder, key)
 
-    def load(self, key: str, outputs: Sequence[str]) -> dict[str, Any] | None:
-        """The entry's encodings (dense memory-mapped), or None when there is no entry."""
-        folder = self.path(key)
-        meta_path = os.path.join(folder, "meta.json")
-        if not os.path.exists(meta_path):
-            return None
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
-            raise ValueError(f"{meta_path}: not a trine embedding-cache entry for key {key}")
-        out: dict[str, Any] = {"dense_vecs": None, "lexical_weights": None}
-        if "dense" in outputs:
-            dense = np.load(os.path.join(folder, "dense.npy"), mmap_mode="r")
-            if dense.shape[0] != meta["count"]:
-                raise ValueError(f"{folder}/dense.npy: {dense.shape[0]} rows, meta.json says {meta['count']}")
-            out["dense_vecs"] = dense
-        if "sparse" in outputs:
-            with np.load(os.path.join(folder, "lexical.npz")) as z:
-                out["lexical_weights"] = _csr_to_lexical(z["indptr"], z["ids"], z["weights"])
-            if len(out["lexical_weights"]) != meta["count"]:
-                raise ValueError(f"{folder}/lexical.npz: wrong number of rows")
-        return out
 
-    def save(self, key: str, encoded: dict[str, Any], outputs: Sequence[str], count: int) -> None:
-        with atomic_folder(self.path(key)) as tmp:
-            if "dense" in outputs:
-                np.save(os.path.join(tmp, "dense.npy"), np.asarray(encoded["dense_vecs"], dtype=np.float32))
-            if "sparse" in outputs:
-                np.savez(os.path.join(tmp, "lexical.npz"), **_lexical_to_csr(encoded["lexical_weights"]))
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump({"format": CACHE_FORMAT, "key": key, "count": count, "outputs": sorted(outputs)}, f)
+def _npy_header(f, shape: tuple[int, int]) -> None:
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                             "fortran_order": False, "shape": shape})
 
 
-def encode_corpus_cached(embedder: Any, texts: Sequence[str], outputs: Sequence[str],
-                         cache_dir: str | os.PathLike | None) -> tuple[dict[str, Any], str]:
-    """``{"dense_vecs", "lexical_weights"}`` of ``texts`` as corpus, and "hit", "miss" or "off".
-
-    Dense vectors come from the cache as a read-only memory map on a hit.
-    """
-    from trine.curation.common import dense_array, is_m3
-
-    sparse = "sparse" in outputs
-    if sparse and not is_m3(embedder):
-        raise ValueError("lexical (sparse) weights need an M3Embedder (a model with BGE-M3 heads)")
-
-    def encode() -> dict[str, Any]:
-        if is_m3(embedder):
-            enc = embedder.encode_corpus(list(texts), return_dense="dense" in outputs, return_sparse=sparse,
-                                         return_colbert_vecs=False)
+def read_dense_blocks(path: str, rows_per_block: int) -> Iterator[np.ndarray]:
+    """Rows of a float32 (n x dim) ``.npy`` file, ``rows_per_block`` at a time, read (not memory-mapped),
+    so only one block is resident beside whatever the caller keeps."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
         else:
-            enc = {"dense_vecs": embedder.encode_corpus(list(texts)), "lexical_weights": None}
-        if "dense" in outputs:
-            enc["dense_vecs"] = dense_array(enc)
-        return {"dense_vecs": enc.get("dense_vecs"), "lexical_weights": enc.get("lexical_weights")}
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        if fortran or dtype != np.float32 or len(shape) != 2:
+            raise ValueError(f"{path}: expected a C-order float32 matrix, got {dtype} {shape}")
+        for start in range(0, shape[0], rows_per_block):
+            count = min(rows_per_block, shape[0] - start)
+            block = np.fromfile(f, dtype=np.float32, count=count * shape[1])
+            if block.size != count * shape[1]:
+                raise ValueError(f"{path}: file ends early")
+            yield block.reshape(count, shape[1])
 
-    if cache_dir is None:
-        return encode(), "off"
-    cache = EmbeddingCache(cache_dir)
-    key = cache_key(embedder, texts, outputs, "corpus")
-    hit = cache.load(key, outputs)
-    if hit is not None:
-        logger.info("embedding cache hit: %s", cache.path(key))
-        return hit, "hit"
-    enc = encode()
-    cache.save(key, enc, outputs, len(texts))
-    logger.info("embedding cache written: %s", cache.path(key))
-    return enc, "miss"
+
+class CorpusEncodings:
+    """A corpus's encodings, block by block: read from the cache on a hit, else encoded (and, with a
+    cache folder, written to a new entry as they come; the entry appears only once complete).
+
+    ``status`` is "hit", "miss" or "off". Blocks are dicts with ``dense_vecs`` (block x dim
+    float32) and ``lexical_weights`` (a list, or None), in text order.
+    """
+
+    def __init__(self, embedder: Any, texts: Sequence[str], outputs: Sequence[str],
+                 cache_dir: str | os.PathLike | None, block_size: int = 16384):
+        from trine.curation.common import is_m3
+
+        bad = set(outputs) - set(OUTPUTS)
+        if bad or "dense" not in outputs:
+            raise ValueError(f"outputs must include 'dense' and be a choice of {OUTPUTS}, got {list(outputs)}")
+        if "sparse" in outputs and not is_m3(embedder):
+            raise ValueError("lexical (sparse) weights need an M3Embedder (a model with BGE-M3 heads)")
+        if block_size < 1:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.embedder, self.texts, self.outputs, self.block_size = embedder, texts, tuple(outputs), block_size
+        self.cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
+        self.key = cache_key(embedder, texts, outputs, "corpus") if self.cache is not None else None
+        if self.cache is None:
+            self.status = "off"
+        else:
+            self.status = "hit" if os.path.exists(os.path.join(self.cache.path(self.key), "meta.json")) else "miss"
+
+    def _encode(self, texts: list[str]) -> dict[str, Any]:
+        from trine.curation.common import dense_array, is_m3
+
+        sparse = "sparse" in self.outputs
+        if is_m3(self.embedder):
+            enc = self.embedder.encode_corpus(texts, return_dense=True, return_sparse=sparse,
+                                              return_colbert_vecs=False)
+            return {"dense_vecs": dense_array(enc), "lexical_weights": enc["lexical_weights"] if sparse else None}
+        return {"dense_vecs": dense_array(self.embedder.encode_corpus(texts)), "lexical_weights": None}
+
+    def blocks(self) -> Iterator[dict[str, Any]]:
+        if self.status == "hit":
+            yield from self._read()
+            return
+        if self.cache is None:
+            for s in range(0, len(self.texts), self.block_size):
+                yield self._encode(list(self.texts[s : s + self.block_size]))
+            return
+        yield from self._encode_and_write()
+
+    def _read(self) -> Iterator[dict[str, Any]]:
+        folder = self.cache.path(self.key)
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+        if meta.get("format") != CACHE_FORMAT or meta.get("key") != self.key or meta.get("count") != len(self.texts):
+            raise ValueError(f"{folder}/meta.json: not a complete cache entry for these texts")
+        lexical = None
+        if "sparse" in self.outputs:
+            with np.load(os.path.join(folder, "lexical.npz")) as z:
+                indptr, ids, vals = z["indptr"], z["ids"], z["weights"]
+            if indptr.size != len(self.texts) + 1:
+                raise ValueError(f"{folder}/lexical.npz: wrong number of rows")
+        start = 0
+        for dense in read_dense_blocks(os.path.join(folder, "dense.npy"), self.block_size):
+            end = start + dense.shape[0]
+            if "sparse" in self.outputs:
+                lexical = _csr_to_lexical(indptr[start : end + 1] - indptr[start], ids[indptr[start] : indptr[end]],
+                                          vals[indptr[start] : indptr[end]])
+            yield {"dense_vecs": dense, "lexical_weights": lexical}
+            start = end
+        if start != len(self.texts):
+            raise ValueError(f"{folder}/dense.npy: {start} rows for {len(self.texts)} texts")
+
+    def _encode_and_write(self) -> Iterator[dict[str, Any]]:
+        n = len(self.texts)
+        with atomic_folder(self.cache.path(self.key)) as tmp:
+            lexical_parts: list[dict[str, np.ndarray]] = []
+            with open(os.path.join(tmp, "dense.npy"), "wb") as f:
+                for s in range(0, n, self.block_size):
+                    block = self._encode(list(self.texts[s : s + self.block_size]))
+                    if s == 0:
+                        _npy_header(f, (n, int(block["dense_vecs"].shape[1])))
+                    f.write(np.ascontiguousarray(block["dense_vecs"], dtype=np.float32).tobytes())
+                    if "sparse" in self.outputs:
+                        lexical_parts.append(_lexical_to_csr(block["lexical_weights"]))
+                    yield block
+            if "sparse" in self.outputs:
+                offsets = np.cumsum([0] + [int(p["indptr"][-1]) for p in lexical_parts])
+                indptr = np.concatenate([[0]] + [p["indptr"][1:] + o for p, o in zip(lexical_parts, offsets)])
+                np.savez(os.path.join(tmp, "lexical.npz"), indptr=indptr.astype(np.int64),
+                         ids=np.concatenate([p["ids"] for p in lexical_parts]),
+                         weights=np.concatenate([p["weights"] for p in lexical_parts]))
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump({"format": CACHE_FORMAT, "key": self.key, "count": n, "outputs": sorted(self.outputs)}, f)
+        logger.info("embedding cache written: %s", self.cache.path(self.key))

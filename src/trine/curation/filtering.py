@@ -7,7 +7,8 @@ Here a record is tested in file order, and the first failing test names its reas
    positives as a set) as an earlier record;
 2. ``low_score``: the reference scorer gives some positive less than ``min_score``;
 3. ``rank``: some positive ranks below ``top_k`` among itself and ``rank_sample_size`` other
-   records' positives (sampled per record with a seeded generator), by the same scorer;
+   records' positives (sampled per record with a seeded generator; all of them when there are
+   no more than that), by the same scorer;
 4. ``near_duplicate``: an earlier *kept* record's query and first positive both have cosine
    >= ``near_duplicate_threshold`` with this one's (dense vectors of ``dedup_embedder``).
 
@@ -182,12 +183,17 @@ def _consistency(chunk: list[Record], verdict: list, scorer: PairScorer, min_sco
             own = {normalise(p) for p in r.pos}
             rng = np.random.default_rng([seed, c0 + j])
             picked: list[str] = []
+            exhaustive = sample_size >= len(sample_pool) - len(own)
+            if exhaustive:  # as many as there are: every other positive
+                picked = [t for t in sample_pool if normalise(t) not in own]
+            chosen: set[str] = set()
             tries = 0
-            while len(picked) < sample_size and tries < 20 * sample_size:
+            while not exhaustive and len(picked) < sample_size and tries < 20 * sample_size:
                 tries += 1
                 t = sample_pool[int(rng.integers(len(sample_pool)))]
-                if normalise(t) not in own and t not in picked:
+                if t not in chosen and normalise(t) not in own:
                     picked.append(t)
+                    chosen.add(t)
             samples[j] = picked
             queries += [r.query] * len(picked)
             passages += picked

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from trine import scoring
-from trine.curation.cache import encode_corpus_cached
+from trine.curation.cache import CorpusEncodings
 from trine.curation.common import (
     atomic_jsonl,
     check_output,
@@ -188,6 +188,7 @@ def mine_hard_negatives(
     index_options: dict[str, int] | None = None,
     cache_dir: str | None = None,
     query_chunk_size: int = 2048,
+    corpus_block_size: int = 16384,
     show_progress: bool = True,
 ) -> MiningSummary:
     """Write ``output_file`` (atomically; never the input) with mined ``neg`` lists.
@@ -195,7 +196,8 @@ def mine_hard_negatives(
     ``hybrid_weights=(w_dense, w_sparse)`` ranks by the weighted sum of dense and lexical scores
     (an ``M3Embedder`` is needed); ``hybrid_candidates`` (default: the end of the range) is the
     depth of each first-stage list whose union is re-scored exactly. ``cache_dir`` keeps the
-    pool's encodings on disk for the next run.
+    pool's encodings on disk for the next run. The pool is encoded (or read from the cache)
+    ``corpus_block_size`` passages at a time; an IVF index trains on the first block.
     """
     check_output(input_file, output_file)
     if backfill not in BACKFILL:
@@ -235,10 +237,18 @@ def mine_hard_negatives(
 
     started = time.perf_counter()
     outputs = ("dense", "sparse") if hybrid else ("dense",)
-    encoded, summary.cache = encode_corpus_cached(embedder, pool, outputs, cache_dir)
-    dense_index = DenseIndex.build(encoded["dense_vecs"], kind=index_kind, **options)
-    sparse_index = SparseIndex.build(encoded["lexical_weights"]) if hybrid else None
-    del encoded  # the indexes hold their own copies
+    corpus = CorpusEncodings(embedder, pool, outputs, cache_dir, block_size=corpus_block_size)
+    summary.cache = corpus.status
+    dense_index: DenseIndex | None = None
+    lexical: list[dict[str, float]] = []
+    for block in corpus.blocks():  # the index grows block by block: no second copy of the pool's vectors
+        if dense_index is None:
+            dense_index = DenseIndex(block["dense_vecs"].shape[1], index_kind, **options)
+        dense_index.add(block["dense_vecs"])
+        if hybrid:
+            lexical.extend(block["lexical_weights"])
+    sparse_index = SparseIndex.build(lexical) if hybrid else None
+    del lexical
     depth = min(hi, len(pool))
     candidates = depth if hybrid_candidates is None else int(hybrid_candidates)
     if candidates < 1:
