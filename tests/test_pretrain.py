@@ -152,10 +152,10 @@ def test_tiny_bert_has_mlm_head_weights_and_loss_falls_on_real_text(splade_tiny_
     head_weights = load_file(os.path.join(splade_tiny_dir, "model.safetensors"))
     assert any(k.startswith("cls.predictions.transform") for k in head_weights)
     torch.manual_seed(0)
-    collator = RetroMAECollator(model.tokenizer, max_seq_length=64, seed=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    collator = RetroMAECollator(model.tokenizer, max_seq_length=48, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     history = []
-    for step in range(30):
+    for step in range(12):
         batch = collator({"epoch": 0, "rank": 0, "batch": step, "texts": CORPUS})
         out = model(**batch)
         optimizer.zero_grad()
@@ -163,8 +163,8 @@ def test_tiny_bert_has_mlm_head_weights_and_loss_falls_on_real_text(splade_tiny_
         optimizer.step()
         history.append([float(out["parts"]["encoder_mlm"]), float(out["parts"]["decoder"])])
     h = np.array(history)
-    first, last = h[:5].mean(0), h[-5:].mean(0)
-    assert last[0] < first[0] - 0.3, (first, last)  # encoder MLM
+    first, last = h[:3].mean(0), h[-3:].mean(0)
+    assert last[0] < first[0] - 1.0, (first, last)  # encoder MLM
     assert last[1] < first[1] - 1.0, (first, last)  # decoder reconstruction from the sentence vector
 
 
