@@ -30,6 +30,15 @@ TEXTS = [
 ]
 
 
+def to_argv(options: dict) -> list[str]:
+    """``{"name": value}`` as ``--name value`` flags (lists as several values)."""
+    argv = []
+    for k, v in options.items():
+        argv.append(f"--{k}")
+        argv.extend(v if isinstance(v, list) else [str(v)])
+    return argv
+
+
 def package_dir(module: str, *parts: str) -> str:
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:

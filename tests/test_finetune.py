@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from conftest import to_argv
 from safetensors.torch import load_file
 
 from trine import TriHeadModel
@@ -62,11 +63,7 @@ def common_args(model_dir, data, out, **extra):
         "use_cpu": True,
     }
     args.update(extra)
-    argv = []
-    for k, v in args.items():
-        argv.append(f"--{k}")
-        argv.extend(v if isinstance(v, list) else [str(v)])
-    return argv
+    return to_argv(args)
 
 
 def weights(folder):

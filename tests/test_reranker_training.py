@@ -12,9 +12,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_reranker
-from safetensors.torch import load_file
-from test_finetune import PAGES, no_dropout_copy, write_data
+from conftest import make_tiny_reranker, to_argv
+from test_finetune import PAGES, no_dropout_copy, weights, write_data
 
 from trine.inference.reranker import Reranker
 from trine.modeling.cross_encoder import CrossEncoder
@@ -108,15 +107,7 @@ def common_args(model_dir, data, out, **extra):
         "max_steps": 6, "save_steps": 3, "logging_steps": 1, "report_to": "none", "seed": 11, "use_cpu": True,
     }
     args.update(extra)
-    argv = []
-    for k, v in args.items():
-        argv.append(f"--{k}")
-        argv.extend(v if isinstance(v, list) else [str(v)])
-    return argv
-
-
-def weights(folder):
-    return load_file(os.path.join(folder, "model.safetensors"))
+    return to_argv(args)
 
 
 @pytest.mark.parametrize("loss", ["group_ce", "bce"])

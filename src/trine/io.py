@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -29,3 +29,15 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_folder(path: str | os.PathLike, write: Callable[[str], None], *, atomic: bool = True) -> None:
+    """``write(folder)`` into ``path``; ``atomic``: the folder appears whole or not at all (written
+    aside, then renamed over any old one). Trainers write into their own checkpoint folders with
+    ``atomic=False``."""
+    if not atomic:
+        os.makedirs(path, exist_ok=True)
+        write(os.fspath(path))
+        return
+    with atomic_folder(path) as tmp:
+        write(tmp)

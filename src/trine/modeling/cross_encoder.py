@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
-from trine.io import atomic_folder
+from trine.io import write_folder
 
 logger = logging.getLogger(__name__)
 
@@ -130,12 +130,7 @@ class CrossEncoder(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike, *, atomic: bool = True) -> None:
         """Model and tokenizer as a Hugging Face folder; ``atomic``: appears whole or not at all."""
-        if not atomic:
-            os.makedirs(path, exist_ok=True)
-            self._write(os.fspath(path))
-            return
-        with atomic_folder(path) as tmp:
-            self._write(tmp)
+        write_folder(path, self._write, atomic=atomic)
 
     def _write(self, folder: str) -> None:
         self.model.save_pretrained(folder, safe_serialization=True)

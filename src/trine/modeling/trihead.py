@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from trine.io import atomic_folder
+from trine.io import write_folder
 from trine.modeling.heads import colbert_vectors, lexical_token_weights
 from trine.modeling.pooling import check_pooling_method, pool
 
@@ -206,12 +206,7 @@ class TriHeadModel(nn.Module):
         ``atomic``: the folder appears whole or not at all (written aside, then renamed over any
         old one). The trainer writes into its own checkpoint folders with ``atomic=False``.
         """
-        if not atomic:
-            os.makedirs(path, exist_ok=True)
-            self._write(os.fspath(path))
-            return
-        with atomic_folder(path) as tmp:
-            self._write(tmp)
+        write_folder(path, self._write, atomic=atomic)
 
     def _write(self, folder: str) -> None:
         self.backbone.save_pretrained(folder, safe_serialization=True)

@@ -7,12 +7,12 @@ import os
 import sys
 from typing import Any
 
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
 from trine.modeling.trihead import COLBERT_FILE, SPARSE_FILE, TriHeadModel
-from trine.training.arguments import DataArguments, EmbedderTrainingArguments, ModelArguments
+from trine.training.arguments import DataArguments, EmbedderTrainingArguments, ModelArguments, TrainDataArguments
 from trine.training.collator import EmbedderCollator
-from trine.training.data import load_train_files
+from trine.training.data import TrainFile, load_train_files
 from trine.training.dataset import EpochPlanDataset
 from trine.training.model import EmbedderTrainingModel, M3LossWeights
 from trine.training.trainer import EmbedderTrainer, EpochPlanCallback, RetrievalEvalCallback
@@ -34,15 +34,49 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Embedder
     return parse_config(argv, (ModelArguments, DataArguments, EmbedderTrainingArguments))
 
 
-def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: EmbedderTrainingArguments):
-    """Validate the data, load the model, and make the trainer (nothing is written yet)."""
-    files = load_train_files(
+def load_data(data_args: TrainDataArguments) -> list[TrainFile]:
+    """Read and validate every training file (raises :class:`DataError` listing all problems)."""
+    return load_train_files(
         data_args.train_data,
         train_group_size=data_args.train_group_size,
         knowledge_distillation=data_args.knowledge_distillation,
         fill_missing_negatives=data_args.fill_missing_negatives,
         file_options=data_args.parsed_file_options(),
     )
+
+
+def plan_dataset(files: list[TrainFile], data_args: TrainDataArguments, args: TrainingArguments) -> EpochPlanDataset:
+    """This rank's view of the seeded batch plan shared by all ranks."""
+    return EpochPlanDataset(
+        files,
+        train_group_size=data_args.train_group_size,
+        default_batch_size=args.per_device_train_batch_size,
+        world_size=args.world_size,
+        rank=args.process_index,
+        seed=args.data_seed if args.data_seed is not None else args.seed,
+        same_dataset_within_batch=data_args.same_dataset_within_batch,
+        group_by_length=data_args.group_by_length,
+    )
+
+
+def collator_options(data_args: TrainDataArguments, query_instruction: str | None,
+                     passage_instruction: str | None) -> dict[str, Any]:
+    """The collator's text options (lengths, instructions, distillation) from the data arguments."""
+    return dict(
+        query_max_len=data_args.query_max_len,
+        passage_max_len=data_args.passage_max_len,
+        query_instruction_for_retrieval=query_instruction,
+        query_instruction_format=data_args.query_instruction_format,
+        passage_instruction_for_retrieval=passage_instruction,
+        passage_instruction_format=data_args.passage_instruction_format,
+        pad_to_multiple_of=data_args.pad_to_multiple_of,
+        knowledge_distillation=data_args.knowledge_distillation,
+    )
+
+
+def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: EmbedderTrainingArguments):
+    """Validate the data, load the model, and make the trainer (nothing is written yet)."""
+    files = load_data(data_args)
     path = model_args.model_name_or_path
     has_heads = all(os.path.exists(os.path.join(path, f)) for f in (COLBERT_FILE, SPARSE_FILE))
     encoder = TriHeadModel.from_pretrained(
@@ -72,27 +106,9 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: Em
             sparse=args.sparse_loss_weight, colbert=args.colbert_loss_weight, ensemble=args.ensemble_loss_weight,
         ),
     )
-    dataset = EpochPlanDataset(
-        files,
-        train_group_size=data_args.train_group_size,
-        default_batch_size=args.per_device_train_batch_size,
-        world_size=args.world_size,
-        rank=args.process_index,
-        seed=args.data_seed if args.data_seed is not None else args.seed,
-        same_dataset_within_batch=data_args.same_dataset_within_batch,
-        group_by_length=data_args.group_by_length,
-    )
-    collator = EmbedderCollator(
-        encoder.tokenizer,
-        query_max_len=data_args.query_max_len,
-        passage_max_len=data_args.passage_max_len,
-        query_instruction_for_retrieval=data_args.query_instruction_for_retrieval,
-        query_instruction_format=data_args.query_instruction_format,
-        passage_instruction_for_retrieval=data_args.passage_instruction_for_retrieval,
-        passage_instruction_format=data_args.passage_instruction_format,
-        pad_to_multiple_of=data_args.pad_to_multiple_of,
-        knowledge_distillation=data_args.knowledge_distillation,
-    )
+    dataset = plan_dataset(files, data_args, args)
+    collator = EmbedderCollator(encoder.tokenizer, **collator_options(
+        data_args, data_args.query_instruction_for_retrieval, data_args.passage_instruction_for_retrieval))
     eval_set = None
     if args.retrieval_eval_steps:
         if not data_args.eval_data:

@@ -27,9 +27,7 @@ from trine.inference.batching import pad_batch
 from trine.modeling.cross_encoder import CrossEncoder
 from trine.training.arguments import TrainDataArguments
 from trine.training.collator import EmbedderCollator
-from trine.training.data import load_train_files
-from trine.training.dataset import EpochPlanDataset
-from trine.training.finetune import parse_config, run_cli
+from trine.training.finetune import collator_options, load_data, parse_config, plan_dataset, run_cli
 from trine.training.losses import KD_LOSS_TYPES, score_loss, teacher_distribution
 from trine.training.model import enable_checkpointing
 from trine.training.trainer import EmbedderTrainer, EpochPlanCallback
@@ -140,39 +138,15 @@ class RerankerTrainingModel(nn.Module):
 def build_reranker_trainer(model_args: RerankerModelArguments, data_args: RerankerDataArguments,
                            args: RerankerTrainingArguments) -> EmbedderTrainer:
     """Validate the data, load the model, make the trainer (nothing is written yet)."""
-    files = load_train_files(
-        data_args.train_data,
-        train_group_size=data_args.train_group_size,
-        knowledge_distillation=data_args.knowledge_distillation,
-        fill_missing_negatives=data_args.fill_missing_negatives,
-        file_options=data_args.parsed_file_options(),
-    )
+    files = load_data(data_args)
     set_seed(args.seed)  # a new classifier starts the same on every rank and in every run
     encoder = CrossEncoder.from_pretrained(model_args.model_name_or_path, new_classifier=True,
                                            trust_remote_code=model_args.trust_remote_code,
                                            attn_implementation=model_args.attn_implementation)
     model = RerankerTrainingModel(encoder, reranker_loss=args.reranker_loss, kd_loss_type=args.kd_loss_type)
-    dataset = EpochPlanDataset(
-        files,
-        train_group_size=data_args.train_group_size,
-        default_batch_size=args.per_device_train_batch_size,
-        world_size=args.world_size,
-        rank=args.process_index,
-        seed=args.data_seed if args.data_seed is not None else args.seed,
-        same_dataset_within_batch=data_args.same_dataset_within_batch,
-        group_by_length=data_args.group_by_length,
-    )
-    collator = RerankerCollator(
-        encoder,
-        query_max_len=data_args.query_max_len,
-        passage_max_len=data_args.passage_max_len,
-        query_instruction_for_retrieval=data_args.query_instruction_for_rerank,
-        query_instruction_format=data_args.query_instruction_format,
-        passage_instruction_for_retrieval=data_args.passage_instruction_for_rerank,
-        passage_instruction_format=data_args.passage_instruction_format,
-        pad_to_multiple_of=data_args.pad_to_multiple_of,
-        knowledge_distillation=data_args.knowledge_distillation,
-    )
+    dataset = plan_dataset(files, data_args, args)
+    collator = RerankerCollator(encoder, **collator_options(
+        data_args, data_args.query_instruction_for_rerank, data_args.passage_instruction_for_rerank))
     return EmbedderTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                            callbacks=[EpochPlanCallback(dataset)])
 
