@@ -37,14 +37,14 @@ def run(cmd: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(ROOT, "outputs", "bench_rerank"))
-    parser.add_argument("--group", type=int, default=8, help="train_group_size: 1 positive + G-1 negatives")
+    parser.add_argument("--group", type=int, default=4, help="train_group_size: 1 positive + G-1 negatives")
     parser.add_argument("--negatives", type=int, default=15, help="mined negatives per query")
     parser.add_argument("--range", default="3-60", help="dense ranks the negatives are drawn from")
     parser.add_argument("--batch-size", type=int, default=16, help="queries per step")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--query-max-len", type=int, default=32)
-    parser.add_argument("--passage-max-len", type=int, default=224)
+    parser.add_argument("--passage-max-len", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=100, help="dense candidates the reranker re-orders")
     args = parser.parse_args()
 

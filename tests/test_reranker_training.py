@@ -194,3 +194,21 @@ def test_torchrun_two_processes_equal_one(tmp_path, splade_tiny_dir):
     assert any(not torch.equal(a[k], start[k]) for k in a)  # training moved the weights
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_gradient_checkpointing_accumulation_bf16_and_kd_run(tmp_path, splade_tiny_dir):
+    import json
+
+    data = tmp_path / "kd.jsonl"
+    with open(data, "w") as f:
+        for i, (q, d) in enumerate(PAGES):
+            negs = [PAGES[(i + k + 1) % len(PAGES)][1] for k in range(2)]
+            f.write(json.dumps({"query": q, "pos": [d], "neg": negs, "pos_scores": [2.0],
+                                "neg_scores": [0.5, -1.0]}) + "\n")
+    trainer = build_reranker_trainer(*parse_reranker_args(common_args(
+        splade_tiny_dir, str(data), tmp_path / "o", max_steps=2, save_steps=100, gradient_checkpointing=True,
+        gradient_accumulation_steps=2, bf16=True, per_device_train_batch_size=2, knowledge_distillation=True)))
+    trainer.train()
+    assert trainer.model.encoder.model.is_gradient_checkpointing
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(h["loss"] > 0 and h["loss_kd"] > 0 and h["loss_ce"] > 0 for h in logs)
