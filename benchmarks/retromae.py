@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--finetune-batch-size", type=int, default=32)
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
     parser.add_argument("--seeds", default="0", help="fine-tuning seeds, comma-separated (one run per arm each)")
+    parser.add_argument("--pretrained-encoder", default=None,
+                        help="skip pre-training: use this encoder (an earlier run's <out>/retromae/encoder_model)")
     args = parser.parse_args()
 
     from trine.evaluation import EvalConfig, load_dataset, run_evaluation
@@ -143,9 +145,13 @@ def main() -> None:
         "max_steps": args.pretrain_steps, "warmup_steps": 0.1, "weight_decay": 0.01, "logging_steps": 10,
         "save_strategy": "no", "report_to": "none", "seed": 0, "disable_tqdm": True, "use_cpu": True,
     }
-    timings["pretrain"] = run(trine + ["pretrain", *flags(pretrain_options)], os.path.join(out, "pretrain.log"))
-    losses = last_losses(os.path.join(out, "pretrain.log"))
-    encoder = os.path.join(pre_dir, "encoder_model")
+    if args.pretrained_encoder:
+        encoder, losses = os.path.abspath(args.pretrained_encoder), {}
+        print(f"pre-training skipped: {encoder}")
+    else:
+        timings["pretrain"] = run(trine + ["pretrain", *flags(pretrain_options)], os.path.join(out, "pretrain.log"))
+        losses = last_losses(os.path.join(out, "pretrain.log"))
+        encoder = os.path.join(pre_dir, "encoder_model")
 
     starts = {"tiny BERT": base, "tiny BERT + RetroMAE": encoder}
     finetuned: dict[str, list[str]] = {name: [] for name in starts}
