@@ -184,9 +184,13 @@ class RetroMAEModel(nn.Module):
         self.lm = lm
         self.tokenizer = tokenizer
         self.decoder = decoder
-        self.head = mlm_head(lm)
-        embeddings = _embeddings(lm)
-        self.position_offset = position_offset(embeddings)
+        mlm_head(lm)  # fail early on a model without one
+        self.position_offset = position_offset(_embeddings(lm))
+
+    @property
+    def head(self) -> nn.Module:
+        """The encoder's MLM head, shared by the decoder (a property: not a second registered copy)."""
+        return mlm_head(self.lm)
 
     @property
     def embeddings(self) -> nn.Module:
