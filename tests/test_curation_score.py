@@ -54,9 +54,11 @@ def test_dense_teacher_scores_equal_the_embedder(tmp_path, minilm_dir, pages):
         expected += [len({r["query"] for r in chunk}), len({t for r in chunk for t in r["pos"] + r["neg"]})]
     assert encoded == expected and summary.pairs == 40 * 3
     emb2 = Embedder(minilm_dir, show_progress=False, passage_max_length=96, query_max_length=32)
-    for r in rows:
-        q = emb2.encode_queries([r["query"]])[0]
-        expect = emb2.encode_corpus(r["pos"] + r["neg"]) @ q
+    q = emb2.encode_queries([r["query"] for r in rows])
+    texts = list(dict.fromkeys(t for r in rows for t in r["pos"] + r["neg"]))
+    p = dict(zip(texts, emb2.encode_corpus(texts)))
+    for r, qv in zip(rows, q):
+        expect = [float(p[t] @ qv) for t in r["pos"] + r["neg"]]
         np.testing.assert_allclose(r["pos_scores"] + r["neg_scores"], expect, rtol=1e-5, atol=1e-5)
         assert r["prompt"] == "x"  # other fields kept
     files = load_train_files([out], train_group_size=3, knowledge_distillation=True)
@@ -128,3 +130,19 @@ def test_bad_input_and_overwrite(tmp_path, minilm_dir, pages, capsys):
     assert main(["score", "--input_file", str(bad), "--output_file", str(tmp_path / "o.jsonl"),
                  "--model_name_or_path", minilm_dir, "--quiet"]) == 2
     assert "bad.jsonl:2: pos" in capsys.readouterr().err
+
+
+def test_cli_m3_teacher_mode(tmp_path, tiny_m3_dir, pages, capsys):
+    src = write(tmp_path / "train.jsonl", pages[:8], negatives=1)
+    out = tmp_path / "scored.jsonl"
+    assert main(["score", "--input_file", src, "--output_file", str(out), "--model_name_or_path", tiny_m3_dir,
+                 "--score_mode", "colbert+sparse+dense", "--weights", "0.4,0.2,0.4", "--passage_max_len", "64",
+                 "--query_max_len", "24", "--quiet"]) == 0
+    rows = [json.loads(line) for line in open(out)]
+    emb = M3Embedder(tiny_m3_dir, show_progress=False, passage_max_length=64, query_max_length=24)
+    pairs = [(r["query"], p) for r in rows for p in r["pos"] + r["neg"]]
+    expect = emb.compute_score(pairs, weights_for_different_modes=[0.4, 0.2, 0.4])["colbert+sparse+dense"]
+    np.testing.assert_allclose([x for r in rows for x in r["pos_scores"] + r["neg_scores"]], expect, rtol=1e-5,
+                               atol=1e-5)
+    with pytest.raises(SystemExit, match="a teacher is needed"):
+        main(["score", "--input_file", src, "--output_file", str(tmp_path / "x.jsonl")])

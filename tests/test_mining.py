@@ -221,8 +221,10 @@ def test_cli_hybrid_with_cache(tmp_path, tiny_m3_dir, pages, capsys):
             "--passage_max_len", "64", "--cache_dir", str(tmp_path / "cache"), "--quiet"]
     assert main(args) == 0
     assert "hybrid dense x 1.0 + sparse x 0.3" in capsys.readouterr().out
+    first = out.read_text()
     assert main(args) == 0
     assert "embedding cache hit" in capsys.readouterr().out
+    assert out.read_text() == first  # dense and lexical weights read back from the cache give the same output
     assert len(load_train_files([str(out)], train_group_size=4)[0].records) == 30
     assert main(["mine", "--input_file", src, "--output_file", src, "--model_name_or_path", tiny_m3_dir]) == 2
     assert "overwrite the input" in capsys.readouterr().err
