@@ -11,7 +11,10 @@ Every run is its own process (so its peak RSS is its own):
   cold    1k queries, empty cache: encodes the pool and writes the cache;
   warm    1k and 10k queries, cache hit: measures search and the working set.
 The working set is peak RSS minus the RSS after loading the model minus the pool's embeddings
-(count x dim x 4 bytes); it must stay flat when the query count grows 10x.
+(count x dim x 4 bytes); it must stay flat when the query count grows 10x. The runs set glibc's
+MALLOC_MMAP_THRESHOLD_=65536 (``--malloc-mmap-threshold 0`` keeps glibc's default): with the
+default, freed encoder activations stay in a fragmenting heap and RSS creeps up with the number
+of encoder calls although nothing is kept (encoding queries alone shows it).
 
     .venv/bin/python benchmarks/mine.py                       # all-MiniLM-L6-v2, flat index
     .venv/bin/python benchmarks/mine.py --index-kind hnsw     # approximate index
@@ -176,7 +179,8 @@ def child(args: argparse.Namespace) -> None:
     options = {"ef_search": 128} if args.index_kind == "hnsw" else {}
     summary = mine_hard_negatives(args.train, args.output, emb, candidate_pool=args.pool, range_for_sampling=(2, 100),
                                   negative_number=15, relative_margin=0.05, index_kind=args.index_kind,
-                                  index_options=options, cache_dir=args.cache_dir, show_progress=False)
+                                  index_options=options, cache_dir=args.cache_dir,
+                                  query_chunk_size=args.query_chunk_size, show_progress=False)
     wall = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     dim = emb.model.hidden_size
@@ -191,10 +195,14 @@ def child(args: argparse.Namespace) -> None:
 def run_child(args: argparse.Namespace, train: str, pool: str, label: str) -> dict:
     cmd = [sys.executable, __file__, "--child", "--train", train, "--pool", pool, "--model", args.model,
            "--cache-dir", args.cache_dir, "--index-kind", args.index_kind, "--threads", str(args.threads),
-           "--passage-max-len", str(args.passage_max_len), "--output", os.path.join(args.work, f"mined_{label}.jsonl")]
+           "--passage-max-len", str(args.passage_max_len), "--query-chunk-size", str(args.query_chunk_size),
+           "--output", os.path.join(args.work, f"mined_{label}.jsonl")]
     if args.bf16:
         cmd.append("--bf16")
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{label} failed:\n{done.stderr[-4000:]}")
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
@@ -213,6 +221,11 @@ def main() -> None:
     parser.add_argument("--passage-max-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--query-chunk-size", type=int, default=512,
+                        help="below the small run's query count, so both runs have the same working set")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=65536,
+                        help="glibc MALLOC_MMAP_THRESHOLD_ for the runs: large tensors are mmapped and returned "
+                        "when freed (0: glibc's default, whose heap fragments as the encoder's batch shapes vary)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None, help="default: <work>/cache")
     # internal: one measured run
@@ -234,7 +247,9 @@ def main() -> None:
     with open(paths["pool"]) as f:
         pool_count = sum(1 for _ in f)
     print(f"pool {pool_count} passages, queries {args.queries} and {args.queries // 10}; model {args.model}; "
-          f"index {args.index_kind}; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"index {args.index_kind}; bf16 {args.bf16}; query chunk {args.query_chunk_size}; "
+          f"MALLOC_MMAP_THRESHOLD_ {args.malloc_mmap_threshold or 'glibc default'}; {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
     results = [run_child(args, small, paths["pool"], "cold"),
                run_child(args, small, paths["pool"], "warm-small"),
                run_child(args, paths["train"], paths["pool"], "warm-large")]
