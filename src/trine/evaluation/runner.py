@@ -30,6 +30,7 @@ from trine.evaluation.data import RetrievalDataset
 from trine.evaluation.metrics import DEFAULT_K, DEFAULT_METRICS, evaluate_run
 from trine.inference.embedder import M3Embedder
 from trine.inference.reranker import Reranker
+from trine.modeling.trihead import TriHeadModel
 from trine.retrieval import HybridRetriever, QueryReps, SearchResult
 from trine.retrieval.base import pad_results
 
@@ -192,6 +193,16 @@ def evaluate_model(model: M3Embedder, dataset: RetrievalDataset, config: EvalCon
     }
 
 
+def load_embedder(path: str | os.PathLike, config: EvalConfig, options: Mapping[str, Any] | None) -> M3Embedder:
+    """``M3Embedder(path, **options)``; when only dense scores are needed and no head start is
+    asked for, the heads are not loaded (a plain dense model needs none)."""
+    options = dict(options or {})
+    if needed_outputs(config.modes) == {"dense"} and options.get("init_missing_heads") is None:
+        options.pop("init_missing_heads", None)
+        return M3Embedder(TriHeadModel.from_pretrained(path, with_heads=False), **options)
+    return M3Embedder(path, **options)
+
+
 def model_labels(models: Sequence[str | os.PathLike | M3Embedder]) -> list[str]:
     """Short unique names: the folder name, or as many trailing path parts as it takes to tell it apart."""
     parts = [os.path.normpath(os.fspath(m)).strip(os.sep).split(os.sep) if not isinstance(m, M3Embedder) else None
@@ -244,7 +255,7 @@ def run_evaluation(
         result["reranker"] = os.fspath(reranker)
         reranker = Reranker(reranker, **(reranker_options or {}))
     for model, label in zip(models, model_labels(models)):
-        embedder = model if isinstance(model, M3Embedder) else M3Embedder(model, **(model_options or {}))
+        embedder = model if isinstance(model, M3Embedder) else load_embedder(model, config, model_options)
         logger.info("evaluating %s on %s (%d queries, %d documents)", label, dataset.name, len(dataset.queries),
                     len(dataset.corpus))
         out = evaluate_model(embedder, dataset, config, reranker)
