@@ -151,12 +151,9 @@ class RerankerScorer:
 
 def load_reranker_scorer(model_name_or_path: str, *, batch_size: int | None = None, max_length: int | None = None,
                          normalize: bool = False, **reranker_options: Any) -> RerankerScorer:
-    """A :class:`RerankerScorer` over ``trine.inference.reranker.Reranker`` (the cross-encoder seam)."""
-    try:
-        from trine.inference.reranker import Reranker
-    except ImportError as err:  # the module is not part of this trine yet
-        raise RuntimeError("cross-encoder teachers need trine.inference.reranker.Reranker, which this "
-                           f"installation lacks ({err})") from err
+    """A :class:`RerankerScorer` over a :class:`trine.inference.reranker.Reranker` loaded from a folder."""
+    from trine.inference.reranker import Reranker
+
     return RerankerScorer(Reranker(model_name_or_path, **reranker_options), batch_size=batch_size,
                           max_length=max_length, normalize=normalize)
 
