@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from transformers import HfArgumentParser, PreTrainedTokenizerBase, TrainingArguments
+from transformers import PreTrainedTokenizerBase, TrainingArguments
 
 from trine.modeling.retromae import RetroMAEModel
 from trine.training.data import DataError, list_data_files
+from trine.training.finetune import parse_config
 from trine.training.trainer import EmbedderTrainer, EpochPlanCallback
 
 logger = logging.getLogger(__name__)
@@ -94,12 +95,7 @@ class PretrainTrainingArguments(TrainingArguments):
 
 def parse_args(argv: list[str]) -> tuple[PretrainModelArguments, PretrainDataArguments, PretrainTrainingArguments]:
     """Command-line flags, or one YAML/JSON config file; unknown names are errors."""
-    parser = HfArgumentParser((PretrainModelArguments, PretrainDataArguments, PretrainTrainingArguments))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-        if argv[0].endswith(".json"):
-            return parser.parse_json_file(argv[0], allow_extra_keys=False)
-        return parser.parse_yaml_file(argv[0], allow_extra_keys=False)
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_config(argv, (PretrainModelArguments, PretrainDataArguments, PretrainTrainingArguments))
 
 
 # ---------------------------------------------------------------------------------------------- corpus
