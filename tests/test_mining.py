@@ -228,3 +228,18 @@ def test_cli_hybrid_with_cache(tmp_path, tiny_m3_dir, pages, capsys):
     assert len(load_train_files([str(out)], train_group_size=4)[0].records) == 30
     assert main(["mine", "--input_file", src, "--output_file", src, "--model_name_or_path", tiny_m3_dir]) == 2
     assert "overwrite the input" in capsys.readouterr().err
+
+
+def test_candidate_pool_bad_lines_are_named(tmp_path):
+    from trine.curation.mining import read_pool
+    from trine.training.data import DataError
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_bytes(b'{"text": "ok", "id": 1}\n\n{"txt": "x"}\n[1]\n{"text": 3}\n\xff\n')
+    with pytest.raises(DataError) as err:
+        read_pool(str(pool))
+    assert err.value.problems == [f"{pool}:3: text: missing", f"{pool}:4: (line): a record must be a JSON object",
+                                  f"{pool}:5: text: must be a string, got int",
+                                  f"{pool}:6: (line): not UTF-8: invalid start byte at byte 0"]
+    pool.write_text('{"text": "a", "id": 1}\n{"text": "b"}\n')
+    assert read_pool(str(pool)) == ["a", "b"]

@@ -46,7 +46,7 @@ from trine.retrieval.base import SearchResult
 from trine.retrieval.dense import DENSE_KINDS, DenseIndex
 from trine.retrieval.hybrid import HybridRetriever, QueryReps
 from trine.retrieval.sparse import SparseIndex
-from trine.training.data import DataError, Record
+from trine.training.data import DataError, Record, parse_text_line
 
 logger = logging.getLogger(__name__)
 
@@ -97,24 +97,15 @@ def parse_range(text: str) -> tuple[int, int]:
 
 
 def read_pool(path: str) -> list[str]:
-    """A candidate pool: JSONL of {"text": str}; problems reported as file:line: field."""
-    import json
-
+    """A candidate pool: JSONL of {"text": str} (other fields ignored); problems reported as file:line: field."""
     texts, problems = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                problems.append(f"{path}:{number}: (line): not valid JSON: {err.msg}")
-                continue
-            text = obj.get("text") if isinstance(obj, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                problems.append(f"{path}:{number}: text: missing or not a non-empty string")
-                continue
-            texts.append(text)
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            text, problem = parse_text_line(raw)
+            if problem:
+                problems.append(f"{path}:{number}: {problem}")
+            elif text is not None:
+                texts.append(text)
     if problems:
         raise DataError(problems)
     if not texts:

@@ -244,3 +244,35 @@ def sample_group(
                     own.add(cand)
     return Example(record.query, passages, scores if scores is not None and len(scores) == group_size else None,
                    record.prompt)
+
+
+def parse_text_line(
+    raw: bytes, allowed_fields: set[str] | None = None, record_name: str = "record"
+) -> tuple[str | None, str | None]:
+    """One line of a ``{"text": ...}`` JSONL file (pre-training corpora, candidate pools):
+    ``(text, None)`` for a good line, ``(None, "field: message")`` for a bad one, ``(None, None)``
+    for a blank one. ``allowed_fields``: the only keys a record may have (``None``: any)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return None, f"(line): not UTF-8: {err.reason} at byte {err.start}"
+    if not line.strip():
+        return None, None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        return None, f"(line): not valid JSON: {err.msg} at column {err.colno}"
+    if not isinstance(obj, dict):
+        return None, "(line): a record must be a JSON object"
+    if allowed_fields is not None:
+        unknown = sorted(set(obj) - allowed_fields)
+        if unknown:
+            return None, f"{unknown[0]}: unknown field (a {record_name} is {{\"text\": ...}})"
+    if "text" not in obj:
+        return None, "text: missing"
+    text = obj["text"]
+    if not isinstance(text, str):
+        return None, f"text: must be a string, got {type(text).__name__}"
+    if not text.strip():
+        return None, "text: empty"
+    return text, None

@@ -15,7 +15,6 @@ backbone folder for ``trine finetune --model_name_or_path``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -29,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase, TrainingArguments
 
 from trine.modeling.retromae import RetroMAEModel
-from trine.training.data import DataError, list_data_files
+from trine.training.data import DataError, list_data_files, parse_text_line
 from trine.training.finetune import parse_config
 from trine.training.trainer import EmbedderTrainer, EpochPlanCallback
 
@@ -99,38 +98,11 @@ def parse_args(argv: list[str]) -> tuple[PretrainModelArguments, PretrainDataArg
 
 
 # ---------------------------------------------------------------------------------------------- corpus
-def _parse_line(raw: bytes) -> tuple[str | None, str | None]:
-    """(text, None) for a good line, (None, "field: message") for a bad one, (None, None) for a blank one."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return None, f"(line): not UTF-8: {err.reason} at byte {err.start}"
-    if not line.strip():
-        return None, None
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        return None, f"(line): not valid JSON: {err.msg} at column {err.colno}"
-    if not isinstance(obj, dict):
-        return None, "(line): a record must be a JSON object"
-    unknown = sorted(set(obj) - TEXT_FIELDS)
-    if unknown:
-        return None, f"{unknown[0]}: unknown field (a pre-training record is {{\"text\": ...}})"
-    if "text" not in obj:
-        return None, "text: missing"
-    text = obj["text"]
-    if not isinstance(text, str):
-        return None, f"text: must be a string, got {type(text).__name__}"
-    if not text.strip():
-        return None, "text: empty"
-    return text, None
-
-
 def iter_texts(path: str) -> Iterator[str]:
     """The texts of one corpus file, read line by line; a bad line raises :class:`DataError`."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
-            text, problem = _parse_line(raw)
+            text, problem = parse_text_line(raw, TEXT_FIELDS, "pre-training record")
             if problem:
                 raise DataError([f"{path}:{number}: {problem}"])
             if text is not None:
@@ -152,7 +124,7 @@ def scan_corpus(paths: list[str]) -> tuple[list[str], int]:
             continue
         with handle:
             for number, raw in enumerate(handle, start=1):
-                text, problem = _parse_line(raw)
+                text, problem = parse_text_line(raw, TEXT_FIELDS, "pre-training record")
                 if problem:
                     problems.append(f"{path}:{number}: {problem}")
                 elif text is not None:
