@@ -44,7 +44,7 @@ def test_buckets_by_longest_text(tmp_path, splade_tiny_dir, capsys):
     log = json.loads((out / ".split_log.json").read_text())
     sizes = [b["suggested_batch_size"] for b in log[str(src)]]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]  # longer buckets, smaller batches
-    with pytest.raises(ValueError, match="output folder holds the input"):
+    with pytest.raises(ValueError, match="contains the input"):
         split_by_length([str(out / files[0])], str(out), splade_tiny_dir)
 
 

@@ -18,7 +18,7 @@ from trine.training.data import DataError, load_train_files
 @pytest.fixture(scope="module")
 def pages():
     try:
-        return load_manpages()[:40]
+        return load_manpages(update_package_lists=True)[:40]
     except RuntimeError as err:
         pytest.skip(f"man pages unavailable: {err}")
 
@@ -127,7 +127,7 @@ def test_rank_check(tmp_path, emb, pages):
 
 def test_errors(tmp_path, emb, pages, capsys):
     src = write(tmp_path / "pairs.jsonl", make_records(pages)[:5])
-    with pytest.raises(ValueError, match="overwrite the input"):
+    with pytest.raises(ValueError, match="replace the input"):
         filter_pairs(src, src)
     with pytest.raises(ValueError, match="need a reference scorer"):
         filter_pairs(src, str(tmp_path / "o.jsonl"), min_score=0.4)

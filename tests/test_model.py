@@ -100,13 +100,13 @@ def test_save_is_atomic(tmp_path, tiny_m3_dir, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        model.save_pretrained(target)
+        model.save_pretrained(target, overwrite=True)
     monkeypatch.undo()
     assert sorted(os.listdir(target)) == before  # the old checkpoint is intact
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no temp folder left
     reloaded = TriHeadModel.from_pretrained(target)
     assert not torch.equal(reloaded.sparse_linear.bias, model.sparse_linear.bias)
-    model.save_pretrained(target)  # overwriting works
+    model.save_pretrained(target, overwrite=True)  # overwriting works
     reloaded = TriHeadModel.from_pretrained(target)
     torch.testing.assert_close(reloaded.sparse_linear.bias, model.sparse_linear.bias)
 

@@ -106,7 +106,9 @@ def test_sparse_save_load_round_trip(tmp_path):
     index = SparseIndex.build(docs, ids=[f"d{i}" for i in range(100)])
     path = tmp_path / "sparse"
     index.save(path)
-    index.save(path)  # overwriting replaces the folder whole
+    with pytest.raises(ValueError, match="--overwrite"):
+        index.save(path)
+    index.save(path, overwrite=True)  # replaces the folder whole
     loaded = SparseIndex.load(path)
     assert loaded.ids == index.ids
     a, b = index.search(queries, 7), loaded.search(queries, 7)
@@ -257,7 +259,7 @@ def manpage_encodings(minilm_dir):
     from trine.datasets.manpages import load_manpages
 
     try:
-        pages = load_manpages()
+        pages = load_manpages(update_package_lists=True)
     except RuntimeError as err:
         pytest.skip(f"man pages unavailable: {err}")
     pages = pages[::8][:300]

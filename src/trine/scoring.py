@@ -33,12 +33,20 @@ def colbert_score(q_vecs: np.ndarray | torch.Tensor, p_vecs: np.ndarray | torch.
     p = torch.as_tensor(p_vecs, dtype=torch.float32)
     if q.numel() == 0 or p.numel() == 0:
         return 0.0
+    if q.dim() != 2 or p.dim() != 2 or q.size(1) != p.size(1):
+        raise ValueError(f"q_vecs and p_vecs must be (tokens x dim) arrays of one dim, got {tuple(q.shape)} "
+                         f"and {tuple(p.shape)}")
     return float((q @ p.T).max(1).values.sum() / q.size(0))
 
 
 def pad_vectors(vecs: Sequence[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack ragged (n_i x dim) arrays into (count x max_n x dim) plus a (count x max_n) mask."""
-    dim = int(np.shape(vecs[0])[-1])
+    if len(vecs) == 0:
+        raise ValueError("vecs is empty: pad_vectors needs at least one (tokens x dim) array")
+    dims = {int(np.shape(v)[-1]) for v in vecs if np.ndim(v) == 2}
+    if len(dims) != 1 or any(np.ndim(v) != 2 for v in vecs):
+        raise ValueError("vecs must be (tokens x dim) arrays of one dim")
+    dim = dims.pop()
     width = max(max(int(np.shape(v)[0]) for v in vecs), 1)
     out = torch.zeros(len(vecs), width, dim)
     mask = torch.zeros(len(vecs), width, dtype=torch.bool)
@@ -85,6 +93,30 @@ def colbert_scores_padded(
     return torch.cat(out, 1)
 
 
+def check_mode_weights(weights: Sequence[float] | None) -> tuple[float, float, float]:
+    """``weights_for_different_modes`` as (dense, sparse, colbert) floats, default all 1.
+
+    Each is a finite number >= 0, and the dense and sparse weights may not both be 0: the
+    weighted means divide by their sums ("sparse+dense" by w_dense + w_sparse), and a 0/0 would
+    be NaN.
+    """
+    if weights is None:
+        return 1.0, 1.0, 1.0
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__") or len(weights) != 3:
+        got = len(weights) if hasattr(weights, "__len__") else type(weights).__name__
+        raise ValueError(f"weights_for_different_modes needs 3 values (dense, sparse, colbert), got {got}")
+    try:
+        values = tuple(float(w) for w in weights)
+    except (TypeError, ValueError):
+        raise ValueError(f"weights_for_different_modes must be 3 numbers, got {list(weights)!r}") from None
+    if any(not np.isfinite(w) or w < 0 for w in values):
+        raise ValueError(f"weights_for_different_modes must be finite numbers >= 0, got {list(values)}")
+    if values[0] + values[1] == 0:
+        raise ValueError("weights_for_different_modes: the dense and sparse weights are both 0, so 'sparse+dense' "
+                         f"(their weighted mean) is undefined; got {list(values)}")
+    return values  # type: ignore[return-value]
+
+
 def hybrid_scores(
     dense: Sequence[float] | np.ndarray,
     sparse: Sequence[float] | np.ndarray,
@@ -93,11 +125,9 @@ def hybrid_scores(
 ) -> dict[str, np.ndarray]:
     """FlagEmbedding's ``compute_score`` keys: each mode and the weighted means of their sums.
 
-    ``weights`` are (dense, sparse, colbert), by default all 1.
+    ``weights`` are (dense, sparse, colbert), by default all 1 (checked by :func:`check_mode_weights`).
     """
-    if weights is not None and len(weights) != 3:
-        raise ValueError(f"weights_for_different_modes needs 3 values (dense, sparse, colbert), got {len(weights)}")
-    w_d, w_s, w_c = (1.0, 1.0, 1.0) if weights is None else tuple(float(w) for w in weights)
+    w_d, w_s, w_c = check_mode_weights(weights)
     d, s, c = (np.asarray(x, dtype=np.float64) for x in (dense, sparse, colbert))
     return {
         "dense": d,

@@ -220,7 +220,7 @@ class CorpusEncodings:
 
     def _encode_and_write(self) -> Iterator[dict[str, Any]]:
         n = len(self.texts)
-        with atomic_folder(self.cache.path(self.key)) as tmp:
+        with atomic_folder(self.cache.path(self.key), if_exists="keep") as tmp:
             lexical_parts: list[dict[str, np.ndarray]] = []
             with open(os.path.join(tmp, "dense.npy"), "wb") as f:
                 for s in range(0, n, self.block_size):

@@ -6,23 +6,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from typing import Any, TextIO
 
 import numpy as np
 
+from trine.io import atomic_file, check_output_path
+from trine.textfiles import open_text
 from trine.training.data import DataError, Record, read_file
 
 
-def check_output(input_file: str, output_file: str, what: str = "output_file") -> None:
-    """The output may never be the input (nor the same file through another path)."""
-    same = os.path.abspath(input_file) == os.path.abspath(output_file)
-    if not same and os.path.exists(output_file) and os.path.exists(input_file):
-        same = os.path.samefile(input_file, output_file)
-    if same:
-        raise ValueError(f"{output_file}: the {what} would overwrite the input; choose another file")
+def check_output(inputs: str | list[str | None], output_file: str, what: str = "output_file") -> None:
+    """The output may never be an input (nor the same file through another path, nor a link or a
+    folder): :func:`trine.io.check_output_path`."""
+    check_output_path(output_file, inputs=[inputs] if isinstance(inputs, str) else inputs, kind="file", what=what)
 
 
 def read_records(path: str) -> list[Record]:
@@ -42,26 +39,15 @@ def iter_raw_rows(path: str) -> Iterator[dict[str, Any]]:
     Used after :func:`read_records` validated the file, so that output rows keep every field of
     their input row without holding the whole file twice.
     """
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for line in f:
             if line.strip():
                 yield json.loads(line)
 
 
-@contextlib.contextmanager
-def atomic_jsonl(path: str) -> Iterator[TextIO]:
+def atomic_jsonl(path: str) -> contextlib.AbstractContextManager[TextIO]:
     """A text handle on a temp file beside ``path``; it becomes ``path`` only if the block succeeds."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    return atomic_file(path, "w")
 
 
 def write_row(f: TextIO, row: dict[str, Any]) -> None:

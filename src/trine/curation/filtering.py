@@ -41,6 +41,7 @@ from trine.curation.common import (
     write_row,
 )
 from trine.curation.teacher import PairScorer
+from trine.io import check_distinct
 from trine.retrieval.dense import DenseIndex
 from trine.training.data import Record
 
@@ -98,8 +99,7 @@ def filter_pairs(
     check_output(input_file, output_file)
     if dropped_file is not None:
         check_output(input_file, dropped_file, "dropped_file")
-        if dropped_file == output_file:
-            raise ValueError("dropped_file and output_file must differ")
+        check_distinct({"output_file": output_file, "dropped_file": dropped_file})
     if (min_score is not None or top_k is not None) and scorer is None:
         raise ValueError("min_score and top_k need a reference scorer")
     if top_k is not None and (top_k < 1 or rank_sample_size < 1):

@@ -99,7 +99,11 @@ def parse_range(text: str) -> tuple[int, int]:
 def read_pool(path: str) -> list[str]:
     """A candidate pool: JSONL of {"text": str} (other fields ignored); problems reported as file:line: field."""
     texts, problems = [], []
-    with open(path, "rb") as f:
+    try:
+        handle = open(path, "rb")
+    except OSError as err:
+        raise DataError([f"{path}: cannot open: {err.strerror or err}"]) from None
+    with handle as f:
         for number, raw in enumerate(f, start=1):
             text, problem = parse_text_line(raw)
             if problem:
@@ -190,7 +194,7 @@ def mine_hard_negatives(
     pool's encodings on disk for the next run. The pool is encoded (or read from the cache)
     ``corpus_block_size`` passages at a time; an IVF index trains on the first block.
     """
-    check_output(input_file, output_file)
+    check_output([input_file, candidate_pool], output_file)
     if backfill not in BACKFILL:
         raise ValueError(f"backfill must be one of {BACKFILL}, got {backfill!r}")
     if negative_number < 1:

@@ -3,6 +3,11 @@
 Each page gives a query (the NAME one-liner after " - ") and a document (its DESCRIPTION
 section). The .deb files are fetched with ``apt-get download`` (no root needed) and unpacked
 with ``dpkg-deb -x`` into a cache folder; nothing is installed system-wide.
+
+``apt-get download`` needs the system's package lists. On a machine that has none yet (a fresh
+container), trine runs ``apt-get update`` only when asked: ``update_package_lists=True`` or the
+environment variable ``TRINE_APT_UPDATE=1`` (the demo and the test suite ask), as root, and says
+so in the log; otherwise the error gives the command to run.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import logging
 import os
 import re
 import subprocess
@@ -18,6 +24,17 @@ from dataclasses import dataclass
 
 PACKAGES = ("manpages", "manpages-dev")
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "trine", "manpages")
+APT_UPDATE = ("apt-get", "update", "-qq")
+APT_UPDATE_ENV = "TRINE_APT_UPDATE"
+
+logger = logging.getLogger(__name__)
+
+
+def apt_update_asked(update_package_lists: bool | None = None) -> bool:
+    """``update_package_lists``, or (None) the environment variable ``TRINE_APT_UPDATE`` (1/true/yes)."""
+    if update_package_lists is not None:
+        return bool(update_package_lists)
+    return os.environ.get(APT_UPDATE_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 @dataclass(frozen=True)
@@ -75,25 +92,35 @@ def parse_roff(text: str) -> dict[str, str]:
     return {k: re.sub(r"\s+", " ", " ".join(v)).strip() for k, v in sections.items()}
 
 
-def _fetch(cache_dir: str) -> str:
+def _fetch(cache_dir: str, update_package_lists: bool | None = None) -> str:
     root = os.path.join(cache_dir, "root")
     if os.path.isdir(os.path.join(root, "usr", "share", "man")):
         return root
     os.makedirs(cache_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         download = ["apt-get", "download", *PACKAGES]
+        update = " ".join(APT_UPDATE)
         try:
             done = subprocess.run(download, cwd=tmp, capture_output=True, text=True)
-            if done.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
-                # A fresh machine has no package lists yet; as root, fetch them once and retry.
-                subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, text=True)
+            if done.returncode != 0 and apt_update_asked(update_package_lists):
+                # A fresh machine has no package lists yet: fetch them (asked for), then retry once.
+                if not (hasattr(os, "geteuid") and os.geteuid() == 0):
+                    raise RuntimeError(
+                        f"could not fetch Debian packages {PACKAGES} with `{' '.join(download)}`: "
+                        f"{done.stderr.strip()}\n(`{update}` was asked for but needs root: run `sudo {update}`, "
+                        "then retry)"
+                    )
+                logger.warning("`%s` failed; running `%s` (as root, asked by update_package_lists or %s=1) "
+                               "to fetch Debian's package lists", " ".join(download), update, APT_UPDATE_ENV)
+                subprocess.run(list(APT_UPDATE), check=True, capture_output=True, text=True)
                 done = subprocess.run(download, cwd=tmp, capture_output=True, text=True)
             done.check_returncode()
         except (OSError, subprocess.CalledProcessError) as err:
             detail = getattr(err, "stderr", "") or str(err)
             raise RuntimeError(
-                f"could not fetch Debian packages {PACKAGES} with apt-get download: {detail.strip()}\n"
-                "(run `apt-get update` as root once, then retry)"
+                f"could not fetch Debian packages {PACKAGES} with `{' '.join(download)}`: {detail.strip()}\n"
+                f"(the package lists may be missing: run `{update}` as root once, then retry; or let trine run "
+                f"it: {APT_UPDATE_ENV}=1 or update_package_lists=True)"
             ) from err
         staging = os.path.join(tmp, "root")
         for deb in glob.glob(os.path.join(tmp, "*.deb")):
@@ -102,16 +129,19 @@ def _fetch(cache_dir: str) -> str:
     return root
 
 
-def load_manpages(cache_dir: str = DEFAULT_CACHE, min_description_chars: int = 40) -> list[ManPage]:
+def load_manpages(cache_dir: str = DEFAULT_CACHE, min_description_chars: int = 40, *,
+                  update_package_lists: bool | None = None) -> list[ManPage]:
     """All English man pages with a NAME one-liner and a DESCRIPTION, sorted by page name.
 
-    Parsed pages are cached as JSONL next to the unpacked packages.
+    Parsed pages are cached as JSONL next to the unpacked packages. ``update_package_lists``: when
+    ``apt-get download`` fails, run ``apt-get update`` (as root, logged) and retry; None: as the
+    environment variable ``TRINE_APT_UPDATE`` says (default: no, the error names the command).
     """
     cached = os.path.join(cache_dir, "pages.jsonl")
     if os.path.exists(cached):
         with open(cached) as f:
             return [ManPage(**json.loads(line)) for line in f]
-    root = _fetch(cache_dir)
+    root = _fetch(cache_dir, update_package_lists)
     pages = []
     for path in sorted(glob.glob(os.path.join(root, "usr", "share", "man", "man*", "*.gz"))):
         with gzip.open(path, "rt", errors="replace") as f:

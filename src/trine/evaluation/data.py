@@ -16,12 +16,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from trine.errors import InputError
+from trine.textfiles import not_utf8, open_text
+
 Layout = Literal["auto", "beir", "custom"]
 LAYOUTS = ("auto", "beir", "custom")
 
 
-class DatasetFormatError(ValueError):
-    """A test-set file that does not follow its layout; the message names file, line and field."""
+class DatasetFormatError(InputError):
+    """A test-set file that does not follow its layout; the message names file, line and field
+    (the command line prints it and exits 2)."""
 
 
 @dataclass
@@ -44,20 +48,34 @@ class RetrievalDataset:
         return ids, texts
 
 
-def _jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    if not os.path.exists(path):
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of a UTF-8 text file, numbered; a missing file or a byte that is not
+    UTF-8 raises :class:`DatasetFormatError` naming the file (and line)."""
+    if not os.path.isfile(path):
         raise DatasetFormatError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
+    try:
+        f = open_text(path)
+    except OSError as err:
+        raise DatasetFormatError(f"{path}: cannot open: {err.strerror or err}") from None
+    with f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetFormatError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise DatasetFormatError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+            bad = not_utf8(line)
+            if bad:
+                raise DatasetFormatError(f"{path}:{lineno}: {bad}")
+            yield lineno, line
+
+
+def _jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    for lineno, line in _lines(path):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DatasetFormatError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(obj, dict):
+            raise DatasetFormatError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def _field(obj: dict[str, Any], name: str, path: str, lineno: int, kind: type, required: bool = True,
@@ -116,30 +134,25 @@ def _add_qrel(qrels: dict[str, dict[str, int]], qid: str, did: str, rel: int, wh
 
 
 def _load_beir_qrels(path: str, corpus: dict[str, Any], queries: dict[str, str]) -> dict[str, dict[str, int]]:
-    if not os.path.exists(path):
-        raise DatasetFormatError(f"{path}: file not found")
     header = ["query-id", "corpus-id", "score"]
     qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if lineno == 1:
-                if parts != header:
-                    raise DatasetFormatError(f"{path}:1: header must be {' '.join(header)!r} (tab-separated), "
-                                             f"got {line!r}")
-                continue
-            if len(parts) != 3:
-                raise DatasetFormatError(f"{path}:{lineno}: expected 3 tab-separated fields "
-                                         f"(query-id, corpus-id, score), got {len(parts)}")
-            try:
-                rel = int(parts[2])
-            except ValueError:
-                msg = f"{path}:{lineno}: field 'score' must be an integer, got {parts[2]!r}"
-                raise DatasetFormatError(msg) from None
-            _add_qrel(qrels, parts[0], parts[1], rel, f"{path}:{lineno}", corpus, queries, ("query-id", "corpus-id"))
+    for lineno, line in _lines(path):
+        line = line.rstrip("\n").rstrip("\r")
+        parts = line.split("\t")
+        if lineno == 1:
+            if parts != header:
+                raise DatasetFormatError(f"{path}:1: header must be {' '.join(header)!r} (tab-separated), "
+                                         f"got {line!r}")
+            continue
+        if len(parts) != 3:
+            raise DatasetFormatError(f"{path}:{lineno}: expected 3 tab-separated fields "
+                                     f"(query-id, corpus-id, score), got {len(parts)}")
+        try:
+            rel = int(parts[2])
+        except ValueError:
+            msg = f"{path}:{lineno}: field 'score' must be an integer, got {parts[2]!r}"
+            raise DatasetFormatError(msg) from None
+        _add_qrel(qrels, parts[0], parts[1], rel, f"{path}:{lineno}", corpus, queries, ("query-id", "corpus-id"))
     return qrels
 
 

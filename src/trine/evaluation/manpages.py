@@ -12,7 +12,7 @@ import random
 from collections.abc import Sequence
 
 from trine.datasets.manpages import ManPage, load_manpages
-from trine.io import atomic_folder
+from trine.io import atomic_folder, check_output_path
 
 QUERY_PREFIX = "q:"
 
@@ -24,14 +24,19 @@ def build_manpages_beir(
     test_fraction: float = 0.2,
     pages: Sequence[ManPage] | None = None,
     limit: int | None = None,
+    overwrite: bool = False,
+    update_package_lists: bool | None = None,
 ) -> str:
     """Write ``corpus.jsonl``, ``queries.jsonl``, ``qrels/train.tsv`` and ``qrels/test.tsv``; return the folder.
+    ``out_dir`` must be new or empty, or (``overwrite``) a folder trine wrote: :func:`trine.io.atomic_folder`.
 
     ``limit`` keeps a seeded random subset of pages (corpus and queries alike).
+    ``update_package_lists``: may run ``apt-get update`` to fetch the pages (:func:`load_manpages`).
     """
+    check_output_path(out_dir, overwrite=overwrite)  # before reading thousands of pages
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}")
-    pages = list(load_manpages() if pages is None else pages)
+    pages = list(load_manpages(update_package_lists=update_package_lists) if pages is None else pages)
     rng = random.Random(seed)
     if limit is not None:
         if limit < 2:
@@ -44,7 +49,7 @@ def build_manpages_beir(
     rng.shuffle(order)
     n_test = max(1, round(len(pages) * test_fraction))
     test = set(order[:n_test])
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         with open(os.path.join(tmp, "corpus.jsonl"), "w") as f:
             for p in pages:
                 f.write(json.dumps({"_id": p.page, "title": "", "text": p.description}) + "\n")

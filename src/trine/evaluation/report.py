@@ -73,12 +73,15 @@ def plot_modes(result: Mapping[str, Any], path: str, metric: str) -> None:
 
 
 def write_report(result: Mapping[str, Any], out_dir: str | os.PathLike, metrics: Sequence[str] | None = None,
-                 plot_metric: str | None = None) -> dict[str, str]:
-    """Write ``results.json``, ``results.md`` and ``modes.png`` into ``out_dir`` (replaced whole)."""
+                 plot_metric: str | None = None, *, overwrite: bool = False,
+                 inputs: Sequence[str | os.PathLike | None] = ()) -> dict[str, str]:
+    """Write ``results.json``, ``results.md`` and ``modes.png`` into ``out_dir`` (a new folder, or,
+    with ``overwrite``, one trine wrote, replaced whole; never one of the ``inputs`` or a folder
+    holding them: :func:`trine.io.atomic_folder`)."""
     cols = report_metrics(result, metrics)
     plot_metric = plot_metric or cols[0]
     report_metrics(result, [plot_metric])  # raises, naming what is available, if it was not computed
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         with open(os.path.join(tmp, "results.json"), "w") as f:
             json.dump(result, f, indent=1)
         with open(os.path.join(tmp, "results.md"), "w") as f:

@@ -152,9 +152,10 @@ def rerank_result(reranker: Reranker, result: SearchResult, queries: Sequence[st
 
 
 def evaluate_model(model: M3Embedder, dataset: RetrievalDataset, config: EvalConfig,
-                   reranker: Reranker | None = None) -> dict[str, Any]:
+                   reranker: Reranker | None = None, *, return_runs: bool = False) -> dict[str, Any]:
     """Encode corpus and queries once, search every mode (and re-rank the ``rerank_modes`` with the
-    cross-encoder), score with pytrec_eval."""
+    cross-encoder), score with pytrec_eval. ``return_runs``: also ``{"runs": {mode: {qid: {doc_id:
+    score}}}}``, each mode's ranked lists as scored."""
     if config.rerank_modes and reranker is None:
         raise ValueError("rerank_modes are set but no reranker is given")
     needs = needed_outputs(config.modes)
@@ -176,6 +177,7 @@ def evaluate_model(model: M3Embedder, dataset: RetrievalDataset, config: EvalCon
     reps = QueryReps.from_encode(queries)
     metrics: dict[str, dict[str, float]] = {}
     search_s: dict[str, float] = {}
+    runs: dict[str, dict[str, dict[str, float]]] = {}
     results = search_modes(retriever, reps, config)
     for mode in config.rerank_modes:
         start = time.perf_counter()
@@ -186,11 +188,16 @@ def evaluate_model(model: M3Embedder, dataset: RetrievalDataset, config: EvalCon
         metrics[mode] = evaluate_run(dataset.qrels, run, config.k_values, config.metrics,
                                      ignore_identical_ids=config.ignore_identical_ids)
         search_s[mode] = seconds
-    return {
+        if return_runs:
+            runs[mode] = run
+    out: dict[str, Any] = {
         "metrics": metrics,
         "timings": {"encode_corpus_s": encode_corpus_s, "encode_queries_s": encode_queries_s, "index_s": index_s,
                     "search_s": search_s},
     }
+    if return_runs:
+        out["runs"] = runs
+    return out
 
 
 def load_embedder(path: str | os.PathLike, config: EvalConfig, options: Mapping[str, Any] | None) -> M3Embedder:
@@ -233,9 +240,11 @@ def run_evaluation(
     model_options: Mapping[str, Any] | None = None,
     reranker: str | os.PathLike | Reranker | None = None,
     reranker_options: Mapping[str, Any] | None = None,
+    return_runs: bool = False,
 ) -> dict[str, Any]:
     """Evaluate every model; paths are loaded with ``M3Embedder(path, **model_options)``; a
-    reranker path with ``Reranker(path, **reranker_options)``.
+    reranker path with ``Reranker(path, **reranker_options)``. ``return_runs`` keeps each mode's
+    ranked lists (``"runs"`` beside ``"metrics"``).
 
     Returns ``{"dataset", "split", "queries", "documents", "config", "models": {label: {"path",
     "metrics": {mode: {metric: value}}, "timings"}}}``.
@@ -258,7 +267,7 @@ def run_evaluation(
         embedder = model if isinstance(model, M3Embedder) else load_embedder(model, config, model_options)
         logger.info("evaluating %s on %s (%d queries, %d documents)", label, dataset.name, len(dataset.queries),
                     len(dataset.corpus))
-        out = evaluate_model(embedder, dataset, config, reranker)
+        out = evaluate_model(embedder, dataset, config, reranker, return_runs=return_runs)
         result["models"][label] = {"path": os.fspath(model) if not isinstance(model, M3Embedder) else None, **out}
     return result
 

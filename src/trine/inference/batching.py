@@ -76,6 +76,8 @@ def pad_batch(
 ) -> dict[str, torch.Tensor]:
     """Right-pad token id lists into ``input_ids``/``attention_mask`` (and ``cls_mask`` for MCLS,
     ``token_type_ids`` for pairs when ``token_types`` are given; padding gets type 0)."""
+    if len(seqs) == 0:
+        raise ValueError("pad_batch needs at least one sequence")
     width = max(len(s) for s in seqs)
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
@@ -109,6 +111,11 @@ def run_batched(
     On out-of-memory the failing batch is retried at half the size, and the smaller size is
     kept for the rest of the run.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer))
+                                   or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
     n = len(lengths)
     results: list[Any] = [None] * n
     order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")

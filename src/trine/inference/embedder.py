@@ -17,10 +17,22 @@ import torch
 
 from trine import scoring
 from trine.inference.batching import pad_batch, run_batched, tokenize
-from trine.inference.pool import DeviceRunner, check_token_budget, resolve_devices, resolve_dtype
+from trine.inference.pool import (
+    DeviceRunner,
+    check_max_length,
+    check_positive_int,
+    check_token_budget,
+    resolve_devices,
+    resolve_dtype,
+)
 from trine.modeling.trihead import HeadInit, TriHeadModel
 
 logger = logging.getLogger(__name__)
+
+
+def _given(value: Any, default: Any) -> Any:
+    """An argument, or the default when it is None (0 is a value, never "the default")."""
+    return default if value is None else value
 
 
 class _EncoderBase(DeviceRunner):
@@ -73,6 +85,9 @@ class _EncoderBase(DeviceRunner):
             )
         if mcls_interval is not None and model.pooling_method != "cls":
             raise ValueError("mcls_interval averages CLS states: it needs pooling_method 'cls'")
+        batch_size = check_positive_int("batch_size", batch_size)
+        query_max_length = check_max_length("query_max_length", query_max_length, model.max_positions)
+        passage_max_length = check_max_length("passage_max_length", passage_max_length, model.max_positions)
         self.model = model.eval()
         self.tokenizer = model.tokenizer
         self.query_instruction_for_retrieval = query_instruction_for_retrieval
@@ -90,6 +105,19 @@ class _EncoderBase(DeviceRunner):
             self._move_to(self.devices[0])
 
     # ------------------------------------------------------------------ instructions
+    @staticmethod
+    def texts_of(sentences: str | Sequence[str]) -> list[str]:
+        """``sentences`` as a list of strings; anything else is a ValueError naming the item."""
+        if isinstance(sentences, str):
+            return [sentences]
+        if sentences is None or not hasattr(sentences, "__iter__"):
+            raise ValueError(f"sentences must be a string or a list of strings, got {type(sentences).__name__}")
+        texts = list(sentences)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise ValueError(f"sentences[{i}] must be a string, got {type(t).__name__}")
+        return texts
+
     @staticmethod
     def apply_instruction(texts: list[str], instruction: str | None, instruction_format: str) -> list[str]:
         if instruction is None:
@@ -158,13 +186,17 @@ class _EncoderBase(DeviceRunner):
         return_sparse: bool,
         return_colbert_vecs: bool,
     ) -> list[tuple[Any, Any, Any]]:
+        # None is "the default"; 0 or a negative number is an error (never silently the default)
+        max_length = check_max_length("max_length", _given(max_length, self.passage_max_length),
+                                      self.model.max_positions)
+        batch_size = check_positive_int("batch_size", _given(batch_size, self.batch_size))
         if not texts:
             return []
         chunks = self._run(
             "_encode_chunk",
             texts,
-            max_length=max_length or self.passage_max_length,
-            batch_size=batch_size or self.batch_size,
+            max_length=max_length,
+            batch_size=batch_size,
             return_dense=return_dense,
             return_sparse=return_sparse,
             return_colbert_vecs=return_colbert_vecs,
@@ -211,7 +243,7 @@ class Embedder(_EncoderBase):
         instruction_format: str = "{}{}",
     ) -> np.ndarray | torch.Tensor:
         single = isinstance(sentences, str)
-        texts = self.apply_instruction([sentences] if single else list(sentences), instruction, instruction_format)
+        texts = self.apply_instruction(self.texts_of(sentences), instruction, instruction_format)
         rows = self._encode_rows(texts, max_length, batch_size, True, False, False)
         dim = self.model.hidden_size
         vecs = np.stack([r[0] for r in rows]) if rows else np.zeros((0, dim), dtype=np.float32)
@@ -222,14 +254,14 @@ class Embedder(_EncoderBase):
         self, queries: str | Sequence[str], batch_size: int | None = None, max_length: int | None = None,
         convert_to_numpy: bool = True,
     ) -> np.ndarray | torch.Tensor:
-        return self.encode(queries, batch_size, max_length or self.query_max_length, convert_to_numpy,
+        return self.encode(queries, batch_size, _given(max_length, self.query_max_length), convert_to_numpy,
                            self.query_instruction_for_retrieval, self.query_instruction_format)
 
     def encode_corpus(
         self, corpus: str | Sequence[str], batch_size: int | None = None, max_length: int | None = None,
         convert_to_numpy: bool = True,
     ) -> np.ndarray | torch.Tensor:
-        return self.encode(corpus, batch_size, max_length or self.passage_max_length, convert_to_numpy,
+        return self.encode(corpus, batch_size, _given(max_length, self.passage_max_length), convert_to_numpy,
                            self.passage_instruction_for_retrieval, self.passage_instruction_format)
 
 
@@ -276,7 +308,7 @@ class M3Embedder(_EncoderBase):
         sparse = self.return_sparse if return_sparse is None else return_sparse
         colbert = self.return_colbert_vecs if return_colbert_vecs is None else return_colbert_vecs
         single = isinstance(sentences, str)
-        texts = self.apply_instruction([sentences] if single else list(sentences), instruction, instruction_format)
+        texts = self.apply_instruction(self.texts_of(sentences), instruction, instruction_format)
         rows = self._encode_rows(texts, max_length, batch_size, dense, sparse, colbert)
         result: dict[str, Any] = {"dense_vecs": None, "lexical_weights": None, "colbert_vecs": None}
         if dense:
@@ -293,7 +325,7 @@ class M3Embedder(_EncoderBase):
         return_dense: bool | None = None, return_sparse: bool | None = None,
         return_colbert_vecs: bool | None = None,
     ) -> dict[str, Any]:
-        return self.encode(queries, batch_size, max_length or self.query_max_length, return_dense, return_sparse,
+        return self.encode(queries, batch_size, _given(max_length, self.query_max_length), return_dense, return_sparse,
                            return_colbert_vecs, self.query_instruction_for_retrieval, self.query_instruction_format)
 
     def encode_corpus(
@@ -301,7 +333,7 @@ class M3Embedder(_EncoderBase):
         return_dense: bool | None = None, return_sparse: bool | None = None,
         return_colbert_vecs: bool | None = None,
     ) -> dict[str, Any]:
-        return self.encode(corpus, batch_size, max_length or self.passage_max_length, return_dense, return_sparse,
+        return self.encode(corpus, batch_size, _given(max_length, self.passage_max_length), return_dense, return_sparse,
                            return_colbert_vecs, self.passage_instruction_for_retrieval,
                            self.passage_instruction_format)
 
@@ -338,6 +370,7 @@ class M3Embedder(_EncoderBase):
         weights_for_different_modes: Sequence[float] | None = None,
     ) -> dict[str, list[float] | float]:
         """Scores of (query, passage) pairs under every mode (keys as FlagEmbedding's)."""
+        scoring.check_mode_weights(weights_for_different_modes)  # before any encoding
         single = len(sentence_pairs) == 2 and isinstance(sentence_pairs[0], str)
         pairs = [tuple(sentence_pairs)] if single else [tuple(p) for p in sentence_pairs]
         if not pairs:
@@ -345,10 +378,10 @@ class M3Embedder(_EncoderBase):
         for i, p in enumerate(pairs):
             if len(p) != 2 or not all(isinstance(t, str) for t in p):
                 raise TypeError(f"sentence_pairs[{i}] is not a (query, passage) pair of strings")
-        q = self.encode([p[0] for p in pairs], batch_size, max_query_length or self.query_max_length,
-                        True, True, True)
-        p = self.encode([p[1] for p in pairs], batch_size, max_passage_length or self.passage_max_length,
-                        True, True, True)
+        q = self.encode([p[0] for p in pairs], batch_size,
+                        _given(max_query_length, self.query_max_length), True, True, True)
+        p = self.encode([p[1] for p in pairs], batch_size,
+                        _given(max_passage_length, self.passage_max_length), True, True, True)
         dense = np.einsum("nd,nd->n", q["dense_vecs"].astype(np.float64), p["dense_vecs"].astype(np.float64))
         sparse = [scoring.lexical_matching_score(a, b) for a, b in zip(q["lexical_weights"], p["lexical_weights"])]
         colbert = []

@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.multiprocessing as mp
 
@@ -21,6 +22,21 @@ logger = logging.getLogger(__name__)
 # Padded-token budget per batch on CPU under max_tokens_per_batch="auto": small batches keep the
 # activations in cache; benchmarks/encode.py measured 4096 fastest among 4096-32768 (2 cores).
 CPU_TOKENS_PER_BATCH = 4096
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` if it is a positive int (0 is never taken to mean "the default"); else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_max_length(name: str, value: Any, limit: int | None) -> int:
+    """A token length: a positive int, at most the model's ``limit`` positions (when it has one)."""
+    value = check_positive_int(name, value)
+    if limit is not None and value > limit:
+        raise ValueError(f"{name} {value} is more than the model's {limit} positions")
+    return value
 
 
 def check_token_budget(value: Any) -> None:

@@ -15,7 +15,14 @@ import numpy as np
 import torch
 
 from trine.inference.batching import pad_batch, run_batched
-from trine.inference.pool import DeviceRunner, check_token_budget, resolve_devices, resolve_dtype
+from trine.inference.pool import (
+    DeviceRunner,
+    check_max_length,
+    check_positive_int,
+    check_token_budget,
+    resolve_devices,
+    resolve_dtype,
+)
 from trine.modeling.cross_encoder import CrossEncoder
 
 
@@ -61,6 +68,10 @@ class Reranker(DeviceRunner):
         else:
             model = CrossEncoder.from_pretrained(model_name_or_path, dtype=self.dtype,
                                                  trust_remote_code=trust_remote_code)
+        batch_size = check_positive_int("batch_size", batch_size)
+        max_length = check_max_length("max_length", max_length, model.max_positions)
+        if query_max_length is not None:
+            query_max_length = check_positive_int("query_max_length", query_max_length)
         self.model = model.eval()
         self.tokenizer = model.tokenizer
         self.query_instruction_for_rerank = query_instruction_for_rerank
@@ -109,14 +120,19 @@ class Reranker(DeviceRunner):
                 raise TypeError(f"sentence_pairs[{i}] is not a (query, passage) pair of strings")
         if not pairs:
             return []
-        max_length = max_length or self.max_length
-        query_max_length = query_max_length or self.query_max_length or max_length * 3 // 4
+        # None is "the default"; 0 or a negative number is an error (never silently the default)
+        max_length = check_max_length("max_length", self.max_length if max_length is None else max_length,
+                                      self.model.max_positions)
+        if query_max_length is None:
+            query_max_length = self.query_max_length or max_length * 3 // 4
+        query_max_length = check_positive_int("query_max_length", query_max_length)
+        batch_size = check_positive_int("batch_size", self.batch_size if batch_size is None else batch_size)
         pairs = [
             (_format(self.query_instruction_for_rerank, self.query_instruction_format, q),
              _format(self.passage_instruction_for_rerank, self.passage_instruction_format, p))
             for q, p in pairs
         ]
-        chunks = self._run("_score_chunk", pairs, batch_size=batch_size or self.batch_size,
+        chunks = self._run("_score_chunk", pairs, batch_size=batch_size,
                            query_max_length=query_max_length, max_length=max_length)
         scores = np.array([s for chunk in chunks for s in chunk], dtype=np.float64)
         if normalize if normalize is not None else self.normalize:

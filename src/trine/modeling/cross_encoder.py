@@ -17,7 +17,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from trine.errors import InputError, MissingInputError
 from trine.io import write_folder
+from trine.modeling.loading import check_model_folder, load_from_folder, position_limit
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +99,11 @@ class CrossEncoder(nn.Module):
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest pair in tokens (special tokens included) the backbone's positions cover."""
+        return position_limit(self.model.config)
+
     @classmethod
     def from_pretrained(
         cls,
@@ -109,18 +116,18 @@ class CrossEncoder(nn.Module):
     ) -> CrossEncoder:
         """Load a reranker folder. A folder without classifier weights (a plain backbone, e.g. to
         start training) loads only with ``new_classifier=True``; a warning names the new weights."""
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"model folder {path!r} does not exist (trine loads local folders only)")
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
+        path = check_model_folder(path)
+        tokenizer = load_from_folder(AutoTokenizer.from_pretrained, path, "tokenizer",
+                                     trust_remote_code=trust_remote_code)
+        model, info = load_from_folder(
+            AutoModelForSequenceClassification.from_pretrained, path, "reranker", num_labels=1, dtype=dtype,
+            trust_remote_code=trust_remote_code, output_loading_info=True,
             **({"attn_implementation": attn_implementation} if attn_implementation else {}),
         )
         missing = sorted(info["missing_keys"])
         if missing:
             if not new_classifier:
-                raise ValueError(
+                raise InputError(
                     f"{path}: not a trained reranker: no weights for {', '.join(missing[:6])}"
                     f"{' ...' if len(missing) > 6 else ''}. Pass new_classifier=True to start a new "
                     "classifier (for training)"
@@ -128,9 +135,9 @@ class CrossEncoder(nn.Module):
             logger.warning("%s: initialised NEW reranker weights (untrained): %s", path, ", ".join(missing))
         return cls(model, tokenizer)
 
-    def save_pretrained(self, path: str | os.PathLike, *, atomic: bool = True) -> None:
+    def save_pretrained(self, path: str | os.PathLike, *, atomic: bool = True, overwrite: bool = False) -> None:
         """Model and tokenizer as a Hugging Face folder; ``atomic``: appears whole or not at all."""
-        write_folder(path, self._write, atomic=atomic)
+        write_folder(path, self._write, atomic=atomic, overwrite=overwrite)
 
     def _write(self, folder: str) -> None:
         self.model.save_pretrained(folder, safe_serialization=True)
@@ -140,9 +147,10 @@ class CrossEncoder(nn.Module):
         """Load weights saved by :meth:`save_pretrained` into this model (resuming training)."""
         folder = os.fspath(folder)
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{folder}: no checkpoint folder to resume from")
+            raise MissingInputError(f"{folder}: no checkpoint folder to resume from")
         dtype = next(self.model.parameters()).dtype
-        loaded = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype, config=self.model.config)
+        loaded = load_from_folder(AutoModelForSequenceClassification.from_pretrained, folder, "checkpoint",
+                                  dtype=dtype, config=self.model.config)
         self.model.load_state_dict(loaded.state_dict(), strict=True)
 
     def tokenize_pairs(

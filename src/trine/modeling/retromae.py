@@ -290,10 +290,10 @@ class RetroMAEModel(nn.Module):
         self.lm.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
 
-    def save_encoder(self, path: str | os.PathLike) -> str:
+    def save_encoder(self, path: str | os.PathLike, *, overwrite: bool = False) -> str:
         """The encoder (MLM model + tokenizer) as a plain Hugging Face folder, written atomically:
         the backbone ``trine finetune --model_name_or_path`` takes."""
-        with atomic_folder(path) as tmp:
+        with atomic_folder(path, overwrite=overwrite) as tmp:
             self._write_encoder(tmp)
         return os.path.abspath(os.fspath(path))
 

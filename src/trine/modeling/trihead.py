@@ -17,8 +17,10 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
+from trine.errors import InputError, MissingInputError, OptionError, first_line
 from trine.io import write_folder
 from trine.modeling.heads import colbert_vectors, lexical_token_weights
+from trine.modeling.loading import check_model_folder, load_from_folder, load_state_dict_file, position_limit
 from trine.modeling.pooling import check_pooling_method, pool
 
 logger = logging.getLogger(__name__)
@@ -34,8 +36,13 @@ def sentence_transformers_pooling(path: str) -> str | None:
     cfg = os.path.join(path, "1_Pooling", "config.json")
     if not os.path.exists(cfg):
         return None
-    with open(cfg) as f:
-        data = json.load(f)
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{cfg}: cannot read the pooling config: {first_line(err)}") from err
+    if not isinstance(data, dict):
+        raise InputError(f"{cfg}: the pooling config must be a JSON object")
     if data.get("pooling_mode_mean_tokens"):
         return "mean"
     if data.get("pooling_mode_cls_token"):
@@ -53,6 +60,23 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
         if value is not None:
             ids.add(int(value))
     return sorted(ids)
+
+
+def _linear_out_features(state: dict[str, torch.Tensor], file: str) -> int:
+    """The output size of a saved ``torch.nn.Linear`` (its 2-D ``weight`` is out x in)."""
+    weight = state.get("weight")
+    if weight is None or weight.dim() != 2:
+        raise InputError(f"{file}: not a linear head: no 2-D 'weight' (keys: {', '.join(sorted(state)) or 'none'})")
+    return int(weight.shape[0])
+
+
+def _load_head(linear: nn.Linear, state: dict[str, torch.Tensor], file: str) -> None:
+    try:
+        linear.load_state_dict(state)
+    except RuntimeError as err:
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(state.items()))
+        raise InputError(f"{file}: head weights do not fit this model (hidden size {linear.in_features}, "
+                         f"{linear.out_features} outputs): the file has {shapes}") from err
 
 
 def init_head(linear: nn.Linear, how: HeadInit) -> None:
@@ -116,6 +140,11 @@ class TriHeadModel(nn.Module):
         return int(self.backbone.config.hidden_size)
 
     @property
+    def max_positions(self) -> int | None:
+        """The longest input in tokens (special tokens included) the backbone's positions cover."""
+        return position_limit(self.backbone.config)
+
+    @property
     def has_heads(self) -> bool:
         return self.colbert_linear is not None and self.sparse_linear is not None
 
@@ -141,14 +170,14 @@ class TriHeadModel(nn.Module):
         ``pooling_method`` unset: the folder's sentence-transformers pooling config (which
         :meth:`save_pretrained` writes), else ``cls``.
         """
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"model folder {path!r} does not exist (trine loads local folders only)")
+        path = check_model_folder(path)
         if pooling_method is None:
             pooling_method = sentence_transformers_pooling(path) or "cls"
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        backbone, info = AutoModel.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
+        tokenizer = load_from_folder(AutoTokenizer.from_pretrained, path, "tokenizer",
+                                     trust_remote_code=trust_remote_code)
+        backbone, info = load_from_folder(
+            AutoModel.from_pretrained, path, "model", dtype=dtype, trust_remote_code=trust_remote_code,
+            output_loading_info=True,
             **({"attn_implementation": attn_implementation} if attn_implementation else {}),
         )
         if getattr(backbone, "pooler", None) is not None and any(k.startswith("pooler.") for k in info["missing_keys"]):
@@ -158,30 +187,36 @@ class TriHeadModel(nn.Module):
         colbert_linear = sparse_linear = None
         if with_heads:
             hidden = int(backbone.config.hidden_size)
-            colbert_linear = nn.Linear(hidden, hidden if colbert_dim <= 0 else colbert_dim)
-            sparse_linear = nn.Linear(hidden, 1)
             files = {name: os.path.join(path, name) for name in (COLBERT_FILE, SPARSE_FILE)}
             present = {name for name, f in files.items() if os.path.exists(f)}
             if present == set(files):
+                states = {name: load_state_dict_file(f) for name, f in files.items()}
+                # the ColBERT size is the saved head's (a model trained with colbert_dim 64 loads as such)
+                saved_dim = _linear_out_features(states[COLBERT_FILE], files[COLBERT_FILE])
+                if colbert_dim > 0 and colbert_dim != saved_dim:
+                    raise OptionError(
+                        f"colbert_dim: {colbert_dim} asked, but {files[COLBERT_FILE]} holds a {saved_dim}-dim "
+                        "ColBERT head (leave colbert_dim at -1 to use the saved size)"
+                    )
+                colbert_linear = nn.Linear(hidden, saved_dim)
+                sparse_linear = nn.Linear(hidden, 1)
                 for linear, name in ((colbert_linear, COLBERT_FILE), (sparse_linear, SPARSE_FILE)):
-                    state = torch.load(files[name], map_location="cpu", weights_only=True)
-                    try:
-                        linear.load_state_dict(state)
-                    except RuntimeError as err:
-                        raise ValueError(f"{files[name]}: head weights do not fit this model: {err}") from err
+                    _load_head(linear, states[name], files[name])
             elif init_missing_heads is None:
                 missing = ", ".join(sorted(set(files) - present))
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"{path}: no {missing}; this is not a tri-head (BGE-M3 layout) checkpoint. Pass "
                     "init_missing_heads='random' or 'neutral' to start new heads (for training), or "
                     "with_heads=False for a dense-only model"
                 )
             elif present:
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"{path}: has {', '.join(sorted(present))} but not the other head file; refusing to mix "
                     "a trained head with a new one"
                 )
             else:
+                colbert_linear = nn.Linear(hidden, hidden if colbert_dim <= 0 else colbert_dim)
+                sparse_linear = nn.Linear(hidden, 1)
                 init_head(colbert_linear, init_missing_heads)
                 init_head(sparse_linear, init_missing_heads)
                 logger.warning(
@@ -200,13 +235,13 @@ class TriHeadModel(nn.Module):
             normalize_embeddings=normalize_embeddings,
         )
 
-    def save_pretrained(self, path: str | os.PathLike, *, atomic: bool = True) -> None:
+    def save_pretrained(self, path: str | os.PathLike, *, atomic: bool = True, overwrite: bool = False) -> None:
         """Write backbone, tokenizer and head files (BGE-M3 layout).
 
         ``atomic``: the folder appears whole or not at all (written aside, then renamed over any
         old one). The trainer writes into its own checkpoint folders with ``atomic=False``.
         """
-        write_folder(path, self._write, atomic=atomic)
+        write_folder(path, self._write, atomic=atomic, overwrite=overwrite)
 
     def _write(self, folder: str) -> None:
         self.backbone.save_pretrained(folder, safe_serialization=True)
@@ -257,13 +292,15 @@ class TriHeadModel(nn.Module):
         """
         folder = os.fspath(folder)
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{folder}: no checkpoint folder to resume from")
+            raise MissingInputError(f"{folder}: no checkpoint folder to resume from")
         dtype = next(self.backbone.parameters()).dtype
-        loaded = AutoModel.from_pretrained(folder, dtype=dtype, config=self.backbone.config)
+        loaded = load_from_folder(AutoModel.from_pretrained, folder, "checkpoint", dtype=dtype,
+                                  config=self.backbone.config)
         self.backbone.load_state_dict(loaded.state_dict(), strict=True)
         if self.has_heads:
             for linear, name in ((self.colbert_linear, COLBERT_FILE), (self.sparse_linear, SPARSE_FILE)):
-                linear.load_state_dict(torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True))
+                file = os.path.join(folder, name)
+                _load_head(linear, load_state_dict_file(file), file)
 
     # ------------------------------------------------------------------ forward
     def forward(

@@ -134,9 +134,9 @@ class DenseIndex:
         return np.where(rows >= 0, out, -np.inf).astype(np.float32)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write ``index.json``, ``ids.json`` and ``dense.faiss``; the folder appears whole or not at all."""
-        with atomic_folder(path) as tmp:
+        with atomic_folder(path, overwrite=overwrite) as tmp:
             faiss.write_index(self.index, os.path.join(tmp, "dense.faiss"))
             write_ids(tmp, self.ids)
             write_meta(tmp, "dense", dim=self.dim, index_kind=self.kind, options=self.options, count=len(self.ids))

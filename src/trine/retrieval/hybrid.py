@@ -129,9 +129,9 @@ class HybridRetriever:
             MultiVectorIndex.build(reps.colbert_vecs, ids) if reps.colbert_vecs is not None else None,
         )
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """One folder with ``dense/``, ``sparse/``, ``multivector/`` (those present); all or nothing."""
-        with atomic_folder(path) as tmp:
+        with atomic_folder(path, overwrite=overwrite) as tmp:
             for name, index in (("dense", self.dense), ("sparse", self.sparse), ("multivector", self.multivector)):
                 if index is not None:
                     index.save(os.path.join(tmp, name))

@@ -118,9 +118,9 @@ class MultiVectorIndex:
         return pad_results([top_k(s, k) for s in scores], k)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write ``index.json``, ``ids.json``, ``vectors.npy`` and ``offsets.npy``; all or nothing."""
-        with atomic_folder(path) as tmp:
+        with atomic_folder(path, overwrite=overwrite) as tmp:
             np.save(os.path.join(tmp, "vectors.npy"), self.vectors)
             np.save(os.path.join(tmp, "offsets.npy"), self.offsets)
             write_ids(tmp, self.ids)

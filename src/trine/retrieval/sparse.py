@@ -145,9 +145,9 @@ class SparseIndex:
         return out
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write ``index.json``, ``ids.json``, ``vocab.json`` and ``postings.npz``; all or nothing."""
-        with atomic_folder(path) as tmp:
+        with atomic_folder(path, overwrite=overwrite) as tmp:
             terms = [None] * len(self.vocab)
             for term, t in self.vocab.items():
                 terms[t] = term

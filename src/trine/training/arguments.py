@@ -57,7 +57,7 @@ class TrainDataArguments:
     fill_missing_negatives: str = field(
         default="error", metadata={"help": "too few negatives: error, or random (fill from other records)"}
     )
-    file_options: str | None = field(
+    file_options: dict[str, dict[str, Any]] | str | None = field(
         default=None,
         metadata={"help": 'JSON {"path": {"batch_size": N, "in_batch_negatives": false}} (a mapping in a config)'},
     )
@@ -95,7 +95,18 @@ class DataArguments(TrainDataArguments):
 
 
 @dataclass
-class EmbedderTrainingArguments(TrainingArguments):
+class SafeTrainingArguments(TrainingArguments):
+    """What every trine trainer adds to Hugging Face's arguments: the output-folder policy."""
+
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "replace an output_dir an earlier trine run wrote (never a folder trine did "
+                                         "not write); without it an existing, non-empty output_dir is an error "
+                                         "unless resuming"}
+    )
+
+
+@dataclass
+class EmbedderTrainingArguments(SafeTrainingArguments):
     temperature: float = field(default=0.02)
     negatives_cross_device: bool = field(default=False, metadata={"help": "add other ranks' passages as negatives"})
     kd_loss_type: str = field(default="kl_div", metadata={"help": "kl_div or m3_kd_loss"})

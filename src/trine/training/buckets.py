@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 from transformers import AutoTokenizer
 
-from trine.io import atomic_folder
+from trine.io import atomic_folder, check_output_path
+from trine.modeling.loading import check_model_folder, load_from_folder
+from trine.textfiles import open_text
 from trine.training.data import DataError, list_data_files, read_file
 
 DEFAULT_EDGES = (0, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000)
@@ -60,27 +62,33 @@ def split_by_length(
     edges: Sequence[int] = DEFAULT_EDGES,
     reference_batch: int | None = None,
     reference_length: int = 512,
+    overwrite: bool = False,
 ) -> dict[str, list[Bucket]]:
-    """Write the buckets of every input file into ``output_dir`` (atomically, never over an input)."""
+    """Write the buckets of every input file into ``output_dir`` (atomically; never an input or a
+    folder holding one; an existing folder only with ``overwrite``: :func:`trine.io.atomic_folder`)."""
     if list(edges) != sorted(set(edges)) or edges[0] != 0:
         raise ValueError(f"edges must increase from 0, got {list(edges)}")
     files = list_data_files(list(inputs))
-    out_abs = os.path.abspath(output_dir)
-    for f in files:
-        if os.path.dirname(os.path.abspath(f)) == out_abs:
-            raise ValueError(f"{f}: the output folder holds the input; choose another --output_dir")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    sources = [*inputs, *files]
+    check_output_path(output_dir, inputs=sources, overwrite=overwrite)
+    # a local folder only: a path that does not exist is an error naming it, never a Hub id to try
+    tokenizer = load_from_folder(AutoTokenizer.from_pretrained, check_model_folder(tokenizer_path), "tokenizer")
     problems: list[str] = []
-    parsed = {f: read_file(f, problems)[0] for f in files}
+    parsed = {}
+    for f in files:
+        seen = len(problems)
+        parsed[f] = read_file(f, problems)[0]
+        if not parsed[f] and len(problems) == seen:
+            problems.append(f"{f}: no records")
     if problems:
         raise DataError(problems)
     report: dict[str, list[Bucket]] = {}
-    with atomic_folder(output_dir) as tmp:
+    with atomic_folder(output_dir, inputs=sources, overwrite=overwrite) as tmp:
         for path, records in parsed.items():
             stem = os.path.splitext(os.path.basename(path))[0]
             buckets = [Bucket(lo, hi) for lo, hi in zip(edges, [*edges[1:], math.inf])]
             handles: dict[int, object] = {}
-            with open(path, encoding="utf-8") as src:
+            with open_text(path) as src:  # validated above: UTF-8 (a byte-order mark is skipped)
                 lines = [line for line in src if line.strip()]
             for record, line in zip(records, lines):
                 texts = [record.query, *record.pos, *record.neg]

@@ -15,18 +15,24 @@ from typing import Any
 
 import numpy as np
 
+from trine.errors import UserError
+from trine.textfiles import not_utf8, open_text
+
 KNOWN_FIELDS = {"query", "pos", "neg", "pos_scores", "neg_scores", "prompt", "type", "batch_size"}
 SUPPORTED_TYPES = {"normal"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad training data; ``problems`` lists every ``file:line: field: message``."""
 
     def __init__(self, problems: list[str]):
         self.problems = problems
+        if len(problems) == 1:  # one problem, one line: file:line: field: message
+            super().__init__(problems[0])
+            return
         shown = problems[:50]
         more = f"\n... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        super().__init__(f"{len(problems)} problem(s) in the training data:\n" + "\n".join(shown) + more)
+        super().__init__(f"{len(problems)} problems in the data:\n" + "\n".join(shown) + more)
 
 
 @dataclass
@@ -107,14 +113,18 @@ def read_file(path: str, problems: list[str]) -> tuple[list[Record], int | None]
     records: list[Record] = []
     batch_sizes: set[int] = set()
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open_text(path)
     except OSError as err:
-        problems.append(f"{path}: cannot open: {err}")
+        problems.append(f"{path}: cannot open: {err.strerror or err}")
         return records, None
     with handle:
         for number, line in enumerate(handle, start=1):
             where = f"{path}:{number}"
             if not line.strip():
+                continue
+            bad = not_utf8(line)
+            if bad:
+                problems.append(f"{where}: (line): {bad}")
                 continue
             try:
                 obj = json.loads(line)

@@ -7,27 +7,25 @@ import os
 import sys
 from typing import Any
 
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 
+from trine.config import parse_config  # re-exported: the training commands import it from here
+from trine.errors import report_user_errors
 from trine.modeling.trihead import COLBERT_FILE, SPARSE_FILE, TriHeadModel
 from trine.training.arguments import DataArguments, EmbedderTrainingArguments, ModelArguments, TrainDataArguments
 from trine.training.collator import EmbedderCollator
 from trine.training.data import TrainFile, load_train_files
 from trine.training.dataset import EpochPlanDataset
 from trine.training.model import EmbedderTrainingModel, M3LossWeights
-from trine.training.trainer import EmbedderTrainer, EpochPlanCallback, RetrievalEvalCallback
+from trine.training.trainer import (
+    EmbedderTrainer,
+    EpochPlanCallback,
+    RetrievalEvalCallback,
+    check_training_output,
+    prepare_output_dir,
+)
 
 logger = logging.getLogger(__name__)
-
-
-def parse_config(argv: list[str], types: tuple[type, ...]) -> tuple[Any, ...]:
-    """Command-line flags, or one YAML/JSON config file, into ``types``; unknown names are errors."""
-    parser = HfArgumentParser(types)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-        if argv[0].endswith(".json"):
-            return parser.parse_json_file(argv[0], allow_extra_keys=False)
-        return parser.parse_yaml_file(argv[0], allow_extra_keys=False)
-    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, EmbedderTrainingArguments]:
@@ -130,32 +128,41 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: Em
     return trainer
 
 
+def training_inputs(model_args: Any, data_args: Any) -> list[str | None]:
+    """What a training run reads: its output_dir may be none of these nor hold them."""
+    return [model_args.model_name_or_path, *data_args.train_data, getattr(data_args, "eval_data", None)]
+
+
+def train_and_save(model_args: Any, data_args: Any, args: Any, build) -> str:  # noqa: ANN001
+    """The output policy around a trainer: check ``output_dir`` first (nothing is loaded or written
+    on a bad one), build, prepare the folder, train (resuming from a complete checkpoint), save the
+    model atomically."""
+    checkpoint = check_training_output(args, training_inputs(model_args, data_args))
+    trainer = build(model_args, data_args, args)
+    prepare_output_dir(args, resuming=checkpoint is not None)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    return trainer.save_final(args.output_dir)
+
+
 def finetune(model_args: ModelArguments, data_args: DataArguments, args: EmbedderTrainingArguments) -> str:
-    trainer = build_trainer(model_args, data_args, args)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.save_model(args.output_dir)
-    return args.output_dir
+    return train_and_save(model_args, data_args, args, build_trainer)
 
 
-def run_cli(argv: list[str] | None, parse, run) -> int:  # noqa: ANN001
-    """Parse, then run; bad options and bad data exit 2 with the message (nothing trained or written)."""
-    from trine.training.data import DataError
+def run_cli(argv: list[str] | None, parse, run, *, debug: bool = False) -> int:  # noqa: ANN001
+    """Parse, then run: the command line's exit-code policy (:func:`trine.errors.report_user_errors`):
+    bad options, bad data or an unsafe output print ``error: ...`` and give 2, nothing trained or
+    written (``debug``: raised with the traceback)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
 
-    try:
-        parsed = parse(sys.argv[1:] if argv is None else argv)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        run(*parsed)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    def work() -> int:
+        run(*parse(argv))
+        return 0
+
+    return report_user_errors(work, debug=debug)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(argv, parse_args, finetune)
+def main(argv: list[str] | None = None, *, debug: bool = False) -> int:
+    return run_cli(argv, parse_args, finetune, debug=debug)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from transformers import PreTrainedTokenizerBase, TrainingArguments
+from transformers import PreTrainedTokenizerBase
 
+from trine.io import check_output_path
 from trine.modeling.retromae import RetroMAEModel
+from trine.training.arguments import SafeTrainingArguments
 from trine.training.data import DataError, list_data_files, parse_text_line
-from trine.training.finetune import parse_config
-from trine.training.trainer import EmbedderTrainer, EpochPlanCallback
+from trine.training.finetune import parse_config, run_cli
+from trine.training.trainer import EmbedderTrainer, EpochPlanCallback, check_training_output, prepare_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ class PretrainDataArguments:
 
 
 @dataclass
-class PretrainTrainingArguments(TrainingArguments):
+class PretrainTrainingArguments(SafeTrainingArguments):
     encoder_output_dir: str | None = field(
         default=None, metadata={"help": "where the final encoder goes (default: <output_dir>/encoder_model)"}
     )
@@ -386,29 +388,32 @@ def encoder_dir(args: PretrainTrainingArguments) -> str:
 
 def pretrain(model_args: PretrainModelArguments, data_args: PretrainDataArguments,
              args: PretrainTrainingArguments) -> str:
-    """Train, then write the encoder (main process); return its folder."""
-    trainer = build_trainer(model_args, data_args, args)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    """Train, then write the encoder (main process); return its folder. Both folders are checked
+    against the output policy before anything is loaded (:mod:`trine.io`)."""
+    inputs = [model_args.model_name_or_path, *data_args.train_data]
+    checkpoint = check_training_output(args, inputs)
     out = encoder_dir(args)
+    inside = os.path.realpath(os.path.abspath(out)).startswith(os.path.realpath(os.path.abspath(args.output_dir)))
+    if not inside:  # inside output_dir, it is covered by output_dir's check
+        check_output_path(out, inputs=inputs, overwrite=args.overwrite_output_dir, what="encoder_output_dir")
+    trainer = build_trainer(model_args, data_args, args)
+    prepare_output_dir(args, resuming=checkpoint is not None)
+    trainer.train(resume_from_checkpoint=checkpoint)
     if args.should_save:
-        trainer.accelerator.unwrap_model(trainer.model).save_encoder(out)
+        trainer.accelerator.unwrap_model(trainer.model).save_encoder(out, overwrite=inside or args.overwrite_output_dir)
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
+def main(argv: list[str] | None = None, *, debug: bool = False) -> int:
+    """Bad options or data exit 2 with the message (the command line's policy: ``run_cli``)."""
+
+    def run(model_args: PretrainModelArguments, data_args: PretrainDataArguments,
+            args: PretrainTrainingArguments) -> None:
         out = pretrain(model_args, data_args, args)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.should_save:
-        print(f"encoder: {out}")
-    return 0
+        if args.should_save:
+            print(f"encoder: {out}")
+
+    return run_cli(argv, parse_args, run, debug=debug)
 
 
 if __name__ == "__main__":

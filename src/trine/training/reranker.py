@@ -21,13 +21,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import TrainingArguments, set_seed
+from transformers import set_seed
 
 from trine.inference.batching import pad_batch
 from trine.modeling.cross_encoder import CrossEncoder
-from trine.training.arguments import TrainDataArguments
+from trine.training.arguments import SafeTrainingArguments, TrainDataArguments
 from trine.training.collator import EmbedderCollator
-from trine.training.finetune import collator_options, load_data, parse_config, plan_dataset, run_cli
+from trine.training.finetune import collator_options, load_data, parse_config, plan_dataset, run_cli, train_and_save
 from trine.training.losses import KD_LOSS_TYPES, score_loss, teacher_distribution
 from trine.training.model import enable_checkpointing
 from trine.training.trainer import EmbedderTrainer, EpochPlanCallback
@@ -57,7 +57,7 @@ class RerankerDataArguments(TrainDataArguments):
 
 
 @dataclass
-class RerankerTrainingArguments(TrainingArguments):
+class RerankerTrainingArguments(SafeTrainingArguments):
     reranker_loss: str = field(default="group_ce", metadata={"help": f"one of {', '.join(RERANKER_LOSSES)}"})
     kd_loss_type: str = field(default="kl_div", metadata={"help": "kl_div or m3_kd_loss (with knowledge_distillation)"})
 
@@ -158,14 +158,11 @@ def parse_reranker_args(argv: list[str]) -> tuple[RerankerModelArguments, Rerank
 
 def finetune_reranker(model_args: RerankerModelArguments, data_args: RerankerDataArguments,
                       args: RerankerTrainingArguments) -> str:
-    trainer = build_reranker_trainer(model_args, data_args, args)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.save_model(args.output_dir)
-    return args.output_dir
+    return train_and_save(model_args, data_args, args, build_reranker_trainer)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(argv, parse_reranker_args, finetune_reranker)
+def main(argv: list[str] | None = None, *, debug: bool = False) -> int:
+    return run_cli(argv, parse_reranker_args, finetune_reranker, debug=debug)
 
 
 if __name__ == "__main__":

@@ -4,15 +4,87 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from trine.errors import OptionError
+from trine.io import (
+    atomic_folder,
+    check_output_path,
+    exchange,
+    is_trine_folder,
+    normal_mode,
+    parent_lock,
+    write_marker,
+)
 from trine.training.dataset import EpochPlanDataset
 from trine.training.gradcache import gradcache_step
+
+# What a final save keeps from the run's folder beside the new model: checkpoints and logs.
+CARRY_OVER = (f"{PREFIX_CHECKPOINT_DIR}-*", "runs")
+_STAGE_PREFIX = ".tmp-" + PREFIX_CHECKPOINT_DIR
+
+
+def resume_checkpoint(args: Any) -> str | None:
+    """The checkpoint ``resume_from_checkpoint`` names: ``true`` is the newest checkpoint in
+    ``output_dir`` (every ``checkpoint-N`` there is complete: they are written aside and renamed
+    into place); a path must be a checkpoint folder. None: start from scratch."""
+    resume = args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.strip().lower() in ("true", "false"):
+        resume = resume.strip().lower() == "true"
+    if resume is None or resume is False or resume == "":
+        return None
+    if resume is True:
+        found = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if found is None:
+            raise OptionError(f"{args.output_dir}: resume_from_checkpoint is true but there is no complete "
+                              f"{PREFIX_CHECKPOINT_DIR}-N folder in the output_dir")
+        return found
+    if not os.path.isfile(os.path.join(resume, "trainer_state.json")):
+        raise OptionError(f"{resume}: resume_from_checkpoint: not a checkpoint folder (no trainer_state.json)")
+    return resume
+
+
+def check_training_output(args: Any, inputs: Iterable[str | None]) -> str | None:
+    """Before anything is loaded or written: ``output_dir`` may be written (:mod:`trine.io`'s policy;
+    an existing trine folder needs ``overwrite_output_dir`` or a resume). Returns the checkpoint
+    to resume from."""
+    checkpoint = resume_checkpoint(args)
+    check_output_path(args.output_dir, inputs=inputs, what="output_dir",
+                      overwrite=bool(getattr(args, "overwrite_output_dir", False)) or checkpoint is not None)
+    return checkpoint
+
+
+def prepare_output_dir(args: Any, resuming: bool) -> None:
+    """Main process, once checks passed: an ``overwrite_output_dir`` run starts from an empty folder
+    (the old one is removed whole, never mixed with the new files); the folder gets trine's marker;
+    checkpoints a killed run left half-written are removed."""
+    out = args.output_dir
+    with args.main_process_first(desc="output_dir"):
+        if not args.should_save:
+            return
+        os.makedirs(out, exist_ok=True)
+        entries = os.listdir(out)
+        if entries and not resuming and args.overwrite_output_dir:
+            fresh = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.abspath(out)) + "-",
+                                     dir=os.path.dirname(os.path.abspath(out)))
+            normal_mode(fresh, folder=True)
+            with parent_lock(os.path.abspath(out)):
+                exchange(fresh, os.path.abspath(out))
+            shutil.rmtree(fresh)
+        if not is_trine_folder(out):
+            write_marker(out)
+        for entry in os.listdir(out):
+            if entry.startswith(_STAGE_PREFIX):
+                shutil.rmtree(os.path.join(out, entry), ignore_errors=True)
 
 
 class EpochPlanCallback(TrainerCallback):
@@ -101,6 +173,61 @@ class EmbedderTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         model.encoder.save_pretrained(output_dir, atomic=False)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    # A checkpoint is written into ``.tmp-checkpoint-N-stage/`` and renamed into place once every
+    # process has written its part, so a kill mid-save never leaves a ``checkpoint-N`` that a
+    # resume would pick up half-written.
+    _stage_dir: str | None = None
+
+    def _get_output_dir(self, trial) -> str:  # noqa: ANN001
+        return self._stage_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:  # noqa: ANN001
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        stage = os.path.join(run_dir, f"{_STAGE_PREFIX}-{self.state.global_step}-stage")
+        if self.args.should_save and os.path.exists(stage):
+            shutil.rmtree(stage)
+        self.accelerator.wait_for_everyone()
+        self._stage_dir = stage
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._stage_dir = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            with parent_lock(final):
+                if os.path.exists(final):
+                    exchange(os.path.join(stage, name), final)
+                else:
+                    os.rename(os.path.join(stage, name), final)
+            shutil.rmtree(stage)
+            best = self.state.best_model_checkpoint
+            if best and best.startswith(stage):
+                self.state.best_model_checkpoint = run_dir + best[len(stage):]
+            self._rotate(run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _rotate(self, run_dir: str) -> None:
+        if hasattr(self, "_rotate_checkpoints"):  # transformers 4.x
+            self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
+            return
+        from transformers.trainer_utils import rotate_checkpoints
+
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
+    def save_final(self, output_dir: str | None = None) -> str:
+        """The trained model, atomically: written beside ``output_dir``, the run's checkpoints and logs
+        carried over (hard links), then swapped in whole; files of an earlier model never remain."""
+        output_dir = output_dir or self.args.output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            with atomic_folder(output_dir, overwrite=True, carry_over=CARRY_OVER) as tmp:
+                self._save(tmp)
+        self.accelerator.wait_for_everyone()
+        return output_dir
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:  # noqa: ANN001
         target = self.accelerator.unwrap_model(model or self.model)

@@ -1,0 +1,50 @@
+"""The exceptions trine raises for a user's mistakes (bad input, bad options, unsafe outputs).
+
+Every one of them is a ``ValueError`` and means "nothing was trained or written": the command line
+prints its message on one line-group and exits with code 2 (1 is kept for failures while running).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class UserError(ValueError):
+    """Bad input or options: the message names the path (and line / field where there is one)."""
+
+
+class OptionError(UserError):
+    """An option has the wrong type or value: the message names the option, the value and what was expected."""
+
+
+class InputError(UserError):
+    """A file or folder the user gave cannot be read: ``path[:line]: field: message``."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """A file or folder the user named does not exist (also a ``FileNotFoundError``)."""
+
+
+class OutputPathError(UserError):
+    """An output path would replace an input, the working folder, an ancestor of either, or a folder
+    trine did not write (or one it wrote, without ``overwrite``)."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (libraries' messages run on with advice that does not apply)."""
+    text = str(err).strip()
+    return text.splitlines()[0].strip() if text else type(err).__name__
+
+
+def report_user_errors(work: Callable[[], int], *, debug: bool = False) -> int:
+    """The command line's one exit-code policy: ``work()``'s own code; a :class:`UserError` (bad
+    input, bad options, an unsafe output) prints ``error: <message>`` on stderr and gives 2, with no
+    traceback (``debug``: raised again, traceback and all). Any other error propagates (exit 1)."""
+    try:
+        return work()
+    except UserError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
