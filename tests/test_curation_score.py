@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import require, unavailable
 
 from trine import Embedder, M3Embedder
 from trine.cli import main
@@ -20,7 +21,7 @@ def pages():
     try:
         return load_manpages(update_package_lists=True)[:40]
     except RuntimeError as err:
-        pytest.skip(f"man pages unavailable: {err}")
+        unavailable(f"man pages unavailable: {err}")
 
 
 def write(path, pages, negatives=2):
@@ -37,14 +38,13 @@ def test_dense_teacher_scores_equal_the_embedder(tmp_path, minilm_dir, pages):
     out = str(tmp_path / "scored.jsonl")
     emb = Embedder(minilm_dir, show_progress=False, passage_max_length=96, query_max_length=32)
     encoded: list[int] = []
-    for name in ("encode_queries", "encode_corpus"):
-        original = getattr(emb, name)
+    original = emb.encode_result  # what the scorer calls: queries (kind="query"), then passages
 
-        def spy(texts, *a, _original=original, **k):
-            encoded.append(len(texts))
-            return _original(texts, *a, **k)
+    def spy(texts, *a, **k):
+        encoded.append(len(texts))
+        return original(texts, *a, **k)
 
-        setattr(emb, name, spy)
+    emb.encode_result = spy
     summary = add_teacher_scores(src, out, EmbedderScorer(emb), chunk_size=15, show_progress=False)
     rows = [json.loads(line) for line in open(out)]
     # each distinct text encoded once per chunk: the chunk's queries, then its distinct passages
@@ -92,7 +92,7 @@ def make_tiny_cross_encoder(out_dir: str, tokenizer_dir: str) -> str:
 
 
 def test_cross_encoder_teacher(tmp_path, minilm_dir, pages, capsys):
-    reranker_mod = pytest.importorskip("trine.inference.reranker")
+    reranker_mod = require("trine.inference.reranker")
     ce_dir = make_tiny_cross_encoder(str(tmp_path / "ce"), minilm_dir)
     src = write(tmp_path / "train.jsonl", pages[:12])
     out = tmp_path / "scored.jsonl"

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import pytrec_eval
+from conftest import unavailable
 
 from trine.datasets.manpages import ManPage
 from trine.evaluation import (
@@ -202,7 +203,7 @@ def manpage_set(tmp_path_factory):
     try:
         pages = load_manpages(update_package_lists=True)
     except RuntimeError as err:
-        pytest.skip(f"man pages unavailable: {err}")
+        unavailable(f"man pages unavailable: {err}")
     return load_dataset(build_manpages_beir(tmp_path_factory.mktemp("mp") / "mp", limit=200, pages=pages), "test")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TEXTS
+from conftest import TEXTS, require
 
 from trine import Embedder, M3Embedder
 from trine.inference.batching import run_batched
@@ -13,7 +13,7 @@ from trine.inference.pool import resolve_devices
 
 
 def test_embedder_matches_sentence_transformers(minilm_dir):
-    st = pytest.importorskip("sentence_transformers")
+    st = require("sentence_transformers")
     ref = st.SentenceTransformer(minilm_dir, device="cpu").encode(TEXTS * 2, batch_size=4, normalize_embeddings=True)
     emb = Embedder(minilm_dir, show_progress=False, batch_size=4)
     assert emb.model.pooling_method == "mean"  # read from the folder's sentence-transformers config
@@ -24,7 +24,7 @@ def test_embedder_matches_sentence_transformers(minilm_dir):
 
 
 def test_embedder_matches_flagembedding_flagmodel(minilm_dir):
-    fe = pytest.importorskip("FlagEmbedding")
+    fe = require("FlagEmbedding")
     instr = "Represent this sentence for searching relevant passages: "
     ref = fe.FlagModel(minilm_dir, pooling_method="mean", devices="cpu", use_fp16=False,
                        query_instruction_for_retrieval=instr)
@@ -152,7 +152,7 @@ def test_bf16_close_to_fp32(minilm_dir):
     assert cos.min() > 0.99
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_cuda_fp16_close_to_cpu_fp32(tiny_m3_dir):
     kw = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
     ref = M3Embedder(tiny_m3_dir, show_progress=False).encode(TEXTS, **kw)

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import unavailable
 
 from trine import Embedder
 from trine.cli import main
@@ -20,7 +21,7 @@ def pages():
     try:
         return load_manpages(update_package_lists=True)[:150]
     except RuntimeError as err:
-        pytest.skip(f"man pages unavailable: {err}")
+        unavailable(f"man pages unavailable: {err}")
 
 
 def write(path, pages):
@@ -153,13 +154,14 @@ def test_streaming_chunks_give_the_same_output_and_bounded_batches(tmp_path, min
     a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
     mine_hard_negatives(src, a, emb, range_for_sampling=(2, 20), negative_number=3)
     sizes = []
-    original = emb.encode_queries
+    original = emb.encode_result  # what every consumer calls, queries with kind="query"
 
     def spy(texts, *args, **kwargs):
-        sizes.append(len(texts))
+        if kwargs.get("kind") == "query":
+            sizes.append(len(texts))
         return original(texts, *args, **kwargs)
 
-    emb.encode_queries = spy
+    emb.encode_result = spy
     mine_hard_negatives(src, b, emb, range_for_sampling=(2, 20), negative_number=3, query_chunk_size=7,
                         search_batch_size=3)
     assert max(sizes) == 7 and sum(sizes) == 50  # queries encoded chunk by chunk, each once
@@ -196,8 +198,9 @@ def test_embedding_cache_is_reused_and_keyed(tmp_path, minilm_dir, pages):
                                 corpus_block_size=16)
     assert first.cache == "miss" and len(os.listdir(cache)) == 1
     calls = []
-    original = emb.encode_corpus
-    emb.encode_corpus = lambda texts, *a, **k: calls.append(len(texts)) or original(texts, *a, **k)
+    original = emb.encode_result
+    emb.encode_result = lambda texts, *a, **k: (k.get("kind") == "passage" and calls.append(len(texts))) \
+        or original(texts, *a, **k)
     second = mine_hard_negatives(src, outs[1], emb, range_for_sampling=(1, 15), negative_number=4, cache_dir=cache,
                                  corpus_block_size=7)
     assert second.cache == "hit" and calls == []  # the pool was not encoded again
@@ -241,6 +244,6 @@ def test_candidate_pool_bad_lines_are_named(tmp_path):
         read_pool(str(pool))
     assert err.value.problems == [f"{pool}:3: text: missing", f"{pool}:4: (line): a record must be a JSON object",
                                   f"{pool}:5: text: must be a string, got int",
-                                  f"{pool}:6: (line): not UTF-8: invalid start byte at byte 0"]
+                                  f"{pool}:6: (line): not UTF-8: byte 0xff at column 1"]  # as in training files
     pool.write_text('{"text": "a", "id": 1}\n{"text": "b"}\n')
     assert read_pool(str(pool)) == ["a", "b"]

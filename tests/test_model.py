@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TEXTS
+from conftest import TEXTS, require
 
 from trine import M3Embedder, TriHeadModel
 from trine.inference.batching import insert_mcls, mcls_content_budget, tokenize
@@ -143,7 +143,7 @@ def test_mcls_dense_is_mean_of_cls_states(tiny_m3_dir):
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_saved_folder_keeps_pooling_and_loads_in_sentence_transformers(tmp_path, minilm_dir, pooling):
-    st = pytest.importorskip("sentence_transformers")
+    st = require("sentence_transformers")
     from trine import Embedder
 
     model = TriHeadModel.from_pretrained(minilm_dir, init_missing_heads="neutral", pooling_method=pooling)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import TEXTS, make_tiny_m3
+from conftest import TEXTS, make_tiny_m3, require
 
 from trine import M3Embedder, TriHeadModel
 
-FlagEmbedding = pytest.importorskip("FlagEmbedding")
+FlagEmbedding = require("FlagEmbedding")
 
 
 @pytest.fixture(scope="module")

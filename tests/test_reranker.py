@@ -7,13 +7,12 @@ import os
 
 import numpy as np
 import pytest
-import torch
-from conftest import TEXTS, make_tiny_reranker
+from conftest import TEXTS, make_tiny_reranker, require
 
 from trine.inference.reranker import Reranker
 from trine.modeling.cross_encoder import CrossEncoder, PairTemplate
 
-FlagEmbedding = pytest.importorskip("FlagEmbedding")
+FlagEmbedding = require("FlagEmbedding")
 
 QUERIES = ["how do I change file permissions", "creation of the world", "malloc", "formatted output in C"]
 
@@ -117,7 +116,7 @@ def test_rerank_orders_best_first(tiny_reranker_dir):
     assert [i for i, _ in ranked] == list(np.argsort(-np.array(scores))[:3])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_fp16_on_gpu_close_to_fp32(tiny_reranker_dir):
     pairs = all_pairs()
     a = Reranker(tiny_reranker_dir, devices="cuda:0", show_progress=False).compute_score(pairs)

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_reranker, to_argv
+from conftest import make_tiny_reranker, require, to_argv
 from test_finetune import PAGES, no_dropout_copy, weights, write_data
 
 from trine.inference.reranker import Reranker
@@ -26,7 +26,7 @@ from trine.training.reranker import (
     parse_reranker_args,
 )
 
-FlagEmbedding = pytest.importorskip("FlagEmbedding")
+FlagEmbedding = require("FlagEmbedding")
 
 
 @pytest.fixture(scope="module")

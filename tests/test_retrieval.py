@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import unavailable
 
 from trine import scoring
 from trine.retrieval import (
@@ -261,7 +262,7 @@ def manpage_encodings(minilm_dir):
     try:
         pages = load_manpages(update_package_lists=True)
     except RuntimeError as err:
-        pytest.skip(f"man pages unavailable: {err}")
+        unavailable(f"man pages unavailable: {err}")
     pages = pages[::8][:300]
     torch.manual_seed(0)
     model = M3Embedder(minilm_dir, init_missing_heads="neutral", show_progress=False, devices="cpu")

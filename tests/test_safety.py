@@ -161,6 +161,19 @@ def test_outputs_get_normal_permissions(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "x.jsonl").st_mode) == 0o644
 
 
+def test_a_saved_model_is_readable_by_others(tmp_path, tiny_m3_dir):
+    from trine import TriHeadModel
+
+    old = os.umask(0o022)
+    try:
+        TriHeadModel.from_pretrained(tiny_m3_dir).save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    for name in os.listdir(tmp_path / "m"):
+        mode = stat.S_IMODE(os.stat(tmp_path / "m" / name).st_mode)
+        assert mode in (0o644, 0o755), (name, oct(mode))  # model.safetensors arrives 0600 from transformers
+
+
 # ------------------------------------------------------------------------------ the commands
 def test_eval_out_never_deletes_the_test_set_or_the_working_folder(tmp_path, monkeypatch, capsys, splade_tiny_dir):
     data = beir_folder(tmp_path / "beir")

@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import require
 
 from trine import TriHeadModel
-from trine.training.losses import contrastive_loss
 from trine.training.model import EmbedderTrainingModel
 
 QUERIES = ["how to change file permissions", "allocate memory", "open a network socket", "print formatted text"]
@@ -48,7 +48,7 @@ def tokenize(tokenizer, texts, max_len=24):
 @pytest.mark.parametrize("kd", [None, "kl_div", "m3_kd_loss"])
 @pytest.mark.parametrize("in_batch", [True, False])
 def test_dense_loss_and_gradients_match_flagembedding(splade_tiny_dir, kd, in_batch):
-    fe_modeling = pytest.importorskip("FlagEmbedding.finetune.embedder.encoder_only.base.modeling")
+    fe_modeling = require("FlagEmbedding.finetune.embedder.encoder_only.base.modeling")
     torch.manual_seed(0)
     encoder = TriHeadModel.from_pretrained(splade_tiny_dir, with_heads=False, pooling_method="cls")
     no_dropout(encoder.backbone)
@@ -137,12 +137,14 @@ def test_two_processes_cross_device_equal_one_process(tmp_path, splade_tiny_dir,
         torch.testing.assert_close(dist_result["grads"][name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_negative_count_and_bad_groups():
-    q = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
-    p = torch.nn.functional.normalize(torch.randn(12, 8), dim=-1)
-    assert contrastive_loss(q, p, temperature=0.02).negatives_per_query == 11
-    assert contrastive_loss(q, p, temperature=0.02, in_batch_negatives=False).negatives_per_query == 2
+def test_negative_count_and_bad_groups(splade_tiny_dir):
+    encoder = TriHeadModel.from_pretrained(splade_tiny_dir, with_heads=False)
+    model = EmbedderTrainingModel(encoder, temperature=0.02)
+    q = {"dense_vecs": torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)}
+    p = {"dense_vecs": torch.nn.functional.normalize(torch.randn(12, 8), dim=-1)}
+    assert model.loss_from_reps(q, p)["negatives_per_query"] == 11
+    assert model.loss_from_reps(q, p, in_batch_negatives=False)["negatives_per_query"] == 2
     with pytest.raises(ValueError, match="whole group"):
-        contrastive_loss(q, p[:10], temperature=0.02)
+        model.loss_from_reps(q, {"dense_vecs": p["dense_vecs"][:10]})
     with pytest.raises(ValueError, match="kd_loss_type"):
-        contrastive_loss(q, p, temperature=0.02, kd_loss_type="mse")
+        EmbedderTrainingModel(encoder, kd_loss_type="mse")

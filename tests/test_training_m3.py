@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import require
 from test_training_loss import GROUP, PASSAGES, QUERIES, no_dropout, tokenize
 
 from trine import TriHeadModel
@@ -18,7 +19,7 @@ TEACHER = torch.tensor([[3.0, 1.0, 0.5], [2.0, 2.5, 0.0], [1.0, 0.0, -1.0], [0.2
 
 
 def fe_m3(encoder: TriHeadModel, **kw):
-    modeling = pytest.importorskip("FlagEmbedding.finetune.embedder.encoder_only.m3.modeling")
+    modeling = require("FlagEmbedding.finetune.embedder.encoder_only.m3.modeling")
     base = {
         "model": copy.deepcopy(encoder.backbone),
         "colbert_linear": copy.deepcopy(encoder.colbert_linear),

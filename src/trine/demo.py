@@ -67,7 +67,7 @@ def run_end_to_end(out_dir: str = "outputs/demo", *, steps: int | None = None, b
     from trine.evaluation import EvalConfig, load_dataset, run_evaluation, text_table, write_report
     from trine.evaluation.manpages import build_manpages_beir
     from trine.io import atomic_file
-    from trine.training.finetune import finetune, parse_args
+    from trine.training.finetuning import finetune, parse_args
 
     start = time.perf_counter()
     out_dir = os.path.abspath(out_dir)

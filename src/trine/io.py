@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -122,6 +123,16 @@ def _umask() -> int:
 def normal_mode(path: PathLike, *, folder: bool) -> None:
     """The permissions a plain ``open``/``mkdir`` would give (temp files start private)."""
     os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+def open_private_files(folder: str) -> None:
+    """Give files and folders that a library wrote private (some write through their own temp
+    file: ``model.safetensors`` arrives 0600) the umask's permissions; others are left as they are."""
+    for root, dirs, files in os.walk(folder):
+        for name, is_dir in [(d, True) for d in dirs] + [(f, False) for f in files]:
+            full = os.path.join(root, name)
+            if not os.path.islink(full) and stat.S_IMODE(os.stat(full).st_mode) & 0o077 == 0:
+                normal_mode(full, folder=is_dir)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -254,6 +265,7 @@ def atomic_folder(
         normal_mode(tmp, folder=True)
         yield tmp
         write_marker(tmp)
+        open_private_files(tmp)
         with parent_lock(target):
             if os.path.lexists(target):
                 if if_exists == "keep" and is_trine_folder(target):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,21 +119,57 @@ def check_mode_weights(weights: Sequence[float] | None) -> tuple[float, float, f
 
 
 def hybrid_scores(
-    dense: Sequence[float] | np.ndarray,
-    sparse: Sequence[float] | np.ndarray,
-    colbert: Sequence[float] | np.ndarray,
+    dense: Sequence[float] | np.ndarray | None,
+    sparse: Sequence[float] | np.ndarray | None,
+    colbert: Sequence[float] | np.ndarray | None,
     weights: Sequence[float] | None = None,
 ) -> dict[str, np.ndarray]:
     """FlagEmbedding's ``compute_score`` keys: each mode and the weighted means of their sums.
 
     ``weights`` are (dense, sparse, colbert), by default all 1 (checked by :func:`check_mode_weights`).
+    A mode given as ``None`` is left out, and so is every mean it is part of.
     """
     w_d, w_s, w_c = check_mode_weights(weights)
-    d, s, c = (np.asarray(x, dtype=np.float64) for x in (dense, sparse, colbert))
-    return {
-        "dense": d,
-        "sparse": s,
-        "colbert": c,
-        "sparse+dense": (w_s * s + w_d * d) / (w_s + w_d),
-        "colbert+sparse+dense": (w_c * c + w_s * s + w_d * d) / (w_d + w_s + w_c),
-    }
+    d, s, c = (None if x is None else np.asarray(x, dtype=np.float64) for x in (dense, sparse, colbert))
+    out = {mode: x for mode, x in zip(HYBRID_KEYS, (d, s, c)) if x is not None}
+    if d is not None and s is not None:
+        out["sparse+dense"] = (w_s * s + w_d * d) / (w_s + w_d)
+        if c is not None:
+            out["colbert+sparse+dense"] = (w_c * c + w_s * s + w_d * d) / (w_d + w_s + w_c)
+    return out
+
+
+def paired_scores(
+    queries: Mapping[str, Any],
+    passages: Mapping[str, Any],
+    weights: Sequence[float] | None = None,
+    *,
+    block: int = 256,
+) -> dict[str, np.ndarray]:
+    """Scores of query i with passage i (two encodings of as many texts, such as ``EncodeResult`` objects), float64.
+
+    Each mode whose representation both hold (``dense_vecs``, ``lexical_weights``,
+    ``colbert_vecs``), and the weighted means of :func:`hybrid_scores` over them: the keys of
+    ``M3Embedder.compute_score``. Multi-vectors are compared ``block`` pairs at a time.
+    """
+    def both(key: str) -> bool:
+        return queries.get(key) is not None and passages.get(key) is not None
+
+    dense = sparse = colbert = None
+    if both("dense_vecs"):
+        dense = np.einsum("nd,nd->n", np.asarray(queries["dense_vecs"], dtype=np.float64),
+                          np.asarray(passages["dense_vecs"], dtype=np.float64))
+    if both("lexical_weights"):
+        sparse = np.array([lexical_matching_score(q, p) for q, p in
+                           zip(queries["lexical_weights"], passages["lexical_weights"], strict=True)], dtype=np.float64)
+    if both("colbert_vecs"):
+        q_vecs, p_vecs = queries["colbert_vecs"], passages["colbert_vecs"]
+        if len(q_vecs) != len(p_vecs):
+            raise ValueError(f"{len(q_vecs)} queries' multi-vectors for {len(p_vecs)} passages'")
+        out: list[float] = []
+        for s in range(0, len(q_vecs), block):
+            qv, qm = pad_vectors(q_vecs[s : s + block])
+            pv, pm = pad_vectors(p_vecs[s : s + block])
+            out.extend(colbert_scores_padded(qv, qm, pv, pm, pairwise=True).tolist())
+        colbert = np.asarray(out, dtype=np.float64)
+    return hybrid_scores(dense, sparse, colbert, weights)

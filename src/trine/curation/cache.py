@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trine.inference.result import EncodeResult
 from trine.io import atomic_folder
 
 logger = logging.getLogger(__name__)
@@ -152,19 +153,17 @@ class CorpusEncodings:
     """A corpus's encodings, block by block: read from the cache on a hit, else encoded (and, with a
     cache folder, written to a new entry as they come; the entry appears only once complete).
 
-    ``status`` is "hit", "miss" or "off". Blocks are dicts with ``dense_vecs`` (block x dim
-    float32) and ``lexical_weights`` (a list, or None), in text order.
+    ``status`` is "hit", "miss" or "off". Blocks are :class:`EncodeResult` objects with ``dense_vecs``
+    (block x dim float32) and ``lexical_weights`` (a list, or None), in text order.
     """
 
     def __init__(self, embedder: Any, texts: Sequence[str], outputs: Sequence[str],
                  cache_dir: str | os.PathLike | None, block_size: int = 16384):
-        from trine.curation.common import is_m3
-
         bad = set(outputs) - set(OUTPUTS)
         if bad or "dense" not in outputs:
             raise ValueError(f"outputs must include 'dense' and be a choice of {OUTPUTS}, got {list(outputs)}")
-        if "sparse" in outputs and not is_m3(embedder):
-            raise ValueError("lexical (sparse) weights need an M3Embedder (a model with BGE-M3 heads)")
+        if "sparse" in outputs and "sparse" not in embedder.outputs:
+            raise ValueError("lexical (sparse) weights need a model with BGE-M3 heads (an M3Embedder)")
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.embedder, self.texts, self.outputs, self.block_size = embedder, texts, tuple(outputs), block_size
@@ -175,17 +174,10 @@ class CorpusEncodings:
         else:
             self.status = "hit" if os.path.exists(os.path.join(self.cache.path(self.key), "meta.json")) else "miss"
 
-    def _encode(self, texts: list[str]) -> dict[str, Any]:
-        from trine.curation.common import dense_array, is_m3
+    def _encode(self, texts: list[str]) -> EncodeResult:
+        return self.embedder.encode_result(texts, self.outputs, kind="passage")
 
-        sparse = "sparse" in self.outputs
-        if is_m3(self.embedder):
-            enc = self.embedder.encode_corpus(texts, return_dense=True, return_sparse=sparse,
-                                              return_colbert_vecs=False)
-            return {"dense_vecs": dense_array(enc), "lexical_weights": enc["lexical_weights"] if sparse else None}
-        return {"dense_vecs": dense_array(self.embedder.encode_corpus(texts)), "lexical_weights": None}
-
-    def blocks(self) -> Iterator[dict[str, Any]]:
+    def blocks(self) -> Iterator[EncodeResult]:
         if self.status == "hit":
             yield from self._read()
             return
@@ -195,7 +187,7 @@ class CorpusEncodings:
             return
         yield from self._encode_and_write()
 
-    def _read(self) -> Iterator[dict[str, Any]]:
+    def _read(self) -> Iterator[EncodeResult]:
         folder = self.cache.path(self.key)
         with open(os.path.join(folder, "meta.json")) as f:
             meta = json.load(f)
@@ -213,12 +205,12 @@ class CorpusEncodings:
             if "sparse" in self.outputs:
                 lexical = _csr_to_lexical(indptr[start : end + 1] - indptr[start], ids[indptr[start] : indptr[end]],
                                           vals[indptr[start] : indptr[end]])
-            yield {"dense_vecs": dense, "lexical_weights": lexical}
+            yield EncodeResult(dense, lexical)
             start = end
         if start != len(self.texts):
             raise ValueError(f"{folder}/dense.npy: {start} rows for {len(self.texts)} texts")
 
-    def _encode_and_write(self) -> Iterator[dict[str, Any]]:
+    def _encode_and_write(self) -> Iterator[EncodeResult]:
         n = len(self.texts)
         with atomic_folder(self.cache.path(self.key), if_exists="keep") as tmp:
             lexical_parts: list[dict[str, np.ndarray]] = []

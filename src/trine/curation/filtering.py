@@ -32,8 +32,6 @@ from tqdm.auto import tqdm
 from trine.curation.common import (
     atomic_jsonl,
     check_output,
-    dense_array,
-    is_m3,
     iter_raw_rows,
     percentiles,
     quiet,
@@ -41,9 +39,9 @@ from trine.curation.common import (
     write_row,
 )
 from trine.curation.teacher import PairScorer
+from trine.data.records import Record
 from trine.io import check_distinct
 from trine.retrieval.dense import DenseIndex
-from trine.training.data import Record
 
 REASONS = ("duplicate", "low_score", "rank", "near_duplicate")
 NEAR_DUPLICATE_NEIGHBOURS = 16  # earlier kept queries checked per record (the nearest ones)
@@ -71,9 +69,7 @@ def normalise(text: str) -> str:
 
 
 def _dense(embedder: Any, texts: list[str]) -> np.ndarray:
-    vecs = embedder.encode(texts, return_dense=True, return_sparse=False, return_colbert_vecs=False) \
-        if is_m3(embedder) else embedder.encode(texts)
-    x = dense_array(vecs)
+    x = embedder.encode_result(texts, ("dense",)).dense_vecs
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
 

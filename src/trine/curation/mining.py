@@ -15,6 +15,10 @@ Memory: the pool's encodings live once, inside the indexes (optionally read from
 cache, :mod:`trine.curation.cache`). Queries are encoded ``query_chunk_size`` at a time and
 searched ``search_batch_size`` at a time, and output rows are written as they are made, so the
 rest is a bounded working set: never a queries x pool matrix, never all query embeddings.
+
+Here: the options, the pass over the queries and the summary. The pool is read by
+:func:`trine.data.corpus.read_pool`, ranked by :mod:`trine.curation.ranking`, and each query's
+negatives are sampled by :mod:`trine.curation.sampling`.
 """
 
 from __future__ import annotations
@@ -29,44 +33,35 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from trine import scoring
 from trine.curation.cache import CorpusEncodings
 from trine.curation.common import (
     atomic_jsonl,
     check_output,
-    dense_array,
-    is_m3,
     iter_raw_rows,
     percentiles,
     quiet,
     read_records,
     write_row,
 )
-from trine.retrieval.base import SearchResult
+from trine.curation.ranking import PoolRanker, positive_scores
+from trine.curation.sampling import BACKFILL, SamplingCounts, pick_negatives
+from trine.data.corpus import read_pool
 from trine.retrieval.dense import DENSE_KINDS, DenseIndex
-from trine.retrieval.hybrid import HybridRetriever, QueryReps
+from trine.retrieval.hybrid import QueryReps
 from trine.retrieval.sparse import SparseIndex
-from trine.training.data import DataError, Record, parse_text_line
 
 logger = logging.getLogger(__name__)
 
-BACKFILL = ("random", "none", "error")
 INDEX_OPTIONS = ("hnsw_m", "ef_construction", "ef_search", "nlist", "nprobe")
-# Upper bound on the (queries x candidates x dim) float32 block that exact hybrid re-scoring builds.
-HYBRID_BLOCK_ELEMENTS = 1 << 24
 
 
 @dataclass
-class MiningSummary:
+class MiningSummary(SamplingCounts):
     records: int = 0
     pool: int = 0
     ranking: str = "dense"
     index_kind: str = "flat"
     cache: str = "off"
-    dropped_as_positive_or_query: int = 0
-    dropped_by_margin: int = 0
-    backfilled: int = 0
-    short: int = 0
     seconds_corpus: float = 0.0
     seconds_queries: float = 0.0
     positive_scores: array = field(default_factory=lambda: array("f"))
@@ -96,79 +91,15 @@ def parse_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def read_pool(path: str) -> list[str]:
-    """A candidate pool: JSONL of {"text": str} (other fields ignored); problems reported as file:line: field."""
-    texts, problems = [], []
-    try:
-        handle = open(path, "rb")
-    except OSError as err:
-        raise DataError([f"{path}: cannot open: {err.strerror or err}"]) from None
-    with handle as f:
-        for number, raw in enumerate(f, start=1):
-            text, problem = parse_text_line(raw)
-            if problem:
-                problems.append(f"{path}:{number}: {problem}")
-            elif text is not None:
-                texts.append(text)
-    if problems:
-        raise DataError(problems)
-    if not texts:
-        raise DataError([f"{path}: no candidate passages"])
-    return texts
-
-
-class _Ranker:
-    """Search and exact scoring over the pool: dense, or hybrid dense + sparse."""
-
-    def __init__(self, dense: DenseIndex, sparse: SparseIndex | None, weights: tuple[float, float] | None,
-                 candidates: int):
-        self.dense, self.sparse, self.weights, self.candidates = dense, sparse, weights, candidates
-        self.hybrid = HybridRetriever(dense, sparse) if sparse is not None else None
-
-    def search(self, reps: QueryReps, k: int) -> SearchResult:
-        if self.hybrid is None:
-            return self.dense.search(reps.dense_vecs, k)
-        w_d, w_s = self.weights
-        n = len(reps.dense_vecs)
-        step = max(1, HYBRID_BLOCK_ELEMENTS // (2 * self.candidates * self.dense.dim))
-        parts = []
-        for s in range(0, n, step):
-            sub = QueryReps(reps.dense_vecs[s : s + step], reps.lexical_weights[s : s + step])
-            parts.append(self.hybrid.search(sub, k, {"dense": w_d, "sparse": w_s}, candidate_modes=("dense", "sparse"),
-                                            candidate_k=self.candidates))
-        return SearchResult(np.concatenate([p.scores for p in parts]), np.concatenate([p.rows for p in parts]))
-
-    def score_rows(self, reps: QueryReps, rows: np.ndarray) -> np.ndarray:
-        """Exact scores of query i with pool rows[i] (-1 padding gives -inf)."""
-        dense = self.dense.score(reps.dense_vecs, rows).astype(np.float64)
-        if self.sparse is None:
-            return dense
-        w_d, w_s = self.weights
-        sparse = self.sparse.score(reps.lexical_weights, rows)
-        return np.where(rows >= 0, w_d * dense + w_s * sparse, -np.inf)
-
-    def score_vector(self, reps: QueryReps, i: int, dense_vec: np.ndarray, lexical: dict | None) -> float:
-        """Exact score of query i with a passage outside the pool."""
-        d = float(np.dot(reps.dense_vecs[i].astype(np.float64), np.asarray(dense_vec, dtype=np.float64)))
-        if self.sparse is None:
-            return d
-        w_d, w_s = self.weights
-        return w_d * d + w_s * scoring.lexical_matching_score(reps.lexical_weights[i], lexical)
-
-
-def _encode(embedder: Any, texts: list[str], queries: bool, sparse: bool) -> QueryReps:
-    if is_m3(embedder):
-        fn = embedder.encode_queries if queries else embedder.encode_corpus
-        enc = fn(texts, return_dense=True, return_sparse=sparse, return_colbert_vecs=False)
-        return QueryReps(dense_array(enc), enc["lexical_weights"] if sparse else None)
-    fn = embedder.encode_queries if queries else embedder.encode_corpus
-    return QueryReps(dense_array(fn(texts)))
+def _encode(embedder: Any, texts: list[str], kind: str, sparse: bool) -> QueryReps:
+    return QueryReps.from_encode(embedder.encode_result(texts, ("dense", "sparse") if sparse else ("dense",),
+                                                        kind=kind))
 
 
 def mine_hard_negatives(
     input_file: str,
     output_file: str,
-    embedder,  # trine.Embedder or trine.M3Embedder
+    embedder: Any,  # a trine encoder: Embedder, or M3Embedder for hybrid ranking
     *,
     candidate_pool: str | None = None,
     range_for_sampling: tuple[int, int] = (2, 100),
@@ -215,8 +146,9 @@ def mine_hard_negatives(
         if len(hybrid_weights) != 2 or any(not np.isfinite(w) or w < 0 for w in hybrid_weights) \
                 or not any(hybrid_weights):
             raise ValueError(f"hybrid_weights needs two non-negative numbers (dense, sparse), got {hybrid_weights}")
-        if not is_m3(embedder):
-            raise ValueError("hybrid ranking needs lexical weights: load the model as an M3Embedder (BGE-M3 heads)")
+        if "sparse" not in embedder.outputs:
+            raise ValueError("hybrid ranking needs lexical weights: load the model with its BGE-M3 heads "
+                             "(an M3Embedder)")
         weights = (float(hybrid_weights[0]), float(hybrid_weights[1]))
     elif hybrid_candidates is not None:
         raise ValueError("hybrid_candidates goes with hybrid_weights")
@@ -248,7 +180,7 @@ def mine_hard_negatives(
     candidates = depth if hybrid_candidates is None else int(hybrid_candidates)
     if candidates < 1:
         raise ValueError(f"hybrid_candidates must be positive, got {hybrid_candidates}")
-    ranker = _Ranker(dense_index, sparse_index, weights, min(candidates, len(pool)))
+    ranker = PoolRanker(dense_index, sparse_index, weights, min(candidates, len(pool)))
     summary.seconds_corpus = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -258,22 +190,22 @@ def mine_hard_negatives(
         with atomic_jsonl(output_file) as out, quiet(embedder):
             for c0 in range(0, len(records), query_chunk_size):
                 chunk = records[c0 : c0 + query_chunk_size]
-                reps = _encode(embedder, [r.query for r in chunk], queries=True, sparse=hybrid)
+                reps = _encode(embedder, [r.query for r in chunk], "query", sparse=hybrid)
                 outside = list(dict.fromkeys(t for r in chunk for t in r.pos if t not in position))
-                outside_reps = _encode(embedder, outside, queries=False, sparse=hybrid) if outside else None
+                outside_reps = _encode(embedder, outside, "passage", sparse=hybrid) if outside else None
                 outside_at = {t: j for j, t in enumerate(outside)}
                 for b0 in range(0, len(chunk), search_batch_size):
                     batch = chunk[b0 : b0 + search_batch_size]
                     sub = QueryReps(reps.dense_vecs[b0 : b0 + len(batch)],
                                     reps.lexical_weights[b0 : b0 + len(batch)] if hybrid else None)
                     result = ranker.search(sub, depth)
-                    pos_scores = _positive_scores(ranker, sub, batch, position, outside_reps, outside_at)
+                    pos_scores = positive_scores(ranker, sub, batch, position, outside_reps, outside_at)
                     picked = []
                     for j, record in enumerate(batch):
                         i = c0 + b0 + j
                         summary.positive_scores.extend(pos_scores[j])
                         ceiling = None if relative_margin is None else (1 - relative_margin) * min(pos_scores[j])
-                        picked.append(_pick(record, pool, result.rows[j, lo:depth], result.scores[j, lo:depth],
+                        picked.append(pick_negatives(record, pool, result.rows[j, lo:depth], result.scores[j, lo:depth],
                                             ceiling, negative_number, np.random.default_rng([seed, i]), summary,
                                             backfill))
                     width = max((len(p) for p in picked), default=0)
@@ -293,74 +225,3 @@ def mine_hard_negatives(
         bar.close()
     summary.seconds_queries = time.perf_counter() - started
     return summary
-
-
-def _positive_scores(ranker: _Ranker, reps: QueryReps, batch: list[Record], position: dict[str, int],
-                     outside: QueryReps | None, outside_at: dict[str, int]) -> list[list[float]]:
-    width = max(len(r.pos) for r in batch)
-    rows = np.full((len(batch), width), -1, dtype=np.int64)
-    for j, r in enumerate(batch):
-        for k, t in enumerate(r.pos):
-            rows[j, k] = position.get(t, -1)
-    in_pool = ranker.score_rows(reps, rows)
-    out = []
-    for j, r in enumerate(batch):
-        scores = []
-        for k, t in enumerate(r.pos):
-            if rows[j, k] >= 0:
-                scores.append(float(in_pool[j, k]))
-            else:
-                o = outside_at[t]
-                scores.append(ranker.score_vector(reps, j, outside.dense_vecs[o],
-                                                  outside.lexical_weights[o] if outside.lexical_weights else None))
-        out.append(scores)
-    return out
-
-
-def _pick(record: Record, pool: Sequence[str], rows: np.ndarray, scores: np.ndarray, ceiling: float | None,
-          count: int, rng: np.random.Generator, summary: MiningSummary, backfill: str) -> list[int]:
-    """Pool rows of the chosen negatives (in rank order, back-filled ones after)."""
-    banned = {t.strip() for t in (*record.pos, record.query)}
-    candidates: list[int] = []
-    seen: set[str] = set()
-    for row, score in zip(rows.tolist(), scores.tolist()):
-        if row < 0:
-            continue
-        text = pool[row].strip()
-        if text in banned or text in seen:
-            summary.dropped_as_positive_or_query += 1
-            continue
-        if ceiling is not None and score > ceiling:
-            summary.dropped_by_margin += 1
-            continue
-        candidates.append(row)
-        seen.add(text)
-    if len(candidates) > count:
-        picks = rng.choice(len(candidates), size=count, replace=False)
-        return [candidates[j] for j in sorted(picks)]
-    chosen = list(candidates)
-    if len(chosen) < count:
-        if backfill == "error":
-            raise DataError([f"line {record.line}: neg: only {len(chosen)} candidates left, {count} asked "
-                             "(backfill='random' fills from the pool)"])
-        if backfill == "random":
-            avoid = banned | seen
-            tries = 0
-            while len(chosen) < count and tries < 20 * count:  # rejection sampling: no O(pool) work per query
-                tries += 1
-                j = int(rng.integers(len(pool)))
-                if pool[j].strip() not in avoid:
-                    chosen.append(j)
-                    avoid.add(pool[j].strip())
-                    summary.backfilled += 1
-            if len(chosen) < count:  # a pool that is mostly banned texts: scan it once
-                for j in rng.permutation(len(pool)).tolist():
-                    if len(chosen) >= count:
-                        break
-                    if pool[j].strip() not in avoid:
-                        chosen.append(j)
-                        avoid.add(pool[j].strip())
-                        summary.backfilled += 1
-        if len(chosen) < count:
-            summary.short += 1
-    return chosen

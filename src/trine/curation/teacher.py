@@ -22,14 +22,13 @@ from trine import scoring
 from trine.curation.common import (
     atomic_jsonl,
     check_output,
-    dense_array,
-    is_m3,
     iter_raw_rows,
     percentiles,
     quiet,
     read_records,
     write_row,
 )
+from trine.inference.result import EncodeResult
 
 M3_MODES = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
 
@@ -46,48 +45,37 @@ def _check_pairs(queries: Sequence[str], passages: Sequence[str]) -> None:
 
 
 class EmbedderScorer:
-    """Pair scores from a bi-encoder: queries with :meth:`encode_queries` (their instruction),
-    passages with :meth:`encode_corpus`; each distinct text is encoded once per call.
+    """Pair scores from a bi-encoder (any trine encoder): queries encoded as queries (their
+    instruction), passages as passages; each distinct text is encoded once per call.
 
-    ``mode``: ``dense`` for an ``Embedder``; for an ``M3Embedder`` any of ``dense``, ``sparse``,
-    ``colbert``, ``sparse+dense``, ``colbert+sparse+dense`` with ``weights`` (dense, sparse,
-    colbert) as in ``M3Embedder.compute_score`` (weighted means), whose numbers these equal
-    when no query instruction is set. :meth:`prime` keeps the encodings of passages that many
-    calls will ask for (the rank check of `trine filter`).
+    ``mode``: ``dense`` for a dense-only model (an ``Embedder``); for a model with heads (an
+    ``M3Embedder``) any of ``dense``, ``sparse``, ``colbert``, ``sparse+dense``,
+    ``colbert+sparse+dense`` with ``weights`` (dense, sparse, colbert): the numbers of
+    ``M3Embedder.compute_score`` (the same :func:`trine.scoring.paired_scores`) when no query
+    instruction is set. :meth:`prime` keeps the encodings of passages that many calls will ask
+    for (the rank check of `trine filter`).
     """
 
     def __init__(self, embedder: Any, mode: str = "dense", weights: Sequence[float] | None = None):
-        m3 = is_m3(embedder)
-        if mode not in (M3_MODES if m3 else ("dense",)):
-            raise ValueError(f"mode {mode!r} is not available for a {type(embedder).__name__}; choose from "
-                             f"{M3_MODES if m3 else ('dense',)}")
+        available = embedder.outputs
+        modes = tuple(m for m in M3_MODES if set(m.split("+")) <= set(available))
+        if mode not in modes:
+            raise ValueError(f"mode {mode!r} is not available for a {type(embedder).__name__} "
+                             f"(outputs {', '.join(available)}); choose from {modes}")
         if weights is not None and len(weights) != 3:
             raise ValueError(f"weights are (dense, sparse, colbert), got {list(weights)}")
         self.embedder, self.mode, self.weights = embedder, mode, weights
-        self.m3 = m3
-        parts = set(mode.split("+"))
-        self.need = {"dense": "dense" in parts, "sparse": "sparse" in parts, "colbert": "colbert" in parts}
+        self.outputs = tuple(mode.split("+"))
         self._primed: dict[str, tuple[Any, Any, Any]] = {}
 
-    def _encode(self, texts: list[str], queries: bool) -> list[tuple[Any, Any, Any]]:
+    def _encode(self, texts: list[str], kind: str) -> list[tuple[Any, Any, Any]]:
         if not texts:
             return []
-        if not self.m3:
-            fn = self.embedder.encode_queries if queries else self.embedder.encode_corpus
-            vecs = dense_array(fn(texts))
-            return [(v, None, None) for v in vecs]
-        fn = self.embedder.encode_queries if queries else self.embedder.encode_corpus
-        enc = fn(texts, return_dense=self.need["dense"], return_sparse=self.need["sparse"],
-                 return_colbert_vecs=self.need["colbert"])
-        n = len(texts)
-        dense = dense_array(enc) if self.need["dense"] else [None] * n
-        lexical = enc["lexical_weights"] if self.need["sparse"] else [None] * n
-        colbert = enc["colbert_vecs"] if self.need["colbert"] else [None] * n
-        return list(zip(dense, lexical, colbert))
+        return self.embedder.encode_result(texts, self.outputs, kind=kind).rows()
 
     def prime(self, passages: Sequence[str]) -> None:
         todo = [t for t in dict.fromkeys(passages) if t not in self._primed]
-        self._primed.update(zip(todo, self._encode(todo, queries=False)))
+        self._primed.update(zip(todo, self._encode(todo, "passage")))
 
     def __call__(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
         _check_pairs(queries, passages)
@@ -95,29 +83,13 @@ class EmbedderScorer:
             return np.zeros(0, dtype=np.float64)
         uq = list(dict.fromkeys(queries))
         up = [t for t in dict.fromkeys(passages) if t not in self._primed]
-        q_reps = dict(zip(uq, self._encode(uq, queries=True)))
-        p_reps = dict(zip(up, self._encode(up, queries=False)))
+        q_reps = dict(zip(uq, self._encode(uq, "query")))
+        p_reps = dict(zip(up, self._encode(up, "passage")))
         p_reps.update((t, self._primed[t]) for t in dict.fromkeys(passages) if t in self._primed)
-        qs = [q_reps[t] for t in queries]
-        ps = [p_reps[t] for t in passages]
-        n = len(qs)
-        zeros = np.zeros(n, dtype=np.float64)
-        dense = sparse = colbert = zeros
-        if self.need["dense"]:
-            dense = np.einsum("nd,nd->n", np.stack([q[0] for q in qs]).astype(np.float64),
-                              np.stack([p[0] for p in ps]).astype(np.float64))
-        if self.need["sparse"]:
-            sparse = np.array([scoring.lexical_matching_score(q[1], p[1]) for q, p in zip(qs, ps)], dtype=np.float64)
-        if self.need["colbert"]:
-            out = []
-            for s in range(0, n, 256):
-                qv, qm = scoring.pad_vectors([q[2] for q in qs[s : s + 256]])
-                pv, pm = scoring.pad_vectors([p[2] for p in ps[s : s + 256]])
-                out.extend(scoring.colbert_scores_padded(qv, qm, pv, pm, pairwise=True).tolist())
-            colbert = np.asarray(out, dtype=np.float64)
-        if self.mode in ("dense", "sparse", "colbert"):
-            return {"dense": dense, "sparse": sparse, "colbert": colbert}[self.mode]
-        return scoring.hybrid_scores(dense, sparse, colbert, self.weights)[self.mode]
+        q = EncodeResult.from_rows([q_reps[t] for t in queries], self.outputs)
+        p = EncodeResult.from_rows([p_reps[t] for t in passages], self.outputs)
+        # the weights only enter the weighted means (a single mode takes any)
+        return scoring.paired_scores(q, p, self.weights if "+" in self.mode else None)[self.mode]
 
 
 class RerankerScorer:

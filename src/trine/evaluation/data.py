@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from trine.data.reader import DataError, text_lines
 from trine.errors import InputError
-from trine.textfiles import not_utf8, open_text
 
 Layout = Literal["auto", "beir", "custom"]
 LAYOUTS = ("auto", "beir", "custom")
@@ -54,17 +54,9 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
     if not os.path.isfile(path):
         raise DatasetFormatError(f"{path}: file not found")
     try:
-        f = open_text(path)
-    except OSError as err:
-        raise DatasetFormatError(f"{path}: cannot open: {err.strerror or err}") from None
-    with f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            bad = not_utf8(line)
-            if bad:
-                raise DatasetFormatError(f"{path}:{lineno}: {bad}")
-            yield lineno, line
+        yield from text_lines(path, line_field=None)  # no problems list: the first problem raises
+    except DataError as err:
+        raise DatasetFormatError(str(err)) from None
 
 
 def _jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -29,6 +29,7 @@ import numpy as np
 from trine.evaluation.data import RetrievalDataset
 from trine.evaluation.metrics import DEFAULT_K, DEFAULT_METRICS, evaluate_run
 from trine.inference.embedder import M3Embedder
+from trine.inference.encoder import Encoder
 from trine.inference.reranker import Reranker
 from trine.modeling.trihead import TriHeadModel
 from trine.retrieval import HybridRetriever, QueryReps, SearchResult
@@ -151,7 +152,7 @@ def rerank_result(reranker: Reranker, result: SearchResult, queries: Sequence[st
     return pad_results(ordered, top)
 
 
-def evaluate_model(model: M3Embedder, dataset: RetrievalDataset, config: EvalConfig,
+def evaluate_model(model: Encoder, dataset: RetrievalDataset, config: EvalConfig,
                    reranker: Reranker | None = None, *, return_runs: bool = False) -> dict[str, Any]:
     """Encode corpus and queries once, search every mode (and re-rank the ``rerank_modes`` with the
     cross-encoder), score with pytrec_eval. ``return_runs``: also ``{"runs": {mode: {qid: {doc_id:
@@ -159,16 +160,15 @@ def evaluate_model(model: M3Embedder, dataset: RetrievalDataset, config: EvalCon
     if config.rerank_modes and reranker is None:
         raise ValueError("rerank_modes are set but no reranker is given")
     needs = needed_outputs(config.modes)
-    kw = {"return_dense": "dense" in needs, "return_sparse": "sparse" in needs,
-          "return_colbert_vecs": "colbert" in needs}
     doc_ids, texts = dataset.passages()
     query_ids = list(dataset.queries)
     start = time.perf_counter()
-    docs = model.encode_corpus(texts, batch_size=config.batch_size, max_length=config.passage_max_length, **kw)
+    docs = model.encode_result(texts, needs, kind="passage", batch_size=config.batch_size,
+                               max_length=config.passage_max_length)
     encode_corpus_s = time.perf_counter() - start
     start = time.perf_counter()
-    queries = model.encode_queries([dataset.queries[q] for q in query_ids], batch_size=config.batch_size,
-                                   max_length=config.query_max_length, **kw)
+    queries = model.encode_result([dataset.queries[q] for q in query_ids], needs, kind="query",
+                                  batch_size=config.batch_size, max_length=config.query_max_length)
     encode_queries_s = time.perf_counter() - start
     start = time.perf_counter()
     retriever = HybridRetriever.from_encoded({k: v for k, v in docs.items() if v is not None}, doc_ids,
@@ -210,9 +210,9 @@ def load_embedder(path: str | os.PathLike, config: EvalConfig, options: Mapping[
     return M3Embedder(path, **options)
 
 
-def model_labels(models: Sequence[str | os.PathLike | M3Embedder]) -> list[str]:
+def model_labels(models: Sequence[str | os.PathLike | Encoder]) -> list[str]:
     """Short unique names: the folder name, or as many trailing path parts as it takes to tell it apart."""
-    parts = [os.path.normpath(os.fspath(m)).strip(os.sep).split(os.sep) if not isinstance(m, M3Embedder) else None
+    parts = [os.path.normpath(os.fspath(m)).strip(os.sep).split(os.sep) if not isinstance(m, Encoder) else None
              for m in models]
     labels = []
     for i, p in enumerate(parts):
@@ -233,7 +233,7 @@ def model_labels(models: Sequence[str | os.PathLike | M3Embedder]) -> list[str]:
 
 
 def run_evaluation(
-    models: Sequence[str | os.PathLike | M3Embedder],
+    models: Sequence[str | os.PathLike | Encoder],
     dataset: RetrievalDataset,
     config: EvalConfig | None = None,
     *,
@@ -264,11 +264,11 @@ def run_evaluation(
         result["reranker"] = os.fspath(reranker)
         reranker = Reranker(reranker, **(reranker_options or {}))
     for model, label in zip(models, model_labels(models)):
-        embedder = model if isinstance(model, M3Embedder) else load_embedder(model, config, model_options)
+        embedder = model if isinstance(model, Encoder) else load_embedder(model, config, model_options)
         logger.info("evaluating %s on %s (%d queries, %d documents)", label, dataset.name, len(dataset.queries),
                     len(dataset.corpus))
         out = evaluate_model(embedder, dataset, config, reranker, return_runs=return_runs)
-        result["models"][label] = {"path": os.fspath(model) if not isinstance(model, M3Embedder) else None, **out}
+        result["models"][label] = {"path": os.fspath(model) if not isinstance(model, Encoder) else None, **out}
     return result
 
 

@@ -5,16 +5,22 @@ from trine.retrieval.dense import DenseIndex
 from trine.retrieval.export import to_csr_arrays, to_indices_values, to_sparse_vectors, to_token_strings
 from trine.retrieval.hybrid import HybridRetriever, QueryReps, reciprocal_rank_fusion, union_rows, weighted_fusion
 from trine.retrieval.multivector import MultiVectorIndex
+from trine.retrieval.protocol import Index, Representation, check_index, load_index, register_index
 from trine.retrieval.sparse import SparseIndex
 
 __all__ = [
     "DenseIndex",
     "HybridRetriever",
+    "Index",
     "MultiVectorIndex",
     "QueryReps",
+    "Representation",
     "SearchResult",
     "SparseIndex",
+    "check_index",
+    "load_index",
     "reciprocal_rank_fusion",
+    "register_index",
     "to_csr_arrays",
     "to_indices_values",
     "to_sparse_vectors",

@@ -19,6 +19,7 @@ from trine.retrieval.base import (
     write_ids,
     write_meta,
 )
+from trine.retrieval.protocol import register_index
 
 DenseKind = Literal["flat", "hnsw", "ivf"]
 DENSE_KINDS = ("flat", "hnsw", "ivf")
@@ -42,7 +43,10 @@ class DenseIndex:
     ``ef_construction``, ``ef_search``) and ``"ivf"`` (``nlist`` lists, ``nprobe`` searched; trained
     on the first vectors added) are approximate. Every kind can give back stored vectors, so exact
     scores of any (query, document) pair are available for fusion (:meth:`score`).
+    Implements :class:`trine.retrieval.Index` over ``dense_vecs``.
     """
+
+    representation = "dense"
 
     def __init__(
         self,
@@ -152,3 +156,6 @@ class DenseIndex:
         index._apply_search_options()
         index.ids = read_ids(path, meta["count"])
         return index
+
+
+register_index("dense", DenseIndex)

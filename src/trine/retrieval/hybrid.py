@@ -18,9 +18,12 @@ import numpy as np
 from trine.retrieval.base import SearchResult, atomic_folder, pad_results, read_meta, top_k, unique_rows, write_meta
 from trine.retrieval.dense import DenseIndex
 from trine.retrieval.multivector import MultiVectorIndex
+from trine.retrieval.protocol import ENCODE_KEYS, REPRESENTATIONS, Index, check_index, load_index, rerank
 from trine.retrieval.sparse import SparseIndex
 
-MODES = ("dense", "sparse", "colbert")
+MODES = REPRESENTATIONS
+#: the sub-folder of a saved HybridRetriever that holds each mode's index
+PART_FOLDERS = {"dense": "dense", "sparse": "sparse", "colbert": "multivector"}
 Scorer = Callable[[np.ndarray], np.ndarray]
 
 
@@ -96,76 +99,101 @@ class QueryReps:
 
 
 class HybridRetriever:
-    """Dense, sparse and multi-vector indexes over the same documents (same ids, same order).
+    """Indexes of several modes over the same documents (same ids, same order), searched and fused.
+
+    Any :class:`~trine.retrieval.Index` serves a mode, keyed by its ``representation``:
+    ``HybridRetriever(dense, sparse, multivector)`` (trine's indexes or any others) or
+    ``HybridRetriever(indexes={"dense": ..., "sparse": ..., "colbert": ...})``.
 
     ``search(reps, k, weights={"dense": 1, "sparse": 0.3})`` fuses the modes named in ``weights``;
     candidates come from ``candidate_modes`` (dense and/or sparse first-stage lists of
     ``candidate_k`` each) and every weighted mode is scored exactly on their union.
-    ``fusion="rrf"`` fuses the ranked lists of the weighted modes instead (multi-vector lists are
-    the re-ranked union of candidates).
+    ``fusion="rrf"`` fuses the ranked lists of the weighted modes instead (a mode without its own
+    first stage, such as colbert, contributes the re-ranked union of candidates).
     """
 
-    def __init__(self, dense: DenseIndex | None = None, sparse: SparseIndex | None = None,
-                 multivector: MultiVectorIndex | None = None):
-        present = [i for i in (dense, sparse, multivector) if i is not None]
-        if not present:
+    def __init__(self, dense: Index | None = None, sparse: Index | None = None, multivector: Index | None = None,
+                 *, indexes: Mapping[str, Index] | None = None):
+        given = {m: i for m, i in (("dense", dense), ("sparse", sparse), ("colbert", multivector)) if i is not None}
+        for mode, index in (indexes or {}).items():
+            if mode not in MODES:
+                raise ValueError(f"unknown mode {mode!r}; modes are {MODES}")
+            if mode in given:
+                raise ValueError(f"the {mode} index is given twice")
+            given[mode] = index
+        if not given:
             raise ValueError("a HybridRetriever needs at least one index")
-        for other in present[1:]:
-            if other.ids != present[0].ids:
+        self.indexes: dict[str, Index] = {m: check_index(given[m], m, f"the {m} index") for m in MODES if m in given}
+        first, *others = self.indexes.values()
+        for other in others:
+            if len(other) != len(first) or list(other.ids) != list(first.ids):
                 raise ValueError("the indexes must hold the same document ids in the same order")
-        self.dense, self.sparse, self.multivector = dense, sparse, multivector
-        self.ids = present[0].ids
+
+    @property
+    def ids(self) -> Sequence[str]:
+        return next(iter(self.indexes.values())).ids
+
+    @property
+    def dense(self) -> Index | None:
+        return self.indexes.get("dense")
+
+    @property
+    def sparse(self) -> Index | None:
+        return self.indexes.get("sparse")
+
+    @property
+    def multivector(self) -> Index | None:
+        return self.indexes.get("colbert")
 
     @classmethod
     def from_encoded(cls, docs: Mapping[str, Any], ids: Sequence[str] | None = None, dense_kind: str = "flat",
                      **dense_options: int) -> HybridRetriever:
-        """Indexes for whichever of ``dense_vecs``, ``lexical_weights``, ``colbert_vecs`` ``docs`` holds
-        (the dictionary ``M3Embedder.encode`` returns)."""
+        """trine's indexes for whichever of ``dense_vecs``, ``lexical_weights``, ``colbert_vecs`` ``docs``
+        holds (the dictionary ``M3Embedder.encode`` returns)."""
         reps = QueryReps.from_encode(docs)
-        return cls(
-            DenseIndex.build(reps.dense_vecs, ids, kind=dense_kind, **dense_options)
-            if reps.dense_vecs is not None else None,
-            SparseIndex.build(reps.lexical_weights, ids) if reps.lexical_weights is not None else None,
-            MultiVectorIndex.build(reps.colbert_vecs, ids) if reps.colbert_vecs is not None else None,
-        )
+        indexes: dict[str, Index] = {}
+        if reps.dense_vecs is not None:
+            indexes["dense"] = DenseIndex.build(reps.dense_vecs, ids, kind=dense_kind, **dense_options)
+        if reps.lexical_weights is not None:
+            indexes["sparse"] = SparseIndex.build(reps.lexical_weights, ids)
+        if reps.colbert_vecs is not None:
+            indexes["colbert"] = MultiVectorIndex.build(reps.colbert_vecs, ids)
+        return cls(indexes=indexes)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """One folder with ``dense/``, ``sparse/``, ``multivector/`` (those present); all or nothing."""
+        """One folder with ``dense/``, ``sparse/``, ``multivector/`` (the modes present), each saved by its
+        index; all or nothing."""
         with atomic_folder(path, overwrite=overwrite) as tmp:
-            for name, index in (("dense", self.dense), ("sparse", self.sparse), ("multivector", self.multivector)):
-                if index is not None:
-                    index.save(os.path.join(tmp, name))
-            write_meta(tmp, "hybrid", parts=[n for n, i in (("dense", self.dense), ("sparse", self.sparse),
-                                                             ("multivector", self.multivector)) if i is not None])
+            for mode, index in self.indexes.items():
+                index.save(os.path.join(tmp, PART_FOLDERS[mode]))
+            write_meta(tmp, "hybrid", parts=[PART_FOLDERS[m] for m in self.indexes])
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> HybridRetriever:
+        """Each part is loaded by the index kind its own ``index.json`` names (``register_index``)."""
         meta = read_meta(path, "hybrid")
-        loaders = {"dense": DenseIndex.load, "sparse": SparseIndex.load, "multivector": MultiVectorIndex.load}
-        unknown = set(meta["parts"]) - set(loaders)
+        modes = {folder: mode for mode, folder in PART_FOLDERS.items()}
+        unknown = set(meta["parts"]) - set(modes)
         if unknown:
             raise ValueError(f"{path}: index.json names unknown parts {sorted(unknown)}")
-        parts = {n: loaders[n](os.path.join(os.fspath(path), n)) for n in meta["parts"]}
-        return cls(parts.get("dense"), parts.get("sparse"), parts.get("multivector"))
+        return cls(indexes={modes[f]: load_index(os.path.join(os.fspath(path), f)) for f in meta["parts"]})
 
-    def _index(self, mode: str) -> DenseIndex | SparseIndex | MultiVectorIndex:
+    def _index(self, mode: str) -> Index:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; modes are {MODES}")
-        index = {"dense": self.dense, "sparse": self.sparse, "colbert": self.multivector}[mode]
-        if index is None:
+        if mode not in self.indexes:
             raise ValueError(f"mode {mode!r} needs its index, which this retriever was not given")
-        return index
+        return self.indexes[mode]
 
     @staticmethod
     def _reps(reps: QueryReps, mode: str) -> Any:
-        rep = {"dense": reps.dense_vecs, "sparse": reps.lexical_weights, "colbert": reps.colbert_vecs}[mode]
+        rep = getattr(reps, ENCODE_KEYS[mode])
         if rep is None:
-            key = {"dense": "dense_vecs", "sparse": "lexical_weights", "colbert": "colbert_vecs"}[mode]
-            raise ValueError(f"mode {mode!r} needs the queries' {key}")
+            raise ValueError(f"mode {mode!r} needs the queries' {ENCODE_KEYS[mode]}")
         return rep
 
     def first_stage(self, reps: QueryReps, mode: str, k: int) -> SearchResult:
-        """One mode's own top ``k`` (dense or sparse index search; multi-vector: exact full search)."""
+        """One mode's own top ``k`` (its index's search; trine's multi-vector index: exact full search)."""
         return self._index(mode).search(self._reps(reps, mode), k)
 
     def scorer(self, reps: QueryReps, mode: str) -> Scorer:
@@ -196,8 +224,5 @@ class HybridRetriever:
                 lists.append(by_mode[m])
             else:  # a mode without its own first stage ranks the union of candidates
                 rows = union_rows(candidates)
-                scores = self.scorer(reps, m)(rows)
-                per_query = [top_k(s[r >= 0], rows.shape[1] or 1, r[r >= 0]) if (r >= 0).any()
-                             else (np.zeros(0), np.zeros(0, np.int64)) for s, r in zip(scores, rows)]
-                lists.append(pad_results(per_query, max(rows.shape[1], 1)))
+                lists.append(rerank(self._index(m), self._reps(reps, m), rows, max(rows.shape[1], 1)))
         return reciprocal_rank_fusion(lists, k, rrf_k, [weights[m] for m in modes])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,20 +22,38 @@ from trine.retrieval.base import (
     read_ids,
     read_meta,
     top_k,
-    unique_rows,
     write_ids,
     write_meta,
 )
+from trine.retrieval.protocol import register_index, rerank
 from trine.scoring import colbert_scores_padded, pad_vectors
 
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def _stack(colbert_vecs: Sequence[np.ndarray], dim: int | None, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Documents' (tokens x dim) arrays as one contiguous (total tokens x dim) array, and their lengths."""
+    arrays = [np.asarray(v) for v in colbert_vecs]
+    if dim is None:
+        dim = arrays[0].shape[-1] if arrays[0].ndim == 2 else -1
+    for i, a in enumerate(arrays):
+        if a.ndim != 2 or a.shape[1] != dim:
+            raise ValueError(f"colbert_vecs[{i}] has shape {a.shape}; expected (tokens x {dim})")
+    lengths = np.array([a.shape[0] for a in arrays], dtype=np.int64)
+    vectors = np.concatenate(arrays, axis=0).astype(dtype, copy=False)
+    if not np.isfinite(vectors).all():
+        raise ValueError("colbert_vecs contain NaN or infinite values")
+    return np.ascontiguousarray(vectors), lengths
 
 
 class MultiVectorIndex:
     """Token vectors per document (``colbert_vecs`` as ``M3Embedder`` returns), scored by exact maxsim.
 
     ``dtype="float16"`` halves the memory; scores are computed in float32 either way.
+    Implements :class:`trine.retrieval.Index` over ``colbert_vecs``.
     """
+
+    representation = "colbert"
 
     def __init__(self, vectors: np.ndarray, offsets: np.ndarray, ids: list[str]):
         self.vectors = vectors
@@ -54,17 +73,22 @@ class MultiVectorIndex:
             raise ValueError("colbert_vecs is empty: nothing to index")
         doc_ids = check_ids(ids, len(colbert_vecs))
         check_unique(doc_ids)
-        arrays = [np.asarray(v) for v in colbert_vecs]
-        dim = arrays[0].shape[-1] if arrays[0].ndim == 2 else -1
-        for i, a in enumerate(arrays):
-            if a.ndim != 2 or a.shape[1] != dim:
-                raise ValueError(f"colbert_vecs[{i}] has shape {a.shape}; expected (tokens x {dim})")
-        lengths = np.array([a.shape[0] for a in arrays], dtype=np.int64)
+        vectors, lengths = _stack(colbert_vecs, None, STORE_DTYPES[dtype])
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        vectors = np.concatenate(arrays, axis=0).astype(STORE_DTYPES[dtype], copy=False)
-        if not np.isfinite(vectors).all():
-            raise ValueError("colbert_vecs contain NaN or infinite values")
-        return cls(np.ascontiguousarray(vectors), offsets, doc_ids)
+        return cls(vectors, offsets, doc_ids)
+
+    def add(self, colbert_vecs: Sequence[np.ndarray], ids: Sequence[str] | None = None) -> None:
+        """Append documents as new rows (ids default to the row numbers), stored in the index's dtype;
+        on bad input nothing changes. A memory-mapped index is read into memory."""
+        new_ids = check_ids(ids, len(colbert_vecs), start=len(self.ids))
+        check_unique(self.ids + new_ids)
+        if not new_ids:
+            return
+        vectors, lengths = _stack(colbert_vecs, self.dim, self.vectors.dtype)
+        offsets = np.concatenate([self.offsets, self.offsets[-1] + np.cumsum(lengths)]).astype(np.int64)
+        self.vectors = np.ascontiguousarray(np.concatenate([self.vectors, vectors], axis=0))
+        self.offsets = offsets
+        self.ids.extend(new_ids)
 
     def doc_vectors(self, row: int) -> np.ndarray:
         v = self.vectors[self.offsets[row] : self.offsets[row + 1]]
@@ -96,15 +120,7 @@ class MultiVectorIndex:
 
     def rerank(self, queries: Sequence[np.ndarray], candidates: SearchResult | np.ndarray, k: int) -> SearchResult:
         """Re-order each query's candidate rows (duplicates and -1 ignored) by exact maxsim; keep the best ``k``."""
-        rows = unique_rows(candidates.rows if isinstance(candidates, SearchResult) else candidates)
-        if rows.shape[0] != len(queries):
-            raise ValueError(f"{rows.shape[0]} candidate lists for {len(queries)} queries")
-        scores = self.score(queries, rows)
-        out = []
-        for s, r in zip(scores, rows):
-            valid = r >= 0
-            out.append(top_k(s[valid], k, r[valid]) if valid.any() else (np.zeros(0), np.zeros(0, np.int64)))
-        return pad_results(out, k)
+        return rerank(self, queries, candidates, k)
 
     def search(self, queries: Sequence[np.ndarray], k: int, doc_batch: int = 2048) -> SearchResult:
         """Exact maxsim against every document (small corpora: cost is queries x all tokens)."""
@@ -137,3 +153,6 @@ class MultiVectorIndex:
         if vectors.shape != (meta["tokens"], meta["dim"]) or offsets.size != meta["count"] + 1:
             raise ValueError(f"{folder}: vectors.npy / offsets.npy do not match index.json")
         return cls(vectors, offsets, read_ids(folder, meta["count"]))
+
+
+register_index("multivector", MultiVectorIndex)

@@ -28,6 +28,7 @@ from trine.retrieval.base import (
     write_ids,
     write_meta,
 )
+from trine.retrieval.protocol import register_index
 
 LexicalWeights = Mapping[str, float]
 
@@ -55,12 +56,24 @@ class SparseIndex:
     ``lexical_matching_score``. ``impact_scale=100`` reproduces FlagEmbedding's BGE-M3 sparse runs
     (Lucene impact index): document and query weights become ``ceil(w * 100)`` integers, and scores
     are in units of 1/100^2 (divide by 10000 to compare).
+
+    Implements :class:`trine.retrieval.Index` over ``lexical_weights``.
     """
 
-    def __init__(self, vocab: dict[str, int], indptr: np.ndarray, postings_rows: np.ndarray,
-                 postings_weights: np.ndarray, ids: list[str], impact_scale: float | None = None):
+    representation = "sparse"
+
+    def __init__(self, vocab: dict[str, int] | None = None, indptr: np.ndarray | None = None,
+                 postings_rows: np.ndarray | None = None, postings_weights: np.ndarray | None = None,
+                 ids: list[str] | None = None, impact_scale: float | None = None):
+        """The arrays of a built index (``SparseIndex()`` alone: an empty index to :meth:`add` to)."""
         if impact_scale is not None and not impact_scale > 0:
             raise ValueError(f"impact_scale must be positive or None, got {impact_scale}")
+        parts = (vocab, indptr, postings_rows, postings_weights, ids)
+        if all(p is None for p in parts):
+            vocab, indptr, ids = {}, np.zeros(1, dtype=np.int64), []
+            postings_rows, postings_weights = np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float32)
+        elif any(p is None for p in parts):
+            raise ValueError("give all of vocab, indptr, postings_rows, postings_weights and ids, or none")
         self.vocab = vocab
         self.indptr = indptr
         self.postings_rows = postings_rows
@@ -68,37 +81,50 @@ class SparseIndex:
         self.ids = ids
         self.impact_scale = impact_scale
 
-
     def __len__(self) -> int:
         return len(self.ids)
 
     @classmethod
     def build(cls, lexical_weights: Sequence[LexicalWeights], ids: Sequence[str] | None = None,
               impact_scale: float | None = None) -> SparseIndex:
-        doc_ids = check_ids(ids, len(lexical_weights))
-        check_unique(doc_ids)
-        if impact_scale is not None and not impact_scale > 0:
-            raise ValueError(f"impact_scale must be positive or None, got {impact_scale}")
-        vocab: dict[str, int] = {}
+        index = cls(impact_scale=impact_scale)
+        index.add(lexical_weights, ids)
+        return index
+
+    def add(self, lexical_weights: Sequence[LexicalWeights], ids: Sequence[str] | None = None) -> None:
+        """Append documents as new rows (ids default to the row numbers); on bad input nothing changes.
+
+        Postings stay one term-major array: each call re-sorts them (cost grows with the index; add in
+        large batches).
+        """
+        start = len(self.ids)
+        new_ids = check_ids(ids, len(lexical_weights), start=start)
+        check_unique(self.ids + new_ids)
+        if start + len(new_ids) > np.iinfo(np.int32).max:
+            raise ValueError("a SparseIndex holds at most 2**31 - 1 documents")
+        vocab = dict(self.vocab)
         terms: list[int] = []
         rows: list[int] = []
         weights: list[float] = []
-        for row, doc in enumerate(lexical_weights):
+        for i, doc in enumerate(lexical_weights):
             if not isinstance(doc, Mapping):
-                raise TypeError(f"lexical_weights[{row}] is a {type(doc).__name__}, not a {{token: weight}} mapping")
+                raise TypeError(f"lexical_weights[{i}] is a {type(doc).__name__}, not a {{token: weight}} mapping")
             for term, w in doc.items():
-                w = impact(_check_weight(w, f"lexical_weights[{row}]", term), impact_scale)
+                w = impact(_check_weight(w, f"lexical_weights[{i}]", term), self.impact_scale)
                 if w == 0:
                     continue
                 terms.append(vocab.setdefault(str(term), len(vocab)))
-                rows.append(row)
+                rows.append(start + i)
                 weights.append(w)
-        term_arr = np.asarray(terms, dtype=np.int64)
+        old_terms = np.repeat(np.arange(len(self.vocab), dtype=np.int64), np.diff(self.indptr))
+        term_arr = np.concatenate([old_terms, np.asarray(terms, dtype=np.int64)])
         order = np.argsort(term_arr, kind="stable")  # rows stay ascending within a term
         indptr = np.zeros(len(vocab) + 1, dtype=np.int64)
         np.cumsum(np.bincount(term_arr, minlength=len(vocab)), out=indptr[1:])
-        return cls(vocab, indptr, np.asarray(rows, dtype=np.int32)[order],
-                   np.asarray(weights, dtype=np.float32)[order], doc_ids, impact_scale)
+        self.postings_rows = np.concatenate([self.postings_rows, np.asarray(rows, dtype=np.int32)])[order]
+        self.postings_weights = np.concatenate([self.postings_weights, np.asarray(weights, dtype=np.float32)])[order]
+        self.indptr, self.vocab = indptr, vocab
+        self.ids.extend(new_ids)
 
     # ------------------------------------------------------------------ scoring
     def score_all(self, query: LexicalWeights) -> np.ndarray:
@@ -171,3 +197,6 @@ class SparseIndex:
             raise ValueError(f"{folder}: vocab.json / postings.npz do not match index.json")
         return cls({t: i for i, t in enumerate(terms)}, indptr, rows, weights, read_ids(folder, meta["count"]),
                    meta["impact_scale"])
+
+
+register_index("sparse", SparseIndex)

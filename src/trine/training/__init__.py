@@ -1,5 +1,5 @@
-from trine.training.data import DataError, load_train_files
-from trine.training.finetune import build_trainer, finetune, parse_args
-from trine.training.losses import contrastive_loss
+from trine.data import DataError, load_train_files
+from trine.training.finetuning import build_trainer, finetune, parse_args
+from trine.training.losses import LOSSES, build_loss
 
-__all__ = ["DataError", "build_trainer", "contrastive_loss", "finetune", "load_train_files", "parse_args"]
+__all__ = ["LOSSES", "DataError", "build_loss", "build_trainer", "finetune", "load_train_files", "parse_args"]

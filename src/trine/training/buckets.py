@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 from transformers import AutoTokenizer
 
+from trine.data.corpus import list_data_files
+from trine.data.reader import DataError, open_text
+from trine.data.records import read_file
 from trine.io import atomic_folder, check_output_path
 from trine.modeling.loading import check_model_folder, load_from_folder
-from trine.textfiles import open_text
-from trine.training.data import DataError, list_data_files, read_file
 
 DEFAULT_EDGES = (0, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000)
 

@@ -15,9 +15,50 @@ from typing import Any
 import numpy as np
 import torch
 
-from trine.training.data import Example, TrainFile, sample_group
+from trine.data.reader import DataError
+from trine.data.records import Record, TrainFile
 
 LENGTH_WINDOW = 64  # global batches sorted together by length when group_by_length is on
+
+
+@dataclass
+class Example:
+    """One query with its sampled group: ``passages[0]`` is the positive."""
+
+    query: str
+    passages: list[str]
+    teacher_scores: list[float] | None
+    prompt: str | None
+
+
+def sample_group(
+    record: Record, group_size: int, rng: np.random.Generator, fill_pool: list[str] | None
+) -> Example:
+    """One positive and ``group_size - 1`` negatives from the record's pools (resampled every epoch)."""
+    p = int(rng.integers(len(record.pos)))
+    passages = [record.pos[p]]
+    scores = [record.pos_scores[p]] if record.pos_scores is not None else None
+    need = group_size - 1
+    if need:
+        if len(record.neg) >= need:
+            picks = rng.choice(len(record.neg), size=need, replace=False)
+            passages += [record.neg[i] for i in picks]
+            if scores is not None and record.neg_scores is not None:
+                scores += [record.neg_scores[i] for i in picks]
+        else:
+            passages += list(record.neg)
+            own = set(record.pos) | set(record.neg) | {record.query}
+            tries = 0
+            while len(passages) < group_size:
+                tries += 1
+                if not fill_pool or tries > 100 * group_size:
+                    raise DataError([f"line {record.line}: neg: too few other passages to fill negatives from"])
+                cand = fill_pool[int(rng.integers(len(fill_pool)))]
+                if cand not in own:
+                    passages.append(cand)
+                    own.add(cand)
+    return Example(record.query, passages, scores if scores is not None and len(scores) == group_size else None,
+                   record.prompt)
 
 
 @dataclass

@@ -1,45 +1,96 @@
-"""Contrastive (InfoNCE) and distillation losses over score matrices.
+"""Losses as objects: a name registry, each loss with its options, composed by the training models.
 
-Layout: ``q`` is (queries x ...); passages are (queries * group x ...) with each query's group
-``[positive, negative_1, ...]`` contiguous. A score matrix is queries x candidate passages,
-already divided by the temperature; ``targets`` give each query's positive column.
+Every loss reads a :class:`ScoreBatch`: a score matrix of queries x candidates whose values are
+logits (an embedder's similarities already divided by the temperature, once per head and before
+any ensemble, as FlagEmbedding; a reranker's raw logits), the column of each query's positive,
+the group size, and, where the batch has them, the teacher's distribution over each query's
+group and the ensemble's scores. Layout: each query's group ``[positive, negative_1, ...]`` is
+contiguous, starting at its positive column.
+
+A loss declares what it ``needs`` (``scores``, ``targets``, ``groups``, ``teacher``,
+``ensemble``); an :class:`Objective` sums the terms whose inputs the batch has, so distillation
+terms apply only to batches with teacher scores. ``build_loss(name, **options)`` makes one by
+name (FlagEmbedding's: ``kd_loss_type`` ``kl_div``/``m3_kd_loss``, ``reranker_loss``
+``group_ce``/``bce``); a new loss is a subclass registered with :func:`register`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from trine.training.distributed import gather_with_grad, world
+from trine.training.distributed import world
 
 KD_LOSS_TYPES = ("kl_div", "m3_kd_loss")
 
-
-@dataclass
-class LossOutput:
-    loss: torch.Tensor
-    parts: dict[str, torch.Tensor]
-    negatives_per_query: int
+LOSSES: dict[str, type[Loss]] = {}
 
 
-def kl_div_loss(teacher: torch.Tensor, student_scores: torch.Tensor) -> torch.Tensor:
-    """-mean sum_c t_c log softmax(s)_c, ``teacher`` already a distribution over the same columns."""
-    return -(teacher * torch.log_softmax(student_scores, dim=-1)).sum(-1).mean()
+@dataclass(frozen=True)
+class ScoreBatch:
+    """What a loss may read. ``teacher``: a distribution over each query's group (queries x
+    group); ``ensemble``: the ensemble's logits, same shape as ``scores``."""
+
+    scores: torch.Tensor
+    targets: torch.Tensor
+    group_size: int
+    teacher: torch.Tensor | None = None
+    ensemble: torch.Tensor | None = None
 
 
-def m3_kd_loss(teacher: torch.Tensor, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """BGE-M3's listwise distillation: for g = 0..G-1, weight t_g times cross-entropy towards
-    column target+g, then mask that column out for the following g."""
-    loss = scores.new_zeros(())
-    mask = torch.zeros_like(scores)
-    for g in range(teacher.size(1)):
-        column = targets + g
-        ce = F.cross_entropy(scores + mask, column, reduction="none")
-        loss = loss + (teacher[:, g] * ce).mean()
-        mask = mask.scatter(1, column.unsqueeze(1), torch.finfo(scores.dtype).min)
-    return loss
+class Loss:
+    """A loss term. Subclasses are dataclasses whose fields are their options; ``part`` names
+    the term in the logged loss parts; ``replaces`` names terms it stands in for when active."""
+
+    name: ClassVar[str]
+    part: ClassVar[str]
+    needs: ClassVar[frozenset[str]]
+    replaces: ClassVar[tuple[str, ...]] = ()
+
+    def applies(self, batch: ScoreBatch) -> bool:
+        """Whether the batch has every optional input this loss needs."""
+        return all(getattr(batch, need) is not None for need in self.needs & {"teacher", "ensemble"})
+
+    def __call__(self, batch: ScoreBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def register(*names: str) -> Callable[[type[Loss]], type[Loss]]:
+    """Class decorator: make a loss buildable by each of ``names`` (the first is its own name)."""
+
+    def add(cls: type[Loss]) -> type[Loss]:
+        cls.name = names[0]
+        for name in names:
+            if name in LOSSES:
+                raise ValueError(f"loss name {name!r} is already registered to {LOSSES[name].__name__}")
+            LOSSES[name] = cls
+        return cls
+
+    return add
+
+
+def build_loss(name: str, **options: Any) -> Loss:
+    """The loss registered as ``name`` with ``options``; unknown names and options raise."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))}")
+    cls = LOSSES[name]
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"loss {name!r} has no option(s) {', '.join(unknown)}; "
+                         f"its options: {', '.join(known) or 'none'}")
+    return cls(**options)
+
+
+def kl_div(teacher: torch.Tensor, student_scores: torch.Tensor) -> torch.Tensor:
+    """-mean sum_c t_c log softmax(s)_c, ``teacher`` already a distribution over the same columns
+    (FlagEmbedding's ``kl_div``: KL up to the teacher's entropy, a constant)."""
+    return -(teacher.to(student_scores.device) * torch.log_softmax(student_scores, dim=-1)).sum(-1).mean()
 
 
 def group_scores(scores: torch.Tensor, targets: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -48,26 +99,119 @@ def group_scores(scores: torch.Tensor, targets: torch.Tensor, group_size: int) -
     return scores.gather(1, cols)
 
 
-def score_loss(
-    scores: torch.Tensor,
-    targets: torch.Tensor,
-    group_size: int,
-    teacher: torch.Tensor | None = None,
-    kd_loss_type: str = "kl_div",
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Cross-entropy towards ``targets``; with a ``teacher`` (queries x group distribution):
-    ``kl_div`` adds KL on each query's own group to the cross-entropy, ``m3_kd_loss`` replaces it."""
-    if teacher is None:
-        ce = F.cross_entropy(scores, targets)
-        return ce, {"ce": ce.detach()}
-    if kd_loss_type == "kl_div":
-        kd = kl_div_loss(teacher, group_scores(scores, targets, group_size))
-        ce = F.cross_entropy(scores, targets)
-        return kd + ce, {"kd": kd.detach(), "ce": ce.detach()}
-    if kd_loss_type == "m3_kd_loss":
-        kd = m3_kd_loss(teacher, scores, targets)
-        return kd, {"kd": kd.detach()}
-    raise ValueError(f"kd_loss_type must be one of {KD_LOSS_TYPES}, got {kd_loss_type!r}")
+@register("infonce", "group_ce")
+@dataclass(frozen=True)
+class InfoNCE(Loss):
+    """Cross-entropy towards each query's positive over every column of the score matrix: the
+    hard negatives, in-batch and cross-device passages for embedders; the query's group for
+    rerankers (FlagEmbedding's ``group_ce``)."""
+
+    part: ClassVar[str] = "ce"
+    needs: ClassVar[frozenset[str]] = frozenset({"scores", "targets"})
+
+    def __call__(self, batch: ScoreBatch) -> torch.Tensor:
+        return F.cross_entropy(batch.scores, batch.targets)
+
+
+@register("kl_div")
+@dataclass(frozen=True)
+class KLDistill(Loss):
+    """Distillation from the teacher's distribution over each query's own group, added to the
+    other terms (FlagEmbedding's ``kd_loss_type: kl_div``)."""
+
+    part: ClassVar[str] = "kd"
+    needs: ClassVar[frozenset[str]] = frozenset({"scores", "targets", "groups", "teacher"})
+
+    def __call__(self, batch: ScoreBatch) -> torch.Tensor:
+        return kl_div(batch.teacher, group_scores(batch.scores, batch.targets, batch.group_size))
+
+
+@register("m3_kd_loss")
+@dataclass(frozen=True)
+class M3KD(Loss):
+    """BGE-M3's listwise distillation, in place of the cross-entropy: for g = 0..G-1, weight
+    t_g times cross-entropy towards column target+g, then mask that column out for the following g."""
+
+    part: ClassVar[str] = "kd"
+    needs: ClassVar[frozenset[str]] = frozenset({"scores", "targets", "groups", "teacher"})
+    replaces: ClassVar[tuple[str, ...]] = ("infonce",)
+
+    def __call__(self, batch: ScoreBatch) -> torch.Tensor:
+        scores, targets, teacher = batch.scores, batch.targets, batch.teacher
+        loss = scores.new_zeros(())
+        mask = torch.zeros_like(scores)
+        for g in range(teacher.size(1)):
+            column = targets + g
+            ce = F.cross_entropy(scores + mask, column, reduction="none")
+            loss = loss + (teacher[:, g] * ce).mean()
+            mask = mask.scatter(1, column.unsqueeze(1), torch.finfo(scores.dtype).min)
+        return loss
+
+
+@register("bce")
+@dataclass(frozen=True)
+class PointwiseBCE(Loss):
+    """Binary cross-entropy on every score: label 1 for the positive's column, 0 for the others."""
+
+    part: ClassVar[str] = "bce"
+    needs: ClassVar[frozenset[str]] = frozenset({"scores", "targets"})
+
+    def __call__(self, batch: ScoreBatch) -> torch.Tensor:
+        labels = torch.zeros_like(batch.scores).scatter(1, batch.targets.unsqueeze(1), 1.0)
+        return F.binary_cross_entropy_with_logits(batch.scores, labels)
+
+
+@register("self_distill")
+@dataclass(frozen=True)
+class SelfDistill(Loss):
+    """BGE-M3's self-knowledge distillation: the ensemble's softmax over every column (no
+    gradient) teaches the scores, with the same KL as :class:`KLDistill`."""
+
+    part: ClassVar[str] = "self_distill"
+    needs: ClassVar[frozenset[str]] = frozenset({"scores", "ensemble"})
+
+    def __call__(self, batch: ScoreBatch) -> torch.Tensor:
+        return kl_div(torch.softmax(batch.ensemble.detach(), dim=-1), batch.scores)
+
+
+class Objective:
+    """The sum of loss terms; a term runs when the batch has what it needs, and drops the terms
+    it ``replaces`` (``m3_kd_loss`` stands in for the cross-entropy on batches with teacher scores)."""
+
+    def __init__(self, terms: Sequence[Loss]):
+        names = [t.name for t in terms]
+        if not terms or len(set(names)) != len(names):
+            raise ValueError(f"an objective needs distinct loss terms, got {names}")
+        for term in terms:
+            if term.replaces and not set(term.replaces) & set(names):
+                raise ValueError(f"{term.name} replaces {' or '.join(term.replaces)}, which this objective "
+                                 f"does not have ({', '.join(names)})")
+        self.terms = tuple(terms)
+
+    def active(self, batch: ScoreBatch) -> list[Loss]:
+        terms = [t for t in self.terms if t.applies(batch)]
+        replaced = {name for t in terms for name in t.replaces}
+        return [t for t in terms if t.name not in replaced]
+
+    def __call__(self, batch: ScoreBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The summed loss and each term's value (detached) under its ``part`` name."""
+        total, parts = None, {}
+        for term in self.active(batch):
+            value = term(batch)
+            parts[term.part] = value.detach()
+            total = value if total is None else total + value
+        if total is None:
+            raise ValueError(f"no loss term applies to this batch ({', '.join(t.name for t in self.terms)})")
+        return total, parts
+
+
+def objective(primary: str, kd_loss_type: str = "kl_div") -> Objective:
+    """FlagEmbedding's composition: the ``primary`` loss, plus (on batches with teacher scores)
+    ``kd_loss_type``'s distillation: ``kl_div`` adds to it, ``m3_kd_loss`` replaces the cross-entropy.
+    The distillation term is computed first, as before, so gradients accumulate in the same order."""
+    if kd_loss_type not in KD_LOSS_TYPES:
+        raise ValueError(f"kd_loss_type must be one of {KD_LOSS_TYPES}, got {kd_loss_type!r}")
+    return Objective([build_loss(kd_loss_type), build_loss(primary)])
 
 
 def teacher_distribution(teacher_scores: torch.Tensor | None) -> torch.Tensor | None:
@@ -81,35 +225,3 @@ def positive_columns(n_queries: int, group_size: int, in_batch: bool, cross_devi
         return torch.zeros(n_queries, dtype=torch.long, device=device)
     rank = world()[0] if cross_device else 0
     return (torch.arange(n_queries, device=device) + rank * n_queries) * group_size
-
-
-def contrastive_loss(
-    q: torch.Tensor,
-    p: torch.Tensor,
-    *,
-    temperature: float,
-    in_batch_negatives: bool = True,
-    cross_device: bool = False,
-    teacher_scores: torch.Tensor | None = None,
-    kd_loss_type: str = "kl_div",
-) -> LossOutput:
-    """Dense InfoNCE over the positive, the hard negatives, in-batch and (optionally) other ranks' passages.
-
-    With ``cross_device`` the passages of every rank are gathered (gradients reach their
-    owners); the loss is the mean over this rank's queries, so averaging over ranks (as DDP does
-    with gradients) gives the loss of the whole global batch.
-    """
-    if kd_loss_type not in KD_LOSS_TYPES:
-        raise ValueError(f"kd_loss_type must be one of {KD_LOSS_TYPES}, got {kd_loss_type!r}")
-    n_q = q.size(0)
-    if p.size(0) % n_q:
-        raise ValueError(f"{p.size(0)} passages for {n_q} queries: not a whole group per query")
-    group = p.size(0) // n_q
-    cross = cross_device and in_batch_negatives
-    if in_batch_negatives:
-        scores = q @ (gather_with_grad(p) if cross else p).T / temperature
-    else:
-        scores = torch.einsum("qd,qgd->qg", q, p.view(n_q, group, -1)) / temperature
-    targets = positive_columns(n_q, group, in_batch_negatives, cross, q.device)
-    loss, parts = score_loss(scores, targets, group, teacher_distribution(teacher_scores), kd_loss_type)
-    return LossOutput(loss, parts, scores.size(1) - 1)

@@ -2,12 +2,16 @@
 
 Modes: ``dense``, ``sparse``, ``colbert`` (one head's InfoNCE) and ``unified`` (BGE-M3: the
 three heads and their ensemble, optionally with self-knowledge distillation). Every head gets
-in-batch and, with ``negatives_cross_device``, other ranks' negatives.
+in-batch and, with ``negatives_cross_device``, other ranks' negatives. The loss terms are
+objects from :mod:`trine.training.losses` (InfoNCE plus the ``kd_loss_type`` distillation, and
+``self_distill``); this module makes the score matrices and weighs the heads.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -18,12 +22,11 @@ from trine.modeling.trihead import TriHeadModel
 from trine.scoring import colbert_scores_padded
 from trine.training.distributed import gather_padded, gather_with_grad
 from trine.training.losses import (
-    KD_LOSS_TYPES,
-    LossOutput,
+    ScoreBatch,
+    build_loss,
     group_scores,
-    kl_div_loss,
+    objective,
     positive_columns,
-    score_loss,
     teacher_distribution,
 )
 
@@ -77,8 +80,8 @@ class EmbedderTrainingModel(nn.Module):
         super().__init__()
         if training_mode not in TRAINING_MODES:
             raise ValueError(f"training_mode must be one of {TRAINING_MODES}, got {training_mode!r}")
-        if kd_loss_type not in KD_LOSS_TYPES:
-            raise ValueError(f"kd_loss_type must be one of {KD_LOSS_TYPES}, got {kd_loss_type!r}")
+        self.objective = objective("infonce", kd_loss_type)
+        self.self_distill = build_loss("self_distill")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if training_mode != "dense" and not encoder.has_heads:
@@ -187,16 +190,16 @@ class EmbedderTrainingModel(nn.Module):
             scores[head] = s if in_batch_negatives else group_scores(s, targets, group)
         if not in_batch_negatives:
             targets = positive_columns(n_q, group, False, False, targets.device)
-        out = self._loss(scores, targets, group, teacher)
+        loss, parts = self._loss(scores, partial(ScoreBatch, targets=targets, group_size=group, teacher=teacher))
         self.step += 1  # forward passes, as FlagEmbedding counts them for self_distill_start_step
         negatives = next(iter(scores.values())).size(1) - 1
-        return {"loss": out.loss, "parts": out.parts, "negatives_per_query": negatives}
+        return {"loss": loss, "parts": parts, "negatives_per_query": negatives}
 
-    def _loss(self, scores: dict[str, torch.Tensor], targets: torch.Tensor, group: int,
-              teacher: torch.Tensor | None) -> LossOutput:
+    def _loss(self, scores: dict[str, torch.Tensor],
+              batch: Callable[..., ScoreBatch]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The mode's loss and its parts; ``batch(scores, ...)`` makes one head's loss inputs."""
         if self.training_mode != "unified":
-            loss, parts = score_loss(scores[self.training_mode], targets, group, teacher, self.kd_loss_type)
-            return LossOutput(loss, parts, 0)
+            return self.objective(batch(scores[self.training_mode]))
         w = self.weights
         parts: dict[str, torch.Tensor] = {}
         ensemble = w.ensemble_dense * scores["dense"] + w.ensemble_sparse * scores["sparse"] + \
@@ -204,20 +207,19 @@ class EmbedderTrainingModel(nn.Module):
         total = 0
         for head, weight, s in (("dense", w.dense, scores["dense"]), ("sparse", w.sparse, scores["sparse"]),
                                 ("colbert", w.colbert, scores["colbert"]), ("ensemble", w.ensemble, ensemble)):
-            loss, _ = score_loss(s, targets, group, teacher, self.kd_loss_type)
+            loss, _ = self.objective(batch(s))
             parts[head] = loss.detach()
             total = total + weight * loss
         # BGE-M3's normalisation: the mean of the four weighted terms.
         total = total / 4
         if self.use_self_distill and self.step > self.self_distill_start_step:
-            soft = torch.softmax(ensemble.detach(), dim=-1)
             distill = 0
             for head, weight in (("dense", w.dense), ("sparse", w.sparse), ("colbert", w.colbert)):
-                d = kl_div_loss(soft, scores[head])
-                parts[f"self_distill_{head}"] = d.detach()
+                d = self.self_distill(batch(scores[head], ensemble=ensemble))
+                parts[f"{self.self_distill.part}_{head}"] = d.detach()
                 distill = distill + weight * d
             total = (total + distill / 3) / 2
-        return LossOutput(total, parts, 0)
+        return total, parts
 
 
 def _rows(reps: dict[str, torch.Tensor]) -> int:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import set_seed
 
@@ -27,8 +26,8 @@ from trine.inference.batching import pad_batch
 from trine.modeling.cross_encoder import CrossEncoder
 from trine.training.arguments import SafeTrainingArguments, TrainDataArguments
 from trine.training.collator import EmbedderCollator
-from trine.training.finetune import collator_options, load_data, parse_config, plan_dataset, run_cli, train_and_save
-from trine.training.losses import KD_LOSS_TYPES, score_loss, teacher_distribution
+from trine.training.common import collator_options, load_data, parse_config, plan_dataset, run_cli, train_and_save
+from trine.training.losses import KD_LOSS_TYPES, ScoreBatch, objective, teacher_distribution
 from trine.training.model import enable_checkpointing
 from trine.training.trainer import EmbedderTrainer, EpochPlanCallback
 
@@ -96,8 +95,7 @@ class RerankerTrainingModel(nn.Module):
         super().__init__()
         if reranker_loss not in RERANKER_LOSSES:
             raise ValueError(f"reranker_loss must be one of {RERANKER_LOSSES}, got {reranker_loss!r}")
-        if kd_loss_type not in KD_LOSS_TYPES:
-            raise ValueError(f"kd_loss_type must be one of {KD_LOSS_TYPES}, got {kd_loss_type!r}")
+        self.objective = objective(reranker_loss, kd_loss_type)
         self.encoder = encoder
         self.reranker_loss = reranker_loss
         self.kd_loss_type = kd_loss_type
@@ -119,19 +117,8 @@ class RerankerTrainingModel(nn.Module):
         if logits.numel() % group_size:
             raise ValueError(f"{logits.numel()} pair scores do not split into groups of {group_size}")
         grouped = logits.float().view(-1, group_size)
-        teacher = teacher_distribution(teacher_scores)
         targets = torch.zeros(grouped.size(0), dtype=torch.long, device=grouped.device)
-        if self.reranker_loss == "group_ce":
-            loss, parts = score_loss(grouped, targets, group_size, teacher, self.kd_loss_type)
-        else:
-            labels = torch.zeros_like(grouped)
-            labels[:, 0] = 1.0
-            bce = F.binary_cross_entropy_with_logits(grouped, labels)
-            loss, parts = bce, {"bce": bce.detach()}
-            if teacher is not None:
-                kd = -(teacher.to(grouped.device) * torch.log_softmax(grouped, dim=-1)).sum(-1).mean()
-                loss = loss + kd
-                parts["kd"] = kd.detach()
+        loss, parts = self.objective(ScoreBatch(grouped, targets, group_size, teacher_distribution(teacher_scores)))
         return {"loss": loss, "parts": parts, "negatives_per_query": group_size - 1, "scores": logits}
 
 

@@ -1,0 +1,23 @@
+"""The data every command reads: FlagEmbedding's JSONL training records (:mod:`.records`), text
+corpora and candidate pools (:mod:`.corpus`), all read by one reader with one error policy
+(:mod:`.reader`): every problem is ``file:line: field: message``, and nothing trains on bad data."""
+
+from trine.data.corpus import iter_texts, list_data_files, read_pool, scan_texts
+from trine.data.reader import DataError, json_lines, text_lines
+from trine.data.records import Record, TrainFile, iter_raw_rows, load_train_files, read_file, read_records
+
+__all__ = [
+    "DataError",
+    "Record",
+    "TrainFile",
+    "iter_raw_rows",
+    "iter_texts",
+    "json_lines",
+    "list_data_files",
+    "load_train_files",
+    "read_file",
+    "read_pool",
+    "read_records",
+    "scan_texts",
+    "text_lines",
+]

@@ -1,0 +1,281 @@
+"""The one encoder: any checkpoint, with or without BGE-M3 heads, to an :class:`EncodeResult`.
+
+Tokenise once, length-sorted batches with out-of-memory back-off
+(:func:`trine.inference.batching.run_batched`), one multi-device pool
+(:class:`trine.inference.pool.DevicePool`). ``Embedder`` and ``M3Embedder``
+(:mod:`trine.inference.embedder`) are FlagEmbedding's faces of it; trine's own code calls
+:meth:`Encoder.encode_result`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from trine.inference.batching import pad_batch, run_batched, tokenize
+from trine.inference.pool import (
+    DeviceRunner,
+    check_max_length,
+    check_positive_int,
+    check_token_budget,
+    resolve_devices,
+    resolve_dtype,
+)
+from trine.inference.result import OUTPUTS, EncodeResult, check_outputs
+from trine.modeling.trihead import HeadInit, TriHeadModel
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["query", "passage"]
+
+
+def _given(value: Any, default: Any) -> Any:
+    """An argument, or the default when it is None (0 is a value, never "the default")."""
+    return default if value is None else value
+
+
+class Encoder(DeviceRunner):
+    """Dense vectors, and with BGE-M3 heads lexical weights and multi-vectors, from one encoder pass.
+
+    ``with_heads`` loads the folder's head files (``colbert_dim`` and ``init_missing_heads``
+    ('random' or 'neutral', for a folder without them) go with it); without them the model is
+    dense only. :attr:`outputs` says what this model can give; :meth:`encode_result` gives it.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | os.PathLike | TriHeadModel,
+        *,
+        with_heads: bool = True,
+        colbert_dim: int = -1,
+        init_missing_heads: HeadInit | None = None,
+        normalize_embeddings: bool = True,
+        pooling_method: str | None = None,
+        use_fp16: bool = False,
+        use_bf16: bool = False,
+        devices: str | int | Sequence[str | int] | None = None,
+        query_instruction_for_retrieval: str | None = None,
+        query_instruction_format: str = "{}{}",
+        passage_instruction_for_retrieval: str | None = None,
+        passage_instruction_format: str = "{}{}",
+        batch_size: int = 256,
+        max_tokens_per_batch: int | Literal["auto"] | None = "auto",
+        query_max_length: int = 512,
+        passage_max_length: int = 512,
+        mcls_interval: int | None = None,
+        show_progress: bool = True,
+        trust_remote_code: bool = False,
+    ):
+        if not with_heads and (colbert_dim != -1 or init_missing_heads is not None):
+            raise TypeError("colbert_dim and init_missing_heads set up the heads: they need with_heads=True "
+                            "(an M3Embedder)")
+        check_token_budget(max_tokens_per_batch)
+        self.devices = resolve_devices(devices)
+        self.dtype = resolve_dtype(use_fp16, use_bf16)
+        if mcls_interval is not None and mcls_interval < 1:
+            raise ValueError(f"mcls_interval must be a positive number of tokens, got {mcls_interval}")
+        if isinstance(model_name_or_path, TriHeadModel):
+            model = model_name_or_path
+            if pooling_method is not None:
+                model.pooling_method = pooling_method
+            model.normalize_embeddings = normalize_embeddings
+        else:
+            path = os.fspath(model_name_or_path)
+            model = TriHeadModel.from_pretrained(
+                path,
+                with_heads=with_heads,
+                pooling_method=pooling_method,
+                normalize_embeddings=normalize_embeddings,
+                dtype=self.dtype,
+                trust_remote_code=trust_remote_code,
+                **({"colbert_dim": colbert_dim, "init_missing_heads": init_missing_heads} if with_heads else {}),
+            )
+        if mcls_interval is not None and model.pooling_method != "cls":
+            raise ValueError("mcls_interval averages CLS states: it needs pooling_method 'cls'")
+        batch_size = check_positive_int("batch_size", batch_size)
+        query_max_length = check_max_length("query_max_length", query_max_length, model.max_positions)
+        passage_max_length = check_max_length("passage_max_length", passage_max_length, model.max_positions)
+        self.model = model.eval()
+        self.tokenizer = model.tokenizer
+        self.query_instruction_for_retrieval = query_instruction_for_retrieval
+        self.query_instruction_format = query_instruction_format
+        self.passage_instruction_for_retrieval = passage_instruction_for_retrieval
+        self.passage_instruction_format = passage_instruction_format
+        self.batch_size = batch_size
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.query_max_length = query_max_length
+        self.passage_max_length = passage_max_length
+        self.mcls_interval = mcls_interval
+        self.show_progress = show_progress
+        self._pool = None
+        if len(self.devices) == 1:
+            self._move_to(self.devices[0])
+
+    # ------------------------------------------------------------------ instructions
+    @staticmethod
+    def texts_of(sentences: str | Sequence[str]) -> list[str]:
+        """``sentences`` as a list of strings; anything else is a ValueError naming the item."""
+        if isinstance(sentences, str):
+            return [sentences]
+        if sentences is None or not hasattr(sentences, "__iter__"):
+            raise ValueError(f"sentences must be a string or a list of strings, got {type(sentences).__name__}")
+        texts = list(sentences)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise ValueError(f"sentences[{i}] must be a string, got {type(t).__name__}")
+        return texts
+
+    @staticmethod
+    def apply_instruction(texts: list[str], instruction: str | None, instruction_format: str) -> list[str]:
+        if instruction is None:
+            return texts
+        fmt = instruction_format.replace("\\n", "\n")
+        return [fmt.format(instruction, t) for t in texts]
+
+    # ------------------------------------------------------------------ the one encode loop
+    @torch.inference_mode()
+    def _encode_chunk(
+        self,
+        texts: list[str],
+        *,
+        device: str,
+        max_length: int,
+        batch_size: int,
+        return_dense: bool,
+        return_sparse: bool,
+        return_colbert_vecs: bool,
+    ) -> list[tuple[Any, Any, Any]]:
+        """(dense row, lexical weights, multi-vectors) per text, in input order."""
+        ids = tokenize(self.tokenizer, texts, max_length, self.mcls_interval)
+        pad_id = self.tokenizer.pad_token_id
+        cls_id = self.tokenizer.cls_token_id if self.mcls_interval is not None else None
+
+        def run(idx: np.ndarray) -> list[tuple[Any, Any, Any]]:
+            batch = pad_batch([ids[i] for i in idx], pad_id, device, cls_id)
+            out = self.model(
+                batch["input_ids"],
+                batch["attention_mask"],
+                cls_mask=batch.get("cls_mask"),
+                return_dense=return_dense,
+                return_sparse=return_sparse,
+                return_colbert_vecs=return_colbert_vecs,
+            )
+            n = len(idx)
+            dense = out["dense_vecs"].float().cpu().numpy() if return_dense else [None] * n
+            lexical = (
+                lexical_dicts(out["token_weights"].float().cpu().numpy(), batch["input_ids"].cpu().numpy())
+                if return_sparse
+                else [None] * n
+            )
+            if return_colbert_vecs:
+                vecs = out["colbert_vecs"].float().cpu().numpy()
+                mask = out["colbert_mask"].cpu().numpy()
+                colbert = [vecs[r][mask[r]] for r in range(n)]
+            else:
+                colbert = [None] * n
+            return list(zip(dense, lexical, colbert))
+
+        return run_batched(
+            [len(x) for x in ids],
+            batch_size,
+            run,
+            max_tokens=self._max_tokens(device),
+            desc="encode",
+            show_progress=self.show_progress,
+        )
+
+    def _encode_rows(
+        self,
+        texts: list[str],
+        max_length: int | None,
+        batch_size: int | None,
+        return_dense: bool,
+        return_sparse: bool,
+        return_colbert_vecs: bool,
+    ) -> list[tuple[Any, Any, Any]]:
+        # None is "the default"; 0 or a negative number is an error (never silently the default)
+        max_length = check_max_length("max_length", _given(max_length, self.passage_max_length),
+                                      self.model.max_positions)
+        batch_size = check_positive_int("batch_size", _given(batch_size, self.batch_size))
+        if not texts:
+            return []
+        chunks = self._run(
+            "_encode_chunk",
+            texts,
+            max_length=max_length,
+            batch_size=batch_size,
+            return_dense=return_dense,
+            return_sparse=return_sparse,
+            return_colbert_vecs=return_colbert_vecs,
+        )
+        return [row for chunk in chunks for row in chunk]
+
+    # ------------------------------------------------------------------ what every consumer calls
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """What this model can give: ``("dense",)``, or with heads ``("dense", "sparse", "colbert")``."""
+        return OUTPUTS if self.model.has_heads else ("dense",)
+
+    def encode_result(
+        self,
+        sentences: str | Sequence[str],
+        outputs: Iterable[str] = ("dense",),
+        *,
+        kind: Kind | None = None,
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        instruction: str | None = None,
+        instruction_format: str = "{}{}",
+    ) -> EncodeResult:
+        """``outputs`` (of ``dense``, ``sparse``, ``colbert``) of ``sentences`` as an :class:`EncodeResult`.
+
+        ``kind="query"`` or ``"passage"``: with this encoder's query (passage) instruction and
+        maximum length, as ``encode_queries`` (``encode_corpus``); ``kind=None``: as ``encode``,
+        with the ``instruction`` given (none by default) and the passage maximum length.
+        ``max_length`` and ``batch_size`` left ``None`` take those defaults. One string gives one
+        text's encodings (a vector, a dict, an array), a list gives lists.
+        """
+        outputs = check_outputs(outputs)
+        missing = [o for o in outputs if o not in self.outputs]
+        if missing:
+            raise ValueError(f"this model was loaded without heads (dense only): no {', '.join(missing)} output; "
+                             "load it with its BGE-M3 heads (an M3Embedder)")
+        if kind is not None:
+            if kind not in ("query", "passage"):
+                raise ValueError(f"kind must be 'query', 'passage' or None, not {kind!r}")
+            if instruction is not None:
+                raise ValueError(f"kind={kind!r} uses the encoder's own {kind} instruction; pass instruction "
+                                 "with kind=None")
+            instruction = getattr(self, f"{kind}_instruction_for_retrieval")
+            instruction_format = getattr(self, f"{kind}_instruction_format")
+            max_length = _given(max_length, getattr(self, f"{kind}_max_length"))
+        single = isinstance(sentences, str)
+        texts = self.apply_instruction(self.texts_of(sentences), instruction, instruction_format)
+        rows = self._encode_rows(texts, max_length, batch_size, *(o in outputs for o in OUTPUTS))
+        result = EncodeResult.from_rows(rows, outputs, self.model.hidden_size)
+        return result.first() if single else result
+
+
+def lexical_dicts(token_weights: np.ndarray, input_ids: np.ndarray) -> list[dict[str, float]]:
+    """Per row: {str(token id): max weight} over positions with positive weight.
+
+    Special tokens and padding already carry weight 0 (see ``lexical_token_weights``).
+    """
+    out = []
+    for w, ids in zip(token_weights, input_ids):
+        keep = w > 0
+        ids_k, w_k = ids[keep], w[keep]
+        if ids_k.size == 0:
+            out.append({})
+            continue
+        order = np.argsort(ids_k, kind="stable")
+        ids_s, w_s = ids_k[order], w_k[order]
+        starts = np.flatnonzero(np.r_[True, ids_s[1:] != ids_s[:-1]])
+        best = np.maximum.reduceat(w_s, starts)
+        out.append(dict(zip(map(str, ids_s[starts].tolist()), best.tolist())))
+    return out

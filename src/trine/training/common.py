@@ -1,0 +1,97 @@
+"""What the training commands (`trine finetune`, `finetune-reranker`, `pretrain`) share: their
+options (flags or one config file), the training data and its batch plan, the collator's text
+options, the output policy around a run, and the command line's exit-code policy."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from transformers import TrainingArguments
+
+from trine.config import parse_config  # re-exported: the training commands parse their options with it
+from trine.data.records import TrainFile, load_train_files
+from trine.errors import report_user_errors
+from trine.training.arguments import TrainDataArguments
+from trine.training.dataset import EpochPlanDataset
+from trine.training.trainer import check_training_output, prepare_output_dir
+
+__all__ = [
+    "collator_options",
+    "load_data",
+    "parse_config",
+    "plan_dataset",
+    "run_cli",
+    "train_and_save",
+    "training_inputs",
+]
+
+
+def load_data(data_args: TrainDataArguments) -> list[TrainFile]:
+    """Read and validate every training file (raises :class:`DataError` listing all problems)."""
+    return load_train_files(
+        data_args.train_data,
+        train_group_size=data_args.train_group_size,
+        knowledge_distillation=data_args.knowledge_distillation,
+        fill_missing_negatives=data_args.fill_missing_negatives,
+        file_options=data_args.parsed_file_options(),
+    )
+
+
+def plan_dataset(files: list[TrainFile], data_args: TrainDataArguments, args: TrainingArguments) -> EpochPlanDataset:
+    """This rank's view of the seeded batch plan shared by all ranks."""
+    return EpochPlanDataset(
+        files,
+        train_group_size=data_args.train_group_size,
+        default_batch_size=args.per_device_train_batch_size,
+        world_size=args.world_size,
+        rank=args.process_index,
+        seed=args.data_seed if args.data_seed is not None else args.seed,
+        same_dataset_within_batch=data_args.same_dataset_within_batch,
+        group_by_length=data_args.group_by_length,
+    )
+
+
+def collator_options(data_args: TrainDataArguments, query_instruction: str | None,
+                     passage_instruction: str | None) -> dict[str, Any]:
+    """The collator's text options (lengths, instructions, distillation) from the data arguments."""
+    return dict(
+        query_max_len=data_args.query_max_len,
+        passage_max_len=data_args.passage_max_len,
+        query_instruction_for_retrieval=query_instruction,
+        query_instruction_format=data_args.query_instruction_format,
+        passage_instruction_for_retrieval=passage_instruction,
+        passage_instruction_format=data_args.passage_instruction_format,
+        pad_to_multiple_of=data_args.pad_to_multiple_of,
+        knowledge_distillation=data_args.knowledge_distillation,
+    )
+
+
+def training_inputs(model_args: Any, data_args: Any) -> list[str | None]:
+    """What a training run reads: its output_dir may be none of these nor hold them."""
+    return [model_args.model_name_or_path, *data_args.train_data, getattr(data_args, "eval_data", None)]
+
+
+def train_and_save(model_args: Any, data_args: Any, args: Any, build) -> str:  # noqa: ANN001
+    """The output policy around a trainer: check ``output_dir`` first (nothing is loaded or written
+    on a bad one), build, prepare the folder, train (resuming from a complete checkpoint), save the
+    model atomically."""
+    checkpoint = check_training_output(args, training_inputs(model_args, data_args))
+    trainer = build(model_args, data_args, args)
+    prepare_output_dir(args, resuming=checkpoint is not None)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    return trainer.save_final(args.output_dir)
+
+
+def run_cli(argv: list[str] | None, parse, run, *, debug: bool = False) -> int:  # noqa: ANN001
+    """Parse, then run: the command line's exit-code policy (:func:`trine.errors.report_user_errors`):
+    bad options, bad data or an unsafe output print ``error: ...`` and give 2, nothing trained or
+    written (``debug``: raised with the traceback)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def work() -> int:
+        run(*parse(argv))
+        return 0
+
+    return report_user_errors(work, debug=debug)
+

@@ -1,0 +1,82 @@
+"""Contrastive fine-tuning (and unsupervised pair training) of an embedder: what `trine finetune`
+runs (:mod:`trine.training.finetune`), callable from Python as :func:`finetune`."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from trine.modeling.trihead import COLBERT_FILE, SPARSE_FILE, TriHeadModel
+from trine.training.arguments import DataArguments, EmbedderTrainingArguments, ModelArguments
+from trine.training.collator import EmbedderCollator
+from trine.training.common import collator_options, load_data, parse_config, plan_dataset, train_and_save
+from trine.training.model import EmbedderTrainingModel, M3LossWeights
+from trine.training.trainer import EmbedderTrainer, EpochPlanCallback, RetrievalEvalCallback
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, EmbedderTrainingArguments]:
+    return parse_config(argv, (ModelArguments, DataArguments, EmbedderTrainingArguments))
+
+
+def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: EmbedderTrainingArguments):
+    """Validate the data, load the model, and make the trainer (nothing is written yet)."""
+    files = load_data(data_args)
+    path = model_args.model_name_or_path
+    has_heads = all(os.path.exists(os.path.join(path, f)) for f in (COLBERT_FILE, SPARSE_FILE))
+    encoder = TriHeadModel.from_pretrained(
+        path,
+        with_heads=has_heads or model_args.init_missing_heads is not None or args.training_mode != "dense",
+        init_missing_heads=model_args.init_missing_heads,
+        colbert_dim=model_args.colbert_dim,
+        pooling_method=model_args.sentence_pooling_method,
+        normalize_embeddings=model_args.normalize_embeddings,
+        trust_remote_code=model_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+    )
+    if args.negatives_cross_device and args.world_size == 1:
+        logger.warning("negatives_cross_device is on but only one process runs: no extra negatives")
+    model = EmbedderTrainingModel(
+        encoder,
+        temperature=args.temperature,
+        negatives_cross_device=args.negatives_cross_device,
+        kd_loss_type=args.kd_loss_type,
+        training_mode=args.training_mode,
+        fix_encoder=args.fix_encoder,
+        use_self_distill=args.use_self_distill,
+        self_distill_start_step=args.self_distill_start_step,
+        weights=M3LossWeights(
+            ensemble_dense=args.ensemble_dense_weight, ensemble_sparse=args.ensemble_sparse_weight,
+            ensemble_colbert=args.ensemble_colbert_weight, dense=args.dense_loss_weight,
+            sparse=args.sparse_loss_weight, colbert=args.colbert_loss_weight, ensemble=args.ensemble_loss_weight,
+        ),
+    )
+    dataset = plan_dataset(files, data_args, args)
+    collator = EmbedderCollator(encoder.tokenizer, **collator_options(
+        data_args, data_args.query_instruction_for_retrieval, data_args.passage_instruction_for_retrieval))
+    eval_set = None
+    if args.retrieval_eval_steps:
+        if not data_args.eval_data:
+            raise ValueError("retrieval_eval_steps needs eval_data (a held-out retrieval set)")
+        from trine.evaluation.data import load_dataset
+
+        eval_set = load_dataset(data_args.eval_data, data_args.eval_split)
+    trainer = EmbedderTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collator,
+        callbacks=[EpochPlanCallback(dataset)],
+    )
+    if eval_set is not None:
+        trainer.add_callback(RetrievalEvalCallback(
+            trainer, eval_set, args.retrieval_eval_steps, query_max_len=data_args.query_max_len,
+            passage_max_len=data_args.passage_max_len,
+            query_instruction=data_args.query_instruction_for_retrieval,
+            query_instruction_format=data_args.query_instruction_format,
+        ))
+    return trainer
+
+
+def finetune(model_args: ModelArguments, data_args: DataArguments, args: EmbedderTrainingArguments) -> str:
+    return train_and_save(model_args, data_args, args, build_trainer)
+
+

@@ -1,0 +1,105 @@
+"""The import graph of src/trine, read with ``ast`` (nothing is imported): data at the bottom,
+curation below training, and no module importing an entry point."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+# Compatibility re-exports kept for users and tests: nothing in src/ may depend on them.
+SHIMS = {"trine.training.data"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def parse_modules() -> dict[str, tuple[Path, ast.Module]]:
+    return {module_name(p): (p, ast.parse(p.read_text(encoding="utf-8"), str(p)))
+            for p in sorted((SRC / "trine").rglob("*.py"))}
+
+
+MODULES = parse_modules()
+
+
+def imported(name: str) -> set[str]:
+    """The trine modules ``name`` imports anywhere in its body (function-level imports too): each
+    ``from X import Y`` counts X, and X.Y when that is a module."""
+    path, tree = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in MODULES)
+    return {m for m in found if m in MODULES}
+
+
+def loaded(name: str) -> set[str]:
+    """What importing ``name`` itself runs: ``name`` and every package above it."""
+    parts = name.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+
+
+GRAPH = {name: imported(name) for name in MODULES}
+
+
+def reachable(start: str) -> set[str]:
+    """Every module that importing ``start`` may run (packages above each import included)."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for m in loaded(todo.pop()):
+            if m not in seen:
+                seen.add(m)
+                todo.extend(GRAPH[m])
+    return seen
+
+
+def is_entry_point(name: str) -> bool:
+    """A module run as a program: it holds an ``if __name__ == "__main__":`` block."""
+    return any(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) for node in MODULES[name][1].body)
+
+
+ENTRY_POINTS = {name for name in MODULES if is_entry_point(name)}
+
+
+def test_the_graph_is_read():
+    assert {"trine.cli", "trine.__main__", "trine.training.finetune", "trine.training.pretrain",
+            "trine.training.reranker"} <= ENTRY_POINTS
+    assert "trine.cli" in GRAPH["trine.__main__"]
+    assert "trine.data.reader" in reachable("trine.curation.mining")
+
+
+@pytest.mark.parametrize("name", sorted(m for m in MODULES if m.startswith("trine.curation")))
+def test_curation_sits_below_training(name):
+    assert not {m for m in reachable(name) if m == "trine.training" or m.startswith("trine.training.")}
+
+
+@pytest.mark.parametrize("name", sorted(m for m in MODULES if m.startswith("trine.data")))
+def test_data_sits_at_the_bottom(name):
+    """The data module imports nothing of trine's but its errors."""
+    assert GRAPH[name] <= {"trine.errors"} | {m for m in MODULES if m.startswith("trine.data")}
+
+
+def test_no_module_imports_an_entry_point():
+    allowed = {("trine.__main__", "trine.cli")}  # ``python -m trine`` is ``trine``
+    offenders = sorted((name, m) for name, deps in GRAPH.items() for m in deps
+                       if m in ENTRY_POINTS and m != name and (name, m) not in allowed)
+    assert not offenders
+
+
+def test_nothing_in_src_uses_a_compatibility_shim():
+    assert not sorted((name, m) for name, deps in GRAPH.items() for m in deps if m in SHIMS and name not in SHIMS)
