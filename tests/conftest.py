@@ -38,6 +38,9 @@ def require(module: str) -> ModuleType:
     (FlagEmbedding against transformers 5.24) is as unusable as a missing one.
     """
     try:
+        # the package first: one whose __init__ fails is broken, even where a failed import left submodules
+        # behind in sys.modules that a direct import of ``package.sub.module`` would then quietly return
+        importlib.import_module(module.partition(".")[0])
         return importlib.import_module(module)
     except Exception as err:
         problem = f"cannot import {module!r}: {type(err).__name__}: {err}"

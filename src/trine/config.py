@@ -316,13 +316,13 @@ class _Parser(HfArgumentParser):
         super().__init__(dataclass_types, allow_abbrev=False)
 
     def error(self, message: str) -> typing.NoReturn:  # argparse: bad value, missing or unknown flag
-        raise OptionError(_flag_message(message))
+        raise OptionError(flag_message(message))
 
 
 _ARGPARSE_TYPES = {"int": int, "float": float}
 
 
-def _flag_message(message: str) -> str:
+def flag_message(message: str) -> str:
     """argparse's "argument --a/--b: invalid int value: 'x'" as trine's "--a: expected an integer, got 'x'"."""
     found = re.match(r"argument (--[\w-]+)(?:/--[\w-]+)*: (.*)", message, re.S)
     if found is None:
@@ -358,8 +358,22 @@ def _build(dtype: type, values: dict[str, Any], where: str) -> Any:
         raise OptionError(f"{where}{_first_line(err)}") from err
 
 
+def _snake_keys(path: str, data: dict[str, Any], lines: dict[str, int]) -> tuple[dict[str, Any], dict[str, int]]:
+    """Option names in either spelling (``query-max-len`` is ``query_max_len``); both at once is an error."""
+    out: dict[str, Any] = {}
+    where: dict[str, int] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name in out:
+            raise OptionError(f"{path}:{lines.get(key, '?')}: {key}: given twice (also as {name})")
+        out[name] = value
+        if key in lines:
+            where[name] = lines[key]
+    return out, where
+
+
 def _parse_file(path: str, types_: tuple[type, ...]) -> tuple[Any, ...]:
-    data, lines = read_config_file(path)
+    data, lines = _snake_keys(path, *read_config_file(path))
 
     def at(key: str) -> str:
         return f"{path}:{lines[key]}" if key in lines else path
@@ -422,4 +436,4 @@ def parse_config(argv: list[str], types: tuple[type, ...]) -> tuple[Any, ...]:  
     return _parse_flags(argv, tuple(types))
 
 
-__all__ = ["bool_or_path", "coerce", "describe", "parse_bool", "parse_config", "read_config_file"]
+__all__ = ["bool_or_path", "coerce", "describe", "flag_message", "parse_bool", "parse_config", "read_config_file"]

@@ -235,6 +235,10 @@ class TriHeadModel(nn.Module):
             normalize_embeddings=normalize_embeddings,
         )
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The lexical and ColBERT heads' parameters (their own learning rate in training)."""
+        return [p for m in (self.colbert_linear, self.sparse_linear) if m is not None for p in m.parameters()]
+
     def save_pretrained(self, path: str | os.PathLike, *, atomic: bool = True, overwrite: bool = False) -> None:
         """Write backbone, tokenizer and head files (BGE-M3 layout).
 

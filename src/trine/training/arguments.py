@@ -25,6 +25,8 @@ class ModelArguments:
         default=None, metadata={"help": "start lexical/ColBERT heads for a folder without them: random or neutral"}
     )
     colbert_dim: int = field(default=-1, metadata={"help": "ColBERT dimension (-1: hidden size)"})
+    model_family: str = field(default="trihead", metadata={"help": "a registered embedder model family "
+                                                                   "(trine.modeling.families)"})
     trust_remote_code: bool = field(default=False)
     attn_implementation: str | None = field(
         default=None, metadata={"help": "transformers attention implementation: sdpa, eager, ... "

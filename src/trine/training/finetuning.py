@@ -4,9 +4,8 @@ runs (:mod:`trine.training.finetune`), callable from Python as :func:`finetune`.
 from __future__ import annotations
 
 import logging
-import os
 
-from trine.modeling.trihead import COLBERT_FILE, SPARSE_FILE, TriHeadModel
+from trine.modeling.families import build_model
 from trine.training.arguments import DataArguments, EmbedderTrainingArguments, ModelArguments
 from trine.training.collator import EmbedderCollator
 from trine.training.common import collator_options, load_data, parse_config, plan_dataset, train_and_save
@@ -23,18 +22,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Embedder
 def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: EmbedderTrainingArguments):
     """Validate the data, load the model, and make the trainer (nothing is written yet)."""
     files = load_data(data_args)
-    path = model_args.model_name_or_path
-    has_heads = all(os.path.exists(os.path.join(path, f)) for f in (COLBERT_FILE, SPARSE_FILE))
-    encoder = TriHeadModel.from_pretrained(
-        path,
-        with_heads=has_heads or model_args.init_missing_heads is not None or args.training_mode != "dense",
-        init_missing_heads=model_args.init_missing_heads,
-        colbert_dim=model_args.colbert_dim,
-        pooling_method=model_args.sentence_pooling_method,
-        normalize_embeddings=model_args.normalize_embeddings,
-        trust_remote_code=model_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-    )
+    encoder = build_model(model_args, args, "embedder")
     if args.negatives_cross_device and args.world_size == 1:
         logger.warning("negatives_cross_device is on but only one process runs: no extra negatives")
     model = EmbedderTrainingModel(

@@ -24,6 +24,7 @@ from transformers import set_seed
 
 from trine.inference.batching import pad_batch
 from trine.modeling.cross_encoder import CrossEncoder
+from trine.modeling.families import build_model
 from trine.training.arguments import SafeTrainingArguments, TrainDataArguments
 from trine.training.collator import EmbedderCollator
 from trine.training.common import collator_options, load_data, parse_config, plan_dataset, run_cli, train_and_save
@@ -41,6 +42,8 @@ class RerankerModelArguments:
     model_name_or_path: str = field(metadata={"help": "a reranker folder, or a backbone (a new classifier starts)"})
     trust_remote_code: bool = field(default=False)
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, eager, ... (transformers)"})
+    model_family: str = field(default="cross-encoder", metadata={"help": "a registered reranker model family "
+                                                                         "(trine.modeling.families)"})
 
 
 @dataclass
@@ -127,9 +130,7 @@ def build_reranker_trainer(model_args: RerankerModelArguments, data_args: Rerank
     """Validate the data, load the model, make the trainer (nothing is written yet)."""
     files = load_data(data_args)
     set_seed(args.seed)  # a new classifier starts the same on every rank and in every run
-    encoder = CrossEncoder.from_pretrained(model_args.model_name_or_path, new_classifier=True,
-                                           trust_remote_code=model_args.trust_remote_code,
-                                           attn_implementation=model_args.attn_implementation)
+    encoder = build_model(model_args, args, "reranker")
     model = RerankerTrainingModel(encoder, reranker_loss=args.reranker_loss, kd_loss_type=args.kd_loss_type)
     dataset = plan_dataset(files, data_args, args)
     collator = RerankerCollator(encoder, **collator_options(

@@ -121,8 +121,8 @@ class EmbedderTrainer(Trainer):
         if head_lr is None:
             return optimizer
         encoder = self.accelerator.unwrap_model(self.model).encoder
-        heads = [p for m in (encoder.colbert_linear, encoder.sparse_linear) if m is not None
-                 for p in m.parameters() if p.requires_grad]
+        # a model family with heads says which parameters they are (TriHeadModel.head_parameters)
+        heads = [p for p in getattr(encoder, "head_parameters", list)() if p.requires_grad]
         if not heads:
             raise ValueError("head_learning_rate is set but no head is trained in this mode")
         ids = {id(p) for p in heads}

@@ -11,6 +11,8 @@ from trine.training.arguments import SafeTrainingArguments
 @dataclass
 class PretrainModelArguments:
     model_name_or_path: str = field(metadata={"help": "masked-LM model folder (BERT or RoBERTa/XLM-R family)"})
+    model_family: str = field(default="retromae", metadata={"help": "a registered pre-training model family "
+                                                                    "(trine.modeling.families)"})
     extend_position_embeddings_to: int | None = field(
         default=None, metadata={"help": "grow the position table to this many rows before training "
                                         "(config.max_position_embeddings; BGE-M3: 8194 for 8192 tokens)"}

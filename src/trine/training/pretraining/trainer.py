@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from trine.io import check_output_path
-from trine.modeling.retromae import RetroMAEModel
+from trine.modeling.families import build_model
 from trine.training.pretraining.arguments import (
     PretrainDataArguments,
     PretrainModelArguments,
@@ -51,14 +51,7 @@ def build_trainer(model_args: PretrainModelArguments, data_args: PretrainDataArg
                   args: PretrainTrainingArguments) -> PretrainTrainer:
     """Check the corpus, load the model, and make the trainer (nothing is written yet)."""
     files, count = scan_corpus(data_args.train_data)
-    model = RetroMAEModel.from_pretrained(
-        model_args.model_name_or_path,
-        extend_position_embeddings_to=model_args.extend_position_embeddings_to,
-        position_extension=model_args.position_extension,
-        allow_new_mlm_head=model_args.allow_new_mlm_head,
-        trust_remote_code=model_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-    )
+    model = build_model(model_args, args, "pretraining")
     positions = int(model.lm.config.max_position_embeddings) - model.position_offset
     if data_args.max_seq_length > positions:
         raise ValueError(f"max_seq_length {data_args.max_seq_length} is longer than the model's {positions} positions "

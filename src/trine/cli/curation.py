@@ -1,0 +1,185 @@
+"""`trine mine`, `trine score`, `trine filter`: data curation commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from trine.cli.parser import floats, options_checked
+from trine.errors import OptionError, UserError
+
+
+def _curation_embedder(args: argparse.Namespace, m3: bool):
+    """The embedder a curation command names (an M3Embedder when lexical or multi-vector scores are needed)."""
+    from trine import Embedder, M3Embedder
+
+    cls = M3Embedder if m3 else Embedder
+    with options_checked():  # e.g. --batch_size 0, --passage_max_len beyond the model's positions
+        return cls(args.model_name_or_path, devices=args.devices, batch_size=args.batch_size,
+                   query_max_length=args.query_max_len, passage_max_length=args.passage_max_len,
+                   query_instruction_for_retrieval=args.query_instruction_for_retrieval,
+                   query_instruction_format=args.query_instruction_format, use_fp16=args.use_fp16,
+                   show_progress=not args.quiet)
+
+
+def _teacher(args: argparse.Namespace):
+    """A pair scorer: a cross-encoder (--reranker) or an embedder in --score_mode."""
+    from trine.curation.teacher import EmbedderScorer, load_reranker_scorer
+
+    if args.reranker:
+        if args.model_type != "dense" or args.score_mode != "dense" or args.weights is not None:
+            raise OptionError("--model_type, --score_mode and --weights choose an embedder teacher, not --reranker")
+        return load_reranker_scorer(args.reranker, batch_size=args.batch_size, max_length=args.reranker_max_len,
+                                    normalize=args.normalize, devices=args.devices, use_fp16=args.use_fp16,
+                                    show_progress=not args.quiet)
+    if not args.model_name_or_path:
+        raise OptionError("a teacher is needed: --model_name_or_path (an embedder) or --reranker (a cross-encoder)")
+    m3 = args.model_type == "m3" or args.score_mode != "dense"
+    return EmbedderScorer(_curation_embedder(args, m3), args.score_mode, args.weights)
+
+
+def _run_curation(args: argparse.Namespace, work) -> int:
+    try:
+        summary = work()
+    except UserError:
+        raise  # main() reports it (exit 2; the traceback under --log-level DEBUG)
+    except (ValueError, FileNotFoundError) as err:  # bad options the library names: nothing was written
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(summary.lines()))
+    print(f"wrote {args.output_file}")
+    return 0
+
+
+def _check_outputs(args: argparse.Namespace, inputs: list[str | None], **more: str | None) -> None:
+    """The output policy for a curation command's files, before any model is loaded."""
+    from trine.curation.common import check_output
+    from trine.io import check_distinct
+
+    check_output(inputs, args.output_file)
+    for name, path in more.items():
+        if path is not None:
+            check_output(inputs, path, name)
+    check_distinct({"output_file": args.output_file, **more})
+
+
+def _mine(args: argparse.Namespace) -> int:
+    from trine.curation.mining import mine_hard_negatives, parse_range
+
+    _check_outputs(args, [args.input_file, args.candidate_pool])
+    hybrid = args.hybrid_weights is not None
+    if hybrid and len(args.hybrid_weights) != 2:
+        raise OptionError("--hybrid_weights takes two numbers: dense,sparse (e.g. 1,0.3)")
+    embedder = _curation_embedder(args, m3=hybrid or args.model_type == "m3")
+    options = {k: getattr(args, k) for k in ("hnsw_m", "ef_search", "nlist", "nprobe") if getattr(args, k) is not None}
+    return _run_curation(args, lambda: mine_hard_negatives(
+        args.input_file, args.output_file, embedder, candidate_pool=args.candidate_pool,
+        range_for_sampling=parse_range(args.range_for_sampling), negative_number=args.negative_number,
+        relative_margin=args.relative_margin, backfill=args.backfill, seed=args.seed,
+        hybrid_weights=args.hybrid_weights, hybrid_candidates=args.hybrid_candidates, index_kind=args.index_kind,
+        index_options=options, cache_dir=args.cache_dir, query_chunk_size=args.query_chunk_size,
+        search_batch_size=args.search_batch_size, show_progress=not args.quiet,
+    ))
+
+
+def _score(args: argparse.Namespace) -> int:
+    from trine.curation.teacher import add_teacher_scores
+
+    _check_outputs(args, [args.input_file])
+    scorer = _teacher(args)
+    return _run_curation(args, lambda: add_teacher_scores(args.input_file, args.output_file, scorer,
+                                                          chunk_size=args.chunk_size, show_progress=not args.quiet))
+
+
+def _filter(args: argparse.Namespace) -> int:
+    from trine.curation.filtering import filter_pairs
+
+    _check_outputs(args, [args.input_file], dropped_file=args.dropped_file)
+    consistency = args.min_score is not None or args.top_k is not None
+    if (consistency or args.near_duplicate_threshold is not None) and not (args.model_name_or_path or args.reranker):
+        raise OptionError("--min_score, --top_k and --near_duplicate_threshold need --model_name_or_path "
+                         "(or --reranker for the scores)")
+    if args.near_duplicate_threshold is not None and not args.model_name_or_path:
+        raise OptionError("--near_duplicate_threshold needs --model_name_or_path (an embedder)")
+    scorer = _teacher(args) if consistency else None
+    dedup_embedder = None
+    if args.near_duplicate_threshold is not None:
+        dedup_embedder = getattr(scorer, "embedder", None) or _curation_embedder(args, m3=False)
+    return _run_curation(args, lambda: filter_pairs(
+        args.input_file, args.output_file, scorer=scorer, min_score=args.min_score, top_k=args.top_k,
+        rank_sample_size=args.rank_sample_size, dedup=not args.keep_duplicates,
+        near_duplicate_threshold=args.near_duplicate_threshold, dedup_embedder=dedup_embedder,
+        dropped_file=args.dropped_file, seed=args.seed, chunk_size=args.chunk_size, show_progress=not args.quiet,
+    ))
+
+
+def _curation_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--input_file", required=True)
+    p.add_argument("--output_file", required=True, help="never the input file")
+    p.add_argument("--model_name_or_path", required=required, default=None, help="any trine model folder")
+    p.add_argument("--model_type", default="dense", choices=["dense", "m3"],
+                   help="m3: load BGE-M3 heads (needed for sparse / colbert scores; implied by them)")
+    p.add_argument("--query_instruction_for_retrieval", default=None)
+    p.add_argument("--query_instruction_format", default="{}{}")
+    p.add_argument("--query_max_len", type=int, default=64)
+    p.add_argument("--passage_max_len", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--devices", default=None)
+    p.add_argument("--use_fp16", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _teacher_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--score_mode", default="dense",
+                   choices=["dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense"],
+                   help="embedder teacher: which score (modes other than dense need an M3 model)")
+    p.add_argument("--weights", type=floats, default=None,
+                   help="dense,sparse,colbert weights of the combined modes (default 1,1,1)")
+    p.add_argument("--reranker", default=None, help="cross-encoder folder: score pairs with it instead")
+    p.add_argument("--reranker_max_len", type=int, default=None, help="cross-encoder pair length (default 512)")
+    p.add_argument("--normalize", action="store_true", help="cross-encoder scores through a sigmoid")
+    p.add_argument("--chunk_size", type=int, default=1024, help="records scored per step")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    mine = sub.add_parser("mine", help="hard negatives for a training file (dense or hybrid ranking, FAISS)")
+    _curation_model_args(mine)
+    mine.add_argument("--candidate_pool", default=None, help='JSONL of {"text"} (default: the file\'s passages)')
+    mine.add_argument("--range_for_sampling", default="2-100", help="ranks to sample from, 0-based, end exclusive")
+    mine.add_argument("--negative_number", type=int, default=15)
+    mine.add_argument("--relative_margin", type=float, default=None,
+                      help="drop candidates scoring above (1 - margin) x the lowest positive score")
+    mine.add_argument("--backfill", default="random", choices=["random", "none", "error"],
+                      help="when too few candidates remain")
+    mine.add_argument("--hybrid_weights", type=floats, default=None,
+                      help="dense,sparse: rank by w_d x dense + w_s x lexical (an M3 model; e.g. 1,0.3)")
+    mine.add_argument("--hybrid_candidates", type=int, default=None,
+                      help="depth of the dense and the sparse first-stage lists re-scored exactly (default: range end)")
+    mine.add_argument("--index_kind", default="flat", choices=["flat", "hnsw", "ivf"],
+                      help="flat: exact inner product; hnsw / ivf: approximate, for large pools")
+    mine.add_argument("--hnsw_m", type=int, default=None)
+    mine.add_argument("--ef_search", type=int, default=None)
+    mine.add_argument("--nlist", type=int, default=None)
+    mine.add_argument("--nprobe", type=int, default=None)
+    mine.add_argument("--cache_dir", default=None, help="keep the pool's encodings here and reuse them")
+    mine.add_argument("--query_chunk_size", type=int, default=2048, help="queries encoded per step")
+    mine.add_argument("--search_batch_size", type=int, default=256, help="queries searched per step")
+    mine.add_argument("--seed", type=int, default=42)
+    mine.set_defaults(func=_mine)
+    score = sub.add_parser("score", help="add teacher pos_scores / neg_scores (embedder or cross-encoder)")
+    _curation_model_args(score, required=False)
+    _teacher_args(score)
+    score.set_defaults(func=_score)
+    filt = sub.add_parser("filter", help="drop weak pairs (reference-model score / rank) and duplicates")
+    _curation_model_args(filt, required=False)
+    _teacher_args(filt)
+    filt.add_argument("--min_score", type=float, default=None, help="drop a pair its reference score is below")
+    filt.add_argument("--top_k", type=int, default=None,
+                      help="drop a pair whose positive ranks below this among itself and sampled positives")
+    filt.add_argument("--rank_sample_size", type=int, default=99, help="other records' positives per rank check")
+    filt.add_argument("--near_duplicate_threshold", type=float, default=None,
+                      help="drop a pair whose query and positive both have this cosine with a kept pair's")
+    filt.add_argument("--keep_duplicates", action="store_true", help="do not drop exact duplicates")
+    filt.add_argument("--dropped_file", default=None, help="write dropped records with their reason here")
+    filt.add_argument("--seed", type=int, default=42)
+    filt.set_defaults(func=_filter)

