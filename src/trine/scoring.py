@@ -9,7 +9,21 @@ import numpy as np
 import torch
 
 LexicalWeights = Mapping[str, float]
+# The one score-mode vocabulary: FlagEmbedding's compute_score keys. The names `trine eval` used
+# before are accepted as aliases everywhere a mode is read.
 HYBRID_KEYS = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
+MODE_ALIASES = {"dense+sparse": "sparse+dense", "all": "colbert+sparse+dense"}
+
+
+def canonical_mode(name: str, allowed: Sequence[str] = HYBRID_KEYS) -> str:
+    """A score mode's FlagEmbedding name (``dense+sparse`` -> ``sparse+dense``, ``all`` ->
+    ``colbert+sparse+dense``); a ``ValueError`` listing ``allowed`` for anything else."""
+    mode = MODE_ALIASES.get(name.strip(), name.strip())
+    if mode not in allowed:
+        aliases = [a for a, m in MODE_ALIASES.items() if m in allowed]
+        raise ValueError(f"unknown score mode {name!r}; choose from {list(allowed)}"
+                         + (f" (aliases: {', '.join(aliases)})" if aliases else ""))
+    return mode
 
 
 def dense_scores(q: np.ndarray | torch.Tensor, p: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:

@@ -61,8 +61,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     help="model folder; repeat for several (default: all-MiniLM-L6-v2 from its PyPI package)")
     ev.add_argument("--heads", default="none", choices=["none", "neutral", "random"],
                     help="how to start heads for a folder without head files (none: such a folder is an error)")
-    ev.add_argument("--modes", default="dense,sparse,colbert,dense+sparse,all",
-                    help="comma-separated: dense, sparse, colbert, dense+sparse, all, rrf")
+    ev.add_argument("--modes", default="dense,sparse,colbert,sparse+dense,colbert+sparse+dense",
+                    help="comma-separated: dense, sparse, colbert, sparse+dense (alias dense+sparse), "
+                         "colbert+sparse+dense (alias all), rrf")
     ev.add_argument("--k", type=ints, default=[1, 3, 5, 10, 100], help="cut-offs, e.g. 1,3,5,10,100")
     ev.add_argument("--metrics", default="ndcg,recall,mrr,map", help="comma-separated: ndcg, recall, mrr, map, "
                     "precision")

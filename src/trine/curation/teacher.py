@@ -29,8 +29,9 @@ from trine.curation.common import (
     write_row,
 )
 from trine.inference.result import EncodeResult
+from trine.scoring import HYBRID_KEYS, MODE_ALIASES
 
-M3_MODES = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
+M3_MODES = HYBRID_KEYS
 
 
 class PairScorer(Protocol):
@@ -59,6 +60,7 @@ class EmbedderScorer:
     def __init__(self, embedder: Any, mode: str = "dense", weights: Sequence[float] | None = None):
         available = embedder.outputs
         modes = tuple(m for m in M3_MODES if set(m.split("+")) <= set(available))
+        mode = MODE_ALIASES.get(mode, mode)
         if mode not in modes:
             raise ValueError(f"mode {mode!r} is not available for a {type(embedder).__name__} "
                              f"(outputs {', '.join(available)}); choose from {modes}")

@@ -6,9 +6,11 @@ Modes (as BGE-M3's evaluation, see FlagEmbedding's MLDR/MKQA recipes):
 - ``sparse``: the inverted lexical index, top ``top_k``;
 - ``colbert``: exact maxsim re-ranking of the dense top ``rerank_k`` (``colbert_search="rerank"``,
   FlagEmbedding's recipe) or exact maxsim over the whole corpus (``"full"``, small corpora);
-- ``dense+sparse``: the union of dense and sparse top ``top_k``, every candidate scored exactly in
-  both modes, ranked by ``w_d * s_d + w_s * s_s`` (``weights_dense_sparse``, default (1, 0.3));
-- ``all``: the same union scored exactly in all three modes (``weights_all``, default (1, 0.3, 1));
+- ``sparse+dense`` (alias ``dense+sparse``): the union of dense and sparse top ``top_k``, every
+  candidate scored exactly in both modes, ranked by ``w_d * s_d + w_s * s_s``
+  (``weights_dense_sparse``, default (1, 0.3));
+- ``colbert+sparse+dense`` (alias ``all``): the same union scored exactly in all three modes
+  (``weights_all``, default (1, 0.3, 1));
 - ``rrf``: reciprocal-rank fusion of the dense, sparse and (union re-ranked) multi-vector lists.
 
 With a cross-encoder (``reranker``), each mode in ``rerank_modes`` is also reported re-ranked:
@@ -34,17 +36,19 @@ from trine.inference.reranker import Reranker
 from trine.modeling.trihead import TriHeadModel
 from trine.retrieval import HybridRetriever, QueryReps, SearchResult
 from trine.retrieval.base import pad_results
+from trine.scoring import HYBRID_KEYS, MODE_ALIASES, canonical_mode
 
 logger = logging.getLogger(__name__)
 
-MODES = ("dense", "sparse", "colbert", "dense+sparse", "all", "rrf")
-DEFAULT_MODES = ("dense", "sparse", "colbert", "dense+sparse", "all")
+# FlagEmbedding's score-mode names (trine.scoring.HYBRID_KEYS; the old eval names are aliases), and rrf
+MODES = (*HYBRID_KEYS, "rrf")
+DEFAULT_MODES = HYBRID_KEYS
 _NEEDS = {
     "dense": {"dense"},
     "sparse": {"sparse"},
     "colbert": {"dense", "colbert"},
-    "dense+sparse": {"dense", "sparse"},
-    "all": {"dense", "sparse", "colbert"},
+    "sparse+dense": {"dense", "sparse"},
+    "colbert+sparse+dense": {"dense", "sparse", "colbert"},
     "rrf": {"dense", "sparse", "colbert"},
 }
 
@@ -72,9 +76,11 @@ class EvalConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.modes if m not in MODES]
+        bad = [m for m in self.modes if MODE_ALIASES.get(m, m) not in MODES]
         if bad or not self.modes:
-            raise ValueError(f"unknown modes {bad}; choose from {MODES}")
+            raise ValueError(f"unknown modes {bad}; choose from {MODES} (aliases: {', '.join(MODE_ALIASES)})")
+        self.modes = tuple(canonical_mode(m, MODES) for m in self.modes)
+        self.rerank_modes = tuple(canonical_mode(m, MODES) for m in self.rerank_modes)
         if self.colbert_search not in ("rerank", "full"):
             raise ValueError(f"colbert_search must be 'rerank' or 'full', not {self.colbert_search!r}")
         if len(self.weights_dense_sparse) != 2:
@@ -118,9 +124,9 @@ def search_modes(retriever: HybridRetriever, reps: QueryReps, config: EvalConfig
             else:
                 candidates = retriever.first_stage(reps, "dense", config.rerank_k)
                 res = retriever.multivector.rerank(reps.colbert_vecs, candidates, min(k, config.rerank_k))
-        elif mode == "dense+sparse":
+        elif mode == "sparse+dense":
             res = retriever.search(reps, k, {"dense": w_ds[0], "sparse": w_ds[1]}, candidate_k=k)
-        elif mode == "all":
+        elif mode == "colbert+sparse+dense":
             res = retriever.search(reps, k, {"dense": w_all[0], "sparse": w_all[1], "colbert": w_all[2]},
                                    candidate_k=k)
         else:
