@@ -43,3 +43,23 @@ def test_a_new_family_trains_without_editing_the_trainer(tmp_path, splade_tiny_d
     with pytest.raises(OptionError, match="not a registered embedder family"):
         build_model(model_args, args, "embedder")
     assert families.ROLES == ("embedder", "reranker", "pretraining")
+
+
+def test_the_encoder_loads_through_the_family(monkeypatch, tiny_m3_dir):
+    from trine import M3Embedder
+
+    loaded = []
+
+    def load(path, **options):
+        model = FAMILIES["trihead"].load(path, **options)
+        loaded.append(path)
+        return model
+
+    monkeypatch.setitem(FAMILIES, "probe", ModelFamily("probe", "embedder", lambda m, a: None, "", load))
+    a = M3Embedder(tiny_m3_dir, model_family="probe", show_progress=False, devices="cpu")
+    b = M3Embedder(tiny_m3_dir, show_progress=False, devices="cpu")
+    assert loaded == [tiny_m3_dir]
+    texts = ["chmod changes file mode bits", "malloc"]
+    assert (a.encode(texts)["dense_vecs"] == b.encode(texts)["dense_vecs"]).all()
+    with pytest.raises(OptionError, match="not a registered embedder family"):
+        M3Embedder(tiny_m3_dir, model_family="retromae")

@@ -27,6 +27,7 @@ from trine.inference.pool import (
     resolve_dtype,
 )
 from trine.inference.result import OUTPUTS, EncodeResult, check_outputs
+from trine.modeling.families import inference_loader
 from trine.modeling.trihead import HeadInit, TriHeadModel
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Encoder(DeviceRunner):
         mcls_interval: int | None = None,
         show_progress: bool = True,
         trust_remote_code: bool = False,
+        model_family: str = "trihead",
     ):
         if not with_heads and (colbert_dim != -1 or init_missing_heads is not None):
             raise TypeError("colbert_dim and init_missing_heads set up the heads: they need with_heads=True "
@@ -86,7 +88,7 @@ class Encoder(DeviceRunner):
             model.normalize_embeddings = normalize_embeddings
         else:
             path = os.fspath(model_name_or_path)
-            model = TriHeadModel.from_pretrained(
+            model = inference_loader(model_family)(
                 path,
                 with_heads=with_heads,
                 pooling_method=pooling_method,

@@ -26,6 +26,8 @@ class ModelFamily:
     # (model arguments, training arguments) -> the model to train; reads the fields it needs
     from_arguments: Callable[[Any, Any], Any]
     description: str = ""
+    # (path, **options) -> the model at inference (embedder families: what trine.inference.Encoder runs)
+    load: Callable[..., Any] | None = None
 
 
 FAMILIES: dict[str, ModelFamily] = {}
@@ -47,6 +49,20 @@ def get_family(name: str, role: str) -> ModelFamily:
     if family is None or family.role != role:
         raise OptionError(f"model_family: {name!r} is not a registered {role} family; choose from {known}")
     return family
+
+
+def inference_loader(name: str, role: str = "embedder") -> Callable[..., Any]:
+    """How ``Encoder`` (or another inference class of ``role``) loads a folder of family ``name``."""
+    family = get_family(name, role)
+    if family.load is None:
+        raise OptionError(f"model_family: {name!r} has no inference loader")
+    return family.load
+
+
+def _load_trihead(path: str, **options: Any) -> Any:
+    from trine.modeling.trihead import TriHeadModel
+
+    return TriHeadModel.from_pretrained(path, **options)
 
 
 def build_model(model_args: Any, args: Any, role: str) -> Any:
@@ -94,7 +110,7 @@ def _retromae(model_args: Any, args: Any) -> Any:
 
 
 register_family(ModelFamily("trihead", "embedder", _trihead,
-                            "any transformers encoder + lexical and ColBERT heads (BGE-M3 layout)"))
+                            "any transformers encoder + lexical and ColBERT heads (BGE-M3 layout)", _load_trihead))
 register_family(ModelFamily("cross-encoder", "reranker", _cross_encoder,
                             "a sequence-classification encoder with one label (FlagReranker's)"))
 register_family(ModelFamily("retromae", "pretraining", _retromae,
