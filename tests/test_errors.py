@@ -389,3 +389,35 @@ def test_manpages_never_run_apt_get_update_unasked(tmp_path, monkeypatch, caplog
     monkeypatch.setattr(manpages.os, "geteuid", lambda: 1000, raising=False)
     with pytest.raises(RuntimeError, match="needs root: run `sudo apt-get update -qq`"):
         manpages.load_manpages(str(tmp_path / "cache"), update_package_lists=True)
+
+
+def test_eval_batch_size_zero_is_an_option_error(capsys):
+    from trine.cli import main
+
+    assert main(["eval", "--data", "/nonexistent", "--batch-size", "0"]) == 2
+    assert "batch_size must be a positive integer" in capsys.readouterr().err
+
+
+def test_a_build_time_value_error_exits_2(tmp_path, capsys, splade_tiny_dir):
+    from test_finetune import common_args, write_data
+
+    from trine.cli import main
+
+    data = write_data(tmp_path / "train.jsonl")
+    rc = main(["finetune", *common_args(splade_tiny_dir, data, tmp_path / "out", retrieval_eval_steps=2)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "retrieval_eval_steps needs eval_data" in err and "Traceback" not in err
+
+
+def test_retromae_names_a_missing_or_broken_folder(tmp_path):
+    from trine.errors import InputError
+    from trine.modeling.retromae import RetroMAEModel
+
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        RetroMAEModel.from_pretrained(str(tmp_path / "nope"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(InputError, match="broken"):
+        RetroMAEModel.from_pretrained(str(broken))

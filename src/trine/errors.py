@@ -6,8 +6,9 @@ prints its message on one line-group and exits with code 2 (1 is kept for failur
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 class UserError(ValueError):
@@ -48,3 +49,16 @@ def report_user_errors(work: Callable[[], int], *, debug: bool = False) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def options_checked() -> Iterator[None]:
+    """A ``ValueError`` about the arguments a command passed to the library (raised before anything
+    was written: building a trainer, an embedder, a config) is the user's :class:`OptionError`
+    (exit 2, no traceback); errors that already are :class:`UserError` pass unchanged."""
+    try:
+        yield
+    except UserError:
+        raise
+    except ValueError as err:
+        raise OptionError(str(err)) from err

@@ -12,13 +12,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import typing
-from collections.abc import Iterator
 from typing import Any
 
 from trine.config import CONFIG_SUFFIXES, flag_message, parse_bool, read_config_file
-from trine.errors import OptionError, UserError
+from trine.errors import OptionError, options_checked  # noqa: F401 (re-exported for the commands)
 
 
 def other_spelling(flag: str) -> str:
@@ -59,18 +57,6 @@ def ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-@contextlib.contextmanager
-def options_checked() -> Iterator[None]:
-    """A library's ValueError about the arguments a command passed it is the user's option error
-    (exit 2, no traceback); errors naming a file already are UserErrors."""
-    try:
-        yield
-    except UserError:
-        raise
-    except ValueError as err:
-        raise OptionError(str(err)) from err
 
 
 def is_config_file(argv: list[str]) -> bool:

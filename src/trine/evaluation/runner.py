@@ -91,6 +91,11 @@ class EvalConfig:
             raise ValueError(f"top_k ({self.top_k}) must be at least the largest k ({max(self.k_values)})")
         if self.rerank_k < 1:
             raise ValueError(f"rerank_k must be positive, got {self.rerank_k}")
+        for name in ("top_k", "query_max_length", "passage_max_length", "reranker_top_k", "reranker_max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer (or None for the model's), got {self.batch_size}")
         outside = [m for m in self.rerank_modes if m not in self.modes]
         if outside:
             raise ValueError(f"rerank_modes {outside} are not among the evaluated modes {list(self.modes)}")

@@ -27,7 +27,9 @@ from torch import nn
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.activations import ACT2FN
 
+from trine.errors import InputError
 from trine.io import atomic_folder
+from trine.modeling.loading import check_model_folder, load_from_folder
 
 logger = logging.getLogger(__name__)
 
@@ -215,22 +217,22 @@ class RetroMAEModel(nn.Module):
         where the config ties them). A folder holding ``retromae_decoder.safetensors`` (a trine
         pre-training checkpoint) gets its decoder back.
         """
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"model folder {path!r} does not exist (trine loads local folders only)")
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        path = check_model_folder(path)
+        tokenizer = load_from_folder(AutoTokenizer.from_pretrained, path, "tokenizer",
+                                     trust_remote_code=trust_remote_code)
         if not getattr(tokenizer, "is_fast", False):
-            raise ValueError(f"{path}: RetroMAE needs a fast tokenizer (tokenizer.json) to find whole words")
+            raise InputError(f"{path}: RetroMAE needs a fast tokenizer (tokenizer.json) to find whole words")
         if tokenizer.mask_token_id is None:
-            raise ValueError(f"{path}: the tokenizer has no mask token")
-        lm, info = AutoModelForMaskedLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
+            raise InputError(f"{path}: the tokenizer has no mask token")
+        lm, info = load_from_folder(
+            AutoModelForMaskedLM.from_pretrained, path, "masked-LM model", dtype=dtype,
+            trust_remote_code=trust_remote_code, output_loading_info=True,
             **({"attn_implementation": attn_implementation} if attn_implementation else {}),
         )
         missing = sorted(k for k in info["missing_keys"] if not k.startswith(lm.base_model_prefix + "."))
         if missing:
             if not allow_new_mlm_head:
-                raise ValueError(
+                raise InputError(
                     f"{path}: no MLM head weights ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); "
                     "RetroMAE trains through the MLM head. Pass allow_new_mlm_head to start a new one"
                 )

@@ -11,7 +11,7 @@ from transformers import TrainingArguments
 
 from trine.config import parse_config  # re-exported: the training commands parse their options with it
 from trine.data.records import TrainFile, load_train_files
-from trine.errors import report_user_errors
+from trine.errors import options_checked, report_user_errors
 from trine.training.arguments import TrainDataArguments
 from trine.training.dataset import EpochPlanDataset
 from trine.training.trainer import check_training_output, prepare_output_dir
@@ -77,7 +77,8 @@ def train_and_save(model_args: Any, data_args: Any, args: Any, build) -> str:  #
     on a bad one), build, prepare the folder, train (resuming from a complete checkpoint), save the
     model atomically."""
     checkpoint = check_training_output(args, training_inputs(model_args, data_args))
-    trainer = build(model_args, data_args, args)
+    with options_checked():  # e.g. retrieval_eval_steps without eval_data: exit 2, nothing written
+        trainer = build(model_args, data_args, args)
     prepare_output_dir(args, resuming=checkpoint is not None)
     trainer.train(resume_from_checkpoint=checkpoint)
     return trainer.save_final(args.output_dir)

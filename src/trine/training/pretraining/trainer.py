@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from trine.errors import options_checked
 from trine.io import check_output_path
 from trine.modeling.families import build_model
 from trine.training.pretraining.arguments import (
@@ -83,7 +84,8 @@ def pretrain(model_args: PretrainModelArguments, data_args: PretrainDataArgument
     inside = os.path.realpath(os.path.abspath(out)).startswith(os.path.realpath(os.path.abspath(args.output_dir)))
     if not inside:  # inside output_dir, it is covered by output_dir's check
         check_output_path(out, inputs=inputs, overwrite=args.overwrite_output_dir, what="encoder_output_dir")
-    trainer = build_trainer(model_args, data_args, args)
+    with options_checked():  # e.g. max_seq_length beyond the model's positions: exit 2, nothing written
+        trainer = build_trainer(model_args, data_args, args)
     prepare_output_dir(args, resuming=checkpoint is not None)
     trainer.train(resume_from_checkpoint=checkpoint)
     if args.should_save:
