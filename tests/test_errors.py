@@ -421,3 +421,28 @@ def test_retromae_names_a_missing_or_broken_folder(tmp_path):
     (broken / "config.json").write_text("{not json")
     with pytest.raises(InputError, match="broken"):
         RetroMAEModel.from_pretrained(str(broken))
+
+
+def test_default_lengths_fit_a_model_with_fewer_positions(tmp_path, splade_tiny_dir):
+    """Not giving a length takes 512 or the model's positions, whichever is smaller; giving one
+    beyond the positions is an error naming it."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from trine import Embedder, Reranker
+
+    small = tmp_path / "small"
+    AutoTokenizer.from_pretrained(splade_tiny_dir).save_pretrained(small)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(small)
+    emb = Embedder(str(small), show_progress=False, devices="cpu")
+    assert emb.passage_max_length == emb.query_max_length == 64
+    assert emb.encode(["chmod " * 200]).shape == (1, 32)  # a long text is cut to the positions
+    with pytest.raises(ValueError, match="passage_max_length 65 is more than the model's 64 positions"):
+        Embedder(str(small), passage_max_length=65, devices="cpu")
+    from transformers import BertForSequenceClassification
+
+    rr = tmp_path / "rr"
+    AutoTokenizer.from_pretrained(splade_tiny_dir).save_pretrained(rr)
+    BertForSequenceClassification(BertConfig(**{**config.to_dict(), "num_labels": 1})).save_pretrained(rr)
+    assert Reranker(str(rr), show_progress=False, devices="cpu").max_length == 64

@@ -31,8 +31,14 @@ def check_positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
+DEFAULT_MAX_LENGTH = 512
+
+
 def check_max_length(name: str, value: Any, limit: int | None) -> int:
-    """A token length: a positive int, at most the model's ``limit`` positions (when it has one)."""
+    """A token length: a positive int, at most the model's ``limit`` positions (when it has one).
+    ``None`` (not given) is 512, or the model's positions when it has fewer."""
+    if value is None:
+        return DEFAULT_MAX_LENGTH if limit is None else min(DEFAULT_MAX_LENGTH, limit)
     value = check_positive_int(name, value)
     if limit is not None and value > limit:
         raise ValueError(f"{name} {value} is more than the model's {limit} positions")

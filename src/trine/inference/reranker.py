@@ -54,7 +54,7 @@ class Reranker(DeviceRunner):
         devices: str | int | Sequence[str | int] | None = None,
         batch_size: int = 128,
         query_max_length: int | None = None,
-        max_length: int = 512,
+        max_length: int | None = None,
         normalize: bool = False,
         max_tokens_per_batch: int | Literal["auto"] | None = "auto",
         show_progress: bool = True,
