@@ -273,7 +273,7 @@ def test_model_labels():
 
 def test_eval_config_errors():
     with pytest.raises(ValueError, match="unknown modes"):
-        EvalConfig(modes=("dense", "bm25"))
+        EvalConfig(modes=("dense", "splade"))
     with pytest.raises(ValueError, match="top_k"):
         EvalConfig(k_values=(10, 1000), top_k=100)
     with pytest.raises(ValueError, match="colbert_search"):

@@ -2,10 +2,19 @@
 
 from trine.inference import Embedder, M3Embedder, Reranker
 from trine.modeling import CrossEncoder, TriHeadModel
-from trine.retrieval import DenseIndex, HybridRetriever, MultiVectorIndex, QueryReps, SearchResult, SparseIndex
+from trine.retrieval import (
+    BM25Index,
+    DenseIndex,
+    HybridRetriever,
+    MultiVectorIndex,
+    QueryReps,
+    SearchResult,
+    SparseIndex,
+)
 
 __version__ = "0.1.0"
 __all__ = [
+    "BM25Index",
     "CrossEncoder",
     "DenseIndex",
     "Embedder",

@@ -63,7 +63,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     help="how to start heads for a folder without head files (none: such a folder is an error)")
     ev.add_argument("--modes", default="dense,sparse,colbert,sparse+dense,colbert+sparse+dense",
                     help="comma-separated: dense, sparse, colbert, sparse+dense (alias dense+sparse), "
-                         "colbert+sparse+dense (alias all), rrf")
+                         "colbert+sparse+dense (alias all), rrf, bm25 (the classical baseline over the texts: "
+                         "bm25s, English stop-words and Snowball stemmer; needs no model output)")
     ev.add_argument("--k", type=ints, default=[1, 3, 5, 10, 100], help="cut-offs, e.g. 1,3,5,10,100")
     ev.add_argument("--metrics", default="ndcg,recall,mrr,map", help="comma-separated: ndcg, recall, mrr, map, "
                     "precision")

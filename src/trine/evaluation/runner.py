@@ -11,7 +11,10 @@ Modes (as BGE-M3's evaluation, see FlagEmbedding's MLDR/MKQA recipes):
   (``weights_dense_sparse``, default (1, 0.3));
 - ``colbert+sparse+dense`` (alias ``all``): the same union scored exactly in all three modes
   (``weights_all``, default (1, 0.3, 1));
-- ``rrf``: reciprocal-rank fusion of the dense, sparse and (union re-ranked) multi-vector lists.
+- ``rrf``: reciprocal-rank fusion of the dense, sparse and (union re-ranked) multi-vector lists;
+- ``bm25``: the classical baseline, no model output: BM25 over the corpus texts through ``bm25s``
+  (English stop-words, English Snowball stemmer, bm25s's defaults ``method="lucene"``, k1=1.5,
+  b=0.75; :class:`~trine.retrieval.BM25Index`), top ``top_k``. Not among the default modes.
 
 With a cross-encoder (``reranker``), each mode in ``rerank_modes`` is also reported re-ranked:
 its top ``reranker_top_k`` scored by the cross-encoder, as ``rerank(<mode>)``.
@@ -34,14 +37,14 @@ from trine.inference.embedder import M3Embedder
 from trine.inference.encoder import Encoder
 from trine.inference.reranker import Reranker
 from trine.modeling.trihead import TriHeadModel
-from trine.retrieval import HybridRetriever, QueryReps, SearchResult
+from trine.retrieval import BM25Index, HybridRetriever, QueryReps, SearchResult
 from trine.retrieval.base import pad_results
 from trine.scoring import HYBRID_KEYS, MODE_ALIASES, canonical_mode
 
 logger = logging.getLogger(__name__)
 
 # FlagEmbedding's score-mode names (trine.scoring.HYBRID_KEYS; the old eval names are aliases), and rrf
-MODES = (*HYBRID_KEYS, "rrf")
+MODES = (*HYBRID_KEYS, "rrf", "bm25")
 DEFAULT_MODES = HYBRID_KEYS
 _NEEDS = {
     "dense": {"dense"},
@@ -50,6 +53,7 @@ _NEEDS = {
     "sparse+dense": {"dense", "sparse"},
     "colbert+sparse+dense": {"dense", "sparse", "colbert"},
     "rrf": {"dense", "sparse", "colbert"},
+    "bm25": set(),  # the texts themselves
 }
 
 
@@ -114,14 +118,22 @@ def needed_outputs(modes: Sequence[str]) -> set[str]:
 Timed = tuple[SearchResult, float]
 
 
-def search_modes(retriever: HybridRetriever, reps: QueryReps, config: EvalConfig) -> dict[str, Timed]:
-    """Run every configured mode; ``{mode: (result, seconds)}``."""
+def search_modes(retriever: HybridRetriever | None, reps: QueryReps, config: EvalConfig,
+                 bm25: tuple[BM25Index, Sequence[str]] | None = None) -> dict[str, Timed]:
+    """Run every configured mode; ``{mode: (result, seconds)}``. ``bm25``: the BM25 index over the
+    corpus texts and the query texts (needed for mode ``bm25``)."""
     out: dict[str, Timed] = {}
     k = config.top_k
     w_ds, w_all = config.weights_dense_sparse, config.weights_all
     for mode in config.modes:
         start = time.perf_counter()
-        if mode in ("dense", "sparse"):
+        if mode == "bm25":
+            if bm25 is None:
+                raise ValueError("mode 'bm25' needs the BM25 index and the query texts")
+            res = bm25[0].search(bm25[1], k)
+        elif retriever is None:
+            raise ValueError(f"mode {mode!r} needs the model's index")
+        elif mode in ("dense", "sparse"):
             res = retriever.first_stage(reps, mode, k)
         elif mode == "colbert":
             if config.colbert_search == "full":
@@ -173,26 +185,35 @@ def evaluate_model(model: Encoder, dataset: RetrievalDataset, config: EvalConfig
     needs = needed_outputs(config.modes)
     doc_ids, texts = dataset.passages()
     query_ids = list(dataset.queries)
-    start = time.perf_counter()
-    docs = model.encode_result(texts, needs, kind="passage", batch_size=config.batch_size,
-                               max_length=config.passage_max_length)
-    encode_corpus_s = time.perf_counter() - start
-    start = time.perf_counter()
-    queries = model.encode_result([dataset.queries[q] for q in query_ids], needs, kind="query",
-                                  batch_size=config.batch_size, max_length=config.query_max_length)
-    encode_queries_s = time.perf_counter() - start
-    start = time.perf_counter()
-    retriever = HybridRetriever.from_encoded({k: v for k, v in docs.items() if v is not None}, doc_ids,
-                                             dense_kind=config.dense_index)
-    index_s = time.perf_counter() - start
-    reps = QueryReps.from_encode(queries)
+    query_texts = [dataset.queries[q] for q in query_ids]
+    encode_corpus_s = encode_queries_s = index_s = 0.0
+    retriever, reps = None, QueryReps()
+    if needs:  # bm25 alone needs no model output
+        start = time.perf_counter()
+        docs = model.encode_result(texts, needs, kind="passage", batch_size=config.batch_size,
+                                   max_length=config.passage_max_length)
+        encode_corpus_s = time.perf_counter() - start
+        start = time.perf_counter()
+        queries = model.encode_result(query_texts, needs, kind="query", batch_size=config.batch_size,
+                                      max_length=config.query_max_length)
+        encode_queries_s = time.perf_counter() - start
+        start = time.perf_counter()
+        retriever = HybridRetriever.from_encoded({k: v for k, v in docs.items() if v is not None}, doc_ids,
+                                                 dense_kind=config.dense_index)
+        index_s = time.perf_counter() - start
+        reps = QueryReps.from_encode(queries)
+    bm25 = None
+    if "bm25" in config.modes:
+        start = time.perf_counter()
+        bm25 = (BM25Index.build(texts, doc_ids), query_texts)
+        index_s += time.perf_counter() - start
     metrics: dict[str, dict[str, float]] = {}
     search_s: dict[str, float] = {}
     runs: dict[str, dict[str, dict[str, float]]] = {}
-    results = search_modes(retriever, reps, config)
+    results = search_modes(retriever, reps, config, bm25)
     for mode in config.rerank_modes:
         start = time.perf_counter()
-        reranked = rerank_result(reranker, results[mode][0], [dataset.queries[q] for q in query_ids], texts, config)
+        reranked = rerank_result(reranker, results[mode][0], query_texts, texts, config)
         results[f"rerank({mode})"] = (reranked, results[mode][1] + time.perf_counter() - start)
     for mode, (res, seconds) in results.items():
         run = res.to_run(query_ids, doc_ids)
@@ -212,10 +233,10 @@ def evaluate_model(model: Encoder, dataset: RetrievalDataset, config: EvalConfig
 
 
 def load_embedder(path: str | os.PathLike, config: EvalConfig, options: Mapping[str, Any] | None) -> M3Embedder:
-    """``M3Embedder(path, **options)``; when only dense scores are needed and no head start is
+    """``M3Embedder(path, **options)``; when at most dense scores are needed and no head start is
     asked for, the heads are not loaded (a plain dense model needs none)."""
     options = dict(options or {})
-    if needed_outputs(config.modes) == {"dense"} and options.get("init_missing_heads") is None:
+    if needed_outputs(config.modes) <= {"dense"} and options.get("init_missing_heads") is None:
         options.pop("init_missing_heads", None)
         return M3Embedder(TriHeadModel.from_pretrained(path, with_heads=False), **options)
     return M3Embedder(path, **options)

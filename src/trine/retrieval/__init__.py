@@ -1,6 +1,8 @@
-"""Retrieval: dense (FAISS), sparse (inverted lexical index), multi-vector (maxsim) and hybrid search."""
+"""Retrieval: dense (FAISS), sparse (inverted lexical index), multi-vector (maxsim), hybrid search, and BM25
+over texts (bm25s) as the classical baseline."""
 
 from trine.retrieval.base import SearchResult, top_k
+from trine.retrieval.bm25 import BM25Index
 from trine.retrieval.dense import DenseIndex
 from trine.retrieval.export import to_csr_arrays, to_indices_values, to_sparse_vectors, to_token_strings
 from trine.retrieval.hybrid import HybridRetriever, QueryReps, reciprocal_rank_fusion, union_rows, weighted_fusion
@@ -9,6 +11,7 @@ from trine.retrieval.protocol import Index, Representation, check_index, load_in
 from trine.retrieval.sparse import SparseIndex
 
 __all__ = [
+    "BM25Index",
     "DenseIndex",
     "HybridRetriever",
     "Index",

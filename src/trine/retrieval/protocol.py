@@ -2,7 +2,8 @@
 evaluation, mining) can use any of them: trine's in-memory indexes, or a vector-database collection.
 
 An index holds documents of one representation (``"dense"`` vectors, ``"sparse"`` lexical weights or
-``"colbert"`` multi-vectors, as ``M3Embedder.encode`` returns them) under row numbers ``0 .. len - 1``
+``"colbert"`` multi-vectors, as ``M3Embedder.encode`` returns them; or ``"text"``, plain strings, for
+indexes that tokenise texts themselves, as :class:`~trine.retrieval.BM25Index`) under row numbers ``0 .. len - 1``
 in the order they were added; ``ids[row]`` is a document's id. Results and exact scores are in rows,
 so indexes over the same documents (same ids, same order) fuse without id look-ups.
 
@@ -21,8 +22,11 @@ import numpy as np
 
 from trine.retrieval.base import SearchResult, pad_results, top_k, unique_rows
 
-Representation = Literal["dense", "sparse", "colbert"]
+Representation = Literal["dense", "sparse", "colbert", "text"]
+#: the encoded representations (the modes of a HybridRetriever)
 REPRESENTATIONS: tuple[str, ...] = ("dense", "sparse", "colbert")
+#: every representation an index may hold: the encoded ones and plain texts (BM25)
+INDEX_REPRESENTATIONS: tuple[str, ...] = (*REPRESENTATIONS, "text")
 #: the ``M3Embedder.encode`` key each representation comes under
 ENCODE_KEYS = {"dense": "dense_vecs", "sparse": "lexical_weights", "colbert": "colbert_vecs"}
 
@@ -33,7 +37,8 @@ class Index(Protocol):
 
     - ``representation``: ``"dense"`` (``dense_vecs``: a (docs x dim) float array), ``"sparse"``
       (``lexical_weights``: one ``{token: weight}`` mapping per document) or ``"colbert"``
-      (``colbert_vecs``: one (tokens x dim) array per document). Queries come in the same form.
+      (``colbert_vecs``: one (tokens x dim) array per document) or ``"text"`` (plain strings, for an
+      index that tokenises itself, e.g. BM25). Queries come in the same form.
     - ``ids``: the document id of each row (unique strings), ``len(index)`` rows.
     - ``build(docs, ids=None, **options)`` makes an index; ``add(docs, ids=None)`` appends rows
       (ids default to the row numbers); both refuse duplicate ids and bad values, leaving the index
@@ -76,8 +81,8 @@ def check_index(index: Any, representation: str | None = None, what: str = "inde
         missing = [m for m in ("representation", "ids", "__len__", "build", "add", "search", "score", "save", "load")
                    if not hasattr(index, m)]
         raise TypeError(f"{what}: a {type(index).__name__} is not a trine Index (missing {', '.join(missing)})")
-    if index.representation not in REPRESENTATIONS:
-        raise ValueError(f"{what}: representation {index.representation!r} is not one of {REPRESENTATIONS}")
+    if index.representation not in INDEX_REPRESENTATIONS:
+        raise ValueError(f"{what}: representation {index.representation!r} is not one of {INDEX_REPRESENTATIONS}")
     if representation is not None and index.representation != representation:
         raise ValueError(f"{what}: expected an index over {representation!r}, got one over "
                          f"{index.representation!r} ({type(index).__name__})")
