@@ -163,7 +163,8 @@ def remove_stale_temps(parent: str, name: str) -> None:
                         os.remove(full)
 
 
-def _temp_prefix(path: str) -> str:
+def temp_prefix(path: str) -> str:
+    """The name start of a writer's temp beside ``path`` (its pid inside: :func:`remove_stale_temps`)."""
     return f".tmp-{os.path.basename(path)}-{os.getpid()}-"
 
 
@@ -260,7 +261,7 @@ def atomic_folder(
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     remove_stale_temps(parent, os.path.basename(target))
-    tmp = tempfile.mkdtemp(prefix=_temp_prefix(target), dir=parent)
+    tmp = tempfile.mkdtemp(prefix=temp_prefix(target), dir=parent)
     try:
         normal_mode(tmp, folder=True)
         yield tmp
@@ -311,7 +312,7 @@ def atomic_file(path: PathLike, mode: str = "w", *, inputs: Iterable[PathLike | 
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     remove_stale_temps(parent, os.path.basename(target))
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), dir=parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), dir=parent)
     try:
         normal_mode(tmp, folder=False)
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from trine.cli.parser import floats, options_checked
-from trine.errors import OptionError, UserError
+from trine.errors import InputError, OptionError, UserError
 
 
 def _curation_embedder(args: argparse.Namespace, m3: bool):
@@ -39,13 +38,14 @@ def _teacher(args: argparse.Namespace):
 
 
 def _run_curation(args: argparse.Namespace, work) -> int:
+    # main() reports a user's mistake (exit 2; the traceback under --log-level DEBUG): nothing was written
     try:
-        summary = work()
-    except UserError:
-        raise  # main() reports it (exit 2; the traceback under --log-level DEBUG)
-    except (ValueError, FileNotFoundError) as err:  # bad options the library names: nothing was written
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        with options_checked():  # bad options the library names
+            summary = work()
+    except FileNotFoundError as err:
+        if isinstance(err, UserError):
+            raise
+        raise InputError(str(err)) from err
     print("\n".join(summary.lines()))
     print(f"wrote {args.output_file}")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +83,29 @@ def top_k(scores: np.ndarray, k: int, candidates: np.ndarray | None = None) -> t
     order = np.lexsort((rows[pick], -scores[pick]))
     pick = pick[order]
     return scores[pick], rows[pick]
+
+
+def search_positive(score_all: Callable[[Any], np.ndarray], queries: Sequence[Any], k: int) -> SearchResult:
+    """Each query's ``k`` best rows among those scoring above 0 under ``score_all(query)`` (every
+    row's score): the search of the term-matching indexes (lexical weights, BM25)."""
+    out = []
+    for q in queries:
+        scores = score_all(q)
+        hit = np.flatnonzero(scores > 0)
+        out.append(top_k(scores[hit], k, hit) if hit.size else (np.zeros(0), np.zeros(0, dtype=np.int64)))
+    return pad_results(out, k)
+
+
+def score_rows(score_all: Callable[[Any], np.ndarray], queries: Sequence[Any], rows: np.ndarray) -> np.ndarray:
+    """Exact scores of query i with rows[i] (queries x m) from ``score_all``; -inf where rows is -1."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.ndim != 2 or rows.shape[0] != len(queries):
+        raise ValueError(f"rows must be (queries x m) with {len(queries)} queries, got {rows.shape}")
+    out = np.full(rows.shape, -np.inf, dtype=np.float64)
+    for i, q in enumerate(queries):
+        valid = rows[i] >= 0
+        out[i, valid] = score_all(q)[rows[i, valid]]
+    return out
 
 
 def check_ids(ids: Sequence[str] | None, count: int, start: int = 0) -> list[str]:

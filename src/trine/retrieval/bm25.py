@@ -27,10 +27,10 @@ from trine.retrieval.base import (
     atomic_folder,
     check_ids,
     check_unique,
-    pad_results,
     read_ids,
     read_meta,
-    top_k,
+    score_rows,
+    search_positive,
     write_ids,
     write_meta,
 )
@@ -143,24 +143,11 @@ class BM25Index:
 
     def search(self, queries: Sequence[str], k: int) -> SearchResult:
         """Each query's ``k`` best documents among those sharing a term with it (score > 0)."""
-        out = []
-        for q in _texts(queries, "queries"):
-            scores = self.score_all(q)
-            hit = np.flatnonzero(scores > 0)
-            out.append(top_k(scores[hit], k, hit) if hit.size else (np.zeros(0), np.zeros(0, dtype=np.int64)))
-        return pad_results(out, k)
+        return search_positive(self.score_all, _texts(queries, "queries"), k)
 
     def score(self, queries: Sequence[str], rows: np.ndarray) -> np.ndarray:
         """Exact scores of query i with rows[i] (queries x m); -inf where rows is -1."""
-        queries = _texts(queries, "queries")
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.ndim != 2 or rows.shape[0] != len(queries):
-            raise ValueError(f"rows must be (queries x m) with {len(queries)} queries, got {rows.shape}")
-        out = np.full(rows.shape, -np.inf, dtype=np.float64)
-        for i, q in enumerate(queries):
-            valid = rows[i] >= 0
-            out[i, valid] = self.score_all(q)[rows[i, valid]]
-        return out
+        return score_rows(self.score_all, _texts(queries, "queries"), rows)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:

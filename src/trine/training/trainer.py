@@ -23,6 +23,7 @@ from trine.io import (
     is_trine_folder,
     normal_mode,
     parent_lock,
+    temp_prefix,
     write_marker,
 )
 from trine.training.dataset import EpochPlanDataset
@@ -74,11 +75,11 @@ def prepare_output_dir(args: Any, resuming: bool) -> None:
         os.makedirs(out, exist_ok=True)
         entries = os.listdir(out)
         if entries and not resuming and args.overwrite_output_dir:
-            fresh = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.abspath(out)) + "-",
-                                     dir=os.path.dirname(os.path.abspath(out)))
+            target = os.path.abspath(out)
+            fresh = tempfile.mkdtemp(prefix=temp_prefix(target), dir=os.path.dirname(target))
             normal_mode(fresh, folder=True)
-            with parent_lock(os.path.abspath(out)):
-                exchange(fresh, os.path.abspath(out))
+            with parent_lock(target):
+                exchange(fresh, target)
             shutil.rmtree(fresh)
         if not is_trine_folder(out):
             write_marker(out)
