@@ -195,6 +195,22 @@ def test_manpages_beir_split(tmp_path):
         build_manpages_beir(tmp_path / "x", test_fraction=1.0, pages=pages)
 
 
+def test_manpages_dev_split_keeps_the_test_pages(tmp_path):
+    pages = fake_pages(50)
+    plain = build_manpages_beir(tmp_path / "plain", seed=3, test_fraction=0.2, pages=pages)
+    with_dev = build_manpages_beir(tmp_path / "dev", seed=3, test_fraction=0.2, pages=pages, dev_fraction=0.1)
+    assert not os.path.exists(os.path.join(plain, "qrels", "dev.tsv"))
+    test, dev, train = (load_dataset(with_dev, s) for s in ("test", "dev", "train"))
+    assert test.qrels == load_dataset(plain, "test").qrels  # earlier test numbers stay comparable
+    assert len(dev.queries) == 5 and len(train.queries) == 35
+    assert not set(dev.queries) & (set(test.queries) | set(train.queries))
+    assert set(dev.queries) | set(train.queries) == set(load_dataset(plain, "train").queries)
+    other = build_manpages_beir(tmp_path / "other", seed=4, test_fraction=0.2, pages=pages, dev_fraction=0.1)
+    assert load_dataset(other, "dev").qrels != dev.qrels  # seeded
+    with pytest.raises(ValueError, match="dev_fraction"):
+        build_manpages_beir(tmp_path / "x", test_fraction=0.5, dev_fraction=0.5, pages=pages)
+
+
 # ---------------------------------------------------------------------- runner
 @pytest.fixture(scope="module")
 def manpage_set(tmp_path_factory):
@@ -310,3 +326,9 @@ def test_cli_manpages_data(tmp_path, manpage_set, capsys):
     q = next(iter(test.queries))
     doc = next(iter(test.qrels[q]))
     assert q == "q:" + doc and test.corpus[doc]["text"]
+    assert main(["manpages-data", str(tmp_path / "mp2"), "--limit", "40", "--seed", "3", "--dev-fraction", "0.25"]) == 0
+    capsys.readouterr()
+    assert load_dataset(tmp_path / "mp2", "test").qrels == test.qrels
+    assert len(load_dataset(tmp_path / "mp2", "dev").queries) == 10
+    assert main(["manpages-data", str(tmp_path / "mp3"), "--dev-fraction", "0.9"]) == 2
+    assert "--dev-fraction" in capsys.readouterr().err and not (tmp_path / "mp3").exists()

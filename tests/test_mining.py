@@ -135,6 +135,44 @@ def test_hybrid_ranks_equal_brute_force(tmp_path, tiny_m3_dir, pages):
     assert len(load_train_files([out], train_group_size=5)[0].records) == 60
 
 
+def test_hybrid_normalization_ranks_equal_brute_force(tmp_path, splade_tiny_dir, pages):
+    from trine import M3Embedder
+    from trine.scoring import lexical_scores, normalize_scores
+
+    src = write(tmp_path / "train.jsonl", pages[:40])
+    out = str(tmp_path / "mined.jsonl")
+    # a real (if small) model: its scores spread enough that min-max does not magnify float32 noise
+    emb = M3Embedder(splade_tiny_dir, init_missing_heads="neutral", show_progress=False, passage_max_length=96,
+                     query_max_length=32)
+    pool = list(dict.fromkeys(p.description for p in pages[:40]))
+    lo, hi = 2, 15
+    with pytest.raises(ValueError, match="relative_margin"):
+        mine_hard_negatives(src, out, emb, hybrid_weights=(1, 0.5), hybrid_normalization="minmax",
+                            relative_margin=0.1)
+    with pytest.raises(ValueError, match="unknown score normalization"):
+        mine_hard_negatives(src, out, emb, hybrid_weights=(1, 0.5), hybrid_normalization="l1")
+    assert not os.path.exists(out)
+    summary = mine_hard_negatives(src, out, emb, range_for_sampling=(lo, hi), negative_number=3, backfill="none",
+                                  hybrid_weights=(1, 0.5), hybrid_normalization="minmax",
+                                  hybrid_candidates=len(pool))
+    assert summary.ranking.endswith("(minmax)")
+    # every candidate is in the union (the dense list holds the whole pool): min-max over the whole pool
+    c = emb.encode_corpus(pool, return_sparse=True)
+    q = emb.encode_queries([p.name for p in pages[:40]], return_sparse=True)
+    dense = q["dense_vecs"].astype(np.float64) @ c["dense_vecs"].T.astype(np.float64)
+    lexical = lexical_scores(q["lexical_weights"], c["lexical_weights"])
+    fused = normalize_scores(dense, method="minmax") + 0.5 * normalize_scores(lexical, method="minmax")
+    raw = dense + 0.5 * lexical
+    moved = 0
+    for r, s, s_raw in zip(_rows(out), fused, raw):
+        desc = np.sort(s)[::-1]
+        assert len(r["neg"]) == 3
+        for neg in r["neg"]:
+            assert desc[hi - 1] - 1e-4 <= s[pool.index(neg)] <= desc[lo] + 1e-4
+        moved += list(np.argsort(-s)[lo:hi]) != list(np.argsort(-s_raw)[lo:hi])
+    assert moved  # the normalised ranking is not the raw one
+
+
 def test_hybrid_needs_m3_and_valid_options(tmp_path, minilm_dir, pages):
     src = write(tmp_path / "train.jsonl", pages[:10])
     emb = Embedder(minilm_dir, show_progress=False, passage_max_length=32)

@@ -26,6 +26,70 @@ def canonical_mode(name: str, allowed: Sequence[str] = HYBRID_KEYS) -> str:
     return mode
 
 
+#: how :func:`normalize_scores` puts one mode's scores on a common scale before weighted fusion
+NORMALIZATIONS = ("none", "minmax", "zscore")
+
+
+def check_normalization(method: str) -> str:
+    """``method`` if it is one of :data:`NORMALIZATIONS`; a ``ValueError`` listing them otherwise."""
+    if method not in NORMALIZATIONS:
+        raise ValueError(f"unknown score normalization {method!r}; choose from {list(NORMALIZATIONS)}")
+    return method
+
+
+def normalize_scores(scores: np.ndarray, valid: np.ndarray | None = None, method: str = "minmax") -> np.ndarray:
+    """Each query's (row's) scores over its ``valid`` cells on a common scale, float64 (queries x candidates).
+
+    ``minmax``: ``(s - min) / (max - min)``; ``zscore``: ``(s - mean) / std`` (population std); both
+    over the row's valid cells only, and a row whose valid scores are all equal gives 0 throughout.
+    Invalid (padding) cells are 0. ``none`` returns the scores unchanged (as float64). ``valid``
+    (a boolean array of the same shape) defaults to the finite cells; a valid cell must be finite.
+    """
+    check_normalization(method)
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be a (queries x candidates) array, got shape {s.shape}")
+    if method == "none":
+        return s.copy()
+    valid = np.isfinite(s) if valid is None else np.asarray(valid, dtype=bool)
+    if valid.shape != s.shape:
+        raise ValueError(f"valid has shape {valid.shape}, the scores {s.shape}")
+    if not np.isfinite(s[valid]).all():
+        raise ValueError("a valid score is not finite (NaN or infinite)")
+    x = np.where(valid, s, 0.0)
+    count = valid.sum(1, keepdims=True)
+    lo = np.where(valid, s, np.inf).min(1, keepdims=True) if s.shape[1] else np.zeros((len(s), 1))
+    hi = np.where(valid, s, -np.inf).max(1, keepdims=True) if s.shape[1] else np.zeros((len(s), 1))
+    spread = (count > 0) & (hi > lo)  # a row of equal scores (or none) has no scale: 0 throughout
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if method == "minmax":
+            out = (x - lo) / (hi - lo)
+        else:
+            mean = x.sum(1, keepdims=True) / np.maximum(count, 1)
+            std = np.sqrt((np.where(valid, x - mean, 0.0) ** 2).sum(1, keepdims=True) / np.maximum(count, 1))
+            out = (x - mean) / std
+    return np.where(valid & spread, out, 0.0)
+
+
+def fuse_scores(scores: Sequence[np.ndarray], weights: Sequence[float], valid: np.ndarray,
+                normalization: str = "none") -> np.ndarray:
+    """``sum_m weights[m] * normalize(scores[m])`` over one candidate matrix (queries x m), float64;
+    invalid (padding) cells are 0. The one formula of weighted fusion (search, evaluation, tuning)."""
+    if len(scores) != len(weights) or not scores:
+        raise ValueError(f"{len(scores)} score matrices for {len(weights)} weights")
+    check_normalization(normalization)
+    valid = np.asarray(valid, dtype=bool)
+    total = np.zeros(valid.shape, dtype=np.float64)
+    for s, w in zip(scores, weights):
+        s = np.asarray(s, dtype=np.float64)
+        if s.shape != valid.shape:
+            raise ValueError(f"scores of shape {s.shape} for candidates {valid.shape}")
+        if normalization != "none":
+            s = normalize_scores(s, valid, normalization)
+        total += float(w) * np.where(valid, s, 0.0)
+    return total
+
+
 def dense_scores(q: np.ndarray | torch.Tensor, p: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     """Inner products, queries x passages."""
     return q @ p.T

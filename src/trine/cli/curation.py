@@ -76,7 +76,8 @@ def _mine(args: argparse.Namespace) -> int:
         args.input_file, args.output_file, embedder, candidate_pool=args.candidate_pool,
         range_for_sampling=parse_range(args.range_for_sampling), negative_number=args.negative_number,
         relative_margin=args.relative_margin, backfill=args.backfill, seed=args.seed,
-        hybrid_weights=args.hybrid_weights, hybrid_candidates=args.hybrid_candidates, index_kind=args.index_kind,
+        hybrid_weights=args.hybrid_weights, hybrid_candidates=args.hybrid_candidates,
+        hybrid_normalization=args.hybrid_normalization, index_kind=args.index_kind,
         index_options=options, cache_dir=args.cache_dir, query_chunk_size=args.query_chunk_size,
         search_batch_size=args.search_batch_size, show_progress=not args.quiet,
     ))
@@ -155,6 +156,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                       help="dense,sparse: rank by w_d x dense + w_s x lexical (an M3 model; e.g. 1,0.3)")
     mine.add_argument("--hybrid_candidates", type=int, default=None,
                       help="depth of the dense and the sparse first-stage lists re-scored exactly (default: range end)")
+    mine.add_argument("--hybrid_normalization", default="none", choices=["none", "minmax", "zscore"],
+                      help="per query, put the dense and the lexical scores of the candidate union on one scale "
+                           "before weighting (none: raw sums, FlagEmbedding's)")
     mine.add_argument("--index_kind", default="flat", choices=["flat", "hnsw", "ivf"],
                       help="flat: exact inner product; hnsw / ivf: approximate, for large pools")
     mine.add_argument("--hnsw_m", type=int, default=None)

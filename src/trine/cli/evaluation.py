@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 
 from trine.cli.parser import floats, ints, options_checked
+from trine.scoring import NORMALIZATIONS
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from trine.evaluation import EvalConfig, load_dataset, run_evaluation, text_table, write_report
+    from trine.evaluation import EvalConfig, fusion_summary, load_dataset, run_evaluation, text_table, write_report
 
     models = args.model
     if not models:
@@ -20,6 +21,7 @@ def _eval(args: argparse.Namespace) -> int:
             modes=args.modes.split(","), k_values=args.k, metrics=args.metrics.split(","), top_k=args.top_k,
             rerank_k=args.rerank_k, colbert_search=args.colbert_search,
             weights_dense_sparse=args.weights_dense_sparse, weights_all=args.weights_all,
+            weights_dense_bm25=args.weights_dense_bm25, normalization=args.normalization,
             dense_index=args.dense_index, ignore_identical_ids=args.ignore_identical_ids,
             batch_size=args.batch_size, query_max_length=args.query_max_len,
             passage_max_length=args.passage_max_len,
@@ -32,11 +34,23 @@ def _eval(args: argparse.Namespace) -> int:
         check_output_path(args.out, inputs=[args.data, *models, args.reranker], overwrite=args.overwrite,
                           what="--out folder")
     dataset = load_dataset(args.data, args.split, args.layout)
+    dev = None
+    if args.tune_weights:
+        from trine.evaluation import check_dev_split
+        from trine.evaluation.tuning import check_tuning
+
+        if args.dev_split == args.split:  # before reading it: the same split is never a dev split
+            check_dev_split(dataset, dataset)
+        dev = load_dataset(args.data, args.dev_split, args.layout)
+        check_tuning(models, dataset, dev, config)
     options = {"devices": args.devices, "show_progress": not args.quiet,
                "init_missing_heads": None if args.heads == "none" else args.heads}
     result = run_evaluation(models, dataset, config, model_options=options, reranker=args.reranker,
-                            reranker_options={"devices": args.devices, "show_progress": not args.quiet})
+                            reranker_options={"devices": args.devices, "show_progress": not args.quiet}, tune_on=dev)
     print(text_table(result))
+    summary = fusion_summary(result)
+    if summary:
+        print(summary)
     if args.out:
         for kind, path in write_report(result, args.out, overwrite=args.overwrite,
                                        inputs=[args.data, *models, args.reranker]).items():
@@ -47,8 +61,14 @@ def _eval(args: argparse.Namespace) -> int:
 def _manpages_data(args: argparse.Namespace) -> int:
     from trine.evaluation import build_manpages_beir
 
+    with options_checked():
+        if not 0 <= args.dev_fraction < 1 or not 0 < args.test_fraction < 1 \
+                or args.dev_fraction + args.test_fraction >= 1:
+            raise ValueError(f"--test-fraction ({args.test_fraction}) and --dev-fraction ({args.dev_fraction}) must "
+                             "be fractions whose sum is below 1")
     print(build_manpages_beir(args.out, seed=args.seed, test_fraction=args.test_fraction, limit=args.limit,
-                              overwrite=args.overwrite, update_package_lists=args.apt_update or None))
+                              overwrite=args.overwrite, update_package_lists=args.apt_update or None,
+                              dev_fraction=args.dev_fraction))
     return 0
 
 
@@ -59,20 +79,33 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--layout", default="auto", choices=["auto", "beir", "custom"])
     ev.add_argument("--model", action="append", default=[],
                     help="model folder; repeat for several (default: all-MiniLM-L6-v2 from its PyPI package)")
-    ev.add_argument("--heads", default="none", choices=["none", "neutral", "random"],
+    ev.add_argument("--heads", default="none", choices=["none", "neutral", "random", "bm25"],
                     help="how to start heads for a folder without head files (none: such a folder is an error)")
     ev.add_argument("--modes", default="dense,sparse,colbert,sparse+dense,colbert+sparse+dense",
                     help="comma-separated: dense, sparse, colbert, sparse+dense (alias dense+sparse), "
                          "colbert+sparse+dense (alias all), rrf, bm25 (the classical baseline over the texts: "
-                         "bm25s, English stop-words and Snowball stemmer; needs no model output)")
+                         "bm25s, English stop-words and Snowball stemmer; needs no model output), dense+bm25 "
+                         "(dense fused with bm25 over the union of their top-k)")
     ev.add_argument("--k", type=ints, default=[1, 3, 5, 10, 100], help="cut-offs, e.g. 1,3,5,10,100")
     ev.add_argument("--metrics", default="ndcg,recall,mrr,map", help="comma-separated: ndcg, recall, mrr, map, "
                     "precision")
     ev.add_argument("--top-k", type=int, default=100, help="results per query from each first stage")
     ev.add_argument("--rerank-k", type=int, default=100, help="dense candidates re-ranked by maxsim (colbert mode)")
     ev.add_argument("--colbert-search", default="rerank", choices=["rerank", "full"])
-    ev.add_argument("--weights-dense-sparse", type=floats, default=[1.0, 0.3])
-    ev.add_argument("--weights-all", type=floats, default=[1.0, 0.3, 1.0])
+    ev.add_argument("--weights-dense-sparse", type=floats, default=None,
+                    help="dense,sparse weights of sparse+dense (default: the model folder's fusion.json, else 1,0.3)")
+    ev.add_argument("--weights-all", type=floats, default=None,
+                    help="dense,sparse,colbert weights of colbert+sparse+dense (default: fusion.json, else 1,0.3,1)")
+    ev.add_argument("--weights-dense-bm25", type=floats, default=None,
+                    help="dense,bm25 weights of dense+bm25 (default: the model folder's fusion.json, else 1,1)")
+    ev.add_argument("--normalization", default=None, choices=list(NORMALIZATIONS),
+                    help="each fused mode's scores per query over the candidates before weighting (default: the "
+                         "model folder's fusion.json, else none; with --tune-weights: the one tuned with, default "
+                         "the better of minmax and zscore)")
+    ev.add_argument("--tune-weights", action="store_true",
+                    help="per model, grid-search the fused modes' weights (and normalization) for the best nDCG@10 "
+                         "on --dev-split, write them to <model folder>/fusion.json, then evaluate with them")
+    ev.add_argument("--dev-split", default="dev", help="the split --tune-weights tunes on (no query of --split)")
     ev.add_argument("--dense-index", default="flat", choices=["flat", "hnsw", "ivf"])
     ev.add_argument("--ignore-identical-ids", action="store_true")
     ev.add_argument("--batch-size", type=int, default=None)
@@ -98,5 +131,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                          "(also: TRINE_APT_UPDATE=1)")
     mp.add_argument("--seed", type=int, default=0)
     mp.add_argument("--test-fraction", type=float, default=0.2)
+    mp.add_argument("--dev-fraction", type=float, default=0.0,
+                    help="this fraction of all pages (from the non-test pages) becomes qrels/dev.tsv, for "
+                         "trine eval --tune-weights; the test pages stay those of the same seed without it")
     mp.add_argument("--limit", type=int, default=None, help="keep a seeded random subset of this many pages")
     mp.set_defaults(func=_manpages_data)

@@ -49,6 +49,7 @@ from trine.data.corpus import read_pool
 from trine.retrieval.dense import DENSE_KINDS, DenseIndex
 from trine.retrieval.hybrid import QueryReps
 from trine.retrieval.sparse import SparseIndex
+from trine.scoring import check_normalization
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def mine_hard_negatives(
     seed: int = 42,
     hybrid_weights: Sequence[float] | None = None,
     hybrid_candidates: int | None = None,
+    hybrid_normalization: str = "none",
     index_kind: str = "flat",
     index_options: dict[str, int] | None = None,
     cache_dir: str | None = None,
@@ -121,7 +123,10 @@ def mine_hard_negatives(
 
     ``hybrid_weights=(w_dense, w_sparse)`` ranks by the weighted sum of dense and lexical scores
     (an ``M3Embedder`` is needed); ``hybrid_candidates`` (default: the end of the range) is the
-    depth of each first-stage list whose union is re-scored exactly. ``cache_dir`` keeps the
+    depth of each first-stage list whose union is re-scored exactly; ``hybrid_normalization``
+    (``none``, ``minmax``, ``zscore``: :func:`trine.scoring.normalize_scores`) puts the dense and the
+    lexical scores on one scale per query over that union before weighting (``relative_margin``,
+    which compares a candidate's score with the positives', needs ``none``). ``cache_dir`` keeps the
     pool's encodings on disk for the next run. The pool is encoded (or read from the cache)
     ``corpus_block_size`` passages at a time; an IVF index trains on the first block.
     """
@@ -152,6 +157,14 @@ def mine_hard_negatives(
         weights = (float(hybrid_weights[0]), float(hybrid_weights[1]))
     elif hybrid_candidates is not None:
         raise ValueError("hybrid_candidates goes with hybrid_weights")
+    check_normalization(hybrid_normalization)
+    if hybrid_normalization != "none":
+        if not hybrid:
+            raise ValueError("hybrid_normalization goes with hybrid_weights")
+        if relative_margin is not None:
+            raise ValueError("relative_margin compares a candidate's score with the positives' raw scores; with "
+                             f"hybrid_normalization={hybrid_normalization!r} the ranking scores are normalised per "
+                             "query and not comparable: use hybrid_normalization='none'")
     lo, hi = range_for_sampling
     records = read_records(input_file)
     if candidate_pool is not None:
@@ -159,7 +172,8 @@ def mine_hard_negatives(
     else:
         pool = list(dict.fromkeys(t for r in records for t in (*r.pos, *r.neg)))
     summary = MiningSummary(records=len(records), pool=len(pool), index_kind=index_kind,
-                            ranking="dense" if not hybrid else f"hybrid dense x {weights[0]} + sparse x {weights[1]}")
+                            ranking="dense" if not hybrid else f"hybrid dense x {weights[0]} + sparse x {weights[1]}"
+                            + ("" if hybrid_normalization == "none" else f" ({hybrid_normalization})"))
     position = {t: i for i, t in enumerate(pool)}
 
     started = time.perf_counter()
@@ -180,7 +194,7 @@ def mine_hard_negatives(
     candidates = depth if hybrid_candidates is None else int(hybrid_candidates)
     if candidates < 1:
         raise ValueError(f"hybrid_candidates must be positive, got {hybrid_candidates}")
-    ranker = PoolRanker(dense_index, sparse_index, weights, min(candidates, len(pool)))
+    ranker = PoolRanker(dense_index, sparse_index, weights, min(candidates, len(pool)), hybrid_normalization)
     summary.seconds_corpus = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -20,8 +20,9 @@ class PoolRanker:
     """Search and exact scoring over the pool: dense, or hybrid dense + sparse."""
 
     def __init__(self, dense: DenseIndex, sparse: SparseIndex | None, weights: tuple[float, float] | None,
-                 candidates: int):
+                 candidates: int, normalization: str = "none"):
         self.dense, self.sparse, self.weights, self.candidates = dense, sparse, weights, candidates
+        self.normalization = normalization
         self.hybrid = HybridRetriever(dense, sparse) if sparse is not None else None
 
     def search(self, reps: QueryReps, k: int) -> SearchResult:
@@ -34,11 +35,12 @@ class PoolRanker:
         for s in range(0, n, step):
             sub = QueryReps(reps.dense_vecs[s : s + step], reps.lexical_weights[s : s + step])
             parts.append(self.hybrid.search(sub, k, {"dense": w_d, "sparse": w_s}, candidate_modes=("dense", "sparse"),
-                                            candidate_k=self.candidates))
+                                            candidate_k=self.candidates, normalization=self.normalization))
         return SearchResult(np.concatenate([p.scores for p in parts]), np.concatenate([p.rows for p in parts]))
 
     def score_rows(self, reps: QueryReps, rows: np.ndarray) -> np.ndarray:
-        """Exact scores of query i with pool rows[i] (-1 padding gives -inf)."""
+        """Exact scores of query i with pool rows[i] (-1 padding gives -inf): the raw weighted sum (a
+        normalization, which depends on each query's candidate union, applies to the ranking only)."""
         dense = self.dense.score(reps.dense_vecs, rows).astype(np.float64)
         if self.sparse is None:
             return dense

@@ -1,7 +1,8 @@
 """A BEIR-layout test set from Debian's man pages: query = NAME one-liner, document = DESCRIPTION.
 
 Every page is a document; its one-liner is a query judged relevant (1) to that page only. Pages
-are split into train and test queries by a seeded shuffle (the corpus holds all pages).
+are split into train and test queries (and, when asked, dev queries for tuning) by a seeded shuffle
+(the corpus holds all pages).
 """
 
 from __future__ import annotations
@@ -26,9 +27,14 @@ def build_manpages_beir(
     limit: int | None = None,
     overwrite: bool = False,
     update_package_lists: bool | None = None,
+    dev_fraction: float = 0.0,
 ) -> str:
     """Write ``corpus.jsonl``, ``queries.jsonl``, ``qrels/train.tsv`` and ``qrels/test.tsv``; return the folder.
     ``out_dir`` must be new or empty, or (``overwrite``) a folder trine wrote: :func:`trine.io.atomic_folder`.
+
+    ``dev_fraction`` > 0: that fraction of all pages, drawn (seeded) from the non-test pages, becomes
+    ``qrels/dev.tsv`` (for ``trine eval --tune-weights``) and leaves ``train.tsv``; the test pages
+    are those the same ``seed`` and ``test_fraction`` give without it, so test numbers stay comparable.
 
     ``limit`` keeps a seeded random subset of pages (corpus and queries alike).
     ``update_package_lists``: may run ``apt-get update`` to fetch the pages (:func:`load_manpages`).
@@ -36,6 +42,9 @@ def build_manpages_beir(
     check_output_path(out_dir, overwrite=overwrite)  # before reading thousands of pages
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}")
+    if not 0 <= dev_fraction < 1 or test_fraction + dev_fraction >= 1:
+        raise ValueError(f"dev_fraction must be in [0, 1) with test_fraction + dev_fraction below 1, got "
+                         f"{dev_fraction} (test_fraction {test_fraction})")
     pages = list(load_manpages(update_package_lists=update_package_lists) if pages is None else pages)
     rng = random.Random(seed)
     if limit is not None:
@@ -49,6 +58,12 @@ def build_manpages_beir(
     rng.shuffle(order)
     n_test = max(1, round(len(pages) * test_fraction))
     test = set(order[:n_test])
+    # dev pages: the next ones of the same shuffle, so the test pages do not depend on dev_fraction
+    n_dev = max(1, round(len(pages) * dev_fraction)) if dev_fraction > 0 else 0
+    if n_test + n_dev > len(pages):
+        raise ValueError(f"{len(pages)} pages are too few for {n_test} test and {n_dev} dev queries")
+    dev = set(order[n_test : n_test + n_dev])
+    split_of = {i: "test" if i in test else "dev" if i in dev else "train" for i in range(len(pages))}
     with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         with open(os.path.join(tmp, "corpus.jsonl"), "w") as f:
             for p in pages:
@@ -57,10 +72,10 @@ def build_manpages_beir(
             for p in pages:
                 f.write(json.dumps({"_id": QUERY_PREFIX + p.page, "text": p.name}) + "\n")
         os.makedirs(os.path.join(tmp, "qrels"))
-        for split in ("train", "test"):
+        for split in ("train", "test", "dev") if n_dev else ("train", "test"):
             with open(os.path.join(tmp, "qrels", f"{split}.tsv"), "w") as f:
                 f.write("query-id\tcorpus-id\tscore\n")
                 for i, p in enumerate(pages):
-                    if (i in test) == (split == "test"):
+                    if split_of[i] == split:
                         f.write(f"{QUERY_PREFIX}{p.page}\t{p.page}\t1\n")
     return os.path.abspath(os.fspath(out_dir))

@@ -42,6 +42,32 @@ def text_table(result: Mapping[str, Any], metrics: Sequence[str] | None = None) 
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
+def _weights(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{w:g}" for w in values) + ")"
+
+
+def fusion_summary(result: Mapping[str, Any]) -> str:
+    """One line per model that fused modes: the normalization and weights used and where each came
+    from (given, model folder, default); and, for a tuned model, the dev split, the tuned weights'
+    dev nDCG@10 beside the default weights', and the file written. Empty when nothing was fused."""
+    lines = []
+    for label, entry in result["models"].items():
+        tuning = entry.get("tuning")
+        if tuning is not None:
+            on = tuning["tuned_on"]
+            parts = [f"{m} {_weights(w)}: dev {on['metric']} {on['dev'][m]:.4f} (default {on['dev_default'][m]:.4f})"
+                     for m, w in tuning["weights"].items()]
+            lines.append(f"tuned {label} on {on['dataset']}/{on['split']} ({on['queries']} queries), normalization "
+                         f"{tuning['normalization']}: " + "; ".join(parts) + f" -> {tuning['file']}")
+        fusion = entry.get("fusion")
+        if fusion is not None:
+            source = fusion["source"]
+            parts = [f"{m} {_weights(w)} ({source['weights'][m]})" for m, w in fusion["weights"].items()]
+            lines.append(f"fusion {label}: normalization {fusion['normalization']} ({source['normalization']}); "
+                         + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def plot_modes(result: Mapping[str, Any], path: str, metric: str) -> None:
     """Grouped bars: one group per mode, one bar per model, height = ``metric``."""
     import matplotlib
@@ -88,6 +114,9 @@ def write_report(result: Mapping[str, Any], out_dir: str | os.PathLike, metrics:
             f.write(f"# {result['dataset']} ({result['split']}): {result['queries']} queries, "
                     f"{result['documents']} documents\n\n")
             f.write(markdown_table(result, cols) + "\n")
+            summary = fusion_summary(result)
+            if summary:
+                f.write("\n" + "\n".join(f"- {line}" for line in summary.splitlines()) + "\n")
         plot_modes(result, os.path.join(tmp, "modes.png"), plot_metric)
     out = os.path.abspath(os.fspath(out_dir))
     return {k: os.path.join(out, f) for k, f in (("json", "results.json"), ("markdown", "results.md"),

@@ -11,6 +11,15 @@ Modes (as BGE-M3's evaluation, see FlagEmbedding's MLDR/MKQA recipes):
   (``weights_dense_sparse``, default (1, 0.3));
 - ``colbert+sparse+dense`` (alias ``all``): the same union scored exactly in all three modes
   (``weights_all``, default (1, 0.3, 1));
+- ``dense+bm25``: the union of dense and BM25 top ``top_k``, each candidate scored exactly by both
+  (``weights_dense_bm25``, default (1, 1)). Not among the default modes.
+
+The fused modes' weights and the score ``normalization`` (``none``, ``minmax``, ``zscore``, applied
+per mode and query over the union of candidates before weighting: :func:`trine.scoring.normalize_scores`)
+come, per model and per value, from the config when given there, else from the model folder's
+``fusion.json`` (:mod:`trine.modeling.fusion`, written by ``trine eval --tune-weights``), else from
+the defaults above (normalization ``none``: FlagEmbedding's raw sums). Each model's result records
+which were used and where they came from.
 - ``rrf``: reciprocal-rank fusion of the dense, sparse and (union re-ranked) multi-vector lists;
 - ``bm25``: the classical baseline, no model output: BM25 over the corpus texts through ``bm25s``
   (English stop-words, English Snowball stemmer, bm25s's defaults ``method="lucene"``, k1=1.5,
@@ -25,7 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,15 +45,23 @@ from trine.evaluation.metrics import DEFAULT_K, DEFAULT_METRICS, evaluate_run
 from trine.inference.embedder import M3Embedder
 from trine.inference.encoder import Encoder
 from trine.inference.reranker import Reranker
-from trine.modeling.trihead import TriHeadModel
-from trine.retrieval import BM25Index, HybridRetriever, QueryReps, SearchResult
+from trine.modeling.fusion import (
+    DEFAULT_NORMALIZATION,
+    DEFAULT_WEIGHTS,
+    FUSED_MODES,
+    FusionSettings,
+    check_weights,
+    read_fusion,
+)
+from trine.modeling.trihead import TriHeadModel, has_head_files
+from trine.retrieval import BM25Index, HybridRetriever, QueryReps, SearchResult, weighted_fusion
 from trine.retrieval.base import pad_results
-from trine.scoring import HYBRID_KEYS, MODE_ALIASES, canonical_mode
+from trine.scoring import HYBRID_KEYS, MODE_ALIASES, NORMALIZATIONS, canonical_mode
 
 logger = logging.getLogger(__name__)
 
 # FlagEmbedding's score-mode names (trine.scoring.HYBRID_KEYS; the old eval names are aliases), and rrf
-MODES = (*HYBRID_KEYS, "rrf", "bm25")
+MODES = (*HYBRID_KEYS, "rrf", "bm25", "dense+bm25")
 DEFAULT_MODES = HYBRID_KEYS
 _NEEDS = {
     "dense": {"dense"},
@@ -54,7 +71,13 @@ _NEEDS = {
     "colbert+sparse+dense": {"dense", "sparse", "colbert"},
     "rrf": {"dense", "sparse", "colbert"},
     "bm25": set(),  # the texts themselves
+    "dense+bm25": {"dense"},  # and the texts
 }
+#: the EvalConfig field that gives each fused mode's weights
+WEIGHT_FIELDS = {"sparse+dense": "weights_dense_sparse", "colbert+sparse+dense": "weights_all",
+                 "dense+bm25": "weights_dense_bm25"}
+#: where a fusion setting came from, in the order they are looked up
+FUSION_SOURCES = ("given", "model folder", "default")
 
 
 @dataclass
@@ -65,8 +88,10 @@ class EvalConfig:
     top_k: int = 100
     rerank_k: int = 100
     colbert_search: str = "rerank"
-    weights_dense_sparse: Sequence[float] = (1.0, 0.3)
-    weights_all: Sequence[float] = (1.0, 0.3, 1.0)
+    weights_dense_sparse: Sequence[float] | None = None
+    weights_all: Sequence[float] | None = None
+    weights_dense_bm25: Sequence[float] | None = None
+    normalization: str | None = None
     rrf_k: float = 60.0
     dense_index: str = "flat"
     ignore_identical_ids: bool = False
@@ -87,10 +112,15 @@ class EvalConfig:
         self.rerank_modes = tuple(canonical_mode(m, MODES) for m in self.rerank_modes)
         if self.colbert_search not in ("rerank", "full"):
             raise ValueError(f"colbert_search must be 'rerank' or 'full', not {self.colbert_search!r}")
-        if len(self.weights_dense_sparse) != 2:
-            raise ValueError("weights_dense_sparse needs 2 values (dense, sparse)")
-        if len(self.weights_all) != 3:
-            raise ValueError("weights_all needs 3 values (dense, sparse, colbert)")
+        for mode, name in WEIGHT_FIELDS.items():
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    setattr(self, name, tuple(check_weights(mode, list(value), name)))
+                except TypeError:
+                    raise ValueError(f"{name} must be a list of numbers, got {value!r}") from None
+        if self.normalization is not None and self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {self.normalization!r}; choose from {list(NORMALIZATIONS)}")
         if self.top_k < max(self.k_values):
             raise ValueError(f"top_k ({self.top_k}) must be at least the largest k ({max(self.k_values)})")
         if self.rerank_k < 1:
@@ -116,21 +146,84 @@ def needed_outputs(modes: Sequence[str]) -> set[str]:
 
 
 Timed = tuple[SearchResult, float]
+Scorer = Callable[[np.ndarray], np.ndarray]
+
+
+def fused_modes(modes: Sequence[str]) -> list[str]:
+    """The weighted-fusion modes among ``modes`` (those with weights: :data:`trine.modeling.fusion.FUSED_MODES`)."""
+    return [m for m in modes if m in FUSED_MODES]
+
+
+def resolve_fusion(config: EvalConfig, model_dir: str | os.PathLike | None = None
+                   ) -> tuple[FusionSettings, dict[str, Any]]:
+    """The fusion settings for the config's fused modes, each value from the config when given there,
+    else from ``model_dir``'s ``fusion.json``, else the defaults; and where each came from:
+    ``{"normalization": source, "weights": {mode: source}}`` (sources: :data:`FUSION_SOURCES`)."""
+    saved = read_fusion(model_dir) if model_dir is not None else None
+    if config.normalization is not None:
+        normalization, norm_source = config.normalization, "given"
+    elif saved is not None:
+        normalization, norm_source = saved.normalization, "model folder"
+    else:
+        normalization, norm_source = DEFAULT_NORMALIZATION, "default"
+    weights: dict[str, list[float]] = {}
+    sources: dict[str, str] = {}
+    for mode in fused_modes(config.modes):
+        given = getattr(config, WEIGHT_FIELDS[mode])
+        if given is not None:
+            weights[mode], sources[mode] = list(given), "given"
+        elif saved is not None and mode in saved.weights:
+            weights[mode], sources[mode] = list(saved.weights[mode]), "model folder"
+        else:
+            weights[mode], sources[mode] = list(DEFAULT_WEIGHTS[mode]), "default"
+    tuned_on = saved.tuned_on if saved is not None and "model folder" in (norm_source, *sources.values()) else None
+    return (FusionSettings(normalization, weights, tuned_on),
+            {"normalization": norm_source, "weights": sources})
+
+
+def fusion_inputs(mode: str, retriever: HybridRetriever | None, reps: QueryReps,
+                  bm25: tuple[BM25Index, Sequence[str]] | None, k: int) -> tuple[list[SearchResult], dict[str, Scorer]]:
+    """A fused mode's first-stage lists (top ``k`` each: dense and sparse, or dense and BM25) and the
+    exact scorer of each mode it fuses (:data:`trine.modeling.fusion.FUSED_MODES` order)."""
+    if retriever is None:
+        raise ValueError(f"mode {mode!r} needs the model's index")
+    parts = FUSED_MODES[mode]
+    scorers: dict[str, Scorer] = {}
+    if "bm25" in parts:
+        if bm25 is None:
+            raise ValueError(f"mode {mode!r} needs the BM25 index and the query texts")
+        index, texts = bm25
+        candidates = [retriever.first_stage(reps, "dense", k), index.search(texts, k)]
+        scorers["dense"] = retriever.scorer(reps, "dense")
+        scorers["bm25"] = lambda rows: index.score(texts, rows)
+    else:
+        candidates = [retriever.first_stage(reps, m, k) for m in ("dense", "sparse")]
+        scorers.update((m, retriever.scorer(reps, m)) for m in parts)
+    return candidates, scorers
 
 
 def search_modes(retriever: HybridRetriever | None, reps: QueryReps, config: EvalConfig,
-                 bm25: tuple[BM25Index, Sequence[str]] | None = None) -> dict[str, Timed]:
+                 bm25: tuple[BM25Index, Sequence[str]] | None = None,
+                 fusion: FusionSettings | None = None) -> dict[str, Timed]:
     """Run every configured mode; ``{mode: (result, seconds)}``. ``bm25``: the BM25 index over the
-    corpus texts and the query texts (needed for mode ``bm25``)."""
+    corpus texts and the query texts (needed for modes ``bm25`` and ``dense+bm25``). ``fusion``: the
+    normalization and weights of the fused modes (default: :func:`resolve_fusion` of ``config``)."""
     out: dict[str, Timed] = {}
     k = config.top_k
-    w_ds, w_all = config.weights_dense_sparse, config.weights_all
+    fusion = fusion or resolve_fusion(config)[0]
+    norm = fusion.normalization
+    missing = [m for m in fused_modes(config.modes) if m not in fusion.weights]
+    if missing:
+        raise ValueError(f"the fusion settings have no weights for {missing}")
     for mode in config.modes:
         start = time.perf_counter()
         if mode == "bm25":
             if bm25 is None:
                 raise ValueError("mode 'bm25' needs the BM25 index and the query texts")
             res = bm25[0].search(bm25[1], k)
+        elif mode == "dense+bm25":
+            candidates, scorers = fusion_inputs(mode, retriever, reps, bm25, k)
+            res = weighted_fusion(candidates, list(scorers.values()), fusion.weights[mode], k, normalization=norm)
         elif retriever is None:
             raise ValueError(f"mode {mode!r} needs the model's index")
         elif mode in ("dense", "sparse"):
@@ -141,11 +234,9 @@ def search_modes(retriever: HybridRetriever | None, reps: QueryReps, config: Eva
             else:
                 candidates = retriever.first_stage(reps, "dense", config.rerank_k)
                 res = retriever.multivector.rerank(reps.colbert_vecs, candidates, min(k, config.rerank_k))
-        elif mode == "sparse+dense":
-            res = retriever.search(reps, k, {"dense": w_ds[0], "sparse": w_ds[1]}, candidate_k=k)
-        elif mode == "colbert+sparse+dense":
-            res = retriever.search(reps, k, {"dense": w_all[0], "sparse": w_all[1], "colbert": w_all[2]},
-                                   candidate_k=k)
+        elif mode in ("sparse+dense", "colbert+sparse+dense"):
+            res = retriever.search(reps, k, dict(zip(FUSED_MODES[mode], fusion.weights[mode])), candidate_k=k,
+                                   normalization=norm)
         else:
             res = retriever.search(reps, k, {"dense": 1.0, "sparse": 1.0, "colbert": 1.0}, candidate_k=k,
                                    fusion="rrf", rrf_k=config.rrf_k)
@@ -175,42 +266,90 @@ def rerank_result(reranker: Reranker, result: SearchResult, queries: Sequence[st
     return pad_results(ordered, top)
 
 
-def evaluate_model(model: Encoder, dataset: RetrievalDataset, config: EvalConfig,
-                   reranker: Reranker | None = None, *, return_runs: bool = False) -> dict[str, Any]:
-    """Encode corpus and queries once, search every mode (and re-rank the ``rerank_modes`` with the
-    cross-encoder), score with pytrec_eval. ``return_runs``: also ``{"runs": {mode: {qid: {doc_id:
-    score}}}}``, each mode's ranked lists as scored."""
-    if config.rerank_modes and reranker is None:
-        raise ValueError("rerank_modes are set but no reranker is given")
-    needs = needed_outputs(config.modes)
+@dataclass
+class CorpusIndex:
+    """A corpus encoded once by one model and indexed, shared by tuning and evaluation: the model's
+    indexes (``retriever``, for the outputs in ``needs``) and the BM25 index over the texts (``bm25``),
+    each ``None`` when no mode asked for it."""
+
+    doc_ids: list[str]
+    texts: list[str]
+    needs: set[str]
+    retriever: HybridRetriever | None = None
+    bm25: BM25Index | None = None
+    encode_s: float = 0.0
+    index_s: float = 0.0
+
+    def check(self, dataset: RetrievalDataset, needs: set[str], with_bm25: bool) -> None:
+        """Raise unless this index covers ``dataset``'s corpus (same ids, same order) and the outputs asked for."""
+        if list(dataset.corpus) != self.doc_ids:
+            raise ValueError(f"the encoded corpus is not the corpus of {dataset.name!r} ({dataset.split}): "
+                             "splits must come from the same data folder")
+        if not needs <= self.needs:
+            raise ValueError(f"the encoded corpus lacks the outputs {sorted(needs - self.needs)}")
+        if with_bm25 and self.bm25 is None:
+            raise ValueError("the encoded corpus has no BM25 index")
+
+
+def uses_bm25(modes: Sequence[str]) -> bool:
+    return any(m in ("bm25", "dense+bm25") for m in modes)
+
+
+def index_corpus(model: Encoder, dataset: RetrievalDataset, config: EvalConfig) -> CorpusIndex:
+    """Encode ``dataset``'s corpus once with the outputs the config's modes need and index it (and
+    build the BM25 index when a mode uses it)."""
     doc_ids, texts = dataset.passages()
-    query_ids = list(dataset.queries)
-    query_texts = [dataset.queries[q] for q in query_ids]
-    encode_corpus_s = encode_queries_s = index_s = 0.0
-    retriever, reps = None, QueryReps()
+    needs = needed_outputs(config.modes)
+    corpus = CorpusIndex(doc_ids, texts, needs)
     if needs:  # bm25 alone needs no model output
         start = time.perf_counter()
         docs = model.encode_result(texts, needs, kind="passage", batch_size=config.batch_size,
                                    max_length=config.passage_max_length)
-        encode_corpus_s = time.perf_counter() - start
+        corpus.encode_s = time.perf_counter() - start
         start = time.perf_counter()
-        queries = model.encode_result(query_texts, needs, kind="query", batch_size=config.batch_size,
-                                      max_length=config.query_max_length)
-        encode_queries_s = time.perf_counter() - start
+        corpus.retriever = HybridRetriever.from_encoded({k: v for k, v in docs.items() if v is not None}, doc_ids,
+                                                        dense_kind=config.dense_index)
+        corpus.index_s = time.perf_counter() - start
+    if uses_bm25(config.modes):
         start = time.perf_counter()
-        retriever = HybridRetriever.from_encoded({k: v for k, v in docs.items() if v is not None}, doc_ids,
-                                                 dense_kind=config.dense_index)
-        index_s = time.perf_counter() - start
-        reps = QueryReps.from_encode(queries)
-    bm25 = None
-    if "bm25" in config.modes:
-        start = time.perf_counter()
-        bm25 = (BM25Index.build(texts, doc_ids), query_texts)
-        index_s += time.perf_counter() - start
+        corpus.bm25 = BM25Index.build(texts, doc_ids)
+        corpus.index_s += time.perf_counter() - start
+    return corpus
+
+
+def encode_queries(model: Encoder, texts: Sequence[str], needs: set[str], config: EvalConfig) -> QueryReps:
+    if not needs:
+        return QueryReps()
+    return QueryReps.from_encode(model.encode_result(list(texts), needs, kind="query", batch_size=config.batch_size,
+                                                     max_length=config.query_max_length))
+
+
+def evaluate_model(model: Encoder, dataset: RetrievalDataset, config: EvalConfig,
+                   reranker: Reranker | None = None, *, return_runs: bool = False, corpus: CorpusIndex | None = None,
+                   fusion: FusionSettings | None = None) -> dict[str, Any]:
+    """Encode corpus and queries once, search every mode (and re-rank the ``rerank_modes`` with the
+    cross-encoder), score with pytrec_eval. ``return_runs``: also ``{"runs": {mode: {qid: {doc_id:
+    score}}}}``, each mode's ranked lists as scored. ``corpus``: the corpus already encoded by this
+    model (:func:`index_corpus`), not encoded again. ``fusion``: the fused modes' settings (default:
+    the config's values, else the defaults)."""
+    if config.rerank_modes and reranker is None:
+        raise ValueError("rerank_modes are set but no reranker is given")
+    needs = needed_outputs(config.modes)
+    if corpus is None:
+        corpus = index_corpus(model, dataset, config)
+    else:
+        corpus.check(dataset, needs, uses_bm25(config.modes))
+    doc_ids, texts = corpus.doc_ids, corpus.texts
+    query_ids = list(dataset.queries)
+    query_texts = [dataset.queries[q] for q in query_ids]
+    start = time.perf_counter()
+    reps = encode_queries(model, query_texts, needs, config)
+    encode_queries_s = time.perf_counter() - start
+    bm25 = (corpus.bm25, query_texts) if corpus.bm25 is not None else None
     metrics: dict[str, dict[str, float]] = {}
     search_s: dict[str, float] = {}
     runs: dict[str, dict[str, dict[str, float]]] = {}
-    results = search_modes(retriever, reps, config, bm25)
+    results = search_modes(corpus.retriever, reps, config, bm25, fusion)
     for mode in config.rerank_modes:
         start = time.perf_counter()
         reranked = rerank_result(reranker, results[mode][0], query_texts, texts, config)
@@ -224,21 +363,28 @@ def evaluate_model(model: Encoder, dataset: RetrievalDataset, config: EvalConfig
             runs[mode] = run
     out: dict[str, Any] = {
         "metrics": metrics,
-        "timings": {"encode_corpus_s": encode_corpus_s, "encode_queries_s": encode_queries_s, "index_s": index_s,
-                    "search_s": search_s},
+        "timings": {"encode_corpus_s": corpus.encode_s, "encode_queries_s": encode_queries_s,
+                    "index_s": corpus.index_s, "search_s": search_s},
     }
     if return_runs:
         out["runs"] = runs
     return out
 
 
-def load_embedder(path: str | os.PathLike, config: EvalConfig, options: Mapping[str, Any] | None) -> M3Embedder:
+def load_embedder(path: str | os.PathLike, config: EvalConfig, options: Mapping[str, Any] | None,
+                  corpus: Sequence[str] | None = None) -> M3Embedder:
     """``M3Embedder(path, **options)``; when at most dense scores are needed and no head start is
-    asked for, the heads are not loaded (a plain dense model needs none)."""
+    asked for, the heads are not loaded (a plain dense model needs none). A ``bm25`` head start
+    fits the lexical head on ``corpus`` (the documents searched, as BM25 computes its IDF on them)
+    when the folder has no head files."""
     options = dict(options or {})
     if needed_outputs(config.modes) <= {"dense"} and options.get("init_missing_heads") is None:
         options.pop("init_missing_heads", None)
         return M3Embedder(TriHeadModel.from_pretrained(path, with_heads=False), **options)
+    if options.get("init_missing_heads") == "bm25" and not has_head_files(path):
+        if corpus is None:
+            raise ValueError("init_missing_heads 'bm25' needs the corpus to fit the lexical head on")
+        options["head_init_texts"] = list(corpus)
     return M3Embedder(path, **options)
 
 
@@ -273,17 +419,30 @@ def run_evaluation(
     reranker: str | os.PathLike | Reranker | None = None,
     reranker_options: Mapping[str, Any] | None = None,
     return_runs: bool = False,
+    tune_on: RetrievalDataset | None = None,
 ) -> dict[str, Any]:
     """Evaluate every model; paths are loaded with ``M3Embedder(path, **model_options)``; a
     reranker path with ``Reranker(path, **reranker_options)``. ``return_runs`` keeps each mode's
     ranked lists (``"runs"`` beside ``"metrics"``).
 
+    ``tune_on`` (a dev split of the same data folder, no query in common with ``dataset``): for each
+    model (a folder), first tune the fused modes' weights and normalization on it
+    (:func:`trine.evaluation.tuning.tune_fusion`) and write them into the folder's ``fusion.json``,
+    then evaluate with them; the corpus is encoded once for both.
+
     Returns ``{"dataset", "split", "queries", "documents", "config", "models": {label: {"path",
-    "metrics": {mode: {metric: value}}, "timings"}}}``.
+    "metrics": {mode: {metric: value}}, "timings", "fusion", "tuning"}}}``: ``"fusion"`` (when a fused
+    mode is evaluated) holds the normalization and weights used and their ``"source"`` (``given``,
+    ``model folder`` or ``default``); ``"tuning"`` (with ``tune_on``) the tuned settings, their dev
+    scores and the file written.
     """
     config = config or EvalConfig()
     if not models:
         raise ValueError("no models to evaluate")
+    if tune_on is not None:
+        from trine.evaluation.tuning import check_tuning
+
+        check_tuning(models, dataset, tune_on, config)
     result: dict[str, Any] = {
         "dataset": dataset.name,
         "split": dataset.split,
@@ -296,11 +455,26 @@ def run_evaluation(
         result["reranker"] = os.fspath(reranker)
         reranker = Reranker(reranker, **(reranker_options or {}))
     for model, label in zip(models, model_labels(models)):
-        embedder = model if isinstance(model, Encoder) else load_embedder(model, config, model_options)
+        model_dir = None if isinstance(model, Encoder) else os.fspath(model)
+        embedder = model if isinstance(model, Encoder) else load_embedder(model, config, model_options,
+                                                                          dataset.passages()[1])
         logger.info("evaluating %s on %s (%d queries, %d documents)", label, dataset.name, len(dataset.queries),
                     len(dataset.corpus))
-        out = evaluate_model(embedder, dataset, config, reranker, return_runs=return_runs)
-        result["models"][label] = {"path": os.fspath(model) if not isinstance(model, Encoder) else None, **out}
+        entry: dict[str, Any] = {"path": model_dir}
+        corpus = None
+        if tune_on is not None:
+            from trine.evaluation.tuning import tune_fusion
+            from trine.modeling.fusion import write_fusion
+
+            corpus = index_corpus(embedder, dataset, config)
+            settings = tune_fusion(embedder, tune_on, config, corpus=corpus)
+            entry["tuning"] = {**settings.to_dict(), "file": write_fusion(model_dir, settings)}
+        fusion, sources = resolve_fusion(config, model_dir)
+        if fusion.weights:
+            entry["fusion"] = {**fusion.to_dict(), "source": sources}
+        entry.update(evaluate_model(embedder, dataset, config, reranker, return_runs=return_runs, corpus=corpus,
+                                    fusion=fusion))
+        result["models"][label] = entry
     return result
 
 

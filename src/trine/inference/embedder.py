@@ -70,7 +70,8 @@ class M3Embedder(Encoder):
     :class:`EncodeResult`, a dict) with FlagEmbedding's structures: an array (texts x dim), a list
     of {token id string: weight}, a list of (tokens-1 x colbert_dim) arrays; ``None`` for an
     output not asked for. ``return_*`` given here are the defaults of every ``encode`` call.
-    ``init_missing_heads`` ('random' or 'neutral') allows a folder without head files.
+    ``init_missing_heads`` ('random', 'neutral', or 'bm25' with ``head_init_texts``: the lexical head
+    fitted to BM25 term weights over those texts) allows a folder without head files.
     """
 
     def __init__(

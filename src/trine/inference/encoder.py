@@ -44,7 +44,8 @@ class Encoder(DeviceRunner):
     """Dense vectors, and with BGE-M3 heads lexical weights and multi-vectors, from one encoder pass.
 
     ``with_heads`` loads the folder's head files (``colbert_dim`` and ``init_missing_heads``
-    ('random' or 'neutral', for a folder without them) go with it); without them the model is
+    ('random', 'neutral', or 'bm25' with ``head_init_texts``, for a folder without them) go with
+    it); without them the model is
     dense only. :attr:`outputs` says what this model can give; :meth:`encode_result` gives it.
     """
 
@@ -55,6 +56,7 @@ class Encoder(DeviceRunner):
         with_heads: bool = True,
         colbert_dim: int = -1,
         init_missing_heads: HeadInit | None = None,
+        head_init_texts: Sequence[str] | None = None,
         normalize_embeddings: bool = True,
         pooling_method: str | None = None,
         use_fp16: bool = False,
@@ -73,9 +75,9 @@ class Encoder(DeviceRunner):
         trust_remote_code: bool = False,
         model_family: str = "trihead",
     ):
-        if not with_heads and (colbert_dim != -1 or init_missing_heads is not None):
-            raise TypeError("colbert_dim and init_missing_heads set up the heads: they need with_heads=True "
-                            "(an M3Embedder)")
+        if not with_heads and (colbert_dim != -1 or init_missing_heads is not None or head_init_texts is not None):
+            raise TypeError("colbert_dim, init_missing_heads and head_init_texts set up the heads: they need "
+                            "with_heads=True (an M3Embedder)")
         check_token_budget(max_tokens_per_batch)
         self.devices = resolve_devices(devices)
         self.dtype = resolve_dtype(use_fp16, use_bf16)
@@ -95,7 +97,8 @@ class Encoder(DeviceRunner):
                 normalize_embeddings=normalize_embeddings,
                 dtype=self.dtype,
                 trust_remote_code=trust_remote_code,
-                **({"colbert_dim": colbert_dim, "init_missing_heads": init_missing_heads} if with_heads else {}),
+                **({"colbert_dim": colbert_dim, "init_missing_heads": init_missing_heads,
+                    "head_init_texts": head_init_texts} if with_heads else {}),
             )
         if mcls_interval is not None and model.pooling_method != "cls":
             raise ValueError("mcls_interval averages CLS states: it needs pooling_method 'cls'")

@@ -9,7 +9,6 @@ accepts only families of its role.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +22,10 @@ ROLES = ("embedder", "reranker", "pretraining")
 class ModelFamily:
     name: str
     role: str
-    # (model arguments, training arguments) -> the model to train; reads the fields it needs
-    from_arguments: Callable[[Any, Any], Any]
+    # (model arguments, training arguments, **context) -> the model to train; reads the fields it needs.
+    # context: what the command has read that a family may use (the embedder trainer passes
+    # ``passages``, its training passages, and ``passage_max_len``, for a lexical head fitted on them)
+    from_arguments: Callable[..., Any]
     description: str = ""
     # (path, **options) -> the model at inference (embedder families: what trine.inference.Encoder runs)
     load: Callable[..., Any] | None = None
@@ -65,19 +66,26 @@ def _load_trihead(path: str, **options: Any) -> Any:
     return TriHeadModel.from_pretrained(path, **options)
 
 
-def build_model(model_args: Any, args: Any, role: str) -> Any:
-    """The model ``model_args.model_family`` builds for a command of ``role``."""
-    return get_family(model_args.model_family, role).from_arguments(model_args, args)
+def build_model(model_args: Any, args: Any, role: str, **context: Any) -> Any:
+    """The model ``model_args.model_family`` builds for a command of ``role`` (``context``: see
+    :attr:`ModelFamily.from_arguments`)."""
+    return get_family(model_args.model_family, role).from_arguments(model_args, args, **context)
 
 
 # ------------------------------------------------------------------------------------- built-ins
-def _trihead(model_args: Any, args: Any) -> Any:
-    from trine.modeling.trihead import COLBERT_FILE, SPARSE_FILE, TriHeadModel
+def _trihead(model_args: Any, args: Any, *, passages: Any = None, passage_max_len: int = 256) -> Any:
+    from trine.modeling.trihead import TriHeadModel, has_head_files
 
     path = model_args.model_name_or_path
-    has_heads = all(os.path.exists(os.path.join(path, f)) for f in (COLBERT_FILE, SPARSE_FILE))
+    has_heads = has_head_files(path)
+    fitted = model_args.init_missing_heads == "bm25" and not has_heads
+    if fitted and passages is None:
+        raise OptionError("init_missing_heads: 'bm25' fits the lexical head on the training passages; this command "
+                          "has none to give")
     return TriHeadModel.from_pretrained(
         path,
+        head_init_texts=passages if fitted else None,
+        head_init_max_length=passage_max_len,
         with_heads=has_heads or model_args.init_missing_heads is not None or args.training_mode != "dense",
         init_missing_heads=model_args.init_missing_heads,
         colbert_dim=model_args.colbert_dim,
@@ -88,7 +96,7 @@ def _trihead(model_args: Any, args: Any) -> Any:
     )
 
 
-def _cross_encoder(model_args: Any, args: Any) -> Any:
+def _cross_encoder(model_args: Any, args: Any, **context: Any) -> Any:
     from trine.modeling.cross_encoder import CrossEncoder
 
     return CrossEncoder.from_pretrained(model_args.model_name_or_path, new_classifier=True,
@@ -96,7 +104,7 @@ def _cross_encoder(model_args: Any, args: Any) -> Any:
                                         attn_implementation=model_args.attn_implementation)
 
 
-def _retromae(model_args: Any, args: Any) -> Any:
+def _retromae(model_args: Any, args: Any, **context: Any) -> Any:
     from trine.modeling.retromae import RetroMAEModel
 
     return RetroMAEModel.from_pretrained(

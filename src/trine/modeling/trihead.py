@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -20,6 +21,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from trine.errors import InputError, MissingInputError, OptionError, first_line
 from trine.io import write_folder
 from trine.modeling.heads import colbert_vectors, lexical_token_weights
+from trine.modeling.lexical_init import fit_lexical_head
 from trine.modeling.loading import check_model_folder, load_from_folder, load_state_dict_file, position_limit
 from trine.modeling.pooling import check_pooling_method, pool
 
@@ -28,7 +30,9 @@ logger = logging.getLogger(__name__)
 COLBERT_FILE = "colbert_linear.pt"
 SPARSE_FILE = "sparse_linear.pt"
 
-HeadInit = Literal["random", "neutral"]
+HeadInit = Literal["random", "neutral", "bm25"]
+#: the ways to start heads a folder lacks (``init_missing_heads``)
+HEAD_INITS = ("random", "neutral", "bm25")
 
 
 def sentence_transformers_pooling(path: str) -> str | None:
@@ -62,6 +66,11 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return sorted(ids)
 
 
+def has_head_files(path: str | os.PathLike) -> bool:
+    """Whether a model folder holds both BGE-M3 head files."""
+    return all(os.path.exists(os.path.join(os.fspath(path), f)) for f in (COLBERT_FILE, SPARSE_FILE))
+
+
 def _linear_out_features(state: dict[str, torch.Tensor], file: str) -> int:
     """The output size of a saved ``torch.nn.Linear`` (its 2-D ``weight`` is out x in)."""
     weight = state.get("weight")
@@ -86,12 +95,14 @@ def init_head(linear: nn.Linear, how: HeadInit) -> None:
     ``neutral``: a usable zero-shot start: the ColBERT head is the identity (maxsim over the
     normalised backbone states) and the lexical head gives every token weight 1 (scores count
     shared distinct tokens). ``neutral`` needs ``colbert_dim == hidden`` for the ColBERT head.
+    ``bm25``: as ``neutral`` here; :meth:`TriHeadModel.from_pretrained` then fits the lexical head to
+    BM25 term weights on texts (:func:`trine.modeling.lexical_init.fit_lexical_head`).
     """
     if how == "random":
         linear.reset_parameters()
         return
-    if how != "neutral":
-        raise ValueError(f"unknown head initialisation {how!r}; choose 'random' or 'neutral'")
+    if how not in HEAD_INITS:
+        raise ValueError(f"unknown head initialisation {how!r}; choose from {', '.join(HEAD_INITS)}")
     with torch.no_grad():
         if linear.out_features == 1:
             linear.weight.zero_()
@@ -162,15 +173,24 @@ class TriHeadModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
+        head_init_texts: Sequence[str] | None = None,
+        head_init_max_length: int = 256,
     ) -> TriHeadModel:
         """Load a backbone folder and, with ``with_heads``, its BGE-M3 head files.
 
-        A folder without head files raises unless ``init_missing_heads`` is ``"random"`` or
-        ``"neutral"``, in which case new heads are made and a warning says so.
+        A folder without head files raises unless ``init_missing_heads`` is ``"random"``,
+        ``"neutral"`` or ``"bm25"``, in which case new heads are made and a warning says so.
+        ``"bm25"`` fits the new lexical head to BM25 term weights over ``head_init_texts`` (a corpus:
+        the training passages, or the documents to search; each read up to ``head_init_max_length``
+        tokens) and starts the ColBERT head as ``neutral``.
         ``pooling_method`` unset: the folder's sentence-transformers pooling config (which
         :meth:`save_pretrained` writes), else ``cls``.
         """
         path = check_model_folder(path)
+        if init_missing_heads is not None and init_missing_heads not in HEAD_INITS:
+            raise OptionError(f"init_missing_heads: {init_missing_heads!r}; choose from {', '.join(HEAD_INITS)}")
+        if head_init_texts is not None and init_missing_heads != "bm25":
+            raise OptionError("head_init_texts are the corpus of init_missing_heads='bm25' and go with it only")
         if pooling_method is None:
             pooling_method = sentence_transformers_pooling(path) or "cls"
         tokenizer = load_from_folder(AutoTokenizer.from_pretrained, path, "tokenizer",
@@ -206,7 +226,7 @@ class TriHeadModel(nn.Module):
                 missing = ", ".join(sorted(set(files) - present))
                 raise MissingInputError(
                     f"{path}: no {missing}; this is not a tri-head (BGE-M3 layout) checkpoint. Pass "
-                    "init_missing_heads='random' or 'neutral' to start new heads (for training), or "
+                    "init_missing_heads='random', 'neutral' or 'bm25' to start new heads, or "
                     "with_heads=False for a dense-only model"
                 )
             elif present:
@@ -215,10 +235,18 @@ class TriHeadModel(nn.Module):
                     "a trained head with a new one"
                 )
             else:
+                if init_missing_heads == "bm25" and head_init_texts is None:
+                    raise OptionError(f"{path}: no head files, and init_missing_heads='bm25' fits the lexical head on "
+                                      "a corpus: pass head_init_texts (trine finetune uses the training passages, "
+                                      "trine eval the documents)")
                 colbert_linear = nn.Linear(hidden, hidden if colbert_dim <= 0 else colbert_dim)
                 sparse_linear = nn.Linear(hidden, 1)
                 init_head(colbert_linear, init_missing_heads)
                 init_head(sparse_linear, init_missing_heads)
+                if init_missing_heads == "bm25":
+                    fit_lexical_head(cls(backbone, tokenizer, colbert_linear=colbert_linear,
+                                         sparse_linear=sparse_linear, pooling_method=pooling_method),
+                                     head_init_texts, max_length=head_init_max_length)
                 logger.warning(
                     "%s has no head files: initialised NEW %s lexical and ColBERT heads (untrained)",
                     path,

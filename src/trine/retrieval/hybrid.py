@@ -3,7 +3,9 @@
 Weighted fusion follows FlagEmbedding's MLDR/MKQA recipe: candidates are the union of each
 first-stage list (e.g. dense top-k and sparse top-k), and every mode's score is computed exactly
 for every candidate of the union (a document found only by the sparse index still gets its exact
-dense score), then ``sum_m w_m * s_m`` ranks them.
+dense score), then ``sum_m w_m * s_m`` ranks them. Lexical and BM25 scores are on another scale
+than cosines, so each mode's scores may first be normalised per query over the union
+(``normalization="minmax"`` or ``"zscore"``; :func:`trine.scoring.normalize_scores`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from trine.retrieval.dense import DenseIndex
 from trine.retrieval.multivector import MultiVectorIndex
 from trine.retrieval.protocol import ENCODE_KEYS, REPRESENTATIONS, Index, check_index, load_index, rerank
 from trine.retrieval.sparse import SparseIndex
+from trine.scoring import check_normalization, fuse_scores
 
 MODES = REPRESENTATIONS
 #: the sub-folder of a saved HybridRetriever that holds each mode's index
@@ -38,22 +41,31 @@ def union_rows(results: Sequence[SearchResult]) -> np.ndarray:
 
 
 def weighted_fusion(candidates: Sequence[SearchResult], scorers: Sequence[Scorer], weights: Sequence[float],
-                    k: int) -> SearchResult:
-    """Rank the union of ``candidates`` by ``sum_m weights[m] * scorers[m](rows)``, best ``k`` per query.
+                    k: int, *, normalization: str = "none") -> SearchResult:
+    """Rank the union of ``candidates`` by ``sum_m weights[m] * normalize(scorers[m](rows))``, best ``k`` per query.
 
     Each scorer takes a (queries x m) row matrix (-1 padding) and returns exact scores of that shape.
+    ``normalization`` (:data:`trine.scoring.NORMALIZATIONS`) puts each mode's scores on one scale per
+    query over that query's union of candidates before weighting: ``none`` (raw scores, FlagEmbedding's
+    recipe), ``minmax`` or ``zscore`` (:func:`trine.scoring.normalize_scores`).
     """
     if len(scorers) != len(weights) or not scorers:
         raise ValueError(f"{len(scorers)} scorers for {len(weights)} weights")
+    check_normalization(normalization)
     rows = union_rows(candidates)
-    total = np.zeros(rows.shape, dtype=np.float64)
-    for scorer, w in zip(scorers, weights):
+    scores = []
+    for scorer in scorers:
         s = np.asarray(scorer(rows), dtype=np.float64)
         if s.shape != rows.shape:
             raise ValueError(f"a scorer returned shape {s.shape} for rows {rows.shape}")
-        total += float(w) * np.where(rows >= 0, s, 0.0)
+        scores.append(s)
+    return rank_candidates(rows, fuse_scores(scores, weights, rows >= 0, normalization), k)
+
+
+def rank_candidates(rows: np.ndarray, scores: np.ndarray, k: int) -> SearchResult:
+    """Per query, the best ``k`` of its candidate ``rows`` (-1 padding) by ``scores`` of the same shape."""
     out = []
-    for s, r in zip(total, rows):
+    for s, r in zip(scores, rows):
         valid = r >= 0
         out.append(top_k(s[valid], k, r[valid]) if valid.any() else (np.zeros(0), np.zeros(0, np.int64)))
     return pad_results(out, k)
@@ -202,9 +214,15 @@ class HybridRetriever:
 
     def search(self, reps: QueryReps, k: int, weights: Mapping[str, float], *,
                candidate_modes: Sequence[str] = ("dense", "sparse"), candidate_k: int = 100,
-               fusion: str = "weighted", rrf_k: float = 60.0) -> SearchResult:
+               fusion: str = "weighted", rrf_k: float = 60.0, normalization: str = "none") -> SearchResult:
+        """The best ``k`` documents per query, fusing the modes named in ``weights`` (see the class);
+        ``normalization`` (weighted fusion only): each mode's scores per query over the union of
+        candidates, as :func:`weighted_fusion`."""
+        check_normalization(normalization)
         if fusion not in ("weighted", "rrf"):
             raise ValueError(f"fusion must be 'weighted' or 'rrf', not {fusion!r}")
+        if fusion == "rrf" and normalization != "none":
+            raise ValueError("normalization applies to weighted fusion; rrf fuses ranks, not scores")
         if not weights:
             raise ValueError("weights must name at least one mode")
         for mode in list(weights) + list(candidate_modes):
@@ -216,7 +234,7 @@ class HybridRetriever:
         modes = list(weights)
         if fusion == "weighted":
             return weighted_fusion(candidates, [self.scorer(reps, m) for m in modes],
-                                   [weights[m] for m in modes], k)
+                                   [weights[m] for m in modes], k, normalization=normalization)
         lists = []
         by_mode = dict(zip(candidate_modes, candidates))
         for m in modes:

@@ -9,6 +9,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from trine.modeling.pooling import check_pooling_method
+from trine.modeling.trihead import HEAD_INITS
 from trine.training.losses import KD_LOSS_TYPES
 from trine.training.model import TRAINING_MODES
 
@@ -22,7 +23,9 @@ class ModelArguments:
     )
     normalize_embeddings: bool = field(default=True, metadata={"help": "L2-normalise dense vectors"})
     init_missing_heads: str | None = field(
-        default=None, metadata={"help": "start lexical/ColBERT heads for a folder without them: random or neutral"}
+        default=None, metadata={"help": "start lexical/ColBERT heads for a folder without them: random, neutral, "
+                                        "or bm25 (the lexical head fitted to BM25 term weights on the training "
+                                        "passages, ColBERT as neutral)"}
     )
     colbert_dim: int = field(default=-1, metadata={"help": "ColBERT dimension (-1: hidden size)"})
     model_family: str = field(default="trihead", metadata={"help": "a registered embedder model family "
@@ -36,8 +39,9 @@ class ModelArguments:
     def __post_init__(self) -> None:
         if self.sentence_pooling_method is not None:
             check_pooling_method(self.sentence_pooling_method)
-        if self.init_missing_heads not in (None, "random", "neutral"):
-            raise ValueError(f"init_missing_heads must be random or neutral, got {self.init_missing_heads!r}")
+        if self.init_missing_heads is not None and self.init_missing_heads not in HEAD_INITS:
+            raise ValueError(f"init_missing_heads must be one of {', '.join(HEAD_INITS)}, "
+                             f"got {self.init_missing_heads!r}")
 
 
 @dataclass

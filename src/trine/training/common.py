@@ -24,6 +24,7 @@ __all__ = [
     "run_cli",
     "train_and_save",
     "training_inputs",
+    "training_passages",
 ]
 
 
@@ -36,6 +37,17 @@ def load_data(data_args: TrainDataArguments) -> list[TrainFile]:
         fill_missing_negatives=data_args.fill_missing_negatives,
         file_options=data_args.parsed_file_options(),
     )
+
+
+def training_passages(files: list[TrainFile]) -> list[str]:
+    """Every distinct passage of the training files (positives, negatives, fill-in pools), in first-seen order."""
+    seen: dict[str, None] = {}
+    for file in files:
+        for record in file.records:
+            seen.update(dict.fromkeys(record.pos))
+            seen.update(dict.fromkeys(record.neg))
+        seen.update(dict.fromkeys(file.extra_passages))
+    return list(seen)
 
 
 def plan_dataset(files: list[TrainFile], data_args: TrainDataArguments, args: TrainingArguments) -> EpochPlanDataset:

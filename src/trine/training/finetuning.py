@@ -8,7 +8,14 @@ import logging
 from trine.modeling.families import build_model
 from trine.training.arguments import DataArguments, EmbedderTrainingArguments, ModelArguments
 from trine.training.collator import EmbedderCollator
-from trine.training.common import collator_options, load_data, parse_config, plan_dataset, train_and_save
+from trine.training.common import (
+    collator_options,
+    load_data,
+    parse_config,
+    plan_dataset,
+    train_and_save,
+    training_passages,
+)
 from trine.training.model import EmbedderTrainingModel, M3LossWeights
 from trine.training.trainer import EmbedderTrainer, EpochPlanCallback, RetrievalEvalCallback
 
@@ -22,7 +29,10 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Embedder
 def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: EmbedderTrainingArguments):
     """Validate the data, load the model, and make the trainer (nothing is written yet)."""
     files = load_data(data_args)
-    encoder = build_model(model_args, args, "embedder")
+    context = {}
+    if model_args.init_missing_heads == "bm25":  # the lexical head is fitted on the training passages
+        context = {"passages": training_passages(files), "passage_max_len": data_args.passage_max_len}
+    encoder = build_model(model_args, args, "embedder", **context)
     if args.negatives_cross_device and args.world_size == 1:
         logger.warning("negatives_cross_device is on but only one process runs: no extra negatives")
     model = EmbedderTrainingModel(

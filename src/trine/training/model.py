@@ -86,7 +86,7 @@ class EmbedderTrainingModel(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if training_mode != "dense" and not encoder.has_heads:
             raise ValueError(f"training_mode {training_mode!r} needs lexical and ColBERT heads; load the model with "
-                             "init_missing_heads='random' or 'neutral' if its folder has none")
+                             "init_missing_heads='random', 'neutral' or 'bm25' if its folder has none")
         if use_self_distill and training_mode != "unified":
             raise ValueError("use_self_distill needs training_mode 'unified' (the ensemble is the teacher)")
         if fix_encoder and training_mode == "dense":

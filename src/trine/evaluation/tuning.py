@@ -1,0 +1,244 @@
+"""Tune the fused modes' weights and score normalization on a dev split (``trine eval --tune-weights``).
+
+For each fused mode (``sparse+dense``, ``colbert+sparse+dense``, ``dense+bm25``) the candidates
+are found and scored exactly once: the union of the first-stage top ``top_k`` lists, each mode it
+fuses scored on every candidate (as evaluation does). A grid search then picks the weights that
+maximise the dev split's nDCG@10, the dense weight fixed at 1 and each other weight from
+:data:`TUNE_GRID` (the product grid for three modes; ties go to the smaller weights). The
+normalization is the given one, or the better of ``minmax`` and ``zscore`` (one normalization for
+all the fused modes: the best mean of their nDCG@10). The search ranks with a numpy nDCG@10; the
+chosen setting's dev nDCG@10 (and the default setting's, for comparison) is then measured by
+pytrec_eval (:func:`trine.evaluation.metrics.evaluate_run`) on the fused ranking.
+
+Python use (the corpus encodings of a test evaluation can be shared through ``corpus``)::
+
+    from trine.evaluation import EvalConfig, load_dataset
+    from trine.evaluation.tuning import tune_fusion
+    from trine.modeling.fusion import write_fusion
+
+    settings = tune_fusion(M3Embedder(model_dir), load_dataset(data, "dev"), EvalConfig(modes=[...]))
+    write_fusion(model_dir, settings)  # later evaluations of model_dir use them
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from trine.errors import InputError, OptionError
+from trine.evaluation.data import RetrievalDataset
+from trine.evaluation.metrics import evaluate_run
+from trine.evaluation.runner import (
+    WEIGHT_FIELDS,
+    CorpusIndex,
+    EvalConfig,
+    encode_queries,
+    fused_modes,
+    fusion_inputs,
+    index_corpus,
+    needed_outputs,
+    uses_bm25,
+)
+from trine.inference.encoder import Encoder
+from trine.modeling.fusion import DEFAULT_NORMALIZATION, DEFAULT_WEIGHTS, FUSED_MODES, FusionSettings
+from trine.retrieval import SearchResult, union_rows, weighted_fusion
+from trine.scoring import check_normalization, fuse_scores, normalize_scores
+
+logger = logging.getLogger(__name__)
+
+#: the values tried for each weight beside the dense one (fixed at 1)
+TUNE_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
+#: normalizations tried when none is given
+TUNE_NORMALIZATIONS = ("minmax", "zscore")
+TUNE_METRIC = "ndcg@10"
+_CUT = 10
+
+
+def check_dev_split(test: RetrievalDataset, dev: RetrievalDataset) -> None:
+    """Refuse a dev split that is the evaluated split, shares a query with it, or has another corpus."""
+    if dev.split == test.split:
+        raise InputError(f"the dev split {dev.split!r} is the evaluated split: tune on another split "
+                         "(e.g. --dev-split dev) so the test numbers stay unbiased")
+    shared = sorted(set(dev.queries) & set(test.queries))
+    if shared:
+        raise InputError(f"the dev split {dev.split!r} shares {len(shared)} query id(s) with the evaluated split "
+                         f"{test.split!r} (e.g. {shared[:3]}): tune on queries the test does not use")
+    if list(dev.corpus) != list(test.corpus):
+        raise InputError(f"the dev split {dev.split!r} ({dev.name}) and the evaluated split {test.split!r} "
+                         f"({test.name}) have different corpora: both must come from one data folder")
+
+
+def check_tuning(models: Sequence[Any], test: RetrievalDataset, dev: RetrievalDataset, config: EvalConfig) -> None:
+    """Everything :func:`trine.evaluation.run_evaluation` needs to tune (before any model is loaded):
+    a fused mode to tune, no weights given for it, model folders to write into, a proper dev split."""
+    modes = fused_modes(config.modes)
+    if not modes:
+        raise OptionError(f"tuning needs a fused mode among the evaluated modes ({', '.join(FUSED_MODES)}); "
+                          f"got {list(config.modes)}")
+    given = [WEIGHT_FIELDS[m] for m in modes if getattr(config, WEIGHT_FIELDS[m]) is not None]
+    if given:
+        raise OptionError(f"the weights are tuned: do not also give {', '.join(given)}")
+    for model in models:
+        if isinstance(model, Encoder):
+            raise OptionError("tuning writes fusion.json into each model's folder: give model folders, not "
+                              f"an in-memory {type(model).__name__} (or call tune_fusion yourself)")
+        if not os.path.isdir(os.fspath(model)):
+            raise OptionError(f"{os.fspath(model)}: not a model folder; tuning writes fusion.json into one")
+    check_dev_split(test, dev)
+
+
+@dataclass
+class _Group:
+    """One candidate union (dense + sparse, or dense + BM25): its first stages, rows and exact scores."""
+
+    candidates: list[SearchResult]
+    rows: np.ndarray
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def scorer(self, part: str) -> Any:
+        def cached(rows: np.ndarray) -> np.ndarray:
+            if rows.shape != self.rows.shape or not np.array_equal(rows, self.rows):
+                raise ValueError("the cached scores are for another candidate union")
+            return self.scores[part]
+        return cached
+
+
+class _FastNdcg:
+    """nDCG@10 of many rankings of one candidate union, in numpy: linear gains (trec_eval's), ties
+    by document id descending (trec_eval's order), averaged over every judged dev query."""
+
+    def __init__(self, rows: np.ndarray, dev: RetrievalDataset, query_ids: list[str], doc_ids: list[str],
+                 top_k: int, ignore_identical_ids: bool):
+        self.valid = rows >= 0
+        self.gains = np.zeros(rows.shape, dtype=np.float64)
+        name_order = np.argsort(np.array(doc_ids, dtype=object), kind="stable")
+        name_rank = np.empty(len(doc_ids), dtype=np.int64)
+        name_rank[name_order] = np.arange(len(doc_ids))
+        self.tiebreak = np.where(self.valid, name_rank[np.maximum(rows, 0)], -1)
+        for i, qid in enumerate(query_ids):
+            judged = dev.qrels.get(qid, {})
+            for j, r in enumerate(rows[i].tolist()):
+                if r >= 0:
+                    self.gains[i, j] = max(judged.get(doc_ids[r], 0), 0)
+                    if ignore_identical_ids and doc_ids[r] == qid:
+                        self.valid[i, j] = False
+        self.cut = min(_CUT, top_k, rows.shape[1])
+        discount = 1.0 / np.log2(np.arange(2, _CUT + 2))
+        ideal = np.zeros(len(query_ids))
+        for i, qid in enumerate(query_ids):
+            rels = sorted((max(v, 0) for v in dev.qrels.get(qid, {}).values()), reverse=True)[:_CUT]
+            ideal[i] = float(np.dot(rels, discount[: len(rels)]))
+        self.ideal = ideal
+        self.discount = discount[: self.cut]
+        self.total_queries = len(dev.qrels)
+
+    def __call__(self, scores: np.ndarray) -> float:
+        if self.cut == 0:
+            return 0.0
+        key = np.where(self.valid, scores, -np.inf).astype(np.float32)  # the run's scores are float32
+        order = np.lexsort((-self.tiebreak, -key), axis=-1)[:, : self.cut]
+        gains = np.take_along_axis(np.where(self.valid, self.gains, 0.0), order, 1)
+        dcg = gains @ self.discount
+        per_query = np.divide(dcg, self.ideal, out=np.zeros_like(dcg), where=self.ideal > 0)
+        return float(per_query.sum() / self.total_queries)
+
+
+def _grid(parts: int, grid: Sequence[float]) -> list[tuple[float, ...]]:
+    """(1, w_2, ...) for every w in ``grid``; smaller weights first (by sum, then in order)."""
+    combos = itertools.product(sorted({float(w) for w in grid}), repeat=parts - 1)
+    return [(1.0, *c) for c in sorted(combos, key=lambda c: (sum(c), c))]
+
+
+def tune_fusion(model: Encoder, dev: RetrievalDataset, config: EvalConfig, *, corpus: CorpusIndex | None = None,
+                grid: Sequence[float] = TUNE_GRID, normalizations: Sequence[str] | None = None) -> FusionSettings:
+    """The normalization and weights of every fused mode among ``config.modes`` that maximise ``dev``'s nDCG@10.
+
+    ``model``: the encoder; ``corpus``: the dev split's corpus already encoded by it
+    (:func:`trine.evaluation.runner.index_corpus`; encoded here when not given). ``normalizations``:
+    the ones to try (default: ``config.normalization`` if set, else ``minmax`` and ``zscore``).
+    Returns the settings (their ``tuned_on`` records the dev split, the grid, and the dev nDCG@10 of
+    the tuned and of the default setting per mode, measured with pytrec_eval); write them into a
+    model folder with :func:`trine.modeling.fusion.write_fusion`.
+    """
+    modes = fused_modes(config.modes)
+    if not modes:
+        raise ValueError(f"nothing to tune: no fused mode ({', '.join(FUSED_MODES)}) among {list(config.modes)}")
+    if not grid or any(not np.isfinite(float(w)) or float(w) < 0 for w in grid):
+        raise ValueError(f"the grid must be finite numbers >= 0, got {list(grid)}")
+    if normalizations is None:
+        normalizations = (config.normalization,) if config.normalization is not None else TUNE_NORMALIZATIONS
+    normalizations = [check_normalization(n) for n in normalizations]
+    if not normalizations:
+        raise ValueError("no normalization to try")
+    tune_config = dataclasses.replace(config, modes=tuple(modes), rerank_modes=())
+    needs = needed_outputs(modes)
+    if corpus is None:
+        corpus = index_corpus(model, dev, tune_config)
+    else:
+        corpus.check(dev, needs, uses_bm25(modes))
+    query_ids = list(dev.queries)
+    query_texts = [dev.queries[q] for q in query_ids]
+    reps = encode_queries(model, query_texts, needs, config)
+    bm25 = (corpus.bm25, query_texts) if corpus.bm25 is not None else None
+
+    # one candidate union per first-stage pair, each fused mode's parts scored exactly on it once
+    groups: dict[str, _Group] = {}
+    group_of = {m: "bm25" if "bm25" in FUSED_MODES[m] else "sparse" for m in modes}
+    for key in dict.fromkeys(group_of.values()):
+        widest = max((m for m in modes if group_of[m] == key), key=lambda m: len(FUSED_MODES[m]))
+        candidates, scorers = fusion_inputs(widest, corpus.retriever, reps, bm25, config.top_k)
+        rows = union_rows(candidates)
+        groups[key] = _Group(candidates, rows,
+                             {p: np.asarray(s(rows), dtype=np.float64) for p, s in scorers.items()})
+    fast = {key: _FastNdcg(g.rows, dev, query_ids, corpus.doc_ids, config.top_k, config.ignore_identical_ids)
+            for key, g in groups.items()}
+
+    best: dict[str, dict[str, tuple[float, tuple[float, ...]]]] = {}
+    for norm in normalizations:
+        best[norm] = {}
+        for key, g in groups.items():
+            valid = g.rows >= 0
+            normed = {p: normalize_scores(s, valid, norm) for p, s in g.scores.items()}
+            for mode in (m for m in modes if group_of[m] == key):
+                parts = [normed[p] for p in FUSED_MODES[mode]]
+                top: tuple[float, tuple[float, ...]] | None = None
+                for weights in _grid(len(parts), grid):
+                    value = fast[key](fuse_scores(parts, weights, valid))
+                    if top is None or value > top[0] + 1e-12:
+                        top = (value, weights)
+                best[norm][mode] = top
+    mean = {n: float(np.mean([best[n][m][0] for m in modes])) for n in normalizations}
+    chosen = normalizations[0]
+    for n in normalizations[1:]:
+        if mean[n] > mean[chosen] + 1e-12:
+            chosen = n
+    weights = {m: list(best[chosen][m][1]) for m in modes}
+
+    def dev_ndcg(mode: str, norm: str, w: Sequence[float]) -> float:
+        g = groups[group_of[mode]]
+        res = weighted_fusion(g.candidates, [g.scorer(p) for p in FUSED_MODES[mode]], w, config.top_k,
+                              normalization=norm)
+        return evaluate_run(dev.qrels, res.to_run(query_ids, corpus.doc_ids), [_CUT], ["ndcg"],
+                            ignore_identical_ids=config.ignore_identical_ids)[TUNE_METRIC]
+
+    tuned = {m: dev_ndcg(m, chosen, weights[m]) for m in modes}
+    default = {m: dev_ndcg(m, DEFAULT_NORMALIZATION, DEFAULT_WEIGHTS[m]) for m in modes}
+    for m in modes:
+        if abs(tuned[m] - best[chosen][m][0]) > 1e-6:
+            logger.info("%s: the grid search's nDCG@10 %.6f differs from pytrec_eval's %.6f (tied scores)", m,
+                        best[chosen][m][0], tuned[m])
+        logger.info("tuned %s on %s (%s): normalization %s, weights %s, dev nDCG@10 %.4f (default %.4f)", m,
+                    dev.name, dev.split, chosen, weights[m], tuned[m], default[m])
+    tuned_on = {
+        "dataset": dev.name, "split": dev.split, "queries": len(dev.queries), "metric": TUNE_METRIC,
+        "top_k": config.top_k, "grid": [float(w) for w in grid], "normalizations_tried": list(normalizations),
+        "dev": tuned, "dev_default": default,
+    }
+    return FusionSettings(chosen, weights, tuned_on)
