@@ -129,3 +129,24 @@ def test_finetune_fits_the_head_on_the_training_passages(tmp_path, minilm_dir):
                                              head_init_max_length=32).sparse_linear
     assert torch.allclose(fitted.weight, reference.weight, atol=1e-5)
     assert torch.allclose(fitted.bias, reference.bias, atol=1e-5)
+
+
+def test_quick_demo_with_the_fitted_head(capsys):
+    """`trine demo --quick` (default heads: bm25, fitted on its six passages) ranks right in every mode."""
+    from trine.demo import run_demo
+
+    accuracy = run_demo()
+    assert set(accuracy) == {"dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense"}
+    assert accuracy["sparse"] >= 5 / 6 and accuracy["colbert+sparse+dense"] == 1.0
+    assert "lexical weights of q0" in capsys.readouterr().out
+
+
+def test_demo_checks_state_issue_15s_bar():
+    from trine.demo import demo_checks
+
+    metrics = {m: {"ndcg@10": v} for m, v in {"dense": 0.56, "sparse": 0.46, "colbert": 0.58, "sparse+dense": 0.58,
+                                               "colbert+sparse+dense": 0.595, "bm25": 0.45, "dense+bm25": 0.59}.items()}
+    checks = demo_checks(metrics)
+    assert [holds for _, holds in checks] == [True, True, True, True]
+    metrics["colbert+sparse+dense"]["ndcg@10"] = 0.589
+    assert [holds for _, holds in demo_checks(metrics)] == [True, True, False, False]

@@ -137,3 +137,35 @@ def test_unified_cross_device_all_heads_equal_one_process(tmp_path, tiny_m3_dir,
             assert result["grads"][name] is None, name
             continue
         torch.testing.assert_close(result["grads"][name], prm.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_sparse_temperature_and_flops_regulariser(tiny_m3_dir):
+    """The lexical head's own temperature divides only its scores; the FLOPS term is SPLADE's
+    sum_j (mean_i w_ij)^2 over the batch's queries and passages, added with its weight; non-zeros
+    per text are reported."""
+    from trine.modeling.heads import lexical_matrix
+
+    encoder = TriHeadModel.from_pretrained(tiny_m3_dir)
+    no_dropout(encoder.backbone)
+    q, p = tokenize(encoder.tokenizer, QUERIES), tokenize(encoder.tokenizer, PASSAGES)
+    base = EmbedderTrainingModel(encoder, temperature=0.05, training_mode="sparse").train()
+    reps_q, reps_p = base.encode(q), base.encode(p)
+    plain = base.loss_from_reps(reps_q, reps_p)
+    q_mat = lexical_matrix(reps_q["token_weights"], reps_q["input_ids"], encoder.vocab_size)
+    p_mat = lexical_matrix(reps_p["token_weights"], reps_p["input_ids"], encoder.vocab_size)
+    assert plain["stats"]["sparse_nonzeros_query"] == pytest.approx(float((q_mat > 0).sum(1).float().mean()))
+    assert plain["stats"]["sparse_nonzeros_passage"] == pytest.approx(float((p_mat > 0).sum(1).float().mean()))
+
+    hotter = EmbedderTrainingModel(encoder, temperature=0.05, sparse_temperature=0.5, training_mode="sparse")
+    scores = (q_mat @ p_mat.T) / 0.5
+    targets = torch.arange(len(QUERIES)) * GROUP
+    want = torch.nn.functional.cross_entropy(scores, targets)
+    torch.testing.assert_close(hotter.loss_from_reps(reps_q, reps_p)["loss"], want, atol=1e-5, rtol=1e-5)
+
+    regularised = EmbedderTrainingModel(encoder, temperature=0.05, training_mode="sparse", sparse_flops_weight=0.3)
+    out = regularised.loss_from_reps(reps_q, reps_p)
+    hand = (q_mat.mean(0) ** 2).sum() + (p_mat.mean(0) ** 2).sum()
+    torch.testing.assert_close(out["parts"]["sparse_flops"], hand.detach())
+    torch.testing.assert_close(out["loss"], plain["loss"] + 0.3 * hand, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="sparse_temperature"):
+        EmbedderTrainingModel(encoder, sparse_temperature=0.0, training_mode="sparse")

@@ -57,14 +57,36 @@ def _matrix(title: str, scores: np.ndarray) -> str:
     return "\n".join(lines)
 
 
+def demo_checks(metrics: dict[str, dict[str, float]], metric: str = "ndcg@10") -> list[tuple[str, bool]]:
+    """What one model of three outputs should give (issue 15's bar), each as (statement, holds)."""
+    m = {mode: values[metric] for mode, values in metrics.items()}
+    best = max(m[x] for x in ("dense", "sparse", "colbert"))
+    checks = [
+        (f"lexical {m['sparse']:.4f} >= BM25 {m['bm25']:.4f}", m["sparse"] >= m["bm25"]),
+        (f"dense+lexical {m['sparse+dense']:.4f} > dense {m['dense']:.4f}", m["sparse+dense"] > m["dense"]),
+        (f"all three {m['colbert+sparse+dense']:.4f} >= best single mode {best:.4f} + 0.01",
+         m["colbert+sparse+dense"] >= best + 0.01),
+    ]
+    if "dense+bm25" in m:
+        checks.append((f"all three {m['colbert+sparse+dense']:.4f} >= dense+BM25 {m['dense+bm25']:.4f}",
+                       m["colbert+sparse+dense"] >= m["dense+bm25"]))
+    return checks
+
+
 def run_end_to_end(out_dir: str = "outputs/demo", *, steps: int | None = None, batch_size: int = 32,
-                   limit: int | None = None, heads: str = "neutral", head_learning_rate: float = 1e-3) -> dict:
-    """Data -> zero-shot eval -> unified fine-tuning -> eval; returns the evaluation result."""
+                   limit: int | None = None, heads: str = "bm25", head_learning_rate: float = 1e-3,
+                   sparse_loss_weight: float = 0.3) -> dict:
+    """Data -> zero-shot eval -> unified fine-tuning -> eval; returns the evaluation result.
+
+    The man pages are split into train (70%), dev (10%: fusion weights are tuned there) and test
+    (20%: every number reported). With ``heads="bm25"`` the lexical head starts fitted to BM25 term
+    weights on the training passages, and the model with ``neutral`` heads is evaluated beside it.
+    """
     import json
     import time
 
     from trine import TriHeadModel
-    from trine.evaluation import EvalConfig, load_dataset, run_evaluation, text_table, write_report
+    from trine.evaluation import EvalConfig, fusion_summary, load_dataset, mode_table, run_evaluation, write_report
     from trine.evaluation.manpages import build_manpages_beir
     from trine.io import atomic_file
     from trine.training.finetuning import finetune, parse_args
@@ -74,21 +96,35 @@ def run_end_to_end(out_dir: str = "outputs/demo", *, steps: int | None = None, b
     # The demo owns out_dir: it replaces what it wrote there on an earlier run (never other folders).
     # The demo's data are Debian's man pages: on a fresh machine (root, no package lists yet) it
     # runs `apt-get update` to fetch them, and logs it (trine.datasets.manpages).
-    beir = build_manpages_beir(os.path.join(out_dir, "beir"), seed=0, test_fraction=0.2, limit=limit,
-                               overwrite=True, update_package_lists=True)
+    beir = build_manpages_beir(os.path.join(out_dir, "beir"), seed=0, test_fraction=0.2, dev_fraction=0.1,
+                               limit=limit, overwrite=True, update_package_lists=True)
     train = load_dataset(beir, "train")
+    dev = load_dataset(beir, "dev")
     test = load_dataset(beir, "test")
     pairs = os.path.join(out_dir, "train_pairs.jsonl")
+    passages = []
     with atomic_file(pairs) as f:
         for qid, docs in train.qrels.items():
-            f.write(json.dumps({"query": train.queries[qid], "pos": [train.corpus[d]["text"] for d in docs]}) + "\n")
-    print(f"data: {len(train.qrels)} training pairs, {len(test.queries)} held-out queries over "
-          f"{len(test.corpus)} man pages ({beir})")
+            texts = [train.corpus[d]["text"] for d in docs]
+            passages.extend(texts)
+            f.write(json.dumps({"query": train.queries[qid], "pos": texts}) + "\n")
+    print(f"data: {len(train.qrels)} training pairs, {len(dev.queries)} dev queries (fusion weights), "
+          f"{len(test.queries)} held-out test queries over {len(test.corpus)} man pages ({beir})")
 
+    models = []
+    if heads == "bm25":
+        neutral = os.path.join(out_dir, "zero-shot-neutral")
+        TriHeadModel.from_pretrained(default_model_dir(), init_missing_heads="neutral").save_pretrained(
+            neutral, overwrite=True)
+        models.append(neutral)
     zero_shot = os.path.join(out_dir, "zero-shot")
-    start_model = TriHeadModel.from_pretrained(default_model_dir(), init_missing_heads=heads)
+    start_model = TriHeadModel.from_pretrained(
+        default_model_dir(), init_missing_heads=heads, head_init_texts=passages if heads == "bm25" else None,
+        head_init_max_length=128)
     start_model.save_pretrained(zero_shot, overwrite=True)
-    print(f"model: all-MiniLM-L6-v2 with new '{heads}' lexical and ColBERT heads -> {zero_shot}")
+    models.append(zero_shot)
+    print(f"model: all-MiniLM-L6-v2 with new '{heads}' lexical and ColBERT heads -> {zero_shot}"
+          + (" (lexical head fitted to BM25 term weights on the training passages)" if heads == "bm25" else ""))
 
     finetuned = os.path.join(out_dir, "unified")
     options = {
@@ -96,7 +132,7 @@ def run_end_to_end(out_dir: str = "outputs/demo", *, steps: int | None = None, b
         "output_dir": finetuned, "training_mode": "unified", "use_self_distill": True, "train_group_size": 1,
         "per_device_train_batch_size": batch_size, "query_max_len": 32, "passage_max_len": 128,
         "temperature": 0.05, "learning_rate": 5e-5, "head_learning_rate": head_learning_rate, "warmup_steps": 0.1,
-        "logging_steps": 10,
+        "sparse_loss_weight": sparse_loss_weight, "logging_steps": 10,
         "save_strategy": "no", "report_to": "none", "disable_tqdm": False, "seed": 0, "overwrite_output_dir": True,
     }
     if steps:
@@ -109,19 +145,29 @@ def run_end_to_end(out_dir: str = "outputs/demo", *, steps: int | None = None, b
     print("fine-tuning: unified loss (dense + lexical + ColBERT + ensemble) with self-distillation, "
           "in-batch negatives")
     finetune(*parse_args(argv))
+    models.append(finetuned)
 
-    config = EvalConfig(k_values=(1, 10, 100), metrics=("ndcg", "mrr", "recall"), query_max_length=32,
-                        passage_max_length=256)
-    result = run_evaluation([zero_shot, finetuned], test, config, model_options={"show_progress": False})
+    modes = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense", "bm25", "dense+bm25")
+    config = EvalConfig(modes=modes, k_values=(1, 10, 100), metrics=("ndcg", "mrr", "recall"),
+                        query_max_length=32, passage_max_length=256)
+    # each model's fusion weights and score normalisation are tuned on the dev queries (written to
+    # its fusion.json), then every mode is measured on the test queries
+    result = run_evaluation(models, test, config, model_options={"show_progress": False}, tune_on=dev)
     print()
-    print(text_table(result, metrics=["ndcg@10", "mrr@10", "recall@100"]))
+    print(mode_table(result, "ndcg@10"))
+    print()
+    print(fusion_summary(result))
+    label = list(result["models"])[-1]
+    print(f"\n{label} (after fine-tuning):")
+    for statement, holds in demo_checks(result["models"][label]["metrics"]):
+        print(f"  [{'yes' if holds else 'NO '}] {statement}")
     for kind, path in write_report(result, os.path.join(out_dir, "report"), overwrite=True).items():
         print(f"{kind}: {path}")
     print(f"total {time.perf_counter() - start:.0f} s")
     return result
 
 
-def run_demo(model_dir: str | None = None, heads: str = "neutral") -> dict[str, float]:
+def run_demo(model_dir: str | None = None, heads: str = "bm25") -> dict[str, float]:
     """Print the demo; return each mode's accuracy@1 (the right passage ranked first)."""
     from trine import M3Embedder, scoring
 
@@ -130,8 +176,9 @@ def run_demo(model_dir: str | None = None, heads: str = "neutral") -> dict[str, 
     print(f"model: {model_dir}")
     if not has_heads:
         print(f"  no head files: lexical and ColBERT heads start '{heads}' (untrained; fine-tuning trains them)")
+    fitted = not has_heads and heads == "bm25"  # the lexical head fitted on the demo's own passages
     model = M3Embedder(model_dir, init_missing_heads=None if has_heads else heads, show_progress=False,
-                       query_max_length=64, passage_max_length=256)
+                       head_init_texts=PASSAGES if fitted else None, query_max_length=64, passage_max_length=256)
 
     q = model.encode_queries(QUERIES, return_dense=True, return_sparse=True, return_colbert_vecs=True)
     p = model.encode_corpus(PASSAGES, return_dense=True, return_sparse=True, return_colbert_vecs=True)

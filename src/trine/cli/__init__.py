@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-from trine.cli import curation, demo, evaluation, training
+from trine.cli import curation, demo, evaluation, serving, training
 from trine.cli.parser import TrineArgumentParser, parse_command
 from trine.errors import OptionError, report_user_errors
 
@@ -20,6 +20,7 @@ def build_parser() -> TrineArgumentParser:
     training.add_parsers(sub)
     demo.add_parsers(sub)
     evaluation.add_parsers(sub)
+    serving.add_parsers(sub)
     return parser
 
 

@@ -42,6 +42,21 @@ def text_table(result: Mapping[str, Any], metrics: Sequence[str] | None = None) 
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
+def mode_table(result: Mapping[str, Any], metric: str = "ndcg@10") -> str:
+    """One ``metric`` as a table of modes (rows) by models (columns), 4 decimals: each column shows
+    what a model (a step of a pipeline) gives in every mode."""
+    models = list(result["models"])
+    modes: list[str] = []
+    for entry in result["models"].values():
+        modes.extend(m for m in entry["metrics"] if m not in modes)
+    rows = [["mode", *models]]
+    for mode in modes:
+        values = [result["models"][label]["metrics"].get(mode, {}).get(metric) for label in models]
+        rows.append([mode, *("" if v is None else f"{v:.4f}" for v in values)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return f"{metric}\n" + "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
 def _weights(values: Sequence[float]) -> str:
     return "(" + ", ".join(f"{w:g}" for w in values) + ")"
 

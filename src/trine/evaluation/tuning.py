@@ -54,7 +54,7 @@ from trine.scoring import check_normalization, fuse_scores, normalize_scores
 logger = logging.getLogger(__name__)
 
 #: the values tried for each weight beside the dense one (fixed at 1)
-TUNE_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
+TUNE_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 #: normalizations tried when none is given
 TUNE_NORMALIZATIONS = ("minmax", "zscore")
 TUNE_METRIC = "ndcg@10"

@@ -134,6 +134,14 @@ class EmbedderTrainingArguments(SafeTrainingArguments):
     ensemble_dense_weight: float = field(default=1.0, metadata={"help": "weight of dense scores in the ensemble"})
     ensemble_sparse_weight: float = field(default=0.3, metadata={"help": "weight of lexical scores in the ensemble"})
     ensemble_colbert_weight: float = field(default=1.0, metadata={"help": "weight of ColBERT scores in the ensemble"})
+    sparse_temperature: float | None = field(
+        default=None, metadata={"help": "temperature of the lexical scores (default: temperature); lexical scores "
+                                        "live on another scale than cosines"}
+    )
+    sparse_flops_weight: float = field(
+        default=0.0, metadata={"help": "weight of SPLADE's FLOPS regulariser on the lexical weights (sparser "
+                                        "weights; the logs report non-zero weights per text)"}
+    )
     dense_loss_weight: float = field(default=1.0)
     sparse_loss_weight: float = field(default=0.1)
     colbert_loss_weight: float = field(default=1.0)

@@ -44,6 +44,8 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: Em
         fix_encoder=args.fix_encoder,
         use_self_distill=args.use_self_distill,
         self_distill_start_step=args.self_distill_start_step,
+        sparse_temperature=args.sparse_temperature,
+        sparse_flops_weight=args.sparse_flops_weight,
         weights=M3LossWeights(
             ensemble_dense=args.ensemble_dense_weight, ensemble_sparse=args.ensemble_sparse_weight,
             ensemble_colbert=args.ensemble_colbert_weight, dense=args.dense_loss_weight,

@@ -76,6 +76,8 @@ class EmbedderTrainingModel(nn.Module):
         use_self_distill: bool = False,
         self_distill_start_step: int = -1,
         colbert_chunk_elements: int = 1 << 24,
+        sparse_temperature: float | None = None,
+        sparse_flops_weight: float = 0.0,
     ):
         super().__init__()
         if training_mode not in TRAINING_MODES:
@@ -84,6 +86,10 @@ class EmbedderTrainingModel(nn.Module):
         self.self_distill = build_loss("self_distill")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if sparse_temperature is not None and sparse_temperature <= 0:
+            raise ValueError(f"sparse_temperature must be > 0, got {sparse_temperature}")
+        if sparse_flops_weight < 0:
+            raise ValueError(f"sparse_flops_weight must be >= 0, got {sparse_flops_weight}")
         if training_mode != "dense" and not encoder.has_heads:
             raise ValueError(f"training_mode {training_mode!r} needs lexical and ColBERT heads; load the model with "
                              "init_missing_heads='random', 'neutral' or 'bm25' if its folder has none")
@@ -93,6 +99,8 @@ class EmbedderTrainingModel(nn.Module):
             raise ValueError("fix_encoder leaves nothing to train in dense mode")
         self.encoder = encoder
         self.temperature = temperature
+        self.sparse_temperature = temperature if sparse_temperature is None else sparse_temperature
+        self.sparse_flops_weight = sparse_flops_weight
         self.negatives_cross_device = negatives_cross_device
         self.kd_loss_type = kd_loss_type
         self.training_mode = training_mode
@@ -137,8 +145,11 @@ class EmbedderTrainingModel(nn.Module):
             out["input_ids"] = features["input_ids"]
         return out
 
-    def _scores(self, head: str, q: dict[str, torch.Tensor], p: dict[str, torch.Tensor], cross: bool) -> torch.Tensor:
-        """Queries x (gathered) passages for one head, divided by the temperature."""
+    def _scores(self, head: str, q: dict[str, torch.Tensor], p: dict[str, torch.Tensor], cross: bool,
+                stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Queries x (gathered) passages for one head, divided by its temperature (``sparse_temperature``
+        for the lexical head). The lexical head adds its FLOPS regulariser (when weighted) and its
+        non-zero weights per text to ``stats``."""
         if head == "colbert":
             pv, pm = (gather_padded(p["colbert_vecs"], p["colbert_mask"]) if cross
                       else (p["colbert_vecs"], p["colbert_mask"]))
@@ -148,7 +159,16 @@ class EmbedderTrainingModel(nn.Module):
             vocab = self.encoder.vocab_size
             pw, pid = (gather_padded(p["token_weights"], p["input_ids"]) if cross
                         else (p["token_weights"], p["input_ids"]))
-            s = lexical_matrix(q["token_weights"], q["input_ids"], vocab) @ lexical_matrix(pw, pid, vocab).T
+            q_mat = lexical_matrix(q["token_weights"], q["input_ids"], vocab)
+            p_mat = lexical_matrix(pw, pid, vocab)
+            s = q_mat @ p_mat.T
+            local = p_mat if not cross else lexical_matrix(p["token_weights"], p["input_ids"], vocab)
+            with torch.no_grad():
+                stats["sparse_nonzeros_query"] = (q_mat > 0).sum(1).float().mean()
+                stats["sparse_nonzeros_passage"] = (local > 0).sum(1).float().mean()
+            if self.sparse_flops_weight:
+                stats["flops"] = flops(q_mat) + flops(local)
+            return s / self.sparse_temperature
         else:
             s = q["dense_vecs"] @ (gather_with_grad(p["dense_vecs"]) if cross else p["dense_vecs"]).T
         return s / self.temperature
@@ -184,16 +204,22 @@ class EmbedderTrainingModel(nn.Module):
         targets = positive_columns(n_q, group, True, cross, device)
         teacher = teacher_distribution(teacher_scores)
         scores = {}
+        stats: dict[str, torch.Tensor] = {}
         for head in self.heads:
-            s = self._scores(head, q, p, cross)
+            s = self._scores(head, q, p, cross, stats)
             # Without in-batch negatives each query sees its own group only.
             scores[head] = s if in_batch_negatives else group_scores(s, targets, group)
         if not in_batch_negatives:
             targets = positive_columns(n_q, group, False, False, targets.device)
         loss, parts = self._loss(scores, partial(ScoreBatch, targets=targets, group_size=group, teacher=teacher))
+        if "flops" in stats:  # SPLADE's sparsity regulariser on the lexical weights
+            flops_loss = stats.pop("flops")
+            parts["sparse_flops"] = flops_loss.detach()
+            loss = loss + self.sparse_flops_weight * flops_loss
         self.step += 1  # forward passes, as FlagEmbedding counts them for self_distill_start_step
         negatives = next(iter(scores.values())).size(1) - 1
-        return {"loss": loss, "parts": parts, "negatives_per_query": negatives}
+        return {"loss": loss, "parts": parts, "negatives_per_query": negatives,
+                "stats": {k: float(v) for k, v in stats.items()}}
 
     def _loss(self, scores: dict[str, torch.Tensor],
               batch: Callable[..., ScoreBatch]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -220,6 +246,12 @@ class EmbedderTrainingModel(nn.Module):
                 distill = distill + weight * d
             total = (total + distill / 3) / 2
         return total, parts
+
+
+def flops(weights: torch.Tensor) -> torch.Tensor:
+    """SPLADE's FLOPS regulariser of a (texts x vocabulary) weight matrix: ``sum_j (mean_i |w_ij|)^2``,
+    a smooth proxy for the expected number of multiplications of a sparse dot product."""
+    return (weights.abs().mean(0) ** 2).sum()
 
 
 def _rows(reps: dict[str, torch.Tensor]) -> int:

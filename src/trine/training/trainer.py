@@ -152,6 +152,8 @@ class EmbedderTrainer(Trainer):
         for name, value in out["parts"].items():
             self._parts[f"loss_{name}"].append(float(value))
         self._parts["negatives_per_query"].append(float(out["negatives_per_query"]))
+        for name, value in out.get("stats", {}).items():  # e.g. the lexical head's non-zeros per text
+            self._parts[name].append(float(value))
 
     def num_examples(self, dataloader: DataLoader) -> int:
         # Per rank: the Trainer multiplies by the number of processes itself.

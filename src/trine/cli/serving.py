@@ -1,0 +1,101 @@
+"""`trine serve`: the HTTP server (OpenAI, text-embeddings-inference and trine's own routes)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from trine.cli.parser import options_checked
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from trine.errors import MissingInputError, OptionError
+
+    for flag, path in (("MODEL", args.model), ("--reranker", args.reranker), ("--index", args.index)):
+        if path is not None and not os.path.isdir(path):
+            raise MissingInputError(f"{path}: {flag}: no such folder")
+    if args.truncate and args.no_truncate:
+        raise OptionError("--truncate and --no-truncate contradict each other")
+    from trine.modeling.fusion import FusionSettings, read_fusion
+    from trine.serving import ServeSettings, create_app, run_server
+
+    with options_checked():
+        settings = ServeSettings(
+            model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
+            api_key=args.api_key or os.environ.get("TRINE_API_KEY") or None,
+            max_batch_texts=args.max_batch_texts, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+            max_texts_per_request=args.max_texts_per_request, truncate=not args.no_truncate,
+            colbert_rerank_k=args.rerank_k, fusion=read_fusion(args.model) or FusionSettings(),
+        )
+    embedder, reranker, index = _load(args)
+    run_server(create_app(embedder, reranker, index, settings), args.host, args.port,
+               log_level=args.log_level if args.log_level != "WARNING" else "info")
+    return 0
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The embedder, the reranker (or None) and the index (or None) the options name."""
+    from trine.inference import M3Embedder, Reranker
+    from trine.modeling.trihead import TriHeadModel, has_head_files
+    from trine.retrieval import HybridRetriever
+
+    common = {"devices": args.devices, "use_fp16": args.fp16, "use_bf16": args.bf16, "show_progress": False}
+    with options_checked():
+        options = dict(common, batch_size=args.batch_size, query_max_length=args.query_max_len,
+                       passage_max_length=args.passage_max_len,
+                       query_instruction_for_retrieval=args.query_instruction_for_retrieval,
+                       query_instruction_format=args.query_instruction_format)
+        if has_head_files(args.model) or args.heads != "none":
+            init = None if args.heads == "none" else args.heads
+            if init == "bm25":
+                raise ValueError("--heads bm25 needs texts to fit the lexical head on; use neutral or random here")
+            embedder = M3Embedder(args.model, init_missing_heads=init, **options)
+        else:  # a plain encoder folder: dense only (the sparse and ColBERT routes answer 400)
+            embedder = M3Embedder(TriHeadModel.from_pretrained(args.model, with_heads=False), **options)
+        reranker = None
+        if args.reranker is not None:
+            reranker = Reranker(args.reranker, max_length=args.reranker_max_length, **common)
+    index = HybridRetriever.load(args.index) if args.index is not None else None
+    return embedder, reranker, index
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    sv = sub.add_parser("serve", help="serve a model over HTTP: OpenAI /v1/embeddings, text-embeddings-inference's "
+                                      "routes, /encode, /score, /search")
+    sv.add_argument("model", help="model folder (with BGE-M3 heads for the sparse and ColBERT outputs)")
+    sv.add_argument("--reranker", default=None, help="cross-encoder folder: enables POST /rerank")
+    sv.add_argument("--index", default=None, help="a saved HybridRetriever folder over documents encoded by MODEL: "
+                                                  "enables POST /search")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health "
+                                                    "(also: TRINE_API_KEY)")
+    sv.add_argument("--served-model-name", default=None, help="the model name /v1/embeddings and /info report "
+                                                              "(default: the folder's name)")
+    sv.add_argument("--max-batch-texts", type=int, default=64,
+                    help="the dynamic batcher merges waiting requests into encoder calls of at most this many texts")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0,
+                    help="how long the batcher waits for more requests after the first of a batch")
+    sv.add_argument("--max-queue", type=int, default=256,
+                    help="requests waiting for the model beyond which a request gets 429 with Retry-After")
+    sv.add_argument("--max-texts-per-request", type=int, default=256, help="more texts in one request get 413")
+    sv.add_argument("--truncate", action="store_true",
+                    help="cut texts longer than the model's maximum length (the default)")
+    sv.add_argument("--no-truncate", action="store_true",
+                    help="refuse such texts with 413 instead (a request's own truncate field still wins)")
+    sv.add_argument("--heads", default="none", choices=["none", "neutral", "random"],
+                    help="how to start heads for a folder without head files (none: serve it dense only)")
+    sv.add_argument("--query_max_len", type=int, default=None, help="query tokens (default 512 or the model's)")
+    sv.add_argument("--passage_max_len", type=int, default=None, help="passage tokens (default 512 or the model's)")
+    sv.add_argument("--query_instruction_for_retrieval", default=None,
+                    help="prepended to queries (kind=query in /encode, and /search)")
+    sv.add_argument("--query_instruction_format", default="{}{}")
+    sv.add_argument("--batch-size", type=int, default=256, help="the encoder's own batch size (token-budgeted)")
+    sv.add_argument("--reranker-max-length", type=int, default=None, help="query + passage tokens per pair")
+    sv.add_argument("--rerank-k", type=int, default=100,
+                    help="dense candidates re-ranked by maxsim in /search mode colbert (colbert_search rerank)")
+    sv.add_argument("--devices", "--device", default=None, help="cpu, cuda:0, ... (default: one device)")
+    sv.add_argument("--fp16", action="store_true")
+    sv.add_argument("--bf16", action="store_true")
+    sv.set_defaults(func=_serve)

@@ -1,0 +1,192 @@
+"""trine's own routes: ``POST /encode`` (dense, lexical and ColBERT outputs of one pass, FlagEmbedding's keys),
+``POST /score`` (``M3Embedder.compute_score``'s modes and weights) and ``POST /search`` (the loaded index)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from trine import scoring
+from trine.inference.result import OUTPUT_KEYS, OUTPUTS
+from trine.modeling.fusion import FUSED_MODES, check_weights
+from trine.retrieval import QueryReps, SearchResult
+from trine.serving.common import ApiError, ServerState, check_texts, state_of
+
+router = APIRouter()
+
+
+class EncodeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    texts: str | list[str]
+    kind: Literal["query", "passage"] | None = None
+    outputs: list[str] | None = Field(default=None, description="of dense, sparse, colbert (default: all the "
+                                                                "model has)")
+    lexical: Literal["ids", "tokens"] = "ids"
+    instruction: str | None = Field(default=None, alias="prompt")
+    instruction_format: str = "{}{}"
+    truncate: bool | None = None
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pairs: list[tuple[str, str]]
+    weights_for_different_modes: list[float] | None = None
+    max_query_length: int | None = Field(default=None, ge=1)
+    max_passage_length: int | None = Field(default=None, ge=1)
+    truncate: bool | None = None
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: str
+    k: int = Field(default=10, ge=1, le=10_000)
+    mode: str = "dense"
+    weights: list[float] | None = None
+    normalization: str | None = None
+    colbert_search: Literal["rerank", "full"] = "rerank"
+    truncate: bool | None = None
+
+
+def _outputs(state: ServerState, asked: list[str] | None) -> tuple[str, ...]:
+    if asked is None:
+        return state.embedder.outputs
+    if not asked:
+        raise ApiError(400, "outputs: empty (choose from dense, sparse, colbert)", "outputs")
+    for i, name in enumerate(asked):
+        if name not in OUTPUTS:
+            raise ApiError(400, f"outputs[{i}]: unknown output {name!r}; choose from {list(OUTPUTS)}", f"outputs[{i}]")
+    state.need_outputs(asked, "outputs")
+    return tuple(o for o in OUTPUTS if o in asked)
+
+
+@router.post("/encode")
+async def encode(body: EncodeRequest, request: Request) -> JSONResponse:
+    state = state_of(request)
+    outputs = _outputs(state, body.outputs)
+    if body.kind is not None and body.instruction is not None:
+        raise ApiError(400, f"instruction: kind {body.kind!r} uses the model's own {body.kind} instruction; send "
+                            "an instruction without kind", "instruction")
+    texts = await check_texts(state, body.texts, "texts", kind=body.kind, instruction=body.instruction,
+                              instruction_format=body.instruction_format, truncate=body.truncate)
+    result = await state.batcher.encode(texts.texts, outputs, kind=body.kind, instruction=body.instruction,
+                                        instruction_format=body.instruction_format)
+    lexical = result.lexical_weights
+    if lexical is not None and body.lexical == "tokens":
+        decode = state.tokenizer.decode
+        lexical = [{decode([int(i)]): w for i, w in item.items()} for item in lexical]
+    columns: dict[str, Any] = {
+        "dense_vecs": None if result.dense_vecs is None else np.asarray(result.dense_vecs, np.float32).tolist(),
+        "lexical_weights": lexical,
+        "colbert_vecs": None if result.colbert_vecs is None else [np.asarray(v, np.float32).tolist()
+                                                                  for v in result.colbert_vecs],
+    }
+    keys = [OUTPUT_KEYS[o] for o in outputs]
+    data = [{key: columns[key][i] for key in keys} for i in range(len(texts.texts))]
+    state.metrics.tokens.labels("/encode").inc(texts.tokens)
+    state.metrics.texts.labels("/encode").inc(len(texts.texts))
+    return JSONResponse({"data": data, "model": state.settings.model_name,
+                         "usage": {"prompt_tokens": texts.tokens, "total_tokens": texts.tokens}})
+
+
+@router.post("/score")
+async def score(body: ScoreRequest, request: Request) -> JSONResponse:
+    state = state_of(request)
+    try:
+        scoring.check_mode_weights(body.weights_for_different_modes)
+    except ValueError as err:
+        raise ApiError(400, str(err), "weights_for_different_modes") from None
+    if not body.pairs:
+        raise ApiError(400, "pairs: empty input (send at least one [query, passage] pair)", "pairs")
+    embedder = state.embedder
+    q_len = body.max_query_length or embedder.query_max_length
+    p_len = body.max_passage_length or embedder.passage_max_length
+    limit = embedder.model.max_positions
+    for name, value in (("max_query_length", q_len), ("max_passage_length", p_len)):
+        if limit is not None and value > limit:
+            raise ApiError(400, f"{name}: {value} is more than the model's {limit} positions", name)
+    queries = await check_texts(state, [q for q, _ in body.pairs], "pairs[].query", truncate=body.truncate,
+                                max_length=q_len)
+    passages = await check_texts(state, [p for _, p in body.pairs], "pairs[].passage", truncate=body.truncate,
+                                 max_length=p_len)
+    outputs = embedder.outputs
+    q, p = await asyncio.gather(state.batcher.encode(queries.texts, outputs, max_length=q_len),
+                                state.batcher.encode(passages.texts, outputs, max_length=p_len))
+    scores = scoring.paired_scores(q, p, body.weights_for_different_modes)
+    tokens = queries.tokens + passages.tokens
+    state.metrics.tokens.labels("/score").inc(tokens)
+    state.metrics.texts.labels("/score").inc(2 * len(body.pairs))
+    return JSONResponse({k: np.asarray(v, dtype=np.float64).tolist() for k, v in scores.items()})
+
+
+def _needs(mode: str, colbert_search: str) -> tuple[str, ...]:
+    """The query outputs (and so the indexes) a search mode uses."""
+    if mode == "colbert":
+        return ("dense", "colbert") if colbert_search == "rerank" else ("colbert",)
+    return FUSED_MODES.get(mode, (mode,))
+
+
+@router.post("/search")
+async def search(body: SearchRequest, request: Request) -> JSONResponse:
+    state = state_of(request)
+    retriever = state.retriever
+    if retriever is None:
+        raise ApiError(404, "no index is loaded (start trine serve with --index)")
+    try:
+        mode = scoring.canonical_mode(body.mode)
+    except ValueError as err:
+        raise ApiError(400, f"mode: {err}", "mode") from None
+    needs = _needs(mode, body.colbert_search)
+    lacking = [m for m in needs if m not in retriever.indexes]
+    if lacking:
+        raise ApiError(400, f"mode: {mode!r} needs the {' and '.join(lacking)} index, which the loaded index "
+                            f"lacks (it has {', '.join(retriever.indexes)})", "mode")
+    state.need_outputs(needs, "mode")
+    fused = mode in FUSED_MODES
+    weights = normalization = None
+    if fused:
+        try:
+            weights = check_weights(mode, body.weights if body.weights is not None else state.settings.fusion_weights(
+                mode), "weights")
+            normalization = scoring.check_normalization(body.normalization or state.settings.fusion.normalization)
+        except ValueError as err:
+            field = "weights" if str(err).startswith("weights") else "normalization"
+            raise ApiError(400, str(err), field) from None
+    elif body.weights is not None or body.normalization is not None:
+        field = "weights" if body.weights is not None else "normalization"
+        raise ApiError(400, f"{field}: applies to the fused modes ({', '.join(FUSED_MODES)}), not {mode!r}", field)
+    if not body.query:
+        raise ApiError(400, "query: empty text", "query")
+    texts = await check_texts(state, body.query, "query", kind="query", truncate=body.truncate)
+    reps = QueryReps.from_encode(await state.batcher.encode(texts.texts, needs, kind="query"))
+    k = body.k
+    rerank_k = state.settings.colbert_rerank_k
+
+    def run() -> SearchResult:
+        if mode in ("dense", "sparse") or (mode == "colbert" and body.colbert_search == "full"):
+            return retriever.first_stage(reps, mode, k)
+        if mode == "colbert":  # as `trine eval --colbert-search rerank`: dense candidates re-ranked by maxsim
+            candidates = retriever.first_stage(reps, "dense", rerank_k)
+            return retriever.multivector.rerank(reps.colbert_vecs, candidates, min(k, rerank_k))
+        return retriever.search(reps, k, dict(zip(FUSED_MODES[mode], weights)), candidate_k=k,
+                                normalization=normalization)
+
+    async with state.admit():
+        result = await asyncio.get_running_loop().run_in_executor(state.executor, run)
+    state.metrics.tokens.labels("/search").inc(texts.tokens)
+    state.metrics.texts.labels("/search").inc(1)
+    ids = retriever.ids
+    hits = [{"id": ids[r], "score": float(s)} for r, s in zip(result.rows[0].tolist(), result.scores[0].tolist())
+            if r >= 0]
+    out: dict[str, Any] = {"mode": mode, "results": hits}
+    if fused:
+        out["weights"] = dict(zip(FUSED_MODES[mode], weights))
+        out["normalization"] = normalization
+    return JSONResponse(out)

@@ -1,0 +1,147 @@
+"""text-embeddings-inference's routes, with its request and response shapes: ``POST /embed`` (dense),
+``/embed_sparse`` (``[{index, value}]`` per text: the lexical weights), ``/embed_all`` (per-token vectors: the
+ColBERT vectors), ``/rerank`` (the cross-encoder), ``/tokenize``."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+from trine.serving.common import ApiError, ServerState, check_texts, state_of
+
+router = APIRouter()
+
+
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: str | list[str]
+    normalize: bool = True
+    truncate: bool | None = None
+
+
+class SparseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: str | list[str]
+    truncate: bool | None = None
+
+
+class RerankRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: str
+    texts: list[str]
+    raw_scores: bool = False
+    return_text: bool = False
+    truncate: bool | None = None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: str | list[str]
+    add_special_tokens: bool = True
+
+
+def _count(state: ServerState, route: str, texts: list[str], tokens: int) -> None:
+    state.metrics.tokens.labels(route).inc(tokens)
+    state.metrics.texts.labels(route).inc(len(texts))
+
+
+@router.post("/embed")
+async def embed(body: EmbedRequest, request: Request) -> JSONResponse:
+    state = state_of(request)
+    normalized = bool(getattr(state.embedder.model, "normalize_embeddings", True))
+    if not body.normalize and normalized:
+        raise ApiError(400, "normalize: this server's model normalises its vectors inside; normalize: false is not "
+                            "available", "normalize")
+    texts = await check_texts(state, body.inputs, "inputs", truncate=body.truncate)
+    vecs = np.asarray((await state.batcher.encode(texts.texts, ("dense",))).dense_vecs, dtype=np.float32)
+    if body.normalize and not normalized:
+        vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+    _count(state, "/embed", texts.texts, texts.tokens)
+    return JSONResponse(vecs.tolist())
+
+
+@router.post("/embed_sparse")
+async def embed_sparse(body: SparseRequest, request: Request) -> JSONResponse:
+    state = state_of(request)
+    state.need_outputs(["sparse"], "inputs")
+    texts = await check_texts(state, body.inputs, "inputs", truncate=body.truncate)
+    result = await state.batcher.encode(texts.texts, ("sparse",))
+    _count(state, "/embed_sparse", texts.texts, texts.tokens)
+    return JSONResponse([
+        [{"index": int(i), "value": float(w)} for i, w in sorted(weights.items(), key=lambda x: int(x[0]))]
+        for weights in result.lexical_weights
+    ])
+
+
+@router.post("/embed_all")
+async def embed_all(body: SparseRequest, request: Request) -> JSONResponse:
+    state = state_of(request)
+    state.need_outputs(["colbert"], "inputs")
+    texts = await check_texts(state, body.inputs, "inputs", truncate=body.truncate)
+    result = await state.batcher.encode(texts.texts, ("colbert",))
+    _count(state, "/embed_all", texts.texts, texts.tokens)
+    return JSONResponse([np.asarray(v, dtype=np.float32).tolist() for v in result.colbert_vecs])
+
+
+@router.post("/rerank")
+async def rerank(body: RerankRequest, request: Request) -> JSONResponse:
+    state = state_of(request)
+    reranker = state.reranker
+    if reranker is None:
+        raise ApiError(404, "no reranker is loaded (start trine serve with --reranker)")
+    if not body.query:
+        raise ApiError(400, "query: empty text", "query")
+    texts = await check_texts(state, body.texts, "texts", truncate=True)  # counts, emptiness; length: below
+    pairs = [(body.query, t) for t in texts.texts]
+    loop = asyncio.get_running_loop()
+    truncate = state.settings.truncate if body.truncate is None else body.truncate
+    if not truncate:
+        counts = await loop.run_in_executor(None, lambda: [len(ids) for ids in reranker.tokenizer(
+            [q for q, _ in pairs], [p for _, p in pairs], truncation=False, verbose=False)["input_ids"]])
+        for i, n in enumerate(counts):
+            if n > reranker.max_length:
+                raise ApiError(413, f"texts[{i}]: the query and this text are {n} tokens, more than the reranker's "
+                                    f"{reranker.max_length} (send shorter text, or truncate: true)", f"texts[{i}]")
+    async with state.admit():
+        scores = await loop.run_in_executor(state.executor, lambda: reranker.compute_score(
+            pairs, normalize=not body.raw_scores))
+    _count(state, "/rerank", texts.texts, texts.tokens)
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    return JSONResponse([{"index": i, "score": float(scores[i]), **({"text": texts.texts[i]} if body.return_text
+                                                                     else {})} for i in order])
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
+    state = state_of(request)
+    texts = [body.inputs] if isinstance(body.inputs, str) else list(body.inputs)
+    if not texts:
+        raise ApiError(400, "inputs: empty input (send at least one text)", "inputs")
+    limit = state.settings.max_texts_per_request
+    if len(texts) > limit:
+        raise ApiError(413, f"inputs: {len(texts)} texts, more than this server's limit of {limit} per request",
+                       "inputs")
+    tok = state.tokenizer
+    special = set(tok.all_special_ids)
+
+    def run() -> list[list[dict]]:
+        enc = tok(texts, add_special_tokens=body.add_special_tokens, return_offsets_mapping=True,
+                  truncation=False, verbose=False)
+        out = []
+        for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"]):
+            pieces = tok.convert_ids_to_tokens(ids)
+            out.append([{"id": int(i), "text": piece if i in special or start == stop else text[start:stop],
+                         "special": i in special, "start": None if i in special else int(start),
+                         "stop": None if i in special else int(stop)}
+                        for i, piece, (start, stop) in zip(ids, pieces, offsets)])
+        return out
+
+    return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, run))
