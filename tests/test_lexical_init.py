@@ -150,3 +150,16 @@ def test_demo_checks_state_issue_15s_bar():
     assert [holds for _, holds in checks] == [True, True, True, True]
     metrics["colbert+sparse+dense"]["ndcg@10"] = 0.589
     assert [holds for _, holds in demo_checks(metrics)] == [True, True, False, False]
+
+
+def test_eval_bm25_heads_are_fitted_on_the_searched_corpus(minilm_dir):
+    """`trine eval --heads bm25`: a folder without head files gets the lexical head fitted on the documents."""
+    from trine.evaluation.runner import EvalConfig, load_embedder
+
+    texts = toy_corpus(40)
+    embedder = load_embedder(minilm_dir, EvalConfig(modes=("sparse",), k_values=(10,)),
+                             {"init_missing_heads": "bm25", "show_progress": False}, corpus=texts)
+    reference = TriHeadModel.from_pretrained(minilm_dir, init_missing_heads="bm25", head_init_texts=texts)
+    assert torch.allclose(embedder.model.sparse_linear.weight, reference.sparse_linear.weight, atol=1e-5)
+    with pytest.raises(ValueError, match="corpus"):
+        load_embedder(minilm_dir, EvalConfig(modes=("sparse",), k_values=(10,)), {"init_missing_heads": "bm25"})
