@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-from trine.cli import curation, demo, evaluation, serving, training
+from trine.cli import curation, demo, evaluation, export, serving, training
 from trine.cli.parser import TrineArgumentParser, parse_command
 from trine.errors import OptionError, report_user_errors
 
@@ -21,6 +21,7 @@ def build_parser() -> TrineArgumentParser:
     demo.add_parsers(sub)
     evaluation.add_parsers(sub)
     serving.add_parsers(sub)
+    export.add_parsers(sub)
     return parser
 
 

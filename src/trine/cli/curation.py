@@ -7,6 +7,109 @@ import argparse
 from trine.cli.parser import floats, options_checked
 from trine.errors import InputError, OptionError, UserError
 
+# FlagEmbedding's scripts/hn_mine.py and scripts/add_reranker_score.py option names: each one trine
+# has under another name is an alias of it; the ones trine cannot honour are refused by name.
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _bool_value(text: str) -> bool:
+    low = str(text).strip().lower()
+    if low in _TRUE | _FALSE:
+        return low in _TRUE
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class _FlagOrBool(argparse.Action):
+    """``--use_fp16`` alone, or with a value (``--use_fp16 False``, as FlagEmbedding's parser takes it)."""
+
+    def __init__(self, option_strings, dest, **kwargs):  # noqa: ANN001
+        super().__init__(option_strings, dest, nargs="?", const=True, type=_bool_value, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        setattr(namespace, self.dest, values)
+
+
+class _Devices(argparse.Action):
+    """``--devices cuda:0`` or FlagEmbedding's ``--devices cuda:0 cuda:1`` (several: a list)."""
+
+    def __init__(self, option_strings, dest, **kwargs):  # noqa: ANN001
+        super().__init__(option_strings, dest, nargs="+", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else list(values))
+
+
+def _refused(p: argparse.ArgumentParser, name: str, why: str, accept: str | None = None,
+             nargs: str = "?") -> None:
+    """A FlagEmbedding option trine cannot honour: an error naming it and why (``accept``: the
+    one value, compared case-insensitively, that asks for what trine does anyway)."""
+
+    class Refused(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+            given = values if isinstance(values, str) else " ".join(map(str, values or [])) or "true"
+            if accept is not None and given.strip().lower() == accept:
+                return
+            raise OptionError(f"{option_string} {given}: {why} (FlagEmbedding's option; trine cannot honour it)")
+
+    p.add_argument(f"--{name}", action=Refused, nargs=nargs, const="true", default=None, dest=f"_refused_{name}",
+                   help=argparse.SUPPRESS)
+
+
+class _ModelClass(argparse.Action):
+    """FlagEmbedding's ``--embedder_model_class`` / ``--reranker_model_class``: the encoder-only
+    classes map to trine's ``--model_type``; the others are refused."""
+
+    classes: dict[str, str | None] = {}
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        if values not in self.classes:
+            raise OptionError(f"{option_string} {values}: trine {parser.prog.split()[-1]} takes "
+                              f"{', '.join(self.classes)} (FlagEmbedding's other classes are not supported)")
+        if self.classes[values] is not None:
+            namespace.model_type = self.classes[values]
+
+
+class _EmbedderClass(_ModelClass):
+    classes = {"encoder-only-base": "dense", "encoder-only-m3": "m3"}
+
+
+class _RerankerClass(_ModelClass):
+    classes = {"encoder-only-base": None}
+
+
+def _hn_mine_names(p: argparse.ArgumentParser) -> None:
+    """FlagEmbedding's hn_mine.py options trine mine has no alias for."""
+    p.add_argument("--embedder_model_class", action=_EmbedderClass, default=None, dest="_embedder_model_class",
+                   help="FlagEmbedding's name: encoder-only-base (--model_type dense) or encoder-only-m3 (m3)")
+    _refused(p, "use_gpu_for_searching", "trine mine searches with FAISS on the CPU (choose --index_kind)", "false")
+    _refused(p, "normalize_embeddings", "trine's embedders normalise dense vectors as the model folder says",
+             "true")
+    _refused(p, "pooling_method", "trine reads the pooling from the model folder (sentence-transformers config, "
+             "else cls)")
+    _refused(p, "examples_for_task", "in-context examples are for FlagEmbedding's decoder-only ICL embedder")
+    _refused(p, "examples_instruction_format", "in-context examples are for FlagEmbedding's decoder-only ICL "
+             "embedder")
+    _refused(p, "trust_remote_code", "trine curation loads models without remote code", "false")
+
+
+def _add_reranker_score_names(p: argparse.ArgumentParser) -> None:
+    """FlagEmbedding's add_reranker_score.py options trine score has no alias for."""
+    p.add_argument("--reranker_model_class", action=_RerankerClass, default=None, dest="_reranker_model_class",
+                   help="FlagEmbedding's name: encoder-only-base (a cross-encoder folder)")
+    for name in ("query_instruction_for_rerank", "query_instruction_format_for_rerank",
+                 "passage_instruction_for_rerank", "passage_instruction_format_for_rerank"):
+        _refused(p, name, "trine score reads pairs as they are (no rerank instructions)")
+    _refused(p, "reranker_query_max_length", "trine score cuts pairs at --reranker_max_len only")
+    _refused(p, "use_bf16", "trine score runs in float32 or --use_fp16", "false")
+    _refused(p, "reranker_peft_path", "trine loads merged model folders (no PEFT adapters)")
+    _refused(p, "prompt", "prompts are for FlagEmbedding's decoder-only rerankers")
+    _refused(p, "cutoff_layers", "layer cut-offs are for FlagEmbedding's layerwise rerankers", nargs="*")
+    _refused(p, "compress_layers", "compression is for FlagEmbedding's lightweight rerankers", nargs="*")
+    _refused(p, "compress_ratio", "compression is for FlagEmbedding's lightweight rerankers", "1")
+    _refused(p, "cache_dir", "trine loads model folders (no download cache)")
+    _refused(p, "trust_remote_code", "trine curation loads models without remote code", "false")
+
 
 def _curation_embedder(args: argparse.Namespace, m3: bool):
     """The embedder a curation command names (an M3Embedder when lexical or multi-vector scores are needed)."""
@@ -114,37 +217,52 @@ def _filter(args: argparse.Namespace) -> int:
     ))
 
 
-def _curation_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+def _curation_model_args(p: argparse.ArgumentParser, required: bool = True,
+                         aliases: dict[str, tuple[str, ...]] | None = None) -> None:
+    """The shared options; ``aliases``: more names of an option (FlagEmbedding's scripts')."""
+    more = aliases or {}
+
+    def names(flag: str) -> tuple[str, ...]:
+        return (flag, *more.get(flag, ()))
+
     p.add_argument("--input_file", required=True)
     p.add_argument("--output_file", required=True, help="never the input file")
-    p.add_argument("--model_name_or_path", required=required, default=None, help="any trine model folder")
+    p.add_argument(*names("--model_name_or_path"), required=required, default=None, help="any trine model folder")
     p.add_argument("--model_type", default="dense", choices=["dense", "m3"],
                    help="m3: load BGE-M3 heads (needed for sparse / colbert scores; implied by them)")
     p.add_argument("--query_instruction_for_retrieval", default=None)
-    p.add_argument("--query_instruction_format", default="{}{}")
-    p.add_argument("--query_max_len", type=int, default=64)
-    p.add_argument("--passage_max_len", type=int, default=512)
-    p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--devices", default=None)
-    p.add_argument("--use_fp16", action="store_true")
+    p.add_argument(*names("--query_instruction_format"), default="{}{}")
+    p.add_argument(*names("--query_max_len"), type=int, default=64)
+    p.add_argument(*names("--passage_max_len"), type=int, default=512)
+    p.add_argument(*names("--batch_size"), type=int, default=256)
+    p.add_argument("--devices", action=_Devices, default=None, help="a device, or several (cuda:0 cuda:1)")
+    p.add_argument("--use_fp16", action=_FlagOrBool, default=False, help="half precision (--use_fp16 [true|false])")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _teacher_args(p: argparse.ArgumentParser) -> None:
+def _teacher_args(p: argparse.ArgumentParser, flagembedding_names: bool = False) -> None:
     p.add_argument("--score_mode", default="dense",
                    choices=["dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense"],
                    help="embedder teacher: which score (modes other than dense need an M3 model)")
     p.add_argument("--weights", type=floats, default=None,
                    help="dense,sparse,colbert weights of the combined modes (default 1,1,1)")
-    p.add_argument("--reranker", default=None, help="cross-encoder folder: score pairs with it instead")
-    p.add_argument("--reranker_max_len", type=int, default=None, help="cross-encoder pair length (default 512)")
+    reranker = ("--reranker", "--reranker_name_or_path") if flagembedding_names else ("--reranker",)
+    max_len = ("--reranker_max_len", "--reranker_max_length") if flagembedding_names else ("--reranker_max_len",)
+    p.add_argument(*reranker, default=None, help="cross-encoder folder: score pairs with it instead")
+    p.add_argument(*max_len, type=int, default=None, help="cross-encoder pair length (default 512)")
     p.add_argument("--normalize", action="store_true", help="cross-encoder scores through a sigmoid")
     p.add_argument("--chunk_size", type=int, default=1024, help="records scored per step")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     mine = sub.add_parser("mine", help="hard negatives for a training file (dense or hybrid ranking, FAISS)")
-    _curation_model_args(mine)
+    _curation_model_args(mine, aliases={
+        "--model_name_or_path": ("--embedder_name_or_path",),
+        "--query_instruction_format": ("--query_instruction_format_for_retrieval",),
+        "--query_max_len": ("--embedder_query_max_length",),
+        "--passage_max_len": ("--embedder_passage_max_length",),
+    })
+    _hn_mine_names(mine)
     mine.add_argument("--candidate_pool", default=None, help='JSONL of {"text"} (default: the file\'s passages)')
     mine.add_argument("--range_for_sampling", default="2-100", help="ranks to sample from, 0-based, end exclusive")
     mine.add_argument("--negative_number", type=int, default=15)
@@ -171,8 +289,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     mine.add_argument("--seed", type=int, default=42)
     mine.set_defaults(func=_mine)
     score = sub.add_parser("score", help="add teacher pos_scores / neg_scores (embedder or cross-encoder)")
-    _curation_model_args(score, required=False)
-    _teacher_args(score)
+    _curation_model_args(score, required=False, aliases={"--batch_size": ("--reranker_batch_size",)})
+    _teacher_args(score, flagembedding_names=True)
+    _add_reranker_score_names(score)
     score.set_defaults(func=_score)
     filt = sub.add_parser("filter", help="drop weak pairs (reference-model score / rank) and duplicates")
     _curation_model_args(filt, required=False)

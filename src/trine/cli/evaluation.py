@@ -26,7 +26,7 @@ def _eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, query_max_length=args.query_max_len,
             passage_max_length=args.passage_max_len,
             rerank_modes=args.rerank_modes.split(",") if args.reranker else (), reranker_top_k=args.reranker_top_k,
-            reranker_max_length=args.reranker_max_length,
+            reranker_max_length=args.reranker_max_length, dims=args.dims or (),
         )
     if args.out:  # before anything is loaded: the report folder may not replace the test set or a model
         from trine.io import check_output_path
@@ -86,6 +86,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                          "colbert+sparse+dense (alias all), rrf, bm25 (the classical baseline over the texts: "
                          "bm25s, English stop-words and Snowball stemmer; needs no model output), dense+bm25 "
                          "(dense fused with bm25 over the union of their top-k)")
+    ev.add_argument("--dims", type=ints, default=None,
+                    help="Matryoshka: also report dense search at these leading dimensions (re-normalised), e.g. "
+                         "384,256,128,64, as modes dense@384, ...; the corpus is encoded once")
     ev.add_argument("--k", type=ints, default=[1, 3, 5, 10, 100], help="cut-offs, e.g. 1,3,5,10,100")
     ev.add_argument("--metrics", default="ndcg,recall,mrr,map", help="comma-separated: ndcg, recall, mrr, map, "
                     "precision")

@@ -4,12 +4,21 @@ corpora and candidate pools (:mod:`.corpus`), all read by one reader with one er
 
 from trine.data.corpus import iter_texts, list_data_files, read_pool, scan_texts
 from trine.data.reader import DataError, json_lines, text_lines
-from trine.data.records import Record, TrainFile, iter_raw_rows, load_train_files, read_file, read_records
+from trine.data.records import (
+    Record,
+    TrainFile,
+    apply_dataset_options,
+    iter_raw_rows,
+    load_train_files,
+    read_file,
+    read_records,
+)
 
 __all__ = [
     "DataError",
     "Record",
     "TrainFile",
+    "apply_dataset_options",
     "iter_raw_rows",
     "iter_texts",
     "json_lines",

@@ -25,6 +25,10 @@ which were used and where they came from.
   (English stop-words, English Snowball stemmer, bm25s's defaults ``method="lucene"``, k1=1.5,
   b=0.75; :class:`~trine.retrieval.BM25Index`), top ``top_k``. Not among the default modes.
 
+Matryoshka (``dims``): for each dimension ``d``, mode ``dense@d`` is the dense search with the query
+and corpus vectors cut to their first ``d`` values and re-normalised (when the model normalises), from
+the one encoding of the corpus; ``dense@<full size>`` is ``dense``.
+
 With a cross-encoder (``reranker``), each mode in ``rerank_modes`` is also reported re-ranked:
 its top ``reranker_top_k`` scored by the cross-encoder, as ``rerank(<mode>)``.
 """
@@ -43,7 +47,7 @@ import numpy as np
 from trine.evaluation.data import RetrievalDataset
 from trine.evaluation.metrics import DEFAULT_K, DEFAULT_METRICS, evaluate_run
 from trine.inference.embedder import M3Embedder
-from trine.inference.encoder import Encoder
+from trine.inference.encoder import Encoder, truncate_dense
 from trine.inference.reranker import Reranker
 from trine.modeling.fusion import (
     DEFAULT_NORMALIZATION,
@@ -102,6 +106,7 @@ class EvalConfig:
     reranker_top_k: int = 100
     reranker_max_length: int = 512
     reranker_query_max_length: int | None = None
+    dims: Sequence[int] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -110,6 +115,11 @@ class EvalConfig:
             raise ValueError(f"unknown modes {bad}; choose from {MODES} (aliases: {', '.join(MODE_ALIASES)})")
         self.modes = tuple(canonical_mode(m, MODES) for m in self.modes)
         self.rerank_modes = tuple(canonical_mode(m, MODES) for m in self.rerank_modes)
+        dims = list(self.dims or ())
+        if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in dims) \
+                or len(set(dims)) != len(dims):
+            raise ValueError(f"dims must be distinct positive integers (Matryoshka dimensions), got {dims}")
+        self.dims = tuple(int(d) for d in dims)
         if self.colbert_search not in ("rerank", "full"):
             raise ValueError(f"colbert_search must be 'rerank' or 'full', not {self.colbert_search!r}")
         for mode, name in WEIGHT_FIELDS.items():
@@ -138,11 +148,21 @@ class EvalConfig:
                              f"({max(self.k_values)})")
 
 
-def needed_outputs(modes: Sequence[str]) -> set[str]:
-    out: set[str] = set()
+def needed_outputs(modes: Sequence[str], dims: Sequence[int] = ()) -> set[str]:
+    """The model outputs ``modes`` need (and dense ones for Matryoshka ``dims``)."""
+    out: set[str] = {"dense"} if dims else set()
     for m in modes:
         out |= _NEEDS[m]
     return out
+
+
+def config_outputs(config: EvalConfig) -> set[str]:
+    return needed_outputs(config.modes, config.dims)
+
+
+def matryoshka_modes(dims: Sequence[int]) -> list[str]:
+    """The mode names the Matryoshka ``dims`` are reported under: ``dense@<dim>``."""
+    return [f"dense@{d}" for d in dims]
 
 
 Timed = tuple[SearchResult, float]
@@ -270,13 +290,15 @@ def rerank_result(reranker: Reranker, result: SearchResult, queries: Sequence[st
 class CorpusIndex:
     """A corpus encoded once by one model and indexed, shared by tuning and evaluation: the model's
     indexes (``retriever``, for the outputs in ``needs``) and the BM25 index over the texts (``bm25``),
-    each ``None`` when no mode asked for it."""
+    each ``None`` when no mode asked for it; ``dense_vecs``: the corpus's full dense vectors, kept for
+    the Matryoshka ``dims``."""
 
     doc_ids: list[str]
     texts: list[str]
     needs: set[str]
     retriever: HybridRetriever | None = None
     bm25: BM25Index | None = None
+    dense_vecs: np.ndarray | None = None
     encode_s: float = 0.0
     index_s: float = 0.0
 
@@ -299,13 +321,16 @@ def index_corpus(model: Encoder, dataset: RetrievalDataset, config: EvalConfig) 
     """Encode ``dataset``'s corpus once with the outputs the config's modes need and index it (and
     build the BM25 index when a mode uses it)."""
     doc_ids, texts = dataset.passages()
-    needs = needed_outputs(config.modes)
+    needs = config_outputs(config)
     corpus = CorpusIndex(doc_ids, texts, needs)
     if needs:  # bm25 alone needs no model output
         start = time.perf_counter()
         docs = model.encode_result(texts, needs, kind="passage", batch_size=config.batch_size,
                                    max_length=config.passage_max_length)
         corpus.encode_s = time.perf_counter() - start
+        if config.dims:
+            check_dims(config.dims, docs.dense_vecs.shape[1])
+            corpus.dense_vecs = docs.dense_vecs
         start = time.perf_counter()
         corpus.retriever = HybridRetriever.from_encoded({k: v for k, v in docs.items() if v is not None}, doc_ids,
                                                         dense_kind=config.dense_index)
@@ -315,6 +340,24 @@ def index_corpus(model: Encoder, dataset: RetrievalDataset, config: EvalConfig) 
         corpus.bm25 = BM25Index.build(texts, doc_ids)
         corpus.index_s += time.perf_counter() - start
     return corpus
+
+
+def check_dims(dims: Sequence[int], full_dim: int) -> None:
+    too_big = [d for d in dims if d > full_dim]
+    if too_big:
+        raise ValueError(f"dims {too_big} exceed the model's dense size {full_dim}")
+
+
+def search_matryoshka(corpus: CorpusIndex, reps: QueryReps, dim: int, normalize: bool, config: EvalConfig
+                      ) -> SearchResult:
+    """Dense search with queries and corpus cut to ``dim`` dimensions (re-normalised when ``normalize``),
+    over an index of the kept corpus vectors built for it; the model's own dense index at full size."""
+    full = corpus.dense_vecs.shape[1]
+    if dim >= full:
+        return corpus.retriever.first_stage(reps, "dense", config.top_k)
+    retriever = HybridRetriever.from_encoded({"dense_vecs": truncate_dense(corpus.dense_vecs, dim, normalize)},
+                                             corpus.doc_ids, dense_kind=config.dense_index)
+    return retriever.first_stage(QueryReps(truncate_dense(reps.dense_vecs, dim, normalize)), "dense", config.top_k)
 
 
 def encode_queries(model: Encoder, texts: Sequence[str], needs: set[str], config: EvalConfig) -> QueryReps:
@@ -334,11 +377,13 @@ def evaluate_model(model: Encoder, dataset: RetrievalDataset, config: EvalConfig
     the config's values, else the defaults)."""
     if config.rerank_modes and reranker is None:
         raise ValueError("rerank_modes are set but no reranker is given")
-    needs = needed_outputs(config.modes)
+    needs = config_outputs(config)
     if corpus is None:
         corpus = index_corpus(model, dataset, config)
     else:
         corpus.check(dataset, needs, uses_bm25(config.modes))
+        if config.dims and corpus.dense_vecs is None:
+            raise ValueError("the encoded corpus kept no dense vectors for the Matryoshka dims")
     doc_ids, texts = corpus.doc_ids, corpus.texts
     query_ids = list(dataset.queries)
     query_texts = [dataset.queries[q] for q in query_ids]
@@ -350,6 +395,10 @@ def evaluate_model(model: Encoder, dataset: RetrievalDataset, config: EvalConfig
     search_s: dict[str, float] = {}
     runs: dict[str, dict[str, dict[str, float]]] = {}
     results = search_modes(corpus.retriever, reps, config, bm25, fusion)
+    normalize = bool(getattr(getattr(model, "model", None), "normalize_embeddings", True))
+    for dim, mode in zip(config.dims, matryoshka_modes(config.dims)):
+        start = time.perf_counter()
+        results[mode] = (search_matryoshka(corpus, reps, dim, normalize, config), time.perf_counter() - start)
     for mode in config.rerank_modes:
         start = time.perf_counter()
         reranked = rerank_result(reranker, results[mode][0], query_texts, texts, config)
@@ -378,7 +427,7 @@ def load_embedder(path: str | os.PathLike, config: EvalConfig, options: Mapping[
     fits the lexical head on ``corpus`` (the documents searched, as BM25 computes its IDF on them)
     when the folder has no head files."""
     options = dict(options or {})
-    if needed_outputs(config.modes) <= {"dense"} and options.get("init_missing_heads") is None:
+    if config_outputs(config) <= {"dense"} and options.get("init_missing_heads") is None:
         options.pop("init_missing_heads", None)
         return M3Embedder(TriHeadModel.from_pretrained(path, with_heads=False), **options)
     if options.get("init_missing_heads") == "bm25" and not has_head_files(path):

@@ -47,6 +47,9 @@ class Encoder(DeviceRunner):
     ('random', 'neutral', or 'bm25' with ``head_init_texts``, for a folder without them) go with
     it); without them the model is
     dense only. :attr:`outputs` says what this model can give; :meth:`encode_result` gives it.
+    ``truncate_dim`` (Matryoshka): dense vectors cut to their first ``truncate_dim`` values, and
+    L2-normalised again when the model normalises (``normalize_embeddings``); ``encode_result``
+    takes it per call too.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class Encoder(DeviceRunner):
         show_progress: bool = True,
         trust_remote_code: bool = False,
         model_family: str = "trihead",
+        truncate_dim: int | None = None,
     ):
         if not with_heads and (colbert_dim != -1 or init_missing_heads is not None or head_init_texts is not None):
             raise TypeError("colbert_dim, init_missing_heads and head_init_texts set up the heads: they need "
@@ -103,6 +107,7 @@ class Encoder(DeviceRunner):
         if mcls_interval is not None and model.pooling_method != "cls":
             raise ValueError("mcls_interval averages CLS states: it needs pooling_method 'cls'")
         batch_size = check_positive_int("batch_size", batch_size)
+        self.truncate_dim = check_truncate_dim(truncate_dim, model.hidden_size)
         query_max_length = check_max_length("query_max_length", query_max_length, model.max_positions)
         passage_max_length = check_max_length("passage_max_length", passage_max_length, model.max_positions)
         self.model = model.eval()
@@ -236,6 +241,7 @@ class Encoder(DeviceRunner):
         max_length: int | None = None,
         instruction: str | None = None,
         instruction_format: str = "{}{}",
+        truncate_dim: int | None = None,
     ) -> EncodeResult:
         """``outputs`` (of ``dense``, ``sparse``, ``colbert``) of ``sentences`` as an :class:`EncodeResult`.
 
@@ -243,9 +249,13 @@ class Encoder(DeviceRunner):
         maximum length, as ``encode_queries`` (``encode_corpus``); ``kind=None``: as ``encode``,
         with the ``instruction`` given (none by default) and the passage maximum length.
         ``max_length`` and ``batch_size`` left ``None`` take those defaults. One string gives one
-        text's encodings (a vector, a dict, an array), a list gives lists.
+        text's encodings (a vector, a dict, an array), a list gives lists. ``truncate_dim``: the
+        dense vectors' leading dimensions kept (re-normalised when the model normalises); ``None``
+        takes the encoder's ``truncate_dim`` (by default the full size).
         """
         outputs = check_outputs(outputs)
+        dim = check_truncate_dim(truncate_dim, self.model.hidden_size) if truncate_dim is not None \
+            else self.truncate_dim
         missing = [o for o in outputs if o not in self.outputs]
         if missing:
             raise ValueError(f"this model was loaded without heads (dense only): no {', '.join(missing)} output; "
@@ -263,7 +273,33 @@ class Encoder(DeviceRunner):
         texts = self.apply_instruction(self.texts_of(sentences), instruction, instruction_format)
         rows = self._encode_rows(texts, max_length, batch_size, *(o in outputs for o in OUTPUTS))
         result = EncodeResult.from_rows(rows, outputs, self.model.hidden_size)
+        if dim is not None and result.dense_vecs is not None:
+            result["dense_vecs"] = truncate_dense(result.dense_vecs, dim, self.model.normalize_embeddings)
         return result.first() if single else result
+
+
+def check_truncate_dim(truncate_dim: int | None, full_dim: int) -> int | None:
+    """``truncate_dim`` checked: ``None``, or an integer from 1 to the dense size ``full_dim``."""
+    if truncate_dim is None:
+        return None
+    if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, (int, np.integer)) \
+            or not 1 <= truncate_dim <= full_dim:
+        raise ValueError(f"truncate_dim must be an integer from 1 to the dense size {full_dim}, got {truncate_dim!r}")
+    return int(truncate_dim)
+
+
+def truncate_dense(vecs: np.ndarray, dim: int, normalize: bool = True) -> np.ndarray:
+    """Matryoshka truncation: the first ``dim`` values of each dense vector (rows of a 2-d array, or
+    one vector), L2-normalised again when ``normalize``; the vectors unchanged when ``dim`` is their
+    full size (or more)."""
+    vecs = np.asarray(vecs)
+    if dim >= vecs.shape[-1]:
+        return vecs
+    cut = np.ascontiguousarray(vecs[..., :dim])
+    if normalize:
+        norms = np.linalg.norm(cut, axis=-1, keepdims=True)
+        cut = cut / np.maximum(norms, 1e-12).astype(cut.dtype)
+    return cut
 
 
 def lexical_dicts(token_weights: np.ndarray, input_ids: np.ndarray) -> list[dict[str, float]]:

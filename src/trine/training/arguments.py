@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +12,9 @@ from transformers import TrainingArguments
 from trine.modeling.pooling import check_pooling_method
 from trine.modeling.trihead import HEAD_INITS
 from trine.training.losses import KD_LOSS_TYPES
-from trine.training.model import TRAINING_MODES
+from trine.training.model import TRAINING_MODES, check_matryoshka
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,12 +70,38 @@ class TrainDataArguments:
         default=None,
         metadata={"help": 'JSON {"path": {"batch_size": N, "in_batch_negatives": false}} (a mapping in a config)'},
     )
+    max_example_num_per_dataset: int | None = field(
+        default=None, metadata={"help": "keep at most this many records of each file (a seeded sample; "
+                                        "FlagEmbedding's option; default: all)"}
+    )
+    shuffle_ratio: float = field(
+        default=0.0, metadata={"help": "augmentation: with this probability a positive longer than 100 characters "
+                                       "is cut in three chunks, shuffled and joined with spaces (FlagEmbedding's)"}
+    )
+    small_threshold: int = field(
+        default=0, metadata={"help": "same_dataset_within_batch: the files of a train_data folder with fewer "
+                                     "records are merged into one dataset (a file named on its own with fewer is "
+                                     "left out, as in FlagEmbedding)"}
+    )
+    drop_threshold: int = field(
+        default=0, metadata={"help": "same_dataset_within_batch: a merge of small files (small_threshold) with "
+                                     "fewer records is left out"}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.train_data, str):
             self.train_data = [self.train_data]
         if self.fill_missing_negatives not in ("error", "random"):
             raise ValueError(f"fill_missing_negatives must be error or random, got {self.fill_missing_negatives!r}")
+        if self.max_example_num_per_dataset is not None and self.max_example_num_per_dataset < 1:
+            raise ValueError(f"max_example_num_per_dataset must be >= 1, got {self.max_example_num_per_dataset}")
+        if not 0.0 <= self.shuffle_ratio <= 1.0:
+            raise ValueError(f"shuffle_ratio must be between 0 and 1, got {self.shuffle_ratio}")
+        if self.small_threshold < 0 or self.drop_threshold < 0:
+            raise ValueError("small_threshold and drop_threshold must be >= 0")
+        if (self.small_threshold or self.drop_threshold) and not self.same_dataset_within_batch:
+            raise ValueError("small_threshold and drop_threshold merge small files into one dataset for "
+                             "same_dataset_within_batch; set it (FlagEmbedding ignores them without it)")
 
     def parsed_file_options(self) -> dict[str, dict[str, Any]]:
         if self.file_options is None:
@@ -149,6 +178,21 @@ class EmbedderTrainingArguments(SafeTrainingArguments):
     retrieval_eval_steps: int = field(
         default=0, metadata={"help": "every N steps (and before training) log nDCG@10 and MRR@10 on eval_data"}
     )
+    matryoshka_dims: list[int] | None = field(
+        default=None, metadata={"help": "Matryoshka training: the dense loss becomes the weighted sum of the loss of "
+                                        "the dense vectors cut to each of these leading dimensions and re-normalised, "
+                                        "e.g. 384 256 128 64 (the full size counts only if listed)"}
+    )
+    matryoshka_weights: list[float] | None = field(
+        default=None, metadata={"help": "one loss weight per matryoshka_dims entry (default: all 1; with use_mrl: "
+                                        "all 1/len, FlagEmbedding's mean)"}
+    )
+    use_mrl: bool = field(
+        default=False, metadata={"help": "FlagEmbedding's name: Matryoshka training over mrl_dims, the loss the mean "
+                                         "over the dimensions as FlagEmbedding's"}
+    )
+    mrl_dims: list[int] | None = field(default=None, metadata={"help": "FlagEmbedding's name for matryoshka_dims "
+                                                                       "(used with use_mrl)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -164,3 +208,23 @@ class EmbedderTrainingArguments(SafeTrainingArguments):
             self.training_mode = "unified"
         if self.training_mode not in TRAINING_MODES:
             raise ValueError(f"training_mode must be one of {TRAINING_MODES}, got {self.training_mode!r}")
+        self._resolve_matryoshka()
+
+    def _resolve_matryoshka(self) -> None:
+        """FlagEmbedding's ``use_mrl``/``mrl_dims`` into ``matryoshka_dims``/``matryoshka_weights``
+        (FlagEmbedding averages the per-dimension losses: weights 1/len unless given), then checked."""
+        weights = self.matryoshka_weights
+        if self.use_mrl:
+            if not self.mrl_dims:
+                raise ValueError("use_mrl needs mrl_dims (FlagEmbedding's Matryoshka dimensions)")
+            if self.matryoshka_dims and list(self.matryoshka_dims) != list(self.mrl_dims):
+                raise ValueError(f"mrl_dims {list(self.mrl_dims)} contradicts matryoshka_dims "
+                                 f"{list(self.matryoshka_dims)}; give one of them")
+            if not weights:
+                weights = [1.0 / len(self.mrl_dims)] * len(self.mrl_dims)
+            self.matryoshka_dims = list(self.mrl_dims)
+        elif self.mrl_dims:
+            logger.warning("mrl_dims is ignored without use_mrl (as FlagEmbedding); use matryoshka_dims or add use_mrl")
+        dims, weights = check_matryoshka(self.matryoshka_dims, weights)
+        self.matryoshka_dims = list(dims) or None
+        self.matryoshka_weights = list(weights) or None

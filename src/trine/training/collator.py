@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from trine.data.records import SYMMETRIC_PASSAGE_TYPES
+
 
 class EmbedderCollator:
     def __init__(
@@ -39,17 +41,23 @@ class EmbedderCollator:
 
     def texts(self, items: list[dict[str, Any]]) -> tuple[list[str], list[str], torch.Tensor | None]:
         """Queries and passages with their instructions (a record's ``prompt`` wins over the
-        query instruction), and the teacher scores (queries x group) when distilling."""
+        query instruction; ``symmetric_sts`` / ``symmetric_clustering`` passages take the query's
+        instruction, not the passage instruction), and the teacher scores (queries x group) when distilling."""
         if len(items) != 1:
             raise ValueError("the training dataloader hands over one planned batch at a time")
         examples = items[0]["examples"]
         queries = []
+        passages = []
         for ex in examples:
             instruction = ex.prompt if ex.prompt is not None else self.query_instruction
             queries.append(ex.query if instruction is None else self.query_format.format(instruction, ex.query))
-        passages = [t for ex in examples for t in ex.passages]
-        if self.passage_instruction is not None:
-            passages = [self.passage_format.format(self.passage_instruction, t) for t in passages]
+            if ex.kind in SYMMETRIC_PASSAGE_TYPES:  # FlagEmbedding: both sides of a symmetric pair read as queries
+                passages += [t if instruction is None else self.query_format.format(instruction, t)
+                             for t in ex.passages]
+            elif self.passage_instruction is not None:
+                passages += [self.passage_format.format(self.passage_instruction, t) for t in ex.passages]
+            else:
+                passages += ex.passages
         teacher = None
         if self.knowledge_distillation:
             if any(ex.teacher_scores is None for ex in examples):

@@ -10,7 +10,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from trine.config import parse_config  # re-exported: the training commands parse their options with it
-from trine.data.records import TrainFile, load_train_files
+from trine.data.records import TrainFile, apply_dataset_options, load_train_files
 from trine.errors import options_checked, report_user_errors
 from trine.training.arguments import TrainDataArguments
 from trine.training.dataset import EpochPlanDataset
@@ -51,16 +51,27 @@ def training_passages(files: list[TrainFile]) -> list[str]:
 
 
 def plan_dataset(files: list[TrainFile], data_args: TrainDataArguments, args: TrainingArguments) -> EpochPlanDataset:
-    """This rank's view of the seeded batch plan shared by all ranks."""
+    """This rank's view of the seeded batch plan shared by all ranks, after FlagEmbedding's per-file
+    options (``max_example_num_per_dataset``, ``small_threshold`` / ``drop_threshold``: a seeded
+    choice, so they are applied here, where the run's seed is known)."""
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    files = apply_dataset_options(
+        files,
+        max_example_num_per_dataset=getattr(data_args, "max_example_num_per_dataset", None),
+        small_threshold=getattr(data_args, "small_threshold", 0),
+        drop_threshold=getattr(data_args, "drop_threshold", 0),
+        seed=seed,
+    )
     return EpochPlanDataset(
         files,
         train_group_size=data_args.train_group_size,
         default_batch_size=args.per_device_train_batch_size,
         world_size=args.world_size,
         rank=args.process_index,
-        seed=args.data_seed if args.data_seed is not None else args.seed,
+        seed=seed,
         same_dataset_within_batch=data_args.same_dataset_within_batch,
         group_by_length=data_args.group_by_length,
+        shuffle_ratio=getattr(data_args, "shuffle_ratio", 0.0),
     )
 
 

@@ -5,6 +5,11 @@ global batches of ``batch_size x world_size``; rank r takes the r-th slice. With
 ``same_dataset_within_batch`` each global batch comes from one file (and every rank is on that
 file at that step), so per-file batch sizes and per-file in-batch-negative switches hold.
 Negatives are resampled from each record's pool every epoch.
+
+FlagEmbedding's data options live here too: record types set each batch's group size
+(:func:`trine.data.records.type_group_size`) and a ``symmetric_*`` file's default batch size
+(:meth:`TrainFile.resolved_batch_size`); ``shuffle_ratio`` shuffles long positives
+(:func:`shuffle_text`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import numpy as np
 import torch
 
 from trine.data.reader import DataError
-from trine.data.records import Record, TrainFile
+from trine.data.records import Record, TrainFile, type_group_size
 
 LENGTH_WINDOW = 64  # global batches sorted together by length when group_by_length is on
 
@@ -29,14 +34,31 @@ class Example:
     passages: list[str]
     teacher_scores: list[float] | None
     prompt: str | None
+    kind: str = "normal"  # the record's type (symmetric_sts / symmetric_clustering: passages read as queries)
+
+
+SHUFFLE_MIN_CHARS = 100  # FlagEmbedding shuffles only texts longer than this many characters
+
+
+def shuffle_text(text: str, ratio: float, rng: np.random.Generator) -> str:
+    """FlagEmbedding's ``shuffle_ratio`` augmentation (``_shuffle_text``): with probability
+    ``ratio`` a text longer than 100 characters is cut into three chunks of ``len // 3 + 1``
+    characters, shuffled and joined with spaces. (Draws from ``rng`` only when it may shuffle.)"""
+    if ratio <= 0 or len(text) <= SHUFFLE_MIN_CHARS or rng.random() >= ratio:
+        return text
+    size = len(text) // 3 + 1
+    chunks = [text[i : i + size] for i in range(0, len(text), size)]
+    return " ".join(chunks[i] for i in rng.permutation(len(chunks)))
 
 
 def sample_group(
-    record: Record, group_size: int, rng: np.random.Generator, fill_pool: list[str] | None
+    record: Record, group_size: int, rng: np.random.Generator, fill_pool: list[str] | None,
+    shuffle_ratio: float = 0.0,
 ) -> Example:
-    """One positive and ``group_size - 1`` negatives from the record's pools (resampled every epoch)."""
+    """One positive and ``group_size - 1`` negatives from the record's pools (resampled every epoch);
+    the positive shuffled by :func:`shuffle_text` (FlagEmbedding shuffles the positive only)."""
     p = int(rng.integers(len(record.pos)))
-    passages = [record.pos[p]]
+    passages = [shuffle_text(record.pos[p], shuffle_ratio, rng)]
     scores = [record.pos_scores[p]] if record.pos_scores is not None else None
     need = group_size - 1
     if need:
@@ -58,7 +80,7 @@ def sample_group(
                     passages.append(cand)
                     own.add(cand)
     return Example(record.query, passages, scores if scores is not None and len(scores) == group_size else None,
-                   record.prompt)
+                   record.prompt, record.kind)
 
 
 @dataclass
@@ -81,6 +103,7 @@ class EpochPlanDataset(torch.utils.data.Dataset):
         seed: int = 42,
         same_dataset_within_batch: bool = False,
         group_by_length: bool = False,
+        shuffle_ratio: float = 0.0,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -91,12 +114,19 @@ class EpochPlanDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.same_dataset = same_dataset_within_batch
         self.group_by_length = group_by_length
+        if not 0.0 <= shuffle_ratio <= 1.0:
+            raise ValueError(f"shuffle_ratio must be between 0 and 1, got {shuffle_ratio}")
+        self.shuffle_ratio = shuffle_ratio
         if not same_dataset_within_batch:
             if any(f.batch_size is not None for f in files):
                 raise ValueError("per-file batch sizes need same_dataset_within_batch (each batch from one file)")
             if len({f.in_batch_negatives for f in files}) > 1:
                 raise ValueError("files differ in in_batch_negatives; that needs same_dataset_within_batch")
-        self.batch_sizes = [f.batch_size or default_batch_size for f in files]
+            typed = [f for f in files if f.kind != "normal"]
+            if typed:
+                raise ValueError(f"{typed[0].path}: type: {typed[0].kind!r} records need same_dataset_within_batch "
+                                 "(a batch is of one type; FlagEmbedding ignores type without it)")
+        self.batch_sizes = [f.resolved_batch_size(default_batch_size) for f in files]
         self.fill_pools = [sorted({t for r in f.records for t in (*r.pos, *r.neg)}) for f in files]
         self.epoch = 0
         self._plan = self._make_plan(0)
@@ -160,11 +190,26 @@ class EpochPlanDataset(torch.utils.data.Dataset):
         batch = self._plan[step]
         bs = len(batch.record_indices) // self.world_size
         mine = batch.record_indices[self.rank * bs : (self.rank + 1) * bs]
+        group = self.batch_group_size(batch)
         examples: list[Example] = []
         in_batch = True
         for j in mine.tolist():
             f_i, r_i = self._locate(batch.file_index, j)
             in_batch = self.files[f_i].in_batch_negatives
             rng = np.random.default_rng([self.seed, self.epoch, f_i, r_i])
-            examples.append(sample_group(self.files[f_i].records[r_i], self.group_size, rng, self.fill_pools[f_i]))
+            examples.append(sample_group(self.files[f_i].records[r_i], group, rng, self.fill_pools[f_i],
+                                         self.shuffle_ratio))
         return {"examples": examples, "in_batch_negatives": in_batch}
+
+    def batch_group_size(self, batch: PlannedBatch) -> int:
+        """The group size of a global batch (the same on every rank): ``train_group_size`` for
+        ``normal`` files, else its type's (:func:`type_group_size`). For ``symmetric_class``
+        FlagEmbedding takes the first record's negatives on each rank; trine the fewest over the
+        global batch (the same when the records have as many negatives each, as label sets do)."""
+        if batch.file_index < 0:
+            return self.group_size
+        file = self.files[batch.file_index]
+        if file.kind == "normal":
+            return self.group_size
+        return min(type_group_size(file.kind, self.group_size, len(file.records[int(j)].neg))
+                   for j in batch.record_indices)

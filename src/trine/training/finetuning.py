@@ -46,6 +46,8 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: Em
         self_distill_start_step=args.self_distill_start_step,
         sparse_temperature=args.sparse_temperature,
         sparse_flops_weight=args.sparse_flops_weight,
+        matryoshka_dims=args.matryoshka_dims,
+        matryoshka_weights=args.matryoshka_weights,
         weights=M3LossWeights(
             ensemble_dense=args.ensemble_dense_weight, ensemble_sparse=args.ensemble_sparse_weight,
             ensemble_colbert=args.ensemble_colbert_weight, dense=args.dense_loss_weight,

@@ -5,11 +5,18 @@ three heads and their ensemble, optionally with self-knowledge distillation). Ev
 in-batch and, with ``negatives_cross_device``, other ranks' negatives. The loss terms are
 objects from :mod:`trine.training.losses` (InfoNCE plus the ``kd_loss_type`` distillation, and
 ``self_distill``); this module makes the score matrices and weighs the heads.
+
+Matryoshka (``matryoshka_dims``): the dense head's loss becomes the weighted sum, over the listed
+dimensions, of the loss of the dense vectors cut to their first ``dim`` values and re-normalised
+(when the model normalises); the full size counts only when listed. It is computed from the
+representations, so gradient caching and cross-device negatives work unchanged; in ``unified`` mode
+the ensemble and self-distillation use the full-size dense scores.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -31,6 +38,41 @@ from trine.training.losses import (
 )
 
 TRAINING_MODES = ("dense", "sparse", "colbert", "unified")
+
+
+def check_matryoshka(dims: Sequence[int] | None, weights: Sequence[float] | None = None,
+                     hidden_size: int | None = None) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Matryoshka dimensions and their loss weights (default: all 1), checked: dimensions positive,
+    unique, at most ``hidden_size``; one positive weight per dimension. ``()`` when ``dims`` is empty."""
+    if not dims:
+        if weights:
+            raise ValueError("matryoshka_weights needs matryoshka_dims")
+        return (), ()
+    if isinstance(dims, (int, str)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        raise ValueError(f"matryoshka_dims must be a list of integers, got {dims!r}")
+    bad = [d for d in dims if d <= 0 or (hidden_size is not None and d > hidden_size)]
+    if bad:
+        limit = f" and at most the hidden size {hidden_size}" if hidden_size is not None else ""
+        raise ValueError(f"matryoshka_dims must be positive{limit}, got {bad}")
+    if len(set(dims)) != len(dims):
+        raise ValueError(f"matryoshka_dims must be unique, got {list(dims)}")
+    if weights is None or len(weights) == 0:
+        weights = [1.0] * len(dims)
+    if len(weights) != len(dims):
+        raise ValueError(f"matryoshka_weights needs one weight per dimension of matryoshka_dims ({len(dims)}), "
+                         f"got {len(weights)}")
+    if not all(isinstance(w, (int, float)) and w > 0 and math.isfinite(w) for w in weights):
+        raise ValueError(f"matryoshka_weights must be positive numbers, got {list(weights)}")
+    return tuple(int(d) for d in dims), tuple(float(w) for w in weights)
+
+
+def truncate_normalize(vecs: torch.Tensor, dim: int, normalize: bool) -> torch.Tensor:
+    """The first ``dim`` values of each row, L2-normalised again when ``normalize``; the rows unchanged
+    when ``dim`` is their full size."""
+    if dim >= vecs.size(-1):
+        return vecs
+    cut = vecs[..., :dim]
+    return torch.nn.functional.normalize(cut, dim=-1) if normalize else cut
 
 
 def enable_checkpointing(model: nn.Module, checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -78,6 +120,8 @@ class EmbedderTrainingModel(nn.Module):
         colbert_chunk_elements: int = 1 << 24,
         sparse_temperature: float | None = None,
         sparse_flops_weight: float = 0.0,
+        matryoshka_dims: Sequence[int] | None = None,
+        matryoshka_weights: Sequence[float] | None = None,
     ):
         super().__init__()
         if training_mode not in TRAINING_MODES:
@@ -97,6 +141,11 @@ class EmbedderTrainingModel(nn.Module):
             raise ValueError("use_self_distill needs training_mode 'unified' (the ensemble is the teacher)")
         if fix_encoder and training_mode == "dense":
             raise ValueError("fix_encoder leaves nothing to train in dense mode")
+        self.matryoshka_dims, self.matryoshka_weights = check_matryoshka(
+            matryoshka_dims, matryoshka_weights, getattr(encoder, "hidden_size", None))
+        if self.matryoshka_dims and training_mode not in ("dense", "unified"):
+            raise ValueError(f"matryoshka_dims trains the dense vectors: it needs training_mode 'dense' or 'unified', "
+                             f"not {training_mode!r}")
         self.encoder = encoder
         self.temperature = temperature
         self.sparse_temperature = temperature if sparse_temperature is None else sparse_temperature
@@ -173,6 +222,23 @@ class EmbedderTrainingModel(nn.Module):
             s = q["dense_vecs"] @ (gather_with_grad(p["dense_vecs"]) if cross else p["dense_vecs"]).T
         return s / self.temperature
 
+    def _matryoshka_scores(self, q: dict[str, torch.Tensor], p: dict[str, torch.Tensor], cross: bool
+                           ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The full-size dense scores and, per Matryoshka dimension, the scores of the truncated,
+        re-normalised vectors (the passages gathered once); all divided by the temperature."""
+        qv = q["dense_vecs"]
+        pv = gather_with_grad(p["dense_vecs"]) if cross else p["dense_vecs"]
+        full = qv @ pv.T / self.temperature
+        normalize = bool(getattr(self.encoder, "normalize_embeddings", True))
+        per_dim = {}
+        for dim in self.matryoshka_dims:
+            if dim >= qv.size(-1):
+                per_dim[dim] = full
+            else:
+                per_dim[dim] = (truncate_normalize(qv, dim, normalize) @ truncate_normalize(pv, dim, normalize).T
+                                / self.temperature)
+        return full, per_dim
+
     def forward(
         self,
         queries: dict[str, torch.Tensor] | None = None,
@@ -204,14 +270,21 @@ class EmbedderTrainingModel(nn.Module):
         targets = positive_columns(n_q, group, True, cross, device)
         teacher = teacher_distribution(teacher_scores)
         scores = {}
+        matryoshka: dict[int, torch.Tensor] = {}
         stats: dict[str, torch.Tensor] = {}
         for head in self.heads:
-            s = self._scores(head, q, p, cross, stats)
+            if head == "dense" and self.matryoshka_dims:
+                s, matryoshka = self._matryoshka_scores(q, p, cross)
+            else:
+                s = self._scores(head, q, p, cross, stats)
             # Without in-batch negatives each query sees its own group only.
             scores[head] = s if in_batch_negatives else group_scores(s, targets, group)
+            if head == "dense" and not in_batch_negatives:
+                matryoshka = {d: group_scores(m, targets, group) for d, m in matryoshka.items()}
         if not in_batch_negatives:
             targets = positive_columns(n_q, group, False, False, targets.device)
-        loss, parts = self._loss(scores, partial(ScoreBatch, targets=targets, group_size=group, teacher=teacher))
+        loss, parts = self._loss(scores, partial(ScoreBatch, targets=targets, group_size=group, teacher=teacher),
+                                 matryoshka)
         if "flops" in stats:  # SPLADE's sparsity regulariser on the lexical weights
             flops_loss = stats.pop("flops")
             parts["sparse_flops"] = flops_loss.detach()
@@ -221,10 +294,28 @@ class EmbedderTrainingModel(nn.Module):
         return {"loss": loss, "parts": parts, "negatives_per_query": negatives,
                 "stats": {k: float(v) for k, v in stats.items()}}
 
-    def _loss(self, scores: dict[str, torch.Tensor],
-              batch: Callable[..., ScoreBatch]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The mode's loss and its parts; ``batch(scores, ...)`` makes one head's loss inputs."""
+    def _dense_loss(self, full: torch.Tensor, matryoshka: dict[int, torch.Tensor],
+                    batch: Callable[..., ScoreBatch]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The dense head's loss: the objective on the full-size scores, or (Matryoshka) the weighted
+        sum of the objective on each dimension's scores, with parts ``<part>@<dim>``."""
+        if not matryoshka:
+            return self.objective(batch(full))
+        total, parts = None, {}
+        for dim, weight in zip(self.matryoshka_dims, self.matryoshka_weights):
+            loss, dim_parts = self.objective(batch(matryoshka[dim]))
+            parts.update((f"{name}@{dim}", value) for name, value in dim_parts.items())
+            term = loss if weight == 1.0 else weight * loss
+            total = term if total is None else total + term
+        return total, parts
+
+    def _loss(self, scores: dict[str, torch.Tensor], batch: Callable[..., ScoreBatch],
+              matryoshka: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The mode's loss and its parts; ``batch(scores, ...)`` makes one head's loss inputs;
+        ``matryoshka``: the dense scores per Matryoshka dimension (the dense loss is over those)."""
+        matryoshka = matryoshka or {}
         if self.training_mode != "unified":
+            if self.training_mode == "dense":
+                return self._dense_loss(scores["dense"], matryoshka, batch)
             return self.objective(batch(scores[self.training_mode]))
         w = self.weights
         parts: dict[str, torch.Tensor] = {}
@@ -233,7 +324,12 @@ class EmbedderTrainingModel(nn.Module):
         total = 0
         for head, weight, s in (("dense", w.dense, scores["dense"]), ("sparse", w.sparse, scores["sparse"]),
                                 ("colbert", w.colbert, scores["colbert"]), ("ensemble", w.ensemble, ensemble)):
-            loss, _ = self.objective(batch(s))
+            if head == "dense":
+                loss, dense_parts = self._dense_loss(s, matryoshka, batch)
+                if matryoshka:
+                    parts.update((f"dense_{name}", value) for name, value in dense_parts.items())
+            else:
+                loss, _ = self.objective(batch(s))
             parts[head] = loss.detach()
             total = total + weight * loss
         # BGE-M3's normalisation: the mean of the four weighted terms.
