@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from trine.inference.encoder import truncate_dense
 from trine.serving.common import ApiError, check_texts, state_of
 
 router = APIRouter()
@@ -25,15 +26,13 @@ class EmbeddingsRequest(BaseModel):
 
 
 def shorten(vecs: np.ndarray, dimensions: int | None, dim: int, normalized: bool) -> np.ndarray:
-    """The first ``dimensions`` of each vector (Matryoshka truncation), renormalised when the model normalises."""
+    """The first ``dimensions`` of each vector (Matryoshka truncation, :func:`trine.inference.encoder.truncate_dense`),
+    renormalised when the model normalises; a ``dimensions`` outside 1..``dim`` is a 400."""
     if dimensions is None or dimensions == dim:
         return vecs
     if not 1 <= dimensions <= dim:
         raise ApiError(400, f"dimensions: must be between 1 and the model's {dim}, got {dimensions}", "dimensions")
-    out = vecs[:, :dimensions]
-    if normalized:
-        out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-    return out.astype(np.float32)
+    return truncate_dense(vecs, dimensions, normalized).astype(np.float32)
 
 
 @router.post("/v1/embeddings")
