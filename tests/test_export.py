@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from trine.cli import main
-from trine.errors import InputError
+from trine.errors import InputError, MissingInputError
 from trine.export import OnnxM3Model, export_onnx, export_sentence_transformers
-from trine.inference.embedder import M3Embedder
+from trine.inference.embedder import Embedder, M3Embedder
+from trine.inference.result import EncodeResult
 from trine.modeling.trihead import TriHeadModel
 
 # mixed lengths: shorter and (much) longer than the ONNX export's example batch (< 10 tokens)
@@ -88,9 +90,11 @@ def test_sentence_transformers_export_xlmr_tokenizer(tiny_m3_dir, tmp_path):
     check_st_export(tiny_m3_dir, str(tmp_path / "st"), ref, parts=("dense", "sparse"))
 
 
-def check_onnx(out: str, ref, atol: float = 1e-4) -> None:
-    runner = OnnxM3Model(out, show_progress=False, batch_size=2)  # batches of different lengths
+def check_onnx(out: str | M3Embedder, ref, atol: float = 1e-4) -> None:
+    # batches of different lengths
+    runner = OnnxM3Model(out, show_progress=False, batch_size=2) if isinstance(out, str) else out
     got = runner.encode(TEXTS, **ALL)
+    assert isinstance(got, EncodeResult)
     np.testing.assert_allclose(got["dense_vecs"], ref["dense_vecs"], atol=atol)
     for g, w in zip(got["lexical_weights"], ref["lexical_weights"]):
         assert set(g) == set(w)
@@ -103,9 +107,14 @@ def check_onnx(out: str, ref, atol: float = 1e-4) -> None:
     assert one["colbert_vecs"].shape == ref["colbert_vecs"][1].shape
 
 
-def test_onnx_export_matches_torch_and_int8(minilm_m3, reference, tmp_path):
-    out = str(tmp_path / "onnx")
-    recipe = export_onnx(minilm_m3, out, quantize="int8", opset=17)
+@pytest.fixture(scope="module")
+def minilm_onnx(minilm_m3, tmp_path_factory) -> tuple[str, dict]:
+    out = str(tmp_path_factory.mktemp("minilm_onnx") / "onnx")
+    return out, export_onnx(minilm_m3, out, quantize="int8", opset=17)
+
+
+def test_onnx_export_matches_torch_and_int8(minilm_onnx, reference):
+    out, recipe = minilm_onnx
     assert recipe["outputs"] == ["dense_vecs", "token_weights", "colbert_vecs", "colbert_mask"]
     with open(os.path.join(out, "trine_onnx.json")) as f:
         assert json.load(f)["int8_min_cosine"] == recipe["int8_min_cosine"]
@@ -113,6 +122,32 @@ def test_onnx_export_matches_torch_and_int8(minilm_m3, reference, tmp_path):
     check_onnx(out, reference)
     int8 = OnnxM3Model(out, model_file="model_int8.onnx", show_progress=False).encode(TEXTS)["dense_vecs"]
     assert np.min(np.sum(int8 * reference["dense_vecs"], 1) / np.linalg.norm(int8, axis=1)) > 0.85
+
+
+def test_m3embedder_onnx_backend(minilm_m3, minilm_onnx, reference):
+    """backend="onnx": the same tokenising, batching and EncodeResult as torch; only the model call differs."""
+    out = minilm_onnx[0]
+    onnx = M3Embedder(out, backend="onnx", show_progress=False, batch_size=2)
+    check_onnx(onnx, reference)
+    torch_model = M3Embedder(minilm_m3, show_progress=False)
+    pairs = [(TEXTS[1], TEXTS[2]), (TEXTS[3], TEXTS[4]), (TEXTS[0], TEXTS[2])]
+    got, want = onnx.compute_score(pairs), torch_model.compute_score(pairs)
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], atol=1e-4)
+    dense = Embedder(out, backend="onnx", show_progress=False)
+    assert dense.outputs == ("dense",)
+    np.testing.assert_allclose(dense.encode(TEXTS), reference["dense_vecs"], atol=1e-4)
+    for option in ({"use_fp16": True}, {"use_bf16": True}, {"mcls_interval": 8}, {"devices": "cuda:0"},
+                   {"devices": ["cpu", "cpu"]}, {"pooling_method": "mean"}, {"init_missing_heads": "neutral"}):
+        with pytest.raises(ValueError, match=f"{next(iter(option))}.*backend='onnx'"):
+            M3Embedder(out, backend="onnx", **option)
+    with pytest.raises(ValueError, match="TriHeadModel"):
+        M3Embedder(torch_model.model, backend="onnx")
+    with pytest.raises(MissingInputError, match=re.escape(minilm_m3)):
+        M3Embedder(minilm_m3, backend="onnx")
+    with pytest.raises(ValueError, match="backend"):
+        M3Embedder(out, backend="tensorrt")
 
 
 def test_dense_only_folder(minilm_dir, tmp_path, capsys):

@@ -21,10 +21,8 @@ import torch
 from torch import nn
 
 from trine.errors import InputError, MissingInputError, OptionError
-from trine.inference.batching import pad_batch, run_batched, tokenize
-from trine.inference.encoder import lexical_dicts
-from trine.inference.pool import check_max_length, check_positive_int
-from trine.inference.result import EncodeResult
+from trine.inference.batching import pad_batch, tokenize
+from trine.inference.embedder import M3Embedder
 from trine.io import atomic_folder, check_output_path
 from trine.modeling.pooling import pool
 from trine.modeling.trihead import TriHeadModel, has_head_files, special_token_ids
@@ -135,12 +133,15 @@ def _write_recipe(folder: str, recipe: dict[str, Any]) -> None:
         json.dump(recipe, f, indent=2)
 
 
-class OnnxM3Model:
-    """Run an ONNX export with ONNX Runtime: ``encode`` gives trine's :class:`EncodeResult` (the
-    tokenizer, length-sorted batching and ``{token id: max weight}`` lexical dicts of ``M3Embedder``)."""
+class OnnxGraph:
+    """An ONNX export run by ONNX Runtime in place of a :class:`TriHeadModel`: what the one encoder
+    (:class:`trine.inference.encoder.Encoder` with ``backend="onnx"``) calls per batch. It takes the
+    padded ``input_ids`` / ``attention_mask`` tensors and gives the model's outputs as CPU tensors;
+    tokenising, batching and the lexical dicts stay the encoder's. ``with_heads=False`` asks for the
+    dense output only."""
 
-    def __init__(self, path: str | os.PathLike, *, model_file: str | None = None, batch_size: int = 64,
-                 max_length: int | None = None, providers: Sequence[str] | None = None, show_progress: bool = True):
+    def __init__(self, path: str | os.PathLike, *, model_file: str | None = None,
+                 providers: Sequence[str] | None = None, with_heads: bool = True):
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
@@ -153,52 +154,48 @@ class OnnxM3Model:
                 self.recipe = json.load(f)
         except (OSError, ValueError) as err:
             raise InputError(f"{recipe_file}: cannot read: {err}") from err
-        file = os.path.join(self.path, model_file or self.recipe["model_file"])
+        file = os.path.join(self.path, model_file or self.recipe.get("model_file", MODEL_FILE))
         if not os.path.isfile(file):
-            raise MissingInputError(f"{file}: no such ONNX graph")
+            raise MissingInputError(f"{self.path}: no {os.path.basename(file)}; not a trine ONNX export "
+                                    "(trine export --to onnx)")
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.session = ort.InferenceSession(file, providers=list(providers or ["CPUExecutionProvider"]))
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.batch_size = check_positive_int("batch_size", batch_size)
-        self.max_length = check_max_length("max_length", max_length, self.recipe.get("max_positions"))
-        self.show_progress = show_progress
+        self.has_heads = bool(self.recipe["has_heads"]) and with_heads
+        self.hidden_size = int(self.recipe["hidden_size"])
+        self.max_positions = self.recipe.get("max_positions")
+        self.pooling_method = self.recipe["pooling_method"]
+        self.normalize_embeddings = bool(self.recipe["normalize_embeddings"])
+
+    def eval(self) -> OnnxGraph:
+        return self
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> OnnxGraph:
+        """Nothing to move: the encoder allows the ONNX backend on the CPU in float32 only."""
+        return self
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, cls_mask: Any = None,
+                 return_dense: bool = True, return_sparse: bool = False, return_colbert_vecs: bool = False
+                 ) -> dict[str, torch.Tensor]:
+        names = ["dense_vecs"] if return_dense or not self.has_heads else []
+        if return_sparse:
+            names.append("token_weights")
+        if return_colbert_vecs:
+            names += ["colbert_vecs", "colbert_mask"]
+        feeds = {"input_ids": input_ids.cpu().numpy(), "attention_mask": attention_mask.cpu().numpy()}
+        return {k: torch.from_numpy(np.asarray(v)) for k, v in zip(names, self.session.run(names, feeds))}
+
+
+class OnnxM3Model(M3Embedder):
+    """``M3Embedder(path, backend="onnx")`` with a choice of graph (``model_file``, e.g. the int8 one)
+    and ONNX Runtime ``providers``: ``encode`` gives trine's :class:`EncodeResult` through the one
+    encoder's tokenising and length-sorted batching."""
+
+    def __init__(self, path: str | os.PathLike, *, model_file: str | None = None, batch_size: int = 64,
+                 max_length: int | None = None, providers: Sequence[str] | None = None, show_progress: bool = True):
+        super().__init__(OnnxGraph(path, model_file=model_file, providers=providers), backend="onnx",
+                         batch_size=batch_size, query_max_length=max_length, passage_max_length=max_length,
+                         show_progress=show_progress)
 
     @property
-    def outputs(self) -> tuple[str, ...]:
-        return ("dense", "sparse", "colbert") if self.recipe["has_heads"] else ("dense",)
-
-    def encode(self, sentences: str | Sequence[str], *, batch_size: int | None = None, max_length: int | None = None,
-               return_dense: bool = True, return_sparse: bool = False, return_colbert_vecs: bool = False
-               ) -> EncodeResult:
-        """As ``M3Embedder.encode``: one string gives one text's encodings, a list gives lists."""
-        asked = [o for o, on in zip(("dense", "sparse", "colbert"), (return_dense, return_sparse, return_colbert_vecs))
-                 if on]
-        if not asked:
-            raise ValueError("ask for at least one of return_dense, return_sparse, return_colbert_vecs")
-        missing = [o for o in asked if o not in self.outputs]
-        if missing:
-            raise ValueError(f"this export has no heads (dense only): no {', '.join(missing)} output")
-        single = isinstance(sentences, str)
-        texts = [sentences] if single else list(sentences)
-        max_length = self.max_length if max_length is None else check_max_length(
-            "max_length", max_length, self.recipe.get("max_positions"))
-        batch_size = self.batch_size if batch_size is None else check_positive_int("batch_size", batch_size)
-        ids = tokenize(self.tokenizer, texts, max_length)
-        pad_id = self.tokenizer.pad_token_id
-
-        def run(idx: np.ndarray) -> list[tuple[Any, Any, Any]]:
-            batch = pad_batch([ids[i] for i in idx], pad_id, "cpu")
-            input_ids = batch["input_ids"].numpy()
-            feeds = {"input_ids": input_ids, "attention_mask": batch["attention_mask"].numpy()}
-            out = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
-            n = len(idx)
-            dense = out["dense_vecs"].astype(np.float32) if return_dense else [None] * n
-            lexical = lexical_dicts(out["token_weights"], input_ids) if return_sparse else [None] * n
-            colbert = ([out["colbert_vecs"][r][out["colbert_mask"][r]].astype(np.float32) for r in range(n)]
-                       if return_colbert_vecs else [None] * n)
-            return list(zip(dense, lexical, colbert))
-
-        rows = run_batched([len(x) for x in ids], batch_size, run, desc="encode (onnx)",
-                           show_progress=self.show_progress) if texts else []
-        result = EncodeResult.from_rows(rows, asked, int(self.recipe["hidden_size"]))
-        return result.first() if single else result
+    def recipe(self) -> dict[str, Any]:
+        return self.model.recipe

@@ -72,6 +72,7 @@ class M3Embedder(Encoder):
     output not asked for. ``return_*`` given here are the defaults of every ``encode`` call.
     ``init_missing_heads`` ('random', 'neutral', or 'bm25' with ``head_init_texts``: the lexical head
     fitted to BM25 term weights over those texts) allows a folder without head files.
+    ``backend="onnx"``: a ``trine export --to onnx`` folder run by ONNX Runtime (see :class:`Encoder`).
     """
 
     def __init__(

@@ -33,11 +33,34 @@ from trine.modeling.trihead import HeadInit, TriHeadModel
 logger = logging.getLogger(__name__)
 
 Kind = Literal["query", "passage"]
+Backend = Literal["torch", "onnx"]
+BACKENDS = ("torch", "onnx")
 
 
 def _given(value: Any, default: Any) -> Any:
     """An argument, or the default when it is None (0 is a value, never "the default")."""
     return default if value is None else value
+
+
+def _check_onnx_options(model: Any, *, devices: Any, **options: Any) -> None:
+    """The options of ``backend="onnx"``: a folder holding ``trine export --to onnx``'s graph, on the
+    CPU; what only the torch model has (precision, MCLS, pooling, head set-up, a model instance) is
+    a ValueError naming the option."""
+    from trine.export.onnx import OnnxGraph
+
+    if isinstance(model, TriHeadModel) or not isinstance(model, (str, os.PathLike, OnnxGraph)):
+        raise ValueError(f"backend='onnx' takes the folder of an ONNX export (trine export --to onnx), not a "
+                         f"{type(model).__name__}")
+    torch_only = {"use_fp16": False, "use_bf16": False, "mcls_interval": None, "pooling_method": None,
+                  "trust_remote_code": False, "model_family": "trihead", "colbert_dim": -1,
+                  "init_missing_heads": None, "head_init_texts": None}
+    given = [k for k, default in torch_only.items()
+             if (options[k] is not None if default is None else options[k] != default)]
+    if given:
+        raise ValueError(f"{', '.join(given)}: torch-only option(s), not with backend='onnx' (the exported graph "
+                         "runs in float32 with the pooling, normalisation and heads it was exported with)")
+    if devices is not None and ([devices] if isinstance(devices, (str, int)) else list(devices)) != ["cpu"]:
+        raise ValueError(f"devices={devices!r}: backend='onnx' runs on the CPU only (devices='cpu' or None)")
 
 
 class Encoder(DeviceRunner):
@@ -49,7 +72,9 @@ class Encoder(DeviceRunner):
     dense only. :attr:`outputs` says what this model can give; :meth:`encode_result` gives it.
     ``truncate_dim`` (Matryoshka): dense vectors cut to their first ``truncate_dim`` values, and
     L2-normalised again when the model normalises (``normalize_embeddings``); ``encode_result``
-    takes it per call too.
+    takes it per call too. ``backend="onnx"``: ``model_name_or_path`` is a ``trine export --to onnx``
+    folder, run by ONNX Runtime on the CPU per batch of the same tokenising and batching (the
+    torch-only options are errors).
     """
 
     def __init__(
@@ -78,20 +103,43 @@ class Encoder(DeviceRunner):
         trust_remote_code: bool = False,
         model_family: str = "trihead",
         truncate_dim: int | None = None,
+        backend: Backend = "torch",
     ):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, not {backend!r}")
+        self.backend = backend
         if not with_heads and (colbert_dim != -1 or init_missing_heads is not None or head_init_texts is not None):
             raise TypeError("colbert_dim, init_missing_heads and head_init_texts set up the heads: they need "
                             "with_heads=True (an M3Embedder)")
         check_token_budget(max_tokens_per_batch)
+        if backend == "onnx":
+            _check_onnx_options(model_name_or_path, use_fp16=use_fp16, use_bf16=use_bf16, devices=devices,
+                                mcls_interval=mcls_interval, pooling_method=pooling_method,
+                                trust_remote_code=trust_remote_code, model_family=model_family,
+                                colbert_dim=colbert_dim, init_missing_heads=init_missing_heads,
+                                head_init_texts=head_init_texts)
+            devices = "cpu"
         self.devices = resolve_devices(devices)
         self.dtype = resolve_dtype(use_fp16, use_bf16)
         if mcls_interval is not None and mcls_interval < 1:
             raise ValueError(f"mcls_interval must be a positive number of tokens, got {mcls_interval}")
-        if isinstance(model_name_or_path, TriHeadModel):
+        if backend == "onnx":
+            from trine.export.onnx import OnnxGraph
+
+            model = model_name_or_path if isinstance(model_name_or_path, OnnxGraph) else \
+                OnnxGraph(model_name_or_path, with_heads=with_heads)
+            model.has_heads = model.has_heads and with_heads
+            if normalize_embeddings != model.normalize_embeddings:
+                raise ValueError(f"{model.path}: the ONNX graph was exported with normalize_embeddings="
+                                 f"{model.normalize_embeddings}; it cannot be changed with backend='onnx'")
+        elif isinstance(model_name_or_path, TriHeadModel):
             model = model_name_or_path
             if pooling_method is not None:
                 model.pooling_method = pooling_method
             model.normalize_embeddings = normalize_embeddings
+        elif not isinstance(model_name_or_path, (str, os.PathLike)):
+            raise ValueError(f"backend='torch' takes a model folder or a TriHeadModel, not "
+                             f"{type(model_name_or_path).__name__} (an ONNX graph needs backend='onnx')")
         else:
             path = os.fspath(model_name_or_path)
             model = inference_loader(model_family)(
@@ -258,8 +306,10 @@ class Encoder(DeviceRunner):
             else self.truncate_dim
         missing = [o for o in outputs if o not in self.outputs]
         if missing:
+            hint = ("the ONNX export has none, or was loaded as an Embedder" if self.backend == "onnx"
+                    else "load it with its BGE-M3 heads (an M3Embedder)")
             raise ValueError(f"this model was loaded without heads (dense only): no {', '.join(missing)} output; "
-                             "load it with its BGE-M3 heads (an M3Embedder)")
+                             + hint)
         if kind is not None:
             if kind not in ("query", "passage"):
                 raise ValueError(f"kind must be 'query', 'passage' or None, not {kind!r}")
