@@ -195,3 +195,14 @@ def test_output_policy_and_xlmr_onnx(tiny_m3_dir, tmp_path, capsys):
     assert main(["export", tiny_m3_dir, str(tmp_path / "z"), "--to", "onnx", "--quantize", "int4"]) == 2
     assert main(["export", tiny_m3_dir, str(tmp_path / "z"), "--to", "onnx", "--opset", "7"]) == 2
     assert not os.path.exists(tmp_path / "z")
+
+
+def test_onnx_embedder_has_a_cache_fingerprint(minilm_onnx):
+    """The embedding cache keys an ONNX-backed embedder by its graph: same graph, same key."""
+    from trine import M3Embedder
+    from trine.curation.cache import model_fingerprint
+
+    out, _ = minilm_onnx
+    first = M3Embedder(out, backend="onnx", show_progress=False)
+    second = M3Embedder(out, backend="onnx", show_progress=False)
+    assert model_fingerprint(first.model) == model_fingerprint(second.model)

@@ -36,8 +36,11 @@ def model_fingerprint(model: Any) -> str:
     changed in memory gets a new key; hashing costs about a second per GB of weights).
     """
     h = hashlib.sha256()
+    parts = getattr(model, "fingerprint_parts", None)  # a model that is not a torch module (an ONNX graph)
+    for part in parts() if parts is not None else ():
+        h.update(part)
     with torch.no_grad():
-        for name, tensor in sorted(model.state_dict().items()):
+        for name, tensor in sorted(model.state_dict().items() if parts is None else ()):
             t = tensor.detach().to("cpu").contiguous()
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())

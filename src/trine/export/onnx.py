@@ -159,6 +159,7 @@ class OnnxGraph:
             raise MissingInputError(f"{self.path}: no {os.path.basename(file)}; not a trine ONNX export "
                                     "(trine export --to onnx)")
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.file = file
         self.session = ort.InferenceSession(file, providers=list(providers or ["CPUExecutionProvider"]))
         self.has_heads = bool(self.recipe["has_heads"]) and with_heads
         self.hidden_size = int(self.recipe["hidden_size"])
@@ -168,6 +169,13 @@ class OnnxGraph:
 
     def eval(self) -> OnnxGraph:
         return self
+
+    def fingerprint_parts(self) -> list[bytes]:
+        """What identifies this graph's outputs (the embedding cache's key): the graph file's bytes, the
+        recipe, and whether heads are asked for."""
+        with open(self.file, "rb") as f:
+            graph = f.read()
+        return [graph, json.dumps(self.recipe, sort_keys=True).encode(), str(self.has_heads).encode()]
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> OnnxGraph:
         """Nothing to move: the encoder allows the ONNX backend on the CPU in float32 only."""
