@@ -63,6 +63,19 @@ TEXTS = [
 ]
 
 
+def end_rank() -> NoReturn:
+    """End a process started by ``torch.multiprocessing.spawn`` for a 2-process test, after its
+    ``destroy_process_group()``: exit at once (code 0) instead of returning. Returning lets Python free
+    the DDP reducer, whose gloo process group joins its worker thread while holding the GIL, and that
+    thread may need the GIL to free a finished all-reduce's tensors: a deadlock seen once in CI (torch
+    2.13), which would hang the run instead of failing it."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def to_argv(options: dict) -> list[str]:
     """``{"name": value}`` as ``--name value`` flags (lists as several values)."""
     argv = []

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import end_rank
 from test_training_loss import PASSAGES, QUERIES, no_dropout, tokenize
 
 from trine import TriHeadModel
@@ -104,6 +105,7 @@ def _rank_run(rank, world, port, model_dir, out):
     if rank == 0:
         torch.save({"loss": total / world, "grads": grads(model)}, out)
     dist.destroy_process_group()
+    end_rank()
 
 
 def test_gradcache_two_processes_cross_device_equal_one_process(tmp_path, tiny_m3_dir):

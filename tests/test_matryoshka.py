@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import require, to_argv
+from conftest import end_rank, require, to_argv
 from test_training_loss import GROUP, PASSAGES, QUERIES, no_dropout, tokenize
 
 from trine import TriHeadModel
@@ -138,6 +138,7 @@ def _rank_run(rank, world, port, model_dir, out):
         torch.save({"loss": total / world, "negatives": out_["negatives_per_query"], "grads": grads(model.encoder)},
                    out)
     dist.destroy_process_group()
+    end_rank()
 
 
 def test_cross_device_negatives_equal_one_process(tmp_path, splade_tiny_dir):

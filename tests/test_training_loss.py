@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import require
+from conftest import end_rank, require
 
 from trine import TriHeadModel
 from trine.training.model import EmbedderTrainingModel
@@ -112,6 +112,7 @@ def _rank_run(rank: int, world: int, port: int, model_dir: str, out: str, kd: st
     if rank == 0:
         torch.save({"loss": total / world, "grads": {n: p.grad for n, p in encoder.backbone.named_parameters()}}, out)
     dist.destroy_process_group()
+    end_rank()
 
 
 @pytest.mark.parametrize("kd", [None, "kl_div", "m3_kd_loss"])

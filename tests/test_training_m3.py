@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import require
+from conftest import end_rank, require
 from test_training_loss import GROUP, PASSAGES, QUERIES, no_dropout, tokenize
 
 from trine import TriHeadModel
@@ -116,6 +116,7 @@ def _rank_run(rank, world, port, model_dir, out, self_distill):
         torch.save({"loss": total / world, "negatives": out_["negatives_per_query"],
                     "grads": {n: prm.grad for n, prm in encoder.named_parameters()}}, out)
     dist.destroy_process_group()
+    end_rank()
 
 
 @pytest.mark.parametrize("self_distill", [False, True])
