@@ -178,14 +178,14 @@ def test_torchrun_two_processes_equal_one(tmp_path, splade_tiny_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     one = common_args(model, data, tmp_path / "one", max_steps=3, save_steps=100, optim="sgd", learning_rate=0.5)
     proc = subprocess.run([sys.executable, "-m", "trine.training.reranker", *one], env=env, capture_output=True,
-                          text=True)
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = common_args(model, data, tmp_path / "two", max_steps=3, save_steps=100, per_device_train_batch_size=2,
                       optim="sgd", learning_rate=0.5)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
          str(29300 + os.getpid() % 300), "-m", "trine.training.reranker", *two],
-        env=env, capture_output=True, text=True,
+        env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
