@@ -246,17 +246,11 @@ def search_modes(retriever: HybridRetriever | None, reps: QueryReps, config: Eva
             res = weighted_fusion(candidates, list(scorers.values()), fusion.weights[mode], k, normalization=norm)
         elif retriever is None:
             raise ValueError(f"mode {mode!r} needs the model's index")
-        elif mode in ("dense", "sparse"):
-            res = retriever.first_stage(reps, mode, k)
-        elif mode == "colbert":
-            if config.colbert_search == "full":
-                res = retriever.first_stage(reps, "colbert", k)
-            else:
-                candidates = retriever.first_stage(reps, "dense", config.rerank_k)
-                res = retriever.multivector.rerank(reps.colbert_vecs, candidates, min(k, config.rerank_k))
-        elif mode in ("sparse+dense", "colbert+sparse+dense"):
-            res = retriever.search(reps, k, dict(zip(FUSED_MODES[mode], fusion.weights[mode])), candidate_k=k,
-                                   normalization=norm)
+        elif mode != "rrf":
+            res = retriever.search_mode(
+                reps, mode, k, colbert_search=config.colbert_search, rerank_k=config.rerank_k,
+                weights=dict(zip(FUSED_MODES[mode], fusion.weights[mode])) if mode in FUSED_MODES else None,
+                normalization=norm)
         else:
             res = retriever.search(reps, k, {"dense": 1.0, "sparse": 1.0, "colbert": 1.0}, candidate_k=k,
                                    fusion="rrf", rrf_k=config.rrf_k)

@@ -212,6 +212,27 @@ class HybridRetriever:
         index, rep = self._index(mode), self._reps(reps, mode)
         return lambda rows: index.score(rep, rows)
 
+    def search_mode(self, reps: QueryReps, mode: str, k: int, *, colbert_search: str = "rerank",
+                    rerank_k: int = 100, weights: Mapping[str, float] | None = None,
+                    normalization: str = "none") -> SearchResult:
+        """One score mode's top ``k`` (what ``trine eval`` and ``trine serve``'s /search run): ``dense`` or
+        ``sparse`` by its own index; ``colbert`` by exact maxsim over the corpus (``colbert_search="full"``)
+        or over the dense top ``rerank_k`` (``"rerank"``, FlagEmbedding's recipe); a fused mode
+        (``sparse+dense``, ``colbert+sparse+dense``) by weighted fusion of ``weights`` ({mode: weight})
+        over the dense and sparse top ``k``."""
+        if mode in ("dense", "sparse") or (mode == "colbert" and colbert_search == "full"):
+            return self.first_stage(reps, mode, k)
+        if mode == "colbert":
+            if colbert_search != "rerank":
+                raise ValueError(f"colbert_search must be 'rerank' or 'full', not {colbert_search!r}")
+            candidates = self.first_stage(reps, "dense", rerank_k)
+            return self._index("colbert").rerank(self._reps(reps, "colbert"), candidates, min(k, rerank_k))
+        if mode in ("sparse+dense", "colbert+sparse+dense"):
+            if weights is None:
+                raise ValueError(f"mode {mode!r} needs its weights")
+            return self.search(reps, k, weights, candidate_k=k, normalization=normalization)
+        raise ValueError(f"unknown search mode {mode!r}")
+
     def search(self, reps: QueryReps, k: int, weights: Mapping[str, float], *,
                candidate_modes: Sequence[str] = ("dense", "sparse"), candidate_k: int = 100,
                fusion: str = "weighted", rrf_k: float = 60.0, normalization: str = "none") -> SearchResult:

@@ -169,14 +169,10 @@ async def search(body: SearchRequest, request: Request) -> JSONResponse:
     k = body.k
     rerank_k = state.settings.colbert_rerank_k
 
-    def run() -> SearchResult:
-        if mode in ("dense", "sparse") or (mode == "colbert" and body.colbert_search == "full"):
-            return retriever.first_stage(reps, mode, k)
-        if mode == "colbert":  # as `trine eval --colbert-search rerank`: dense candidates re-ranked by maxsim
-            candidates = retriever.first_stage(reps, "dense", rerank_k)
-            return retriever.multivector.rerank(reps.colbert_vecs, candidates, min(k, rerank_k))
-        return retriever.search(reps, k, dict(zip(FUSED_MODES[mode], weights)), candidate_k=k,
-                                normalization=normalization)
+    def run() -> SearchResult:  # the search trine eval runs for the same mode
+        return retriever.search_mode(reps, mode, k, colbert_search=body.colbert_search, rerank_k=rerank_k,
+                                     weights=dict(zip(FUSED_MODES[mode], weights)) if fused else None,
+                                     normalization=normalization or "none")
 
     async with state.admit():
         result = await asyncio.get_running_loop().run_in_executor(state.executor, run)
