@@ -93,12 +93,13 @@ def fit_lexical_head(
     targets = [t / np.sqrt(largest) for t in bm25_targets(encoded, idf, special, k1=k1, b=b)]
 
     order = np.random.default_rng(seed).permutation(len(encoded)).tolist()
+    special_set = set(special)
     chosen, count = [], 0
     for i in order:  # enough texts for max_tokens, then shortest first (less padding)
         if count >= max_tokens:
             break
         chosen.append(i)
-        count += sum(1 for t in encoded[i] if t not in set(special))
+        count += sum(1 for t in encoded[i] if t not in special_set)
     chosen.sort(key=lambda i: len(encoded[i]))
     device = next(model.backbone.parameters()).device
     was_training = model.training
