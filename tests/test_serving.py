@@ -261,59 +261,92 @@ def test_bad_requests_get_their_4xx_and_the_server_keeps_serving(http, server):
         assert name in metrics.text
 
 
-class SlowEncoder:
-    """The encoder, 0.3 s slower per call: a queue of one fills at once."""
+class GatedEncoder:
+    """The encoder, held inside its call until the test opens the gate: the server's state is then known."""
 
     def __init__(self, inner):
         self.inner = inner
-        self.calls: list[int] = []
+        self.entered = threading.Event()
+        self.gate = threading.Event()
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def encode_result(self, texts, *args, **kwargs):
-        self.calls.append(len(texts))
-        time.sleep(0.3)
+        self.entered.set()
+        assert self.gate.wait(60), "the test never opened the gate"
         return self.inner.encode_result(texts, *args, **kwargs)
 
 
+def _queue_depth(client) -> float:
+    line = next(x for x in client.get("/metrics").text.splitlines() if x.startswith("trine_queue_depth "))
+    return float(line.split()[1])
+
+
 def test_a_burst_beyond_the_queue_gets_429_and_no_5xx(m3):
-    slow = SlowEncoder(m3)
-    srv = Server(create_app(slow, settings=ServeSettings(max_queue=1, max_batch_texts=4, max_wait_ms=1)))
+    gated = GatedEncoder(m3)
+    srv = Server(create_app(gated, settings=ServeSettings(max_queue=1, max_batch_texts=4, max_wait_ms=1)))
     try:
-        with httpx.Client(base_url=srv.url, timeout=60) as client:
+        with httpx.Client(base_url=srv.url, timeout=60) as client, ThreadPoolExecutor(12) as pool:
             def call(i):
                 return client.post("/embed", json={"inputs": [TEXTS[i % len(TEXTS)]]})
 
-            with ThreadPoolExecutor(12) as pool:
-                answers = list(pool.map(call, range(12)))
-            codes = [a.status_code for a in answers]
-            assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= 2, codes
-            for a in answers:
-                if a.status_code == 429:
-                    assert a.headers["retry-after"] == "1" and "busy" in a.json()["error"]
-                else:
-                    i = answers.index(a)
-                    np.testing.assert_allclose(a.json()[0], m3.encode(TEXTS[i % len(TEXTS)])["dense_vecs"],
-                                               atol=1e-5)
+            # one request inside the encoder, one waiting in the queue of one: every further request is refused
+            first = pool.submit(call, 0)
+            assert gated.entered.wait(30)
+            second = pool.submit(call, 1)
+            deadline = time.monotonic() + 30
+            while _queue_depth(client) < 1:
+                assert time.monotonic() < deadline, "the second request never reached the queue"
+                time.sleep(0.01)
+            refused = list(pool.map(call, range(2, 12)))
+            gated.gate.set()
+            accepted = [first.result(), second.result()]
+            assert [a.status_code for a in refused] == [429] * 10
+            for a in refused:
+                assert a.headers["retry-after"] == "1" and "busy" in a.json()["error"]
+            for i, a in enumerate(accepted):
+                assert a.status_code == 200
+                np.testing.assert_allclose(a.json()[0], m3.encode(TEXTS[i])["dense_vecs"], atol=1e-5)
             assert client.get("/health").status_code == 200
-            assert "trine_rejected_total " in client.get("/metrics").text
+            assert "trine_rejected_total 10.0" in client.get("/metrics").text
     finally:
+        gated.gate.set()
         srv.stop()
 
 
 def test_concurrent_requests_are_merged_into_one_encoder_call(m3):
-    slow = SlowEncoder(m3)
-    srv = Server(create_app(slow, settings=ServeSettings(max_batch_texts=64, max_wait_ms=200)))
+    gated = GatedEncoder(m3)
+    calls: list[int] = []
+    inner_encode = gated.encode_result
+
+    def counted(texts, *args, **kwargs):
+        calls.append(len(texts))
+        return inner_encode(texts, *args, **kwargs)
+
+    gated.encode_result = counted
+    srv = Server(create_app(gated, settings=ServeSettings(max_batch_texts=64, max_wait_ms=1)))
     try:
         with httpx.Client(base_url=srv.url, timeout=60) as client, ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(lambda i: client.post("/embed", json={"inputs": TEXTS[2 * i: 2 * i + 2]}),
-                                    range(4)))
+            def call(i):
+                return client.post("/embed", json={"inputs": TEXTS[2 * i: 2 * i + 2]})
+
+            # the first request holds the encoder; the three sent meanwhile wait together and go in one call
+            futures = [pool.submit(call, 0)]
+            assert gated.entered.wait(30)
+            futures += [pool.submit(call, i) for i in range(1, 4)]
+            deadline = time.monotonic() + 30
+            while _queue_depth(client) < 3:
+                assert time.monotonic() < deadline, "the requests never reached the queue"
+                time.sleep(0.01)
+            gated.gate.set()
+            answers = [f.result() for f in futures]
         want = m3.encode(TEXTS)["dense_vecs"]
         for i, a in enumerate(answers):
             np.testing.assert_allclose(np.array(a.json()), want[2 * i: 2 * i + 2], atol=1e-5)
-        assert len(slow.calls) < 4 and sum(slow.calls) == len(TEXTS), slow.calls
+        assert calls == [2, 6], calls
     finally:
+        gated.gate.set()
         srv.stop()
 
 
