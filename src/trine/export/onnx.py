@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trine.cards import inherited_card, write_card
 from trine.errors import InputError, MissingInputError, OptionError
 from trine.inference.batching import pad_batch, tokenize
 from trine.inference.embedder import M3Embedder
@@ -125,6 +126,8 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, *, opset:
             recipe["int8_file"] = INT8_FILE
             recipe["int8_min_cosine"] = float(cos.min())
             _write_recipe(tmp, recipe)
+        write_card(tmp, inherited_card(model_path, "export --to onnx", "onnx"),
+                   name=os.path.basename(os.path.abspath(os.fspath(out))))
     return recipe
 
 

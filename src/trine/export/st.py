@@ -20,6 +20,7 @@ import shutil
 
 import torch
 
+from trine.cards import inherited_card, write_card
 from trine.errors import InputError, OptionError
 from trine.io import atomic_folder, check_output_path
 from trine.modeling.trihead import TriHeadModel, has_head_files, special_token_ids
@@ -123,4 +124,6 @@ def export_sentence_transformers(model_path: str | os.PathLike, out: str | os.Pa
         if "multivector" in parts:
             _write_multivector(model, tmp, os.path.join(tmp, "multivector"))
             written["multivector"] = os.path.join(os.fspath(out), "multivector")
+        write_card(tmp, inherited_card(model_path, "export --to sentence-transformers", "m3" if heads else "dense"),
+                   name=os.path.basename(os.path.abspath(os.fspath(out))))
     return written

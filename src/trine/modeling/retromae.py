@@ -292,11 +292,16 @@ class RetroMAEModel(nn.Module):
         self.lm.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
 
-    def save_encoder(self, path: str | os.PathLike, *, overwrite: bool = False) -> str:
+    def save_encoder(self, path: str | os.PathLike, *, overwrite: bool = False, card: Any = None) -> str:
         """The encoder (MLM model + tokenizer) as a plain Hugging Face folder, written atomically:
-        the backbone ``trine finetune --model_name_or_path`` takes."""
+        the backbone ``trine finetune --model_name_or_path`` takes; ``card`` (a
+        :class:`trine.cards.ModelCard`) goes in as its README.md."""
         with atomic_folder(path, overwrite=overwrite) as tmp:
             self._write_encoder(tmp)
+            if card is not None:
+                from trine.cards import write_card
+
+                write_card(tmp, card, name=os.path.basename(os.path.abspath(os.fspath(path))))
         return os.path.abspath(os.fspath(path))
 
     def save_checkpoint(self, folder: str | os.PathLike) -> None:

@@ -9,9 +9,11 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from trine.cards import ModelCard, train_files_summary, training_card
 from trine.config import parse_config  # re-exported: the training commands parse their options with it
 from trine.data.records import TrainFile, apply_dataset_options, load_train_files
 from trine.errors import options_checked, report_user_errors
+from trine.modeling.trihead import has_head_files
 from trine.training.arguments import TrainDataArguments
 from trine.training.dataset import EpochPlanDataset
 from trine.training.trainer import check_training_output, prepare_output_dir
@@ -95,13 +97,22 @@ def training_inputs(model_args: Any, data_args: Any) -> list[str | None]:
     return [model_args.model_name_or_path, *data_args.train_data, getattr(data_args, "eval_data", None)]
 
 
-def train_and_save(model_args: Any, data_args: Any, args: Any, build) -> str:  # noqa: ANN001
+def train_and_save(model_args: Any, data_args: Any, args: Any, build, *, command: str = "finetune") -> str:  # noqa: ANN001
     """The output policy around a trainer: check ``output_dir`` first (nothing is loaded or written
     on a bad one), build, prepare the folder, train (resuming from a complete checkpoint), save the
-    model atomically."""
+    model atomically with its model card (``command``: what wrote it, ``finetune`` or
+    ``finetune-reranker``)."""
     checkpoint = check_training_output(args, training_inputs(model_args, data_args))
     with options_checked():  # e.g. retrieval_eval_steps without eval_data: exit 2, nothing written
         trainer = build(model_args, data_args, args)
+    data = train_files_summary(trainer.train_dataset.files) if args.should_save else []
+
+    def card(folder: str, history: list[dict[str, Any]]) -> ModelCard:
+        kind = "reranker" if command == "finetune-reranker" else "m3" if has_head_files(folder) else "dense"
+        return training_card(command, kind, base_model=model_args.model_name_or_path, history=history, data=data,
+                             options={"model": model_args, "data": data_args, "training": args})
+
+    trainer.model_card = card
     prepare_output_dir(args, resuming=checkpoint is not None)
     trainer.train(resume_from_checkpoint=checkpoint)
     return trainer.save_final(args.output_dir)

@@ -146,7 +146,7 @@ def parse_reranker_args(argv: list[str]) -> tuple[RerankerModelArguments, Rerank
 
 def finetune_reranker(model_args: RerankerModelArguments, data_args: RerankerDataArguments,
                       args: RerankerTrainingArguments) -> str:
-    return train_and_save(model_args, data_args, args, build_reranker_trainer)
+    return train_and_save(model_args, data_args, args, build_reranker_trainer, command="finetune-reranker")
 
 
 def main(argv: list[str] | None = None, *, debug: bool = False) -> int:

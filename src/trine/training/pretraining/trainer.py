@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from trine.cards import data_summary, training_card
 from trine.errors import options_checked
 from trine.io import check_output_path
 from trine.modeling.families import build_model
@@ -89,5 +90,16 @@ def pretrain(model_args: PretrainModelArguments, data_args: PretrainDataArgument
     prepare_output_dir(args, resuming=checkpoint is not None)
     trainer.train(resume_from_checkpoint=checkpoint)
     if args.should_save:
-        trainer.accelerator.unwrap_model(trainer.model).save_encoder(out, overwrite=inside or args.overwrite_output_dir)
+        card = training_card("pretrain", "masked-lm", base_model=model_args.model_name_or_path,
+                             options={"model": model_args, "data": data_args, "training": args},
+                             history=trainer.state.log_history, data=data_summary(
+                                 (path, count_lines(path)) for path in trainer.train_dataset.files))
+        trainer.accelerator.unwrap_model(trainer.model).save_encoder(out, overwrite=inside or args.overwrite_output_dir,
+                                                                     card=card)
     return out
+
+
+def count_lines(path: str) -> int:
+    """Non-blank lines of a JSONL file (the corpus was checked whole before training: one text per line)."""
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
