@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
+
+from peak_memory import peak_rss_mb
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -58,7 +59,7 @@ def worker(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     with open(args.out, "w") as f:
         json.dump({"seconds": seconds, "samples_per_s": args.batch / seconds,
-                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f)
+                   "peak_rss_mb": peak_rss_mb()}, f)
 
 
 def main() -> None:

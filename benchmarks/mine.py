@@ -28,7 +28,6 @@ import gzip
 import json
 import os
 import re
-import resource
 import struct
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import time
 import zlib
 
 import numpy as np
+from peak_memory import peak_rss_mb
 
 PACKAGES = ("manpages", "manpages-dev", "manpages-de", "manpages-fr", "manpages-es", "sword-text-web")
 PARAGRAPH_MACROS = {"PP", "P", "LP", "TP", "IP", "HP", "SH", "SS", "sp", "TQ"}
@@ -182,7 +182,7 @@ def child(args: argparse.Namespace) -> None:
                                   index_options=options, cache_dir=args.cache_dir,
                                   query_chunk_size=args.query_chunk_size, show_progress=False)
     wall = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     dim = emb.model.hidden_size
     print("RESULT " + json.dumps({
         "queries": summary.records, "pool": summary.pool, "cache": summary.cache, "index": summary.index_kind,

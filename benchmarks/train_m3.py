@@ -15,11 +15,12 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
 import time
+
+from peak_memory import peak_rss_mb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "trine", "bench")
@@ -123,7 +124,7 @@ def worker(args: argparse.Namespace) -> None:
     timed = len(inputs) - args.warmup
     with open(args.out, "w") as f:
         json.dump({"samples_per_s": timed * len(batches[0]["queries"]) / seconds, "seconds": seconds,
-                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   "peak_rss_mb": peak_rss_mb(),
                    "first_loss": losses[0]}, f)
 
 
