@@ -72,7 +72,7 @@ def retriever(m3, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(m3, reranker, retriever):
     settings = ServeSettings(model_name="tiny-m3", api_key=KEY, max_texts_per_request=16, max_wait_ms=2)
-    srv = Server(create_app(m3, reranker, retriever, settings))
+    srv = Server(create_app(m3, reranker, retriever, settings, documents=DOCS))
     yield srv
     srv.stop()
 
@@ -153,6 +153,13 @@ def test_encode_and_score(http, m3):
         assert d["lexical_weights"].keys() == lw.keys()
         np.testing.assert_allclose([d["lexical_weights"][k] for k in lw], list(lw.values()), atol=1e-5)
         np.testing.assert_allclose(np.array(d["colbert_vecs"]), cv, atol=1e-5)
+    packed = http.post("/encode", json={"texts": TEXTS[:4], "kind": "query", "outputs": ["dense", "colbert"],
+                                        "encoding_format": "base64"}).json()["data"]
+    for d, dense, cv in zip(packed, want["dense_vecs"], want["colbert_vecs"]):
+        assert set(d) == {"dense_vecs", "colbert_vecs"}
+        np.testing.assert_allclose(np.frombuffer(base64.b64decode(d["dense_vecs"]), "<f4"), dense, atol=1e-5)
+        got = np.frombuffer(base64.b64decode(d["colbert_vecs"]), "<f4").reshape(-1, cv.shape[1])
+        np.testing.assert_allclose(got, cv, atol=1e-5)
     tokens = http.post("/encode", json={"texts": "malloc", "outputs": ["sparse"], "lexical": "tokens",
                                         "prompt": "Represent: "}).json()["data"][0]
     assert set(tokens) == {"lexical_weights"}
@@ -204,6 +211,30 @@ def test_search_equals_the_retriever(http, m3, retriever, mode, extra):
     np.testing.assert_allclose([h["score"] for h in hits], ref.scores[0][ref.rows[0] >= 0], atol=1e-5)
 
 
+def test_search_reranked_equals_the_retriever_then_compute_score(http, m3, retriever, reranker):
+    query, k, top = "how to list files in a directory", 3, 6
+    for mode, extra in (("dense", {"rerank_top_k": top}), ("sparse+dense", {"rerank_top_k": top}),
+                        ("sparse", {})):
+        r = http.post("/search", json={"query": query, "k": k, "mode": mode, "rerank": True, **extra})
+        assert r.status_code == 200, r.text
+        n = extra.get("rerank_top_k", len(DOCS))  # the server's default (100) is more than the corpus holds
+        assert r.json()["rerank_top_k"] == extra.get("rerank_top_k", 100)
+        reps = QueryReps.from_encode(m3.encode_queries([query], return_sparse=True, return_colbert_vecs=True))
+        weights = {"dense": 1.0, "sparse": 0.3} if mode == "sparse+dense" else None
+        first = retriever.search_mode(reps, mode, n, weights=weights)
+        rows = [i for i in first.rows[0].tolist() if i >= 0]
+        scores = reranker.compute_score([(query, DOCS[i]) for i in rows])
+        best = sorted(range(len(rows)), key=lambda j: -scores[j])[:k]
+        hits = r.json()["results"]
+        assert [h["id"] for h in hits] == [DOC_IDS[rows[j]] for j in best]
+        np.testing.assert_allclose([h["score"] for h in hits], [scores[j] for j in best], atol=1e-5)
+        retrieval = dict(zip(first.rows[0].tolist(), first.scores[0].tolist()))
+        np.testing.assert_allclose([h["retrieval_score"] for h in hits], [retrieval[rows[j]] for j in best],
+                                   atol=1e-5)
+    plain = http.post("/search", json={"query": query, "k": k}).json()
+    assert "rerank_top_k" not in plain and "retrieval_score" not in plain["results"][0]
+
+
 BAD = [
     # (path, body or raw bytes, status, field)
     ("/v1/embeddings", {"input": 5, "model": "x"}, 422, "input"),
@@ -229,6 +260,10 @@ BAD = [
     ("/search", {"query": "q", "mode": "sparse+dense", "normalization": "bogus"}, 400, "normalization"),
     ("/search", {"query": "q", "k": 0}, 422, "k"),
     ("/search", {"query": ""}, 400, "query"),
+    ("/search", {"query": "q", "rerank_top_k": 5}, 400, "rerank_top_k"),
+    ("/search", {"query": "q", "k": 5, "rerank": True, "rerank_top_k": 2}, 400, "rerank_top_k"),
+    ("/search", {"query": "q", "rerank": True, "rerank_top_k": 0}, 422, "rerank_top_k"),
+    ("/encode", {"texts": ["a"], "encoding_format": "int8"}, 422, "encoding_format"),
 ]
 
 
@@ -350,6 +385,71 @@ def test_concurrent_requests_are_merged_into_one_encoder_call(m3):
         srv.stop()
 
 
+def test_concurrent_requests_are_merged_up_to_the_token_budget(m3):
+    gated = GatedEncoder(m3)
+    calls: list[int] = []
+    inner_encode = gated.encode_result
+
+    def counted(texts, *args, **kwargs):
+        calls.append(len(texts))
+        return inner_encode(texts, *args, **kwargs)
+
+    gated.encode_result = counted
+    # three waiting requests of one text each; the budget holds the first two (in queue order), not the third
+    texts = [TEXTS[0], TEXTS[3], TEXTS[5], TEXTS[6]]
+    tokens = [min(len(ids), m3.passage_max_length) for ids in m3.tokenizer(texts)["input_ids"]]
+    budget = tokens[1] + tokens[2]
+    assert tokens[3] > 0 and tokens[1] + tokens[2] + tokens[3] > budget
+    srv = Server(create_app(gated, settings=ServeSettings(max_batch_texts=64, max_batch_tokens=budget,
+                                                          max_wait_ms=1)))
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as client, ThreadPoolExecutor(4) as pool:
+            def call(i):
+                return client.post("/embed", json={"inputs": [texts[i]]})
+
+            futures = [pool.submit(call, 0)]  # holds the encoder
+            assert gated.entered.wait(30)
+            deadline = time.monotonic() + 30
+            for i in (1, 2, 3):  # one at a time, so the queue's order is known
+                futures.append(pool.submit(call, i))
+                while _queue_depth(client) < i:
+                    assert time.monotonic() < deadline, "the requests never reached the queue"
+                    time.sleep(0.01)
+            gated.gate.set()
+            answers = [f.result() for f in futures]
+            metrics = client.get("/metrics").text
+        want = m3.encode(texts)["dense_vecs"]
+        for i, a in enumerate(answers):
+            assert a.status_code == 200
+            np.testing.assert_allclose(a.json()[0], want[i], atol=1e-5)
+        assert calls == [1, 2, 1], calls
+        total = next(x for x in metrics.splitlines() if x.startswith("trine_batch_tokens_sum "))
+        assert float(total.split()[1]) == sum(tokens)
+    finally:
+        gated.gate.set()
+        srv.stop()
+
+
+def test_search_rerank_needs_a_reranker_and_the_documents(m3, reranker, retriever, tmp_path):
+    from trine.serving import load_documents
+
+    for rr, docs, message in ((None, DOCS, "no reranker is loaded"), (reranker, None, "no document texts")):
+        srv = Server(create_app(m3, rr, retriever, documents=docs))
+        try:
+            r = httpx.post(f"{srv.url}/search", json={"query": "list files", "rerank": True}, timeout=60)
+            assert r.status_code == 400 and r.json()["field"] == "rerank" and message in r.json()["error"], r.text
+        finally:
+            srv.stop()
+    with pytest.raises(ValueError, match="one per document"):
+        create_app(m3, reranker, retriever, documents=DOCS[:-1])
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"_id": "b", "title": "ls", "text": "list directory contents"}\n'
+                      '{"_id": "a", "text": "grep prints matching lines"}\n')
+    assert load_documents(corpus, ["a", "b"]) == ["grep prints matching lines", "ls list directory contents"]
+    with pytest.raises(ValueError, match="'c'"):
+        load_documents(corpus, ["a", "c"])
+
+
 def test_serve_options_from_flags_and_a_yaml_file(tmp_path):
     from trine.cli import build_parser
     from trine.cli.parser import parse_command
@@ -367,3 +467,8 @@ def test_serve_options_from_flags_and_a_yaml_file(tmp_path):
         parse_command(parser, "serve", ["M", "--max-queue", "many"])
     with pytest.raises(ValueError, match="max_queue"):
         ServeSettings(max_queue=0)
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        ServeSettings(max_batch_tokens=0)
+    args = parse_command(parser, "serve", ["M", "--max-batch-tokens", "512", "--reranker-top-k", "20",
+                                           "--documents", "C"])
+    assert (args.max_batch_tokens, args.reranker_top_k, args.documents) == (512, 20, "C")

@@ -15,6 +15,11 @@ def _serve(args: argparse.Namespace) -> int:
     for flag, path in (("MODEL", args.model), ("--reranker", args.reranker), ("--index", args.index)):
         if path is not None and not os.path.isdir(path):
             raise MissingInputError(f"{path}: {flag}: no such folder")
+    if args.documents is not None:
+        if not os.path.isfile(args.documents):
+            raise MissingInputError(f"{args.documents}: --documents: no such file")
+        if args.index is None:
+            raise OptionError("--documents are the texts of --index's documents: give --index too")
     if args.truncate and args.no_truncate:
         raise OptionError("--truncate and --no-truncate contradict each other")
     from trine.modeling.fusion import FusionSettings, read_fusion
@@ -24,12 +29,20 @@ def _serve(args: argparse.Namespace) -> int:
         settings = ServeSettings(
             model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
             api_key=args.api_key or os.environ.get("TRINE_API_KEY") or None,
-            max_batch_texts=args.max_batch_texts, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+            max_batch_texts=args.max_batch_texts, max_batch_tokens=args.max_batch_tokens,
+            max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
             max_texts_per_request=args.max_texts_per_request, truncate=not args.no_truncate,
-            colbert_rerank_k=args.rerank_k, fusion=read_fusion(args.model) or FusionSettings(),
+            colbert_rerank_k=args.rerank_k, reranker_top_k=args.reranker_top_k,
+            fusion=read_fusion(args.model) or FusionSettings(),
         )
     embedder, reranker, index = _load(args)
-    run_server(create_app(embedder, reranker, index, settings), args.host, args.port,
+    documents = None
+    if args.documents is not None:
+        from trine.serving import load_documents
+
+        with options_checked():
+            documents = load_documents(args.documents, index.ids)
+    run_server(create_app(embedder, reranker, index, settings, documents), args.host, args.port,
                log_level=args.log_level if args.log_level != "WARNING" else "info")
     return 0
 
@@ -67,6 +80,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--reranker", default=None, help="cross-encoder folder: enables POST /rerank")
     sv.add_argument("--index", default=None, help="a saved HybridRetriever folder over documents encoded by MODEL: "
                                                   "enables POST /search")
+    sv.add_argument("--documents", default=None, help="the index's texts: a BEIR corpus.jsonl (_id, title, text) "
+                                                      "holding every id of --index: enables /search with rerank")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health "
@@ -75,6 +90,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                                               "(default: the folder's name)")
     sv.add_argument("--max-batch-texts", type=int, default=64,
                     help="the dynamic batcher merges waiting requests into encoder calls of at most this many texts")
+    sv.add_argument("--max-batch-tokens", type=int, default=16384,
+                    help="... and of at most this many tokens (a longer single request is encoded alone)")
     sv.add_argument("--max-wait-ms", type=float, default=5.0,
                     help="how long the batcher waits for more requests after the first of a batch")
     sv.add_argument("--max-queue", type=int, default=256,
@@ -95,6 +112,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--reranker-max-length", type=int, default=None, help="query + passage tokens per pair")
     sv.add_argument("--rerank-k", type=int, default=100,
                     help="dense candidates re-ranked by maxsim in /search mode colbert (colbert_search rerank)")
+    sv.add_argument("--reranker-top-k", type=int, default=100,
+                    help="candidates the reranker scores in /search with rerank: true (a request's rerank_top_k wins)")
     sv.add_argument("--devices", "--device", default=None, help="cpu, cuda:0, ... (default: one device)")
     sv.add_argument("--fp16", action="store_true")
     sv.add_argument("--bf16", action="store_true")

@@ -8,6 +8,6 @@ Requests are merged by the dynamic batcher (:mod:`~trine.serving.batcher`) into 
 """
 
 from trine.serving.app import create_app, run_server
-from trine.serving.common import ServeSettings
+from trine.serving.common import ServeSettings, load_documents
 
-__all__ = ["ServeSettings", "create_app", "run_server"]
+__all__ = ["ServeSettings", "create_app", "load_documents", "run_server"]

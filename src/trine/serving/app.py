@@ -12,7 +12,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -66,18 +66,27 @@ def _field(loc: tuple[Any, ...]) -> str:
 
 
 def create_app(embedder: Encoder, reranker: Reranker | None = None, index: HybridRetriever | None = None,
-               settings: ServeSettings | None = None) -> FastAPI:
+               settings: ServeSettings | None = None, documents: Sequence[str] | None = None) -> FastAPI:
     """The FastAPI app serving ``embedder`` (an :class:`~trine.inference.M3Embedder` gives all three
     outputs), ``reranker`` (``/rerank``) and ``index`` (``/search``: a :class:`~trine.retrieval.HybridRetriever`
-    over documents encoded by the same model). One model thread runs every model call, in order."""
+    over documents encoded by the same model); ``documents``: the index's texts, one per row (see
+    :func:`~trine.serving.common.load_documents`), for ``/search`` re-ranked by ``reranker``. One model thread
+    runs every model call, in order."""
     settings = settings or ServeSettings()
+    if documents is not None:
+        if index is None:
+            raise ValueError("documents are the texts of the index's rows: they need an index")
+        documents = list(documents)
+        if len(documents) != len(index.ids) or not all(isinstance(d, str) for d in documents):
+            raise ValueError(f"documents: expected {len(index.ids)} texts (one per document of the index), got "
+                             f"{len(documents)}")
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trine-model")
     metrics = ServerMetrics()
     batcher = Batcher(embedder, executor, max_batch_texts=settings.max_batch_texts,
-                      max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
-                      on_batch=metrics.batch_texts.observe)
+                      max_batch_tokens=settings.max_batch_tokens, max_wait_ms=settings.max_wait_ms,
+                      max_queue=settings.max_queue, on_batch=metrics.observe_batch)
     metrics.track_queue(lambda: batcher.depth)
-    state = ServerState(embedder, reranker, index, settings, executor, metrics, batcher)
+    state = ServerState(embedder, reranker, index, settings, executor, metrics, batcher, documents)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -162,10 +171,12 @@ def create_app(embedder: Encoder, reranker: Reranker | None = None, index: Hybri
             "query_max_length": embedder.query_max_length,
             "max_batch_requests": settings.max_queue,
             "max_batch_texts": settings.max_batch_texts,
+            "max_batch_tokens": settings.max_batch_tokens,
             "max_client_batch_size": settings.max_texts_per_request,
             "auto_truncate": settings.truncate,
             "reranker": reranker is not None,
-            "index": None if index is None else {"documents": len(index.ids), "modes": list(index.indexes)},
+            "index": None if index is None else {"documents": len(index.ids), "modes": list(index.indexes),
+                                                 "texts": documents is not None},
             "version": _version(),
         }
 

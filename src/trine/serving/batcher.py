@@ -1,7 +1,9 @@
 """Dynamic batching: concurrent requests merged into one call of the one encoder.
 
 Requests wait in a bounded queue; one worker task takes the first, then more for at most
-``max_wait_ms`` or until ``max_batch_texts`` texts, and encodes all their texts with one
+``max_wait_ms`` while the batch stays within ``max_batch_texts`` texts and ``max_batch_tokens`` tokens
+(the requests' token counts after truncation, which the routes measured when they checked the texts;
+a request over the budget on its own still goes, alone), and encodes all their texts with one
 :meth:`trine.inference.Encoder.encode_result` call per set of encode options (kind, instruction,
 maximum length) in the model thread, so the encoder's own batching routine (length-sorted batches,
 token budget, out-of-memory back-off, device pool) does the work. Each request gets its rows back.
@@ -31,6 +33,7 @@ class Overloaded(Exception):
 @dataclass
 class _Job:
     texts: list[str]
+    tokens: int
     outputs: tuple[str, ...]
     options: tuple[Any, ...]  # (kind, instruction, instruction_format, max_length): one encode call per value
     future: asyncio.Future = field(repr=False)
@@ -39,14 +42,15 @@ class _Job:
 class Batcher:
     """The queue and its worker (start it inside the server's event loop with :meth:`start`)."""
 
-    def __init__(self, encoder: Encoder, executor: Executor, *, max_batch_texts: int, max_wait_ms: float,
-                 max_queue: int, on_batch: Any = None):
+    def __init__(self, encoder: Encoder, executor: Executor, *, max_batch_texts: int, max_batch_tokens: int,
+                 max_wait_ms: float, max_queue: int, on_batch: Any = None):
         self.encoder = encoder
         self.executor = executor
         self.max_batch_texts = max_batch_texts
+        self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
-        self.on_batch = on_batch  # called with the number of texts of each encoder call
+        self.on_batch = on_batch  # called with the texts and tokens of each encoder call
         self._jobs: collections.deque[_Job] = collections.deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -72,16 +76,17 @@ class Batcher:
                 pass
             self._task = None
 
-    async def encode(self, texts: list[str], outputs: Iterable[str], *, kind: str | None = None,
+    async def encode(self, texts: list[str], outputs: Iterable[str], *, tokens: int, kind: str | None = None,
                      instruction: str | None = None, instruction_format: str = "{}{}",
                      max_length: int | None = None) -> EncodeResult:
-        """``encode_result(texts, outputs, ...)`` of these texts, computed together with other waiting requests'."""
+        """``encode_result(texts, outputs, ...)`` of these texts, computed together with other waiting requests';
+        ``tokens``: what the texts count (after instruction and truncation), for the batch's token budget."""
         if self._wakeup is None:
             raise RuntimeError("the batcher was not started")
         if len(self._jobs) >= self.max_queue:
             raise Overloaded(f"{len(self._jobs)} requests are waiting (--max-queue {self.max_queue})")
-        job = _Job(list(texts), check_outputs(outputs), (kind, instruction, instruction_format, max_length),
-                   asyncio.get_running_loop().create_future())
+        job = _Job(list(texts), int(tokens), check_outputs(outputs),
+                   (kind, instruction, instruction_format, max_length), asyncio.get_running_loop().create_future())
         self._jobs.append(job)
         self._wakeup.set()
         return await job.future
@@ -94,15 +99,16 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             batch = [self._jobs.popleft()]
-            n = len(batch[0].texts)
+            n, tokens = len(batch[0].texts), batch[0].tokens
             deadline = loop.time() + self.max_wait_s
-            while n < self.max_batch_texts:
+            while n < self.max_batch_texts and tokens < self.max_batch_tokens:
                 if self._jobs:
-                    if n + len(self._jobs[0].texts) > self.max_batch_texts:
+                    head = self._jobs[0]
+                    if n + len(head.texts) > self.max_batch_texts or tokens + head.tokens > self.max_batch_tokens:
                         break  # it starts the next batch
-                    job = self._jobs.popleft()
-                    batch.append(job)
-                    n += len(job.texts)
+                    batch.append(self._jobs.popleft())
+                    n += len(head.texts)
+                    tokens += head.tokens
                     continue
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -123,7 +129,7 @@ class Batcher:
             texts = [t for job in jobs for t in job.texts]
             outputs = check_outputs({o for job in jobs for o in job.outputs})
             if self.on_batch is not None:
-                self.on_batch(len(texts))
+                self.on_batch(len(texts), sum(job.tokens for job in jobs))
 
             def run(texts: list[str] = texts, outputs: tuple[str, ...] = outputs, kind: Any = kind,
                     instruction: Any = instruction, instruction_format: Any = instruction_format,

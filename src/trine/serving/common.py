@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,26 +24,33 @@ from trine.serving.metrics import ServerMetrics
 class ServeSettings:
     """The server's limits and defaults (``trine serve``'s options).
 
-    ``max_batch_texts`` / ``max_wait_ms``: the dynamic batcher merges waiting requests into one
-    encoder call of at most that many texts, waiting at most that long for more after the first;
+    ``max_batch_texts`` / ``max_batch_tokens`` / ``max_wait_ms``: the dynamic batcher merges waiting requests
+    into one encoder call of at most that many texts and tokens (text-embeddings-inference's
+    ``--max-batch-tokens``; a single request above it is encoded alone), waiting at most that long for more
+    after the first (the encoder then splits the call into its own length-sorted, padded-token-budgeted batches);
     ``max_queue``: requests waiting for the encoder beyond which a request gets 429;
     ``max_texts_per_request``: more texts in one request get 413; ``truncate``: a text longer than the
-    model's maximum length is cut (True) or refused with 413 (False), unless a request says otherwise.
+    model's maximum length is cut (True) or refused with 413 (False), unless a request says otherwise;
+    ``colbert_rerank_k``: dense candidates of ``/search`` mode colbert; ``reranker_top_k``: candidates the reranker
+    scores in ``/search`` with ``rerank: true`` (unless the request sends ``rerank_top_k``).
     """
 
     model_name: str = "trine"
     api_key: str | None = None
     max_batch_texts: int = 64
+    max_batch_tokens: int = 16384
     max_wait_ms: float = 5.0
     max_queue: int = 256
     max_texts_per_request: int = 256
     truncate: bool = True
     retry_after_s: int = 1
     colbert_rerank_k: int = 100
+    reranker_top_k: int = 100
     fusion: FusionSettings = field(default_factory=FusionSettings)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_texts", "max_queue", "max_texts_per_request", "retry_after_s", "colbert_rerank_k"):
+        for name in ("max_batch_texts", "max_batch_tokens", "max_queue", "max_texts_per_request", "retry_after_s",
+                     "colbert_rerank_k", "reranker_top_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -77,6 +85,7 @@ class ServerState:
     executor: ThreadPoolExecutor
     metrics: ServerMetrics
     batcher: Batcher
+    documents: list[str] | None = None  # the index's document texts, by row (what /search's reranker reads)
     direct_waiting: int = 0  # model calls outside the batcher (rerank, search) admitted and not finished
 
     @contextlib.asynccontextmanager
@@ -116,6 +125,21 @@ class ServerState:
         if missing:
             raise ApiError(400, f"{field}: this model has no {' or '.join(missing)} output (it was loaded without "
                                 "its BGE-M3 heads)", field)
+
+
+def load_documents(path: str | os.PathLike, ids: Sequence[str]) -> list[str]:
+    """The texts of the documents ``ids`` (an index's rows, in order) from a BEIR ``corpus.jsonl`` (``_id``,
+    optional ``title``, ``text``; the text as ``trine eval`` encodes it: title, a space, text); an id the file
+    lacks is an error naming it."""
+    from trine.evaluation.data import RetrievalDataset, _load_corpus
+
+    corpus_ids, texts = RetrievalDataset(_load_corpus(os.fspath(path), "_id"), {}, {}).passages()
+    by_id = dict(zip(corpus_ids, texts))
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise ValueError(f"{os.fspath(path)}: no document with _id {missing[0]!r} (of {len(missing)} of the index's "
+                         f"{len(ids)} documents missing)")
+    return [by_id[i] for i in ids]
 
 
 def state_of(request: Request) -> ServerState:

@@ -1,9 +1,12 @@
 """trine's own routes: ``POST /encode`` (dense, lexical and ColBERT outputs of one pass, FlagEmbedding's keys),
-``POST /score`` (``M3Embedder.compute_score``'s modes and weights) and ``POST /search`` (the loaded index)."""
+``POST /score`` (``M3Embedder.compute_score``'s modes and weights) and ``POST /search`` (the loaded index; with
+``rerank: true`` its top ``rerank_top_k`` re-ranked by the loaded cross-encoder, as ``trine eval``'s
+``rerank(<mode>)``)."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 from typing import Any, Literal
 
 import numpy as np
@@ -12,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from trine import scoring
+from trine.evaluation.runner import EvalConfig, rerank_result
 from trine.inference.result import OUTPUT_KEYS, OUTPUTS
 from trine.modeling.fusion import FUSED_MODES, check_weights
 from trine.retrieval import QueryReps, SearchResult
@@ -31,6 +35,9 @@ class EncodeRequest(BaseModel):
     instruction: str | None = Field(default=None, alias="prompt")
     instruction_format: str = "{}{}"
     truncate: bool | None = None
+    encoding_format: Literal["float", "base64"] = Field(default="float", description=(
+        "base64: each dense vector, and each text's ColBERT vectors (tokens x dim, row-major), as the base64 of "
+        "little-endian float32"))
 
 
 class ScoreRequest(BaseModel):
@@ -53,6 +60,9 @@ class SearchRequest(BaseModel):
     normalization: str | None = None
     colbert_search: Literal["rerank", "full"] = "rerank"
     truncate: bool | None = None
+    rerank: bool = Field(default=False, description="re-rank the mode's top rerank_top_k with the loaded reranker")
+    rerank_top_k: int | None = Field(default=None, ge=1, le=10_000, description=(
+        "candidates the reranker scores (default: the server's --reranker-top-k, at least k)"))
 
 
 def _outputs(state: ServerState, asked: list[str] | None) -> tuple[str, ...]:
@@ -67,6 +77,14 @@ def _outputs(state: ServerState, asked: list[str] | None) -> tuple[str, ...]:
     return tuple(o for o in OUTPUTS if o in asked)
 
 
+def _floats(values: Any) -> list:
+    return np.asarray(values, np.float32).tolist()
+
+
+def _base64(values: Any) -> str:
+    return base64.b64encode(np.ascontiguousarray(values, dtype="<f4").tobytes()).decode("ascii")
+
+
 @router.post("/encode")
 async def encode(body: EncodeRequest, request: Request) -> JSONResponse:
     state = state_of(request)
@@ -76,17 +94,17 @@ async def encode(body: EncodeRequest, request: Request) -> JSONResponse:
                             "an instruction without kind", "instruction")
     texts = await check_texts(state, body.texts, "texts", kind=body.kind, instruction=body.instruction,
                               instruction_format=body.instruction_format, truncate=body.truncate)
-    result = await state.batcher.encode(texts.texts, outputs, kind=body.kind, instruction=body.instruction,
-                                        instruction_format=body.instruction_format)
+    result = await state.batcher.encode(texts.texts, outputs, tokens=texts.tokens, kind=body.kind,
+                                        instruction=body.instruction, instruction_format=body.instruction_format)
     lexical = result.lexical_weights
     if lexical is not None and body.lexical == "tokens":
         decode = state.tokenizer.decode
         lexical = [{decode([int(i)]): w for i, w in item.items()} for item in lexical]
+    array = _base64 if body.encoding_format == "base64" else _floats
     columns: dict[str, Any] = {
-        "dense_vecs": None if result.dense_vecs is None else np.asarray(result.dense_vecs, np.float32).tolist(),
+        "dense_vecs": None if result.dense_vecs is None else [array(v) for v in result.dense_vecs],
         "lexical_weights": lexical,
-        "colbert_vecs": None if result.colbert_vecs is None else [np.asarray(v, np.float32).tolist()
-                                                                  for v in result.colbert_vecs],
+        "colbert_vecs": None if result.colbert_vecs is None else [array(v) for v in result.colbert_vecs],
     }
     keys = [OUTPUT_KEYS[o] for o in outputs]
     data = [{key: columns[key][i] for key in keys} for i in range(len(texts.texts))]
@@ -117,13 +135,34 @@ async def score(body: ScoreRequest, request: Request) -> JSONResponse:
     passages = await check_texts(state, [p for _, p in body.pairs], "pairs[].passage", truncate=body.truncate,
                                  max_length=p_len)
     outputs = embedder.outputs
-    q, p = await asyncio.gather(state.batcher.encode(queries.texts, outputs, max_length=q_len),
-                                state.batcher.encode(passages.texts, outputs, max_length=p_len))
+    q, p = await asyncio.gather(state.batcher.encode(queries.texts, outputs, tokens=queries.tokens,
+                                                     max_length=q_len),
+                                state.batcher.encode(passages.texts, outputs, tokens=passages.tokens,
+                                                     max_length=p_len))
     scores = scoring.paired_scores(q, p, body.weights_for_different_modes)
     tokens = queries.tokens + passages.tokens
     state.metrics.tokens.labels("/score").inc(tokens)
     state.metrics.texts.labels("/score").inc(2 * len(body.pairs))
     return JSONResponse({k: np.asarray(v, dtype=np.float64).tolist() for k, v in scores.items()})
+
+
+def _rerank_top_k(state: ServerState, body: SearchRequest) -> int | None:
+    """The candidates a re-ranked search scores with the reranker (None: no re-ranking)."""
+    if not body.rerank:
+        if body.rerank_top_k is not None:
+            raise ApiError(400, "rerank_top_k: applies with rerank: true", "rerank_top_k")
+        return None
+    if state.reranker is None:
+        raise ApiError(400, "rerank: no reranker is loaded (start trine serve with --reranker)", "rerank")
+    if state.documents is None:
+        raise ApiError(400, "rerank: the server has no document texts for the reranker (start trine serve with "
+                            "--documents)", "rerank")
+    if body.rerank_top_k is None:
+        return max(body.k, state.settings.reranker_top_k)
+    if body.rerank_top_k < body.k:
+        raise ApiError(400, f"rerank_top_k: {body.rerank_top_k} candidates cannot give k={body.k} results; send at "
+                            "least k", "rerank_top_k")
+    return body.rerank_top_k
 
 
 def _needs(mode: str, colbert_search: str) -> tuple[str, ...]:
@@ -164,24 +203,35 @@ async def search(body: SearchRequest, request: Request) -> JSONResponse:
         raise ApiError(400, f"{field}: applies to the fused modes ({', '.join(FUSED_MODES)}), not {mode!r}", field)
     if not body.query:
         raise ApiError(400, "query: empty text", "query")
+    top = _rerank_top_k(state, body)
     texts = await check_texts(state, body.query, "query", kind="query", truncate=body.truncate)
-    reps = QueryReps.from_encode(await state.batcher.encode(texts.texts, needs, kind="query"))
+    reps = QueryReps.from_encode(await state.batcher.encode(texts.texts, needs, tokens=texts.tokens,
+                                                                kind="query"))
     k = body.k
     rerank_k = state.settings.colbert_rerank_k
 
-    def run() -> SearchResult:  # the search trine eval runs for the same mode
-        return retriever.search_mode(reps, mode, k, colbert_search=body.colbert_search, rerank_k=rerank_k,
-                                     weights=dict(zip(FUSED_MODES[mode], weights)) if fused else None,
-                                     normalization=normalization or "none")
+    def run() -> tuple[SearchResult, SearchResult | None]:  # what trine eval runs for the same mode (and rerank)
+        found = retriever.search_mode(reps, mode, top or k, colbert_search=body.colbert_search, rerank_k=rerank_k,
+                                      weights=dict(zip(FUSED_MODES[mode], weights)) if fused else None,
+                                      normalization=normalization or "none")
+        if top is None:
+            return found, None
+        config = EvalConfig(reranker_top_k=top, reranker_max_length=state.reranker.max_length)
+        return rerank_result(state.reranker, found, [body.query], state.documents, config), found
 
     async with state.admit():
-        result = await asyncio.get_running_loop().run_in_executor(state.executor, run)
+        result, first = await asyncio.get_running_loop().run_in_executor(state.executor, run)
     state.metrics.tokens.labels("/search").inc(texts.tokens)
     state.metrics.texts.labels("/search").inc(1)
     ids = retriever.ids
-    hits = [{"id": ids[r], "score": float(s)} for r, s in zip(result.rows[0].tolist(), result.scores[0].tolist())
-            if r >= 0]
+    hits = [{"id": ids[r], "score": float(s)} for r, s in zip(result.rows[0, :k].tolist(),
+                                                              result.scores[0, :k].tolist()) if r >= 0]
     out: dict[str, Any] = {"mode": mode, "results": hits}
+    if first is not None:  # each hit's score is the reranker's; its score in the mode beside it
+        retrieval = dict(zip(first.rows[0].tolist(), first.scores[0].tolist()))
+        for hit, r in zip(hits, result.rows[0].tolist()):
+            hit["retrieval_score"] = float(retrieval[r])
+        out["rerank_top_k"] = top
     if fused:
         out["weights"] = dict(zip(FUSED_MODES[mode], weights))
         out["normalization"] = normalization

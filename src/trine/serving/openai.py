@@ -41,7 +41,7 @@ async def embeddings(body: EmbeddingsRequest, request: Request) -> JSONResponse:
     shorten(np.zeros((0, state.embedder.model.hidden_size), np.float32), body.dimensions,
             state.embedder.model.hidden_size, False)  # a bad `dimensions` is refused before any work
     texts = await check_texts(state, body.input, "input")
-    result = await state.batcher.encode(texts.texts, ("dense",))
+    result = await state.batcher.encode(texts.texts, ("dense",), tokens=texts.tokens)
     model = state.embedder.model
     vecs = shorten(np.asarray(result.dense_vecs, dtype=np.float32), body.dimensions,
                    np.asarray(result.dense_vecs).shape[1],

@@ -61,7 +61,8 @@ async def embed(body: EmbedRequest, request: Request) -> JSONResponse:
         raise ApiError(400, "normalize: this server's model normalises its vectors inside; normalize: false is not "
                             "available", "normalize")
     texts = await check_texts(state, body.inputs, "inputs", truncate=body.truncate)
-    vecs = np.asarray((await state.batcher.encode(texts.texts, ("dense",))).dense_vecs, dtype=np.float32)
+    result = await state.batcher.encode(texts.texts, ("dense",), tokens=texts.tokens)
+    vecs = np.asarray(result.dense_vecs, dtype=np.float32)
     if body.normalize and not normalized:
         vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
     _count(state, "/embed", texts.texts, texts.tokens)
@@ -73,7 +74,7 @@ async def embed_sparse(body: SparseRequest, request: Request) -> JSONResponse:
     state = state_of(request)
     state.need_outputs(["sparse"], "inputs")
     texts = await check_texts(state, body.inputs, "inputs", truncate=body.truncate)
-    result = await state.batcher.encode(texts.texts, ("sparse",))
+    result = await state.batcher.encode(texts.texts, ("sparse",), tokens=texts.tokens)
     _count(state, "/embed_sparse", texts.texts, texts.tokens)
     return JSONResponse([
         [{"index": int(i), "value": float(w)} for i, w in sorted(weights.items(), key=lambda x: int(x[0]))]
@@ -86,7 +87,7 @@ async def embed_all(body: SparseRequest, request: Request) -> JSONResponse:
     state = state_of(request)
     state.need_outputs(["colbert"], "inputs")
     texts = await check_texts(state, body.inputs, "inputs", truncate=body.truncate)
-    result = await state.batcher.encode(texts.texts, ("colbert",))
+    result = await state.batcher.encode(texts.texts, ("colbert",), tokens=texts.tokens)
     _count(state, "/embed_all", texts.texts, texts.tokens)
     return JSONResponse([np.asarray(v, dtype=np.float32).tolist() for v in result.colbert_vecs])
 
