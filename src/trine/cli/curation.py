@@ -183,6 +183,7 @@ def _mine(args: argparse.Namespace) -> int:
         hybrid_normalization=args.hybrid_normalization, index_kind=args.index_kind,
         index_options=options, cache_dir=args.cache_dir, query_chunk_size=args.query_chunk_size,
         search_batch_size=args.search_batch_size, show_progress=not args.quiet,
+        backend=args.backend, backend_uri=args.uri, collection=args.collection,
     ))
 
 
@@ -277,6 +278,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     mine.add_argument("--hybrid_normalization", default="none", choices=["none", "minmax", "zscore"],
                       help="per query, put the dense and the lexical scores of the candidate union on one scale "
                            "before weighting (none: raw sums, FlagEmbedding's)")
+    mine.add_argument("--backend", default="trine", choices=["trine", "milvus", "qdrant"],
+                      help="index the pool in trine's indexes, or in a Milvus / Qdrant collection")
+    mine.add_argument("--uri", default=None, help="--backend milvus: a .db file (Milvus Lite) or server URL; qdrant: "
+                      "a folder (local mode), :memory: or server URL")
+    mine.add_argument("--collection", default=None,
+                      help="collection name (default: trine_pool_<hash of the pool>)")
     mine.add_argument("--index_kind", default="flat", choices=["flat", "hnsw", "ivf"],
                       help="flat: exact inner product; hnsw / ivf: approximate, for large pools")
     mine.add_argument("--hnsw_m", type=int, default=None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from trine.cli.parser import floats, ints, options_checked
+from trine.errors import OptionError
 from trine.scoring import NORMALIZATIONS
 
 
@@ -27,12 +28,20 @@ def _eval(args: argparse.Namespace) -> int:
             passage_max_length=args.passage_max_len,
             rerank_modes=args.rerank_modes.split(",") if args.reranker else (), reranker_top_k=args.reranker_top_k,
             reranker_max_length=args.reranker_max_length, dims=args.dims or (),
+            backend=args.backend, backend_uri=args.uri, collection=args.collection,
         )
     if args.out:  # before anything is loaded: the report folder may not replace the test set or a model
         from trine.io import check_output_path
 
         check_output_path(args.out, inputs=[args.data, *models, args.reranker], overwrite=args.overwrite,
                           what="--out folder")
+    if args.model_card:  # before anything runs: every card can be written
+        from trine.cards import check_card_target
+
+        if not args.model:
+            raise OptionError("--model-card writes into the --model folders: name them")
+        for model in models:
+            check_card_target(model)
     dataset = load_dataset(args.data, args.split, args.layout)
     dev = None
     if args.tune_weights:
@@ -51,6 +60,15 @@ def _eval(args: argparse.Namespace) -> int:
     summary = fusion_summary(result)
     if summary:
         print(summary)
+    if args.model_card:
+        from trine.cards import add_evaluation
+        from trine.modeling.trihead import has_head_files
+
+        for entry in result["models"].values():
+            evaluation = {"source": "trine eval", "dataset": result["dataset"], "split": result["split"],
+                          "queries": result["queries"], "documents": result["documents"], "metrics": entry["metrics"]}
+            add_evaluation(entry["path"], evaluation, model_type="m3" if has_head_files(entry["path"]) else "dense")
+            print(f"model card: {entry['path']}/README.md")
     if args.out:
         for kind, path in write_report(result, args.out, overwrite=args.overwrite,
                                        inputs=[args.data, *models, args.reranker]).items():
@@ -110,6 +128,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                          "on --dev-split, write them to <model folder>/fusion.json, then evaluate with them")
     ev.add_argument("--dev-split", default="dev", help="the split --tune-weights tunes on (no query of --split)")
     ev.add_argument("--dense-index", default="flat", choices=["flat", "hnsw", "ivf"])
+    ev.add_argument("--backend", default="trine", choices=["trine", "milvus", "qdrant"],
+                    help="index the corpus in trine's indexes, or in a Milvus / Qdrant collection (trine index build)")
+    ev.add_argument("--uri", default=None, help="--backend milvus: a .db file (Milvus Lite) or server URL; qdrant: a "
+                    "folder (local mode), :memory: or server URL")
+    ev.add_argument("--collection", default=None, help="collection name (default: trine_eval_<hash of model and "
+                    "corpus>); a collection of the same corpus and model is brought up to date, not duplicated")
     ev.add_argument("--ignore-identical-ids", action="store_true")
     ev.add_argument("--batch-size", type=int, default=None)
     ev.add_argument("--query_max_len", "--query-max-length", type=int, default=64,
@@ -122,6 +146,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--reranker-max-length", type=int, default=512, help="query + passage tokens per pair")
     ev.add_argument("--devices", "--device", default=None, help="cpu, cuda:0, ... (default: one device)")
     ev.add_argument("--out", default=None, help="new folder for results.json, results.md and modes.png")
+    ev.add_argument("--model-card", "--model_card", action="store_true",
+                    help="add the results to each --model folder's model card (README.md; folders trine wrote)")
     ev.add_argument("--overwrite", action="store_true", help="replace an --out folder trine wrote earlier")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=_eval)

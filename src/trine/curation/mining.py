@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,7 @@ from trine.curation.common import (
 from trine.curation.ranking import PoolRanker, positive_scores
 from trine.curation.sampling import BACKFILL, SamplingCounts, pick_negatives
 from trine.data.corpus import read_pool
+from trine.data.records import Record
 from trine.retrieval.dense import DENSE_KINDS, DenseIndex
 from trine.retrieval.hybrid import QueryReps
 from trine.retrieval.sparse import SparseIndex
@@ -97,6 +98,190 @@ def _encode(embedder: Any, texts: list[str], kind: str, sparse: bool) -> QueryRe
                                                         kind=kind))
 
 
+def _pool_collection(corpus: CorpusEncodings, pool: list[str], embedder: Any, backend: str, uri: str | None,
+                     name: str | None, index_kind: str, hybrid: bool) -> tuple[Any, Any]:
+    """The pool in a vector-database collection, block by block (rows: pool positions); its dense and sparse views."""
+    import hashlib
+
+    from trine.retrieval.vectordb import CollectionMismatchError, collection_class, connection_of, signature_of
+
+    if index_kind not in ("flat", "hnsw"):
+        raise ValueError(f"index_kind {index_kind!r}: the {backend} backend has 'flat' and 'hnsw'")
+    ids = [hashlib.sha1(t.encode()).hexdigest()[:20] for t in pool]
+    name = name or "trine_pool_" + hashlib.sha1("\n".join(ids).encode()).hexdigest()[:12]
+    collection = None
+    start = 0
+    for block in corpus.blocks():
+        docs = {k: block[k] for k in ("dense_vecs", "lexical_weights") if k == "dense_vecs" or hybrid}
+        if collection is None:
+            collection = collection_class(backend).create(
+                name, representations=("dense", "sparse") if hybrid else ("dense",), exist_ok=True,
+                signature=signature_of(docs, embedder.tokenizer if hybrid else None), dense_index=index_kind,
+                store_text=False, **connection_of(backend, uri))
+        count = len(block["dense_vecs"])
+        collection.upsert(docs, ids[start:start + count])
+        start += count
+    if collection is None or collection.ids != ids:
+        raise CollectionMismatchError(f"{backend} collection {name!r} holds other passages than this pool; use "
+                                      "another collection name, or drop it")
+    return collection.index("dense"), collection.index("sparse") if hybrid else None
+
+
+class NegativeMiner:
+    """The selection rule of `trine mine`, apart from any file: the options are checked when it is
+    made; :meth:`mine` indexes a pool and picks each record's negatives. `trine mine`
+    (:func:`mine_hard_negatives`) and dynamic negatives during fine-tuning
+    (:mod:`trine.training.dynamic_negatives`) both go through it. The options are
+    :func:`mine_hard_negatives`'s."""
+
+    def __init__(
+        self,
+        embedder: Any,  # a trine encoder: Embedder, or M3Embedder for hybrid ranking
+        *,
+        range_for_sampling: tuple[int, int] = (2, 100),
+        negative_number: int = 15,
+        relative_margin: float | None = None,
+        backfill: str = "random",
+        search_batch_size: int = 256,
+        seed: int = 42,
+        hybrid_weights: Sequence[float] | None = None,
+        hybrid_candidates: int | None = None,
+        hybrid_normalization: str = "none",
+        index_kind: str = "flat",
+        index_options: dict[str, int] | None = None,
+        cache_dir: str | None = None,
+        query_chunk_size: int = 2048,
+        corpus_block_size: int = 16384,
+        show_progress: bool = True,
+        backend: str = "trine",
+        backend_uri: str | None = None,
+        collection: str | None = None,
+    ):
+        if backfill not in BACKFILL:
+            raise ValueError(f"backfill must be one of {BACKFILL}, got {backfill!r}")
+        if negative_number < 1:
+            raise ValueError(f"negative_number must be positive, got {negative_number}")
+        if relative_margin is not None and not 0 <= relative_margin < 1:
+            raise ValueError(f"relative_margin must be in [0, 1), got {relative_margin}")
+        if search_batch_size < 1 or query_chunk_size < 1:
+            raise ValueError("search_batch_size and query_chunk_size must be positive")
+        if index_kind not in DENSE_KINDS:
+            raise ValueError(f"index_kind must be one of {DENSE_KINDS}, got {index_kind!r}")
+        options = dict(index_options or {})
+        unknown = set(options) - set(INDEX_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown index options {sorted(unknown)} (known: {', '.join(INDEX_OPTIONS)})")
+        hybrid = hybrid_weights is not None
+        weights: tuple[float, float] | None = None
+        if hybrid:
+            if len(hybrid_weights) != 2 or any(not np.isfinite(w) or w < 0 for w in hybrid_weights) \
+                    or not any(hybrid_weights):
+                raise ValueError(f"hybrid_weights needs two non-negative numbers (dense, sparse), got {hybrid_weights}")
+            if "sparse" not in embedder.outputs:
+                raise ValueError("hybrid ranking needs lexical weights: load the model with its BGE-M3 heads "
+                                 "(an M3Embedder)")
+            weights = (float(hybrid_weights[0]), float(hybrid_weights[1]))
+        elif hybrid_candidates is not None:
+            raise ValueError("hybrid_candidates goes with hybrid_weights")
+        check_normalization(hybrid_normalization)
+        if hybrid_normalization != "none":
+            if not hybrid:
+                raise ValueError("hybrid_normalization goes with hybrid_weights")
+            if relative_margin is not None:
+                raise ValueError("relative_margin compares a candidate's score with the positives' raw scores; with "
+                                 f"hybrid_normalization={hybrid_normalization!r} the ranking scores are normalised "
+                                 "per query and not comparable: use hybrid_normalization='none'")
+        if hybrid_candidates is not None and int(hybrid_candidates) < 1:
+            raise ValueError(f"hybrid_candidates must be positive, got {hybrid_candidates}")
+        self.embedder, self.range_for_sampling, self.negative_number = embedder, range_for_sampling, negative_number
+        self.relative_margin, self.backfill, self.search_batch_size, self.seed = (relative_margin, backfill,
+                                                                                  search_batch_size, seed)
+        self.hybrid, self.weights, self.hybrid_candidates = hybrid, weights, hybrid_candidates
+        self.hybrid_normalization, self.index_kind, self.index_options = hybrid_normalization, index_kind, options
+        self.cache_dir, self.query_chunk_size, self.corpus_block_size = cache_dir, query_chunk_size, corpus_block_size
+        self.show_progress, self.backend, self.backend_uri, self.collection = (show_progress, backend, backend_uri,
+                                                                               collection)
+
+    def mine(self, records: Sequence[Record], pool: Sequence[str]) -> tuple[MiningSummary, Iterator[list[int]]]:
+        """Index ``pool`` (distinct texts) now; return the summary and an iterator over each record's
+        negatives (rows of ``pool``), in record order. The summary's counts, scores and query time fill
+        in as the iterator runs; record i samples with ``numpy.random.default_rng([seed, i])``."""
+        pool = list(pool)
+        embedder, hybrid, weights = self.embedder, self.hybrid, self.weights
+        summary = MiningSummary(records=len(records), pool=len(pool), index_kind=self.index_kind,
+                                ranking="dense" if not hybrid else f"hybrid dense x {weights[0]} + sparse x "
+                                f"{weights[1]}" + ("" if self.hybrid_normalization == "none"
+                                                   else f" ({self.hybrid_normalization})"))
+        position = {t: i for i, t in enumerate(pool)}
+
+        started = time.perf_counter()
+        outputs = ("dense", "sparse") if hybrid else ("dense",)
+        corpus = CorpusEncodings(embedder, pool, outputs, self.cache_dir, block_size=self.corpus_block_size)
+        summary.cache = corpus.status
+        dense_index: DenseIndex | None = None
+        lexical: list[dict[str, float]] = []
+        backend = self.backend
+        if backend != "trine":
+            dense_index, sparse_index = _pool_collection(corpus, pool, embedder, backend, self.backend_uri,
+                                                         self.collection, self.index_kind, hybrid)
+        for block in corpus.blocks() if backend == "trine" else ():  # block by block: no second copy of the vectors
+            if dense_index is None:
+                dense_index = DenseIndex(block["dense_vecs"].shape[1], self.index_kind, **self.index_options)
+            dense_index.add(block["dense_vecs"])
+            if hybrid:
+                lexical.extend(block["lexical_weights"])
+        if backend == "trine":
+            sparse_index = SparseIndex.build(lexical) if hybrid else None
+        del lexical
+        depth = min(self.range_for_sampling[1], len(pool))
+        candidates = depth if self.hybrid_candidates is None else int(self.hybrid_candidates)
+        ranker = PoolRanker(dense_index, sparse_index, weights, min(candidates, len(pool)), self.hybrid_normalization)
+        summary.seconds_corpus = time.perf_counter() - started
+        return summary, self._picks(records, pool, position, ranker, depth, summary)
+
+    def _picks(self, records: Sequence[Record], pool: list[str], position: dict[str, int], ranker: PoolRanker,
+               depth: int, summary: MiningSummary) -> Iterator[list[int]]:
+        embedder, hybrid, lo = self.embedder, self.hybrid, self.range_for_sampling[0]
+        chunk_size, batch_size, margin = self.query_chunk_size, self.search_batch_size, self.relative_margin
+        started = time.perf_counter()
+        bar = tqdm(total=len(records), desc="mine", disable=not self.show_progress, unit="query")
+        try:
+            with quiet(embedder):
+                for c0 in range(0, len(records), chunk_size):
+                    chunk = records[c0 : c0 + chunk_size]
+                    reps = _encode(embedder, [r.query for r in chunk], "query", sparse=hybrid)
+                    outside = list(dict.fromkeys(t for r in chunk for t in r.pos if t not in position))
+                    outside_reps = _encode(embedder, outside, "passage", sparse=hybrid) if outside else None
+                    outside_at = {t: j for j, t in enumerate(outside)}
+                    for b0 in range(0, len(chunk), batch_size):
+                        batch = chunk[b0 : b0 + batch_size]
+                        sub = QueryReps(reps.dense_vecs[b0 : b0 + len(batch)],
+                                        reps.lexical_weights[b0 : b0 + len(batch)] if hybrid else None)
+                        result = ranker.search(sub, depth)
+                        pos_scores = positive_scores(ranker, sub, batch, position, outside_reps, outside_at)
+                        picked = []
+                        for j, record in enumerate(batch):
+                            i = c0 + b0 + j
+                            summary.positive_scores.extend(pos_scores[j])
+                            ceiling = None if margin is None else (1 - margin) * min(pos_scores[j])
+                            picked.append(pick_negatives(record, pool, result.rows[j, lo:depth],
+                                                         result.scores[j, lo:depth], ceiling, self.negative_number,
+                                                         np.random.default_rng([self.seed, i]), summary,
+                                                         self.backfill))
+                        width = max((len(p) for p in picked), default=0)
+                        if width:
+                            rows = np.full((len(batch), width), -1, dtype=np.int64)
+                            for j, p in enumerate(picked):
+                                rows[j, : len(p)] = p
+                            neg_scores = ranker.score_rows(sub, rows)
+                            summary.negative_scores.extend(neg_scores[rows >= 0].astype(np.float32).tolist())
+                        yield from picked
+                        bar.update(len(batch))
+        finally:
+            bar.close()
+            summary.seconds_queries = time.perf_counter() - started
+
+
 def mine_hard_negatives(
     input_file: str,
     output_file: str,
@@ -118,6 +303,9 @@ def mine_hard_negatives(
     query_chunk_size: int = 2048,
     corpus_block_size: int = 16384,
     show_progress: bool = True,
+    backend: str = "trine",
+    backend_uri: str | None = None,
+    collection: str | None = None,
 ) -> MiningSummary:
     """Write ``output_file`` (atomically; never the input) with mined ``neg`` lists.
 
@@ -128,114 +316,32 @@ def mine_hard_negatives(
     lexical scores on one scale per query over that union before weighting (``relative_margin``,
     which compares a candidate's score with the positives', needs ``none``). ``cache_dir`` keeps the
     pool's encodings on disk for the next run. The pool is encoded (or read from the cache)
-    ``corpus_block_size`` passages at a time; an IVF index trains on the first block.
+    ``corpus_block_size`` passages at a time; an IVF index trains on the first block. ``backend``
+    ``"milvus"`` or ``"qdrant"``: the pool is indexed in that database (``backend_uri``; collection
+    ``collection``, default ``trine_pool_<hash of the pool>``, ids: hashes of the texts) and ranked
+    through its Index views, exactly as over trine's indexes (``index_kind`` flat or hnsw).
+    The selection itself is :class:`NegativeMiner`'s.
     """
     check_output([input_file, candidate_pool], output_file)
-    if backfill not in BACKFILL:
-        raise ValueError(f"backfill must be one of {BACKFILL}, got {backfill!r}")
-    if negative_number < 1:
-        raise ValueError(f"negative_number must be positive, got {negative_number}")
-    if relative_margin is not None and not 0 <= relative_margin < 1:
-        raise ValueError(f"relative_margin must be in [0, 1), got {relative_margin}")
-    if search_batch_size < 1 or query_chunk_size < 1:
-        raise ValueError("search_batch_size and query_chunk_size must be positive")
-    if index_kind not in DENSE_KINDS:
-        raise ValueError(f"index_kind must be one of {DENSE_KINDS}, got {index_kind!r}")
-    options = dict(index_options or {})
-    unknown = set(options) - set(INDEX_OPTIONS)
-    if unknown:
-        raise ValueError(f"unknown index options {sorted(unknown)} (known: {', '.join(INDEX_OPTIONS)})")
-    hybrid = hybrid_weights is not None
-    weights: tuple[float, float] | None = None
-    if hybrid:
-        if len(hybrid_weights) != 2 or any(not np.isfinite(w) or w < 0 for w in hybrid_weights) \
-                or not any(hybrid_weights):
-            raise ValueError(f"hybrid_weights needs two non-negative numbers (dense, sparse), got {hybrid_weights}")
-        if "sparse" not in embedder.outputs:
-            raise ValueError("hybrid ranking needs lexical weights: load the model with its BGE-M3 heads "
-                             "(an M3Embedder)")
-        weights = (float(hybrid_weights[0]), float(hybrid_weights[1]))
-    elif hybrid_candidates is not None:
-        raise ValueError("hybrid_candidates goes with hybrid_weights")
-    check_normalization(hybrid_normalization)
-    if hybrid_normalization != "none":
-        if not hybrid:
-            raise ValueError("hybrid_normalization goes with hybrid_weights")
-        if relative_margin is not None:
-            raise ValueError("relative_margin compares a candidate's score with the positives' raw scores; with "
-                             f"hybrid_normalization={hybrid_normalization!r} the ranking scores are normalised per "
-                             "query and not comparable: use hybrid_normalization='none'")
-    lo, hi = range_for_sampling
+    miner = NegativeMiner(
+        embedder, range_for_sampling=range_for_sampling, negative_number=negative_number,
+        relative_margin=relative_margin, backfill=backfill, search_batch_size=search_batch_size, seed=seed,
+        hybrid_weights=hybrid_weights, hybrid_candidates=hybrid_candidates, hybrid_normalization=hybrid_normalization,
+        index_kind=index_kind, index_options=index_options, cache_dir=cache_dir, query_chunk_size=query_chunk_size,
+        corpus_block_size=corpus_block_size, show_progress=show_progress, backend=backend, backend_uri=backend_uri,
+        collection=collection,
+    )
     records = read_records(input_file)
     if candidate_pool is not None:
         pool = list(dict.fromkeys(read_pool(candidate_pool)))
     else:
         pool = list(dict.fromkeys(t for r in records for t in (*r.pos, *r.neg)))
-    summary = MiningSummary(records=len(records), pool=len(pool), index_kind=index_kind,
-                            ranking="dense" if not hybrid else f"hybrid dense x {weights[0]} + sparse x {weights[1]}"
-                            + ("" if hybrid_normalization == "none" else f" ({hybrid_normalization})"))
-    position = {t: i for i, t in enumerate(pool)}
-
-    started = time.perf_counter()
-    outputs = ("dense", "sparse") if hybrid else ("dense",)
-    corpus = CorpusEncodings(embedder, pool, outputs, cache_dir, block_size=corpus_block_size)
-    summary.cache = corpus.status
-    dense_index: DenseIndex | None = None
-    lexical: list[dict[str, float]] = []
-    for block in corpus.blocks():  # the index grows block by block: no second copy of the pool's vectors
-        if dense_index is None:
-            dense_index = DenseIndex(block["dense_vecs"].shape[1], index_kind, **options)
-        dense_index.add(block["dense_vecs"])
-        if hybrid:
-            lexical.extend(block["lexical_weights"])
-    sparse_index = SparseIndex.build(lexical) if hybrid else None
-    del lexical
-    depth = min(hi, len(pool))
-    candidates = depth if hybrid_candidates is None else int(hybrid_candidates)
-    if candidates < 1:
-        raise ValueError(f"hybrid_candidates must be positive, got {hybrid_candidates}")
-    ranker = PoolRanker(dense_index, sparse_index, weights, min(candidates, len(pool)), hybrid_normalization)
-    summary.seconds_corpus = time.perf_counter() - started
-
-    started = time.perf_counter()
+    summary, picks = miner.mine(records, pool)
     raw_rows = iter_raw_rows(input_file)
-    bar = tqdm(total=len(records), desc="mine", disable=not show_progress, unit="query")
-    try:
-        with atomic_jsonl(output_file) as out, quiet(embedder):
-            for c0 in range(0, len(records), query_chunk_size):
-                chunk = records[c0 : c0 + query_chunk_size]
-                reps = _encode(embedder, [r.query for r in chunk], "query", sparse=hybrid)
-                outside = list(dict.fromkeys(t for r in chunk for t in r.pos if t not in position))
-                outside_reps = _encode(embedder, outside, "passage", sparse=hybrid) if outside else None
-                outside_at = {t: j for j, t in enumerate(outside)}
-                for b0 in range(0, len(chunk), search_batch_size):
-                    batch = chunk[b0 : b0 + search_batch_size]
-                    sub = QueryReps(reps.dense_vecs[b0 : b0 + len(batch)],
-                                    reps.lexical_weights[b0 : b0 + len(batch)] if hybrid else None)
-                    result = ranker.search(sub, depth)
-                    pos_scores = positive_scores(ranker, sub, batch, position, outside_reps, outside_at)
-                    picked = []
-                    for j, record in enumerate(batch):
-                        i = c0 + b0 + j
-                        summary.positive_scores.extend(pos_scores[j])
-                        ceiling = None if relative_margin is None else (1 - relative_margin) * min(pos_scores[j])
-                        picked.append(pick_negatives(record, pool, result.rows[j, lo:depth], result.scores[j, lo:depth],
-                                            ceiling, negative_number, np.random.default_rng([seed, i]), summary,
-                                            backfill))
-                    width = max((len(p) for p in picked), default=0)
-                    if width:
-                        rows = np.full((len(batch), width), -1, dtype=np.int64)
-                        for j, p in enumerate(picked):
-                            rows[j, : len(p)] = p
-                        neg_scores = ranker.score_rows(sub, rows)
-                        summary.negative_scores.extend(neg_scores[rows >= 0].astype(np.float32).tolist())
-                    for p in picked:
-                        row = next(raw_rows)
-                        row["neg"] = [pool[r] for r in p]
-                        row.pop("neg_scores", None)  # scores of the old negatives no longer apply
-                        write_row(out, row)
-                    bar.update(len(batch))
-    finally:
-        bar.close()
-    summary.seconds_queries = time.perf_counter() - started
+    with atomic_jsonl(output_file) as out:
+        for picked in picks:
+            row = next(raw_rows)
+            row["neg"] = [pool[r] for r in picked]
+            row.pop("neg_scores", None)  # scores of the old negatives no longer apply
+            write_row(out, row)
     return summary

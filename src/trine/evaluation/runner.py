@@ -107,6 +107,11 @@ class EvalConfig:
     reranker_max_length: int = 512
     reranker_query_max_length: int | None = None
     dims: Sequence[int] = ()
+    #: where the corpus is indexed: "trine" (trine's in-memory indexes), "milvus" or "qdrant" (a collection
+    #: at ``backend_uri``, named ``collection``: default ``trine_eval_<hash of the model and corpus ids>``)
+    backend: str = "trine"
+    backend_uri: str | None = None
+    collection: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -138,6 +143,10 @@ class EvalConfig:
         for name in ("top_k", "query_max_length", "passage_max_length", "reranker_top_k", "reranker_max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.backend not in ("trine", "milvus", "qdrant"):
+            raise ValueError(f"backend must be 'trine', 'milvus' or 'qdrant', not {self.backend!r}")
+        if self.backend != "trine" and self.dense_index not in ("flat", "hnsw"):
+            raise ValueError(f"dense_index {self.dense_index!r}: the {self.backend} backend has 'flat' and 'hnsw'")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer (or None for the model's), got {self.batch_size}")
         outside = [m for m in self.rerank_modes if m not in self.modes]
@@ -326,14 +335,31 @@ def index_corpus(model: Encoder, dataset: RetrievalDataset, config: EvalConfig) 
             check_dims(config.dims, docs.dense_vecs.shape[1])
             corpus.dense_vecs = docs.dense_vecs
         start = time.perf_counter()
-        corpus.retriever = HybridRetriever.from_encoded({k: v for k, v in docs.items() if v is not None}, doc_ids,
-                                                        dense_kind=config.dense_index)
+        encoded = {k: v for k, v in docs.items() if v is not None}
+        if config.backend == "trine":
+            corpus.retriever = HybridRetriever.from_encoded(encoded, doc_ids, dense_kind=config.dense_index)
+        else:
+            corpus.retriever = backend_retriever(model, encoded, doc_ids, config)
         corpus.index_s = time.perf_counter() - start
     if uses_bm25(config.modes):
         start = time.perf_counter()
         corpus.bm25 = BM25Index.build(texts, doc_ids)
         corpus.index_s += time.perf_counter() - start
     return corpus
+
+
+def backend_retriever(model: Encoder, docs: dict[str, Any], doc_ids: list[str], config: EvalConfig
+                      ) -> HybridRetriever:
+    """The corpus in a vector-database collection (``config.backend``), searched through its Index views."""
+    import hashlib
+
+    from trine.retrieval.vectordb import collection_retriever
+
+    name_or_path = str(getattr(model.tokenizer, "name_or_path", "") or type(model).__name__)
+    name = config.collection or "trine_eval_" + hashlib.sha1(
+        "\n".join([name_or_path, *doc_ids]).encode()).hexdigest()[:12]
+    return collection_retriever(config.backend, docs, doc_ids, name=name, uri=config.backend_uri,
+                                dense_index=config.dense_index, tokenizer=model.tokenizer, model=name_or_path)
 
 
 def check_dims(dims: Sequence[int], full_dim: int) -> None:

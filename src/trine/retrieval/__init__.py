@@ -9,12 +9,15 @@ from trine.retrieval.hybrid import HybridRetriever, QueryReps, reciprocal_rank_f
 from trine.retrieval.multivector import MultiVectorIndex
 from trine.retrieval.protocol import Index, Representation, check_index, load_index, register_index
 from trine.retrieval.sparse import SparseIndex
+from trine.retrieval.vectordb import CollectionIndex, ModelSignature, VectorCollection, open_collection
 
 __all__ = [
     "BM25Index",
+    "CollectionIndex",
     "DenseIndex",
     "HybridRetriever",
     "Index",
+    "ModelSignature",
     "MultiVectorIndex",
     "QueryReps",
     "Representation",
@@ -29,6 +32,8 @@ __all__ = [
     "to_sparse_vectors",
     "to_token_strings",
     "top_k",
+    "VectorCollection",
+    "open_collection",
     "union_rows",
     "weighted_fusion",
 ]

@@ -1,0 +1,252 @@
+"""`trine index build | search | delete`: a corpus encoded into trine's indexes or a vector database
+(Milvus, Qdrant), searched by the same modes ``trine eval`` reports.
+
+``build`` into a database is resumable: passages are encoded and written ``--chunk-size`` at a time, and a
+build run again (after a kill, or with more passages) encodes only the ids the collection lacks
+(``--update``: every passage again, replacing by id); re-running never duplicates a passage. Into
+``--backend trine`` the indexes are written once, as a new folder (``HybridRetriever.save``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from trine.cli.parser import floats, options_checked
+from trine.errors import OptionError
+
+SEARCH_MODES = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
+DEFAULT_WEIGHTS = {"sparse+dense": (1.0, 0.3), "colbert+sparse+dense": (1.0, 0.3, 1.0)}
+
+
+def read_corpus(path: str) -> tuple[list[str], list[str]]:
+    """(ids, texts) of a ``corpus.jsonl``: BEIR (``_id``) or FlagEmbedding custom (``id``) layout, with ``title``
+    and ``text``; the text as ``trine eval`` encodes it."""
+    from trine.errors import MissingInputError
+    from trine.evaluation.data import RetrievalDataset, _load_corpus
+
+    try:
+        with open(path) as f:
+            first = next((line for line in f if line.strip()), "")
+    except FileNotFoundError:
+        raise MissingInputError(f"{path}: no such corpus file") from None
+    try:
+        id_field = "_id" if "_id" in json.loads(first or "{}") else "id"
+    except json.JSONDecodeError:
+        id_field = "_id"  # the loader names the line
+    return RetrievalDataset(_load_corpus(path, id_field), {}, {}).passages()
+
+
+def _encoder(args: argparse.Namespace) -> Any:
+    from trine import M3Embedder
+
+    with options_checked():
+        return M3Embedder(args.model, devices=args.devices, batch_size=args.batch_size,
+                          query_max_length=args.query_max_len, passage_max_length=args.passage_max_len,
+                          init_missing_heads=None if args.heads == "none" else args.heads,
+                          show_progress=not args.quiet)
+
+
+def _outputs(args: argparse.Namespace, encoder: Any) -> tuple[str, ...]:
+    outputs = tuple(args.outputs.split(",")) if args.outputs else encoder.outputs
+    bad = [o for o in outputs if o not in ("dense", "sparse", "colbert")] or \
+        [o for o in outputs if o not in encoder.outputs]
+    if bad or not outputs:
+        raise OptionError(f"--outputs {args.outputs}: choose from {', '.join(encoder.outputs)} (what this model gives)")
+    return outputs
+
+
+def _connection(args: argparse.Namespace) -> dict[str, Any]:
+    from trine.retrieval.vectordb import connection_of
+
+    return connection_of(args.backend, args.uri)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from trine.retrieval.vectordb import ModelSignature, collection_class
+
+    if args.chunk_size < 1 or args.upsert_batch < 1:
+        raise OptionError("--chunk-size and --upsert-batch must be positive")
+    ids, texts = read_corpus(args.corpus)
+    if args.backend == "trine":
+        from trine.io import check_output_path
+        from trine.retrieval import HybridRetriever
+
+        if not args.uri:
+            raise OptionError("--backend trine writes its indexes to a new folder: give it as --uri")
+        check_output_path(args.uri, inputs=[args.corpus, args.model], overwrite=args.overwrite, what="--uri folder")
+        encoder = _encoder(args)
+        outputs = _outputs(args, encoder)
+        docs = encoder.encode_result(texts, outputs, kind="passage")
+        HybridRetriever.from_encoded(dict(docs), ids, dense_kind=args.dense_index).save(args.uri,
+                                                                                       overwrite=args.overwrite)
+        print(f"indexed {len(ids)} passages ({', '.join(outputs)}) into {args.uri}")
+        return 0
+    encoder = _encoder(args)
+    outputs = _outputs(args, encoder)
+    signature = ModelSignature.of_encoder(encoder, outputs)
+    collection = collection_class(args.backend).create(
+        args.collection, representations=outputs, signature=signature, exist_ok=True, dense_index=args.dense_index,
+        store_text=not args.no_text, **_connection(args))
+    todo = [i for i, d in enumerate(ids) if args.update or d not in collection]
+    print(f"{args.backend} collection {args.collection!r}: {len(collection)} passages stored, {len(todo)} to encode "
+          f"of {len(ids)}", file=sys.stderr)
+    for start in range(0, len(todo), args.chunk_size):
+        part = todo[start:start + args.chunk_size]
+        part_texts = [texts[i] for i in part]
+        docs = encoder.encode_result(part_texts, outputs, kind="passage")
+        collection.upsert(dict(docs), [ids[i] for i in part], None if args.no_text else part_texts,
+                          batch_size=args.upsert_batch)
+    print(f"{args.backend} collection {args.collection!r} holds {len(collection)} passages ({', '.join(outputs)})")
+    collection.close()
+    return 0
+
+
+def _open_retriever(args: argparse.Namespace, encoder: Any) -> tuple[Any, Any]:
+    """(HybridRetriever, collection or None) for the searched index, refusing a collection of another model."""
+    if args.backend == "trine":
+        from trine.retrieval import HybridRetriever
+
+        if not args.uri:
+            raise OptionError("--backend trine searches a saved index folder: give it as --uri")
+        return HybridRetriever.load(args.uri), None
+    from trine.retrieval.vectordb import ModelSignature, collection_class
+
+    collection = collection_class(args.backend).open(args.collection, **_connection(args))
+    collection.check_model(ModelSignature.of_encoder(encoder, collection.representations))
+    return collection.retriever(), collection
+
+
+def _queries(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    if args.queries:
+        from trine.evaluation.data import _load_queries
+
+        with open(args.queries) as f:
+            first = next((line for line in f if line.strip()), "{}")
+        queries = _load_queries(args.queries, "_id" if "_id" in json.loads(first) else "id")
+        return list(queries), list(queries.values())
+    if not args.query:
+        raise OptionError("give --query TEXT (repeatable) or --queries FILE")
+    return [str(i) for i in range(len(args.query))], list(args.query)
+
+
+def _search(args: argparse.Namespace) -> int:
+    from trine.retrieval import QueryReps
+
+    if args.k < 1:
+        raise OptionError(f"--k must be positive, got {args.k}")
+    qids, texts = _queries(args)
+    encoder = _encoder(args)
+    retriever, collection = _open_retriever(args, encoder)
+    modes = {"dense": ("dense",), "sparse": ("sparse",), "colbert": ("dense", "colbert"),
+             "sparse+dense": ("dense", "sparse"), "colbert+sparse+dense": ("dense", "sparse", "colbert")}[args.mode]
+    missing = [m for m in modes if m not in retriever.indexes]
+    if missing:
+        raise OptionError(f"--mode {args.mode} needs {', '.join(missing)}, which this index does not hold")
+    reps = encoder.encode_result(texts, modes, kind="query")
+    names = {"sparse+dense": ("dense", "sparse"), "colbert+sparse+dense": ("dense", "sparse", "colbert")}
+    weights = None
+    if args.mode in names:
+        values = args.weights or DEFAULT_WEIGHTS[args.mode]
+        if len(values) != len(names[args.mode]):
+            raise OptionError(f"--weights for {args.mode}: {len(names[args.mode])} numbers "
+                              f"({','.join(names[args.mode])}), got {values}")
+        weights = dict(zip(names[args.mode], values))
+    if args.engine_fusion:
+        if collection is None:
+            raise OptionError("--engine-fusion fuses inside a vector database: --backend milvus or qdrant")
+        if weights is None or "colbert" in weights:
+            raise OptionError("--engine-fusion fuses --mode sparse+dense")
+        with options_checked():
+            result = collection.engine_search(dict(reps), args.k, weights, fusion=args.engine_fusion,
+                                              candidate_k=max(args.candidate_k, args.k))
+    else:
+        with options_checked():
+            result = retriever.search_mode(QueryReps.from_encode(dict(reps)), args.mode, args.k,
+                                           rerank_k=max(args.candidate_k, args.k), weights=weights)
+    ids = retriever.ids
+    for qid, text, rows, scores in zip(qids, texts, result.rows, result.scores):
+        hits = [{"id": ids[r], "score": round(float(s), 6)} for r, s in zip(rows.tolist(), scores.tolist()) if r >= 0]
+        print(json.dumps({"query_id": qid, "query": text, "hits": hits}, ensure_ascii=False))
+    if collection is not None:
+        collection.close()
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    from trine.retrieval.vectordb import collection_class
+
+    if args.backend == "trine":
+        raise OptionError("trine index delete works on a vector database (--backend milvus or qdrant); a saved "
+                          "trine index is rebuilt")
+    ids = [d for d in args.ids.split(",") if d]
+    if not ids:
+        raise OptionError("--ids: give comma-separated document ids")
+    collection = collection_class(args.backend).open(args.collection, **_connection(args))
+    with options_checked():
+        try:
+            collection.delete(ids)
+        except KeyError as err:
+            raise OptionError(f"--ids: {err.args[0]}") from None
+    print(f"deleted {len(ids)}; {args.backend} collection {args.collection!r} holds {len(collection)} passages")
+    collection.close()
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
+    p.add_argument("--backend", default="trine", choices=["trine", "milvus", "qdrant"],
+                   help="trine: trine's indexes in a folder; milvus: Milvus Lite file or server URL; qdrant: local "
+                        "folder, :memory: or server URL")
+    p.add_argument("--uri", default=None,
+                   help="trine: the index folder; milvus: a .db file (Milvus Lite, default trine_milvus.db) or "
+                        "http://host:19530; qdrant: a folder (local mode, default trine_qdrant) or http://host:6333")
+    p.add_argument("--collection", default="trine", help="collection name in the database")
+    if model:
+        p.add_argument("--model", required=True, help="model folder (the one that built the collection)")
+        p.add_argument("--heads", default="none", choices=["none", "neutral", "random", "bm25"],
+                       help="how to start heads for a folder without head files (none: dense only)")
+        p.add_argument("--batch-size", type=int, default=256)
+        p.add_argument("--query_max_len", type=int, default=64)
+        p.add_argument("--passage_max_len", type=int, default=512)
+        p.add_argument("--devices", "--device", default=None, help="cpu, cuda:0, ... (default: one device)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    index = sub.add_parser("index", help="build, search and update indexes: trine's, Milvus or Qdrant")
+    isub = index.add_subparsers(dest="index_command", required=True)
+
+    b = isub.add_parser("build", help="encode a corpus.jsonl into an index or a database collection (resumable)")
+    _common(b)
+    b.add_argument("--corpus", required=True, help="corpus.jsonl (BEIR _id/title/text, or custom id/title/text)")
+    b.add_argument("--outputs", default=None,
+                   help="comma-separated dense,sparse,colbert (default: all the model gives)")
+    b.add_argument("--dense-index", default="flat", choices=["flat", "hnsw"],
+                   help="flat: exact search; hnsw: approximate (trine: FAISS HNSW; Milvus HNSW; Qdrant server HNSW)")
+    b.add_argument("--chunk-size", type=int, default=1024, help="passages encoded and written per step")
+    b.add_argument("--upsert-batch", type=int, default=256, help="documents per database write")
+    b.add_argument("--update", action="store_true", help="encode and write stored ids again (replacing them)")
+    b.add_argument("--no-text", action="store_true", help="store vectors and ids only, not the passages' texts")
+    b.add_argument("--overwrite", action="store_true", help="--backend trine: replace an index folder trine wrote")
+    b.set_defaults(func=_build)
+
+    s = isub.add_parser("search", help="search an index or collection; one JSON line of hits per query")
+    _common(s)
+    s.add_argument("--query", action="append", default=[], help="a query text (repeatable)")
+    s.add_argument("--queries", default=None, help="queries.jsonl (_id/id and text)")
+    s.add_argument("--mode", default="dense", choices=list(SEARCH_MODES))
+    s.add_argument("--weights", type=floats, default=None,
+                   help="fused modes' weights: dense,sparse (default 1,0.3) or dense,sparse,colbert (1,0.3,1)")
+    s.add_argument("--k", type=int, default=10)
+    s.add_argument("--candidate-k", type=int, default=100, help="first-stage depth (colbert: dense candidates)")
+    s.add_argument("--engine-fusion", default=None, choices=["rrf", "weighted"],
+                   help="fuse sparse+dense inside the database (its RRF or weighted ranker) instead of trine's exact "
+                        "weighted fusion")
+    s.set_defaults(func=_search)
+
+    d = isub.add_parser("delete", help="delete passages by id from a database collection")
+    _common(d, model=False)
+    d.add_argument("--ids", required=True, help="comma-separated document ids")
+    d.set_defaults(func=_delete)
