@@ -1,7 +1,7 @@
 """trine: multi-function (dense + lexical + multi-vector) text embeddings."""
 
 from trine.inference import Embedder, M3Embedder, Reranker
-from trine.modeling import CrossEncoder, TriHeadModel
+from trine.modeling import CrossEncoder, DecoderEmbedder, TriHeadModel
 from trine.retrieval import (
     BM25Index,
     DenseIndex,
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BM25Index",
     "CrossEncoder",
+    "DecoderEmbedder",
     "DenseIndex",
     "Embedder",
     "HybridRetriever",

@@ -27,6 +27,7 @@ from trine.inference.pool import (
     resolve_dtype,
 )
 from trine.inference.result import OUTPUTS, EncodeResult, check_outputs
+from trine.modeling.decoder import DecoderEmbedder
 from trine.modeling.families import inference_loader
 from trine.modeling.trihead import HeadInit, TriHeadModel
 
@@ -91,7 +92,7 @@ class Encoder(DeviceRunner):
         use_bf16: bool = False,
         devices: str | int | Sequence[str | int] | None = None,
         query_instruction_for_retrieval: str | None = None,
-        query_instruction_format: str = "{}{}",
+        query_instruction_format: str | None = None,
         passage_instruction_for_retrieval: str | None = None,
         passage_instruction_format: str = "{}{}",
         batch_size: int = 256,
@@ -132,7 +133,7 @@ class Encoder(DeviceRunner):
             if normalize_embeddings != model.normalize_embeddings:
                 raise ValueError(f"{model.path}: the ONNX graph was exported with normalize_embeddings="
                                  f"{model.normalize_embeddings}; it cannot be changed with backend='onnx'")
-        elif isinstance(model_name_or_path, TriHeadModel):
+        elif isinstance(model_name_or_path, (TriHeadModel, DecoderEmbedder)):
             model = model_name_or_path
             if pooling_method is not None:
                 model.pooling_method = pooling_method
@@ -161,7 +162,9 @@ class Encoder(DeviceRunner):
         self.model = model.eval()
         self.tokenizer = model.tokenizer
         self.query_instruction_for_retrieval = query_instruction_for_retrieval
-        self.query_instruction_format = query_instruction_format
+        # None: the model's own template (a decoder embedder's is FlagEmbedding's '<instruct>{}\n<query>{}')
+        self.query_instruction_format = query_instruction_format if query_instruction_format is not None else \
+            getattr(model, "default_query_instruction_format", "{}{}")
         self.passage_instruction_for_retrieval = passage_instruction_for_retrieval
         self.passage_instruction_format = passage_instruction_format
         self.batch_size = batch_size
@@ -307,6 +310,7 @@ class Encoder(DeviceRunner):
         missing = [o for o in outputs if o not in self.outputs]
         if missing:
             hint = ("the ONNX export has none, or was loaded as an Embedder" if self.backend == "onnx"
+                    else "a decoder embedder has only the dense output" if isinstance(self.model, DecoderEmbedder)
                     else "load it with its BGE-M3 heads (an M3Embedder)")
             raise ValueError(f"this model was loaded without heads (dense only): no {', '.join(missing)} output; "
                              + hint)

@@ -1,4 +1,5 @@
 from trine.modeling.cross_encoder import CrossEncoder
+from trine.modeling.decoder import DecoderEmbedder
 from trine.modeling.fusion import FusionSettings, read_fusion, write_fusion
 from trine.modeling.heads import colbert_vectors, lexical_matrix, lexical_token_weights
 from trine.modeling.pooling import POOLING_METHODS, pool
@@ -7,6 +8,7 @@ from trine.modeling.trihead import TriHeadModel, special_token_ids
 __all__ = [
     "POOLING_METHODS",
     "CrossEncoder",
+    "DecoderEmbedder",
     "FusionSettings",
     "TriHeadModel",
     "colbert_vectors",

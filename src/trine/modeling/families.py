@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trine.errors import OptionError
+from trine.modeling.lora import DECODER_TARGET_MODULES
 
 ROLES = ("embedder", "reranker", "pretraining")
 
@@ -29,6 +30,14 @@ class ModelFamily:
     description: str = ""
     # (path, **options) -> the model at inference (embedder families: what trine.inference.Encoder runs)
     load: Callable[..., Any] | None = None
+    # LoRA (use_lora): the attribute of the built model holding the transformers model the adapter goes on,
+    # the peft task type it is (trine.modeling.lora.TASK_TYPES), and modules always trained in full;
+    # None: the family takes no LoRA
+    lora_attribute: str | None = None
+    lora_task_type: str = "FEATURE_EXTRACTION"
+    lora_modules_to_save: tuple[str, ...] = ()
+    # the modules LoRA adapts when target_modules is not given (None: peft's default for the architecture)
+    lora_target_modules: tuple[str, ...] | None = None
 
 
 FAMILIES: dict[str, ModelFamily] = {}
@@ -68,8 +77,18 @@ def _load_trihead(path: str, **options: Any) -> Any:
 
 def build_model(model_args: Any, args: Any, role: str, **context: Any) -> Any:
     """The model ``model_args.model_family`` builds for a command of ``role`` (``context``: see
-    :attr:`ModelFamily.from_arguments`)."""
-    return get_family(model_args.model_family, role).from_arguments(model_args, args, **context)
+    :attr:`ModelFamily.from_arguments`), with a new LoRA adapter when the arguments say ``use_lora``."""
+    family = get_family(model_args.model_family, role)
+    model = family.from_arguments(model_args, args, **context)
+    if getattr(model_args, "use_lora", False):
+        from trine.modeling.lora import LoraOptions, add_lora
+
+        if family.lora_attribute is None:
+            raise OptionError(f"use_lora: model_family {family.name!r} takes no LoRA adapter")
+        add_lora(getattr(model, family.lora_attribute), LoraOptions.from_arguments(model_args),
+                 base_path=model_args.model_name_or_path, task_type=family.lora_task_type,
+                 default_targets=family.lora_target_modules, extra_modules_to_save=family.lora_modules_to_save)
+    return model
 
 
 # ------------------------------------------------------------------------------------- built-ins
@@ -104,6 +123,45 @@ def _cross_encoder(model_args: Any, args: Any, **context: Any) -> Any:
                                         attn_implementation=model_args.attn_implementation)
 
 
+def _load_cross_encoder(path: str, **options: Any) -> Any:
+    from trine.modeling.cross_encoder import CrossEncoder
+
+    return CrossEncoder.from_pretrained(path, **options)
+
+
+def _llm_reranker(model_args: Any, args: Any, **context: Any) -> Any:
+    from trine.modeling.llm_reranker import LLMReranker
+
+    return LLMReranker.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code,
+                                       attn_implementation=model_args.attn_implementation)
+
+
+def _load_llm_reranker(path: str, **options: Any) -> Any:
+    from trine.modeling.llm_reranker import LLMReranker
+
+    return LLMReranker.from_pretrained(path, **options)
+
+
+def _decoder(model_args: Any, args: Any, **context: Any) -> Any:
+    from trine.modeling.decoder import DecoderEmbedder
+
+    return DecoderEmbedder.from_pretrained(
+        model_args.model_name_or_path,
+        pooling_method=model_args.sentence_pooling_method,
+        normalize_embeddings=model_args.normalize_embeddings,
+        trust_remote_code=model_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+    )
+
+
+def _load_decoder(path: str, *, with_heads: bool = False, **options: Any) -> Any:
+    from trine.modeling.decoder import DecoderEmbedder
+
+    # the head set-up options (colbert_dim, init_missing_heads, ...) come only with with_heads, refused there
+    return DecoderEmbedder.from_pretrained(path, with_heads=with_heads,
+                                           **({} if with_heads else options))
+
+
 def _retromae(model_args: Any, args: Any, **context: Any) -> Any:
     from trine.modeling.retromae import RetroMAEModel
 
@@ -118,8 +176,19 @@ def _retromae(model_args: Any, args: Any, **context: Any) -> Any:
 
 
 register_family(ModelFamily("trihead", "embedder", _trihead,
-                            "any transformers encoder + lexical and ColBERT heads (BGE-M3 layout)", _load_trihead))
+                            "any transformers encoder + lexical and ColBERT heads (BGE-M3 layout)", _load_trihead,
+                            lora_attribute="backbone"))
+register_family(ModelFamily("decoder", "embedder", _decoder,
+                            "any decoder-only (causal LM) backbone, last-token pooling of an appended EOS, dense "
+                            "only (FlagEmbedding's FlagLLMModel)", _load_decoder, lora_attribute="backbone",
+                            lora_target_modules=DECODER_TARGET_MODULES))
 register_family(ModelFamily("cross-encoder", "reranker", _cross_encoder,
-                            "a sequence-classification encoder with one label (FlagReranker's)"))
+                            "a sequence-classification encoder with one label (FlagReranker's)",
+                            _load_cross_encoder, lora_attribute="model", lora_task_type="SEQ_CLS",
+                            lora_modules_to_save=("classifier", "score")))
+register_family(ModelFamily("llm-reranker", "reranker", _llm_reranker,
+                            "a decoder-only (causal LM) reranker: the logit of 'Yes' after FlagEmbedding's prompt "
+                            "(FlagLLMReranker)", _load_llm_reranker, lora_attribute="model",
+                            lora_task_type="CAUSAL_LM", lora_target_modules=DECODER_TARGET_MODULES))
 register_family(ModelFamily("retromae", "pretraining", _retromae,
                             "a masked-LM encoder with RetroMAE's one-layer enhanced decoder"))

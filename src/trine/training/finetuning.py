@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from trine.errors import OptionError
 from trine.modeling.families import build_model
 from trine.training.arguments import DataArguments, EmbedderTrainingArguments, ModelArguments
 from trine.training.collator import EmbedderCollator
@@ -22,6 +23,19 @@ from trine.training.trainer import EmbedderTrainer, EpochPlanCallback, Retrieval
 logger = logging.getLogger(__name__)
 
 
+class ExamplesCollator(EmbedderCollator):
+    """The collator with FlagEmbedding's in-context examples before each query (ICL training of a decoder)."""
+
+    def __init__(self, tokenizer, examples, **options):  # noqa: ANN001
+        super().__init__(tokenizer, **options)
+        self.examples = examples
+
+    def texts(self, items):  # noqa: ANN001
+        queries, passages, teacher = super().texts(items)
+        group = len(passages) // len(queries)
+        return self.examples(queries, passages[::group]), passages, teacher  # each group's first is its positive
+
+
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, EmbedderTrainingArguments]:
     return parse_config(argv, (ModelArguments, DataArguments, EmbedderTrainingArguments))
 
@@ -33,6 +47,8 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: Em
     if model_args.init_missing_heads == "bm25":  # the lexical head is fitted on the training passages
         context = {"passages": training_passages(files), "passage_max_len": data_args.passage_max_len}
     encoder = build_model(model_args, args, "embedder", **context)
+    if data_args.query_instruction_format is None:  # the family's template (a decoder's: FlagEmbedding's)
+        data_args.query_instruction_format = getattr(encoder, "default_query_instruction_format", "{}{}")
     if args.negatives_cross_device and args.world_size == 1:
         logger.warning("negatives_cross_device is on but only one process runs: no extra negatives")
     model = EmbedderTrainingModel(
@@ -55,8 +71,22 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: Em
         ),
     )
     dataset = plan_dataset(files, data_args, args)
-    collator = EmbedderCollator(encoder.tokenizer, **collator_options(
-        data_args, data_args.query_instruction_for_retrieval, data_args.passage_instruction_for_retrieval))
+    options = collator_options(data_args, data_args.query_instruction_for_retrieval,
+                               data_args.passage_instruction_for_retrieval)
+    if data_args.retrieval_use_examples:
+        from trine.modeling.decoder import DecoderEmbedder, InContextExamples
+
+        if not isinstance(encoder, DecoderEmbedder):
+            raise OptionError("retrieval_use_examples: in-context examples are for decoder models (model_family "
+                              "'decoder')")
+        examples = InContextExamples(
+            encoder.tokenizer, query_max_len=data_args.query_max_len,
+            example_query_max_len=data_args.example_query_max_len,
+            example_passage_max_len=data_args.example_passage_max_len,
+            suffix=data_args.icl_suffix_str.replace("\\n", "\n"), seed=args.seed)
+        collator = ExamplesCollator(encoder.tokenizer, examples, **options)
+    else:
+        collator = EmbedderCollator(encoder.tokenizer, **options)
     eval_set = None
     if args.retrieval_eval_steps:
         if not data_args.eval_data:

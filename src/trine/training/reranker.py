@@ -9,10 +9,16 @@ cross-encoder. Losses (``reranker_loss``):
 With ``knowledge_distillation`` the teacher's ``pos_scores``/``neg_scores`` (softmax over the
 group, no temperature) add a KL term on the group's logits (``kd_loss_type`` ``kl_div``), or
 replace the cross-entropy with BGE-M3's listwise ``m3_kd_loss``.
+
+``model_family llm-reranker`` trains a decoder-only reranker (FlagEmbedding's decoder-only reranker): each
+pair's score is the "Yes" logit after the prompt, the pair built with FlagEmbedding's training lengths
+(:meth:`trine.modeling.llm_reranker.LLMReranker.tokenize_training_pairs`), and a record's ``prompt`` is the LLM
+prompt of its pairs (FlagEmbedding's meaning for this reranker), not a query instruction.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -25,7 +31,8 @@ from transformers import set_seed
 from trine.inference.batching import pad_batch
 from trine.modeling.cross_encoder import CrossEncoder
 from trine.modeling.families import build_model
-from trine.training.arguments import SafeTrainingArguments, TrainDataArguments
+from trine.modeling.llm_reranker import LLMReranker
+from trine.training.arguments import LoraArguments, SafeTrainingArguments, TrainDataArguments
 from trine.training.collator import EmbedderCollator
 from trine.training.common import collator_options, load_data, parse_config, plan_dataset, run_cli, train_and_save
 from trine.training.losses import KD_LOSS_TYPES, ScoreBatch, objective, teacher_distribution
@@ -38,12 +45,15 @@ RERANKER_LOSSES = ("group_ce", "bce")
 
 
 @dataclass
-class RerankerModelArguments:
+class RerankerModelArguments(LoraArguments):
     model_name_or_path: str = field(metadata={"help": "a reranker folder, or a backbone (a new classifier starts)"})
     trust_remote_code: bool = field(default=False)
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, eager, ... (transformers)"})
     model_family: str = field(default="cross-encoder", metadata={"help": "a registered reranker model family "
                                                                          "(trine.modeling.families)"})
+
+    def __post_init__(self) -> None:
+        self.check_lora()
 
 
 @dataclass
@@ -76,12 +86,14 @@ class RerankerTrainingArguments(SafeTrainingArguments):
 class RerankerCollator(EmbedderCollator):
     """A planned batch -> padded (query, passage) pairs, each query's group contiguous."""
 
-    def __init__(self, model: CrossEncoder, **kwargs: Any):
+    def __init__(self, model: CrossEncoder | LLMReranker, **kwargs: Any):
         super().__init__(model.tokenizer, **kwargs)
         self.model = model
         self.max_len = self.query_max_len + self.passage_max_len
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        if isinstance(self.model, LLMReranker):
+            return self._llm_pairs(items)
         queries, passages, teacher = self.texts(items)
         group = len(passages) // len(queries)
         ids, types = self.model.tokenize_pairs([q for q in queries for _ in range(group)], passages,
@@ -90,11 +102,24 @@ class RerankerCollator(EmbedderCollator):
                           pad_to_multiple_of=self.pad_to_multiple_of)
         return {"pairs": pairs, "teacher_scores": teacher, "group_size": group}
 
+    def _llm_pairs(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """An LLM reranker's pairs: a record's ``prompt`` is the prompt after its pairs, not a query instruction."""
+        prompts = [ex.prompt for item in items for ex in item["examples"]]
+        queries, passages, teacher = self.texts(
+            [{**item, "examples": [dataclasses.replace(ex, prompt=None) for ex in item["examples"]]} for item in items])
+        group = len(passages) // len(queries)
+        ids = self.model.tokenize_training_pairs([q for q in queries for _ in range(group)], passages,
+                                                 query_max_len=self.query_max_len, passage_max_len=self.passage_max_len,
+                                                 prompts=[p for p in prompts for _ in range(group)])
+        pairs = pad_batch(ids, self.tokenizer.pad_token_id, "cpu", pad_to_multiple_of=self.pad_to_multiple_of)
+        return {"pairs": pairs, "teacher_scores": teacher, "group_size": group}
+
 
 class RerankerTrainingModel(nn.Module):
     """A cross-encoder plus its loss; ``encoder`` is the model the trainer saves and resumes."""
 
-    def __init__(self, encoder: CrossEncoder, *, reranker_loss: str = "group_ce", kd_loss_type: str = "kl_div"):
+    def __init__(self, encoder: CrossEncoder | LLMReranker, *, reranker_loss: str = "group_ce",
+                 kd_loss_type: str = "kl_div"):
         super().__init__()
         if reranker_loss not in RERANKER_LOSSES:
             raise ValueError(f"reranker_loss must be one of {RERANKER_LOSSES}, got {reranker_loss!r}")
