@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-from trine.cli import curation, demo, evaluation, export, serving, training
+from trine.cli import curation, demo, encode, evaluation, export, generate, index, lora, serving, training
 from trine.cli.parser import TrineArgumentParser, parse_command
 from trine.errors import OptionError, report_user_errors
 
@@ -17,11 +17,15 @@ def build_parser() -> TrineArgumentParser:
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
     curation.add_parsers(sub)
+    generate.add_parsers(sub)
     training.add_parsers(sub)
     demo.add_parsers(sub)
     evaluation.add_parsers(sub)
     serving.add_parsers(sub)
     export.add_parsers(sub)
+    index.add_parsers(sub)
+    encode.add_parsers(sub)
+    lora.add_parsers(sub)
     return parser
 
 

@@ -38,7 +38,9 @@ logger = logging.getLogger(__name__)
 
 # ``category``: the label of a symmetric_clustering record (FlagEmbedding's in-context-learning
 # model shows it as an example; trine keeps it on the record and trains nothing from it)
-KNOWN_FIELDS = {"query", "pos", "neg", "pos_scores", "neg_scores", "prompt", "type", "batch_size", "category"}
+# ``generator``: how `trine generate-queries` made the record (model, prompt hash, options); provenance only
+KNOWN_FIELDS = {"query", "pos", "neg", "pos_scores", "neg_scores", "prompt", "type", "batch_size", "category",
+                "generator"}
 SUPPORTED_TYPES = ("normal", "only_1neg", "symmetric_class", "symmetric_clustering", "symmetric_sts")
 SYMMETRIC_PASSAGE_TYPES = ("symmetric_sts", "symmetric_clustering")  # passages take the query instruction
 NO_IN_BATCH_NEG_SUFFIX = "no_in_batch_neg"

@@ -17,8 +17,35 @@ from trine.training.model import TRAINING_MODES, check_matryoshka
 logger = logging.getLogger(__name__)
 
 
+@dataclass(kw_only=True)
+class LoraArguments:
+    """LoRA options (FlagEmbedding's names), shared by the embedder and reranker model arguments."""
+
+    use_lora: bool = field(default=False, metadata={"help": "train a LoRA adapter (peft) instead of the backbone; "
+                                                            "checkpoints are adapter folders (trine merge-lora "
+                                                            "merges)"})
+    lora_rank: int = field(default=64, metadata={"help": "LoRA rank (FlagEmbedding's default)"})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "dropout of the LoRA layers"})
+    target_modules: list[str] | None = field(
+        default=None, metadata={"help": "modules LoRA adapts (default: a decoder's q/k/v/o/gate/up/down projections "
+                                        "as FlagEmbedding; peft's default for the architecture otherwise)"}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "modules trained in full and saved beside the adapter"}
+    )
+
+    def check_lora(self) -> None:
+        if not self.use_lora and (self.target_modules or self.modules_to_save):
+            raise ValueError("target_modules and modules_to_save configure LoRA: they need use_lora")
+        if self.use_lora:
+            from trine.modeling.lora import LoraOptions
+
+            LoraOptions.from_arguments(self)  # checks the values
+
+
 @dataclass
-class ModelArguments:
+class ModelArguments(LoraArguments):
     model_name_or_path: str = field(metadata={"help": "model folder (a backbone, or a tri-head BGE-M3 folder)"})
     sentence_pooling_method: str | None = field(
         default=None, metadata={"help": "cls, mean or last_token (default: the folder's sentence-transformers config, "
@@ -38,8 +65,8 @@ class ModelArguments:
         default=None, metadata={"help": "transformers attention implementation: sdpa, eager, ... "
                                         "(default: the transformers default)"}
     )
-
     def __post_init__(self) -> None:
+        self.check_lora()
         if self.sentence_pooling_method is not None:
             check_pooling_method(self.sentence_pooling_method)
         if self.init_missing_heads is not None and self.init_missing_heads not in HEAD_INITS:
@@ -120,9 +147,22 @@ class TrainDataArguments:
 @dataclass
 class DataArguments(TrainDataArguments):
     query_instruction_for_retrieval: str | None = field(default=None)
-    query_instruction_format: str = field(default="{}{}")
+    query_instruction_format: str | None = field(
+        default=None, metadata={"help": "how the instruction and the query join (default: the model family's: "
+                                        "'<instruct>{}\\n<query>{}' for decoder models, '{}{}' otherwise)"}
+    )
     passage_instruction_for_retrieval: str | None = field(default=None)
     passage_instruction_format: str = field(default="{}{}")
+    retrieval_use_examples: bool = field(
+        default=False, metadata={"help": "decoder models (FlagEmbedding's ICL training): each query gets 0-5 "
+                                         "in-context examples, (query, positive) pairs of other queries of its batch"}
+    )
+    example_query_max_len: int = field(default=64, metadata={"help": "ICL: tokens kept of an example's query"})
+    example_passage_max_len: int = field(default=96, metadata={"help": "ICL: tokens kept of an example's passage"})
+    icl_suffix_str: str = field(
+        default="\n<response>", metadata={"help": "ICL: what ends each query and joins an example's query and "
+                                                  "passage (FlagICLModel's suffix)"}
+    )
     eval_data: str | None = field(
         default=None, metadata={"help": "held-out retrieval set (BEIR or FlagEmbedding custom layout) for eval"}
     )
@@ -177,6 +217,21 @@ class EmbedderTrainingArguments(SafeTrainingArguments):
     ensemble_loss_weight: float = field(default=1.0)
     retrieval_eval_steps: int = field(
         default=0, metadata={"help": "every N steps (and before training) log nDCG@10 and MRR@10 on eval_data"}
+    )
+    diagnostics_steps: int = field(
+        default=0, metadata={"help": "every N steps (and at step 1) diagnose the batch in memory: in-batch accuracy, "
+                                     "score margins, false-negative suspects, alignment/uniformity, lexical sparsity; "
+                                     "a report with plots in diagnostics_dir (0: off)"}
+    )
+    diagnostics_dir: str | None = field(
+        default=None, metadata={"help": "where the diagnostics go (default: <output_dir>/diagnostics)"}
+    )
+    diagnostics_collapse_cosine: float = field(
+        default=0.99, metadata={"help": "warn of collapse when the mean cosine between a batch's passages reaches this"}
+    )
+    diagnostics_max_suspects: int = field(
+        default=20, metadata={"help": "false-negative suspects (hard negatives above their positive) written per "
+                                      "record"}
     )
     matryoshka_dims: list[int] | None = field(
         default=None, metadata={"help": "Matryoshka training: the dense loss becomes the weighted sum of the loss of "

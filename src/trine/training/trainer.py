@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from trine.cards import write_card
 from trine.errors import OptionError
 from trine.io import (
     atomic_folder,
@@ -30,7 +32,7 @@ from trine.training.dataset import EpochPlanDataset
 from trine.training.gradcache import gradcache_step
 
 # What a final save keeps from the run's folder beside the new model: checkpoints and logs.
-CARRY_OVER = (f"{PREFIX_CHECKPOINT_DIR}-*", "runs")
+CARRY_OVER = (f"{PREFIX_CHECKPOINT_DIR}-*", "runs", "diagnostics")
 _STAGE_PREFIX = ".tmp-" + PREFIX_CHECKPOINT_DIR
 
 
@@ -105,6 +107,15 @@ class EmbedderTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._parts: dict[str, list[float]] = defaultdict(list)
+        self.diagnostics = None  # diagnostics_steps: trine.training.diagnostics, fed from the batch in memory
+        if getattr(self.args, "diagnostics_steps", 0):
+            from trine.training.diagnostics import TrainingDiagnostics
+
+            self.diagnostics = TrainingDiagnostics.from_args(self.args)
+            self.add_callback(self.diagnostics)
+
+    def _diagnosed(self, inputs: dict[str, Any]) -> contextlib.AbstractContextManager:
+        return self.diagnostics.capture(self, inputs) if self.diagnostics is not None else contextlib.nullcontext()
 
     def get_train_dataloader(self) -> DataLoader:
         return DataLoader(
@@ -139,12 +150,13 @@ class EmbedderTrainer(Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         inputs = self._prepare_inputs(inputs)
-        out = gradcache_step(
-            model, self.accelerator.unwrap_model(model), inputs["queries"], inputs["passages"],
-            teacher_scores=inputs["teacher_scores"], in_batch_negatives=inputs["in_batch_negatives"],
-            chunk_size=chunk, max_tokens=budget, backward=self.accelerator.backward,
-            loss_scale=self.current_gradient_accumulation_steps, autocast=self.compute_loss_context_manager,
-        )
+        with self._diagnosed(inputs):
+            out = gradcache_step(
+                model, self.accelerator.unwrap_model(model), inputs["queries"], inputs["passages"],
+                teacher_scores=inputs["teacher_scores"], in_batch_negatives=inputs["in_batch_negatives"],
+                chunk_size=chunk, max_tokens=budget, backward=self.accelerator.backward,
+                loss_scale=self.current_gradient_accumulation_steps, autocast=self.compute_loss_context_manager,
+            )
         self._record(out)
         return out["loss"].detach() / self.current_gradient_accumulation_steps
 
@@ -160,7 +172,8 @@ class EmbedderTrainer(Trainer):
         return self.train_dataset.num_examples // self.args.world_size
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
-        out = model(**inputs)
+        with self._diagnosed(inputs):
+            out = model(**inputs)
         self._record(out)
         return (out["loss"], out) if return_outputs else out["loss"]
 
@@ -221,6 +234,9 @@ class EmbedderTrainer(Trainer):
         rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
+    #: ``(folder, log_history) -> trine.cards.ModelCard`` for the final model's card (set by the recipe)
+    model_card: Any = None
+
     def save_final(self, output_dir: str | None = None) -> str:
         """The trained model, atomically: written beside ``output_dir``, the run's checkpoints and logs
         carried over (hard links), then swapped in whole; files of an earlier model never remain."""
@@ -229,6 +245,8 @@ class EmbedderTrainer(Trainer):
         if self.args.should_save:
             with atomic_folder(output_dir, overwrite=True, carry_over=CARRY_OVER) as tmp:
                 self._save(tmp)
+                if self.model_card is not None:  # README.md: how this model was made (trine.cards)
+                    write_card(tmp, self.model_card(tmp, self.state.log_history), name=os.path.basename(output_dir))
         self.accelerator.wait_for_everyone()
         return output_dir
 
