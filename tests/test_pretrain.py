@@ -303,8 +303,8 @@ def test_cli_writes_an_encoder_that_finetune_takes(tmp_path, splade_tiny_dir):
     out = tmp_path / "pre"
     assert cli_main(["pretrain", *argv(splade_tiny_dir, data, out, max_steps=3, save_steps=100)]) == 0
     encoder = out / "encoder_model"
-    assert sorted(set(os.listdir(encoder)) - {MARKER}) == ["config.json", "model.safetensors", "tokenizer.json",
-                                           "tokenizer_config.json"]
+    assert sorted(set(os.listdir(encoder)) - {MARKER}) == ["README.md", "config.json", "model.safetensors",
+                                                           "tokenizer.json", "tokenizer_config.json", "trine_card.json"]
     saved, start = weights(encoder), weights(splade_tiny_dir)
     assert any(not torch.equal(saved[k], start[k]) for k in saved if k in start)
 

@@ -1,7 +1,7 @@
 """trine: multi-function (dense + lexical + multi-vector) text embeddings."""
 
 from trine.inference import Embedder, M3Embedder, Reranker
-from trine.modeling import CrossEncoder, DecoderEmbedder, TriHeadModel
+from trine.modeling import CrossEncoder, DecoderEmbedder, LLMReranker, TriHeadModel
 from trine.retrieval import (
     BM25Index,
     DenseIndex,
@@ -20,6 +20,7 @@ __all__ = [
     "DenseIndex",
     "Embedder",
     "HybridRetriever",
+    "LLMReranker",
     "M3Embedder",
     "MultiVectorIndex",
     "QueryReps",

@@ -140,7 +140,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     help="query tokens (FlagEmbedding's name; --query-max-length is the old spelling)")
     ev.add_argument("--passage_max_len", "--passage-max-length", type=int, default=512,
                     help="passage tokens (FlagEmbedding's name; --passage-max-length is the old spelling)")
-    ev.add_argument("--reranker", default=None, help="cross-encoder folder: also report rerank(<mode>)")
+    ev.add_argument("--reranker", default=None, help="reranker folder (cross-encoder or LLM reranker): also report "
+                    "rerank(<mode>)")
     ev.add_argument("--rerank-modes", default="dense", help="first-stage modes the reranker re-orders")
     ev.add_argument("--reranker-top-k", type=int, default=100, help="candidates per query the reranker scores")
     ev.add_argument("--reranker-max-length", type=int, default=512, help="query + passage tokens per pair")

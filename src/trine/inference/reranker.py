@@ -13,7 +13,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch import nn
 
+from trine.errors import OptionError
 from trine.inference.batching import pad_batch, run_batched
 from trine.inference.pool import (
     DeviceRunner,
@@ -23,7 +25,12 @@ from trine.inference.pool import (
     resolve_devices,
     resolve_dtype,
 )
-from trine.modeling.cross_encoder import CrossEncoder
+from trine.modeling.families import inference_loader
+from trine.modeling.llm_reranker import reranker_family
+
+#: an instruction left unset: the model family's default (none for a cross-encoder; FlagLLMReranker's "A: " /
+#: "B: " for an LLM reranker); None: no instruction
+FAMILY_DEFAULT: Any = type("FamilyDefault", (), {"__repr__": lambda self: "FAMILY_DEFAULT"})()
 
 
 def _format(instruction: str | None, instruction_format: str, text: str) -> str:
@@ -33,23 +40,28 @@ def _format(instruction: str | None, instruction_format: str, text: str) -> str:
 
 
 class Reranker(DeviceRunner):
-    """Relevance scores from a cross-encoder.
+    """Relevance scores from a reranker: a cross-encoder, or a decoder-only LLM reranker (the logit of "Yes"
+    after ``prompt``, FlagEmbedding's ``FlagLLMReranker``). ``model_family``: a registered reranker family
+    (``cross-encoder``, ``llm-reranker``); unset, the folder says (:func:`trine.modeling.llm_reranker.reranker_family`).
 
     ``query_max_length`` (default 3/4 of ``max_length``) caps the query's tokens; the passage
     gets the rest of ``max_length`` (special tokens included). ``normalize`` applies a sigmoid.
     Instructions: ``query_instruction_for_rerank`` with ``query_instruction_format`` (and the
-    passage equivalents), as FlagEmbedding.
+    passage equivalents), as FlagEmbedding; unset, the family's defaults. ``prompt``: an LLM reranker's prompt
+    (unset: the one its folder records, else FlagEmbedding's).
     """
 
     def __init__(
         self,
-        model_name_or_path: str | os.PathLike | CrossEncoder,
+        model_name_or_path: str | os.PathLike | nn.Module,
         *,
+        model_family: str | None = None,
+        prompt: str | None = None,
         use_fp16: bool = False,
         use_bf16: bool = False,
-        query_instruction_for_rerank: str | None = None,
+        query_instruction_for_rerank: str | None = FAMILY_DEFAULT,
         query_instruction_format: str = "{}{}",
-        passage_instruction_for_rerank: str | None = None,
+        passage_instruction_for_rerank: str | None = FAMILY_DEFAULT,
         passage_instruction_format: str = "{}{}",
         devices: str | int | Sequence[str | int] | None = None,
         batch_size: int = 128,
@@ -63,17 +75,25 @@ class Reranker(DeviceRunner):
         check_token_budget(max_tokens_per_batch)
         self.devices = resolve_devices(devices)
         self.dtype = resolve_dtype(use_fp16, use_bf16)
-        if isinstance(model_name_or_path, CrossEncoder):
+        if isinstance(model_name_or_path, nn.Module):
             model = model_name_or_path
         else:
-            model = CrossEncoder.from_pretrained(model_name_or_path, dtype=self.dtype,
-                                                 trust_remote_code=trust_remote_code)
+            family = model_family or reranker_family(model_name_or_path)
+            model = inference_loader(family, "reranker")(model_name_or_path, dtype=self.dtype,
+                                                         trust_remote_code=trust_remote_code)
+        self.model = model
+        self._check_prompt(prompt)
+        if query_instruction_for_rerank is FAMILY_DEFAULT:
+            query_instruction_for_rerank = getattr(model, "default_query_instruction", None)
+        if passage_instruction_for_rerank is FAMILY_DEFAULT:
+            passage_instruction_for_rerank = getattr(model, "default_passage_instruction", None)
         batch_size = check_positive_int("batch_size", batch_size)
         max_length = check_max_length("max_length", max_length, model.max_positions)
         if query_max_length is not None:
             query_max_length = check_positive_int("query_max_length", query_max_length)
-        self.model = model.eval()
+        self.model.eval()
         self.tokenizer = model.tokenizer
+        self.prompt = prompt
         self.query_instruction_for_rerank = query_instruction_for_rerank
         self.query_instruction_format = query_instruction_format
         self.passage_instruction_for_rerank = passage_instruction_for_rerank
@@ -88,12 +108,21 @@ class Reranker(DeviceRunner):
         if len(self.devices) == 1:
             self._move_to(self.devices[0])
 
+    def _check_prompt(self, prompt: str | None) -> None:
+        if prompt is not None and not hasattr(self.model, "prompt"):
+            raise OptionError(f"prompt: a {type(self.model).__name__} takes no prompt (an LLM reranker's option)")
+        if prompt is not None and not isinstance(prompt, str):
+            raise OptionError(f"prompt: must be a string, got {type(prompt).__name__}")
+
     @torch.inference_mode()
     def _score_chunk(
-        self, pairs: list[tuple[str, str]], *, device: str, batch_size: int, query_max_length: int, max_length: int
+        self, pairs: list[tuple[str, str]], *, device: str, batch_size: int, query_max_length: int, max_length: int,
+        prompt: str | None = None,
     ) -> list[float]:
+        # an LLM reranker's prompt, when one is given (else the model's own)
+        extra = {"prompts": [prompt] * len(pairs)} if prompt is not None else {}
         ids, types = self.model.tokenize_pairs([p[0] for p in pairs], [p[1] for p in pairs],
-                                               query_max_length=query_max_length, max_length=max_length)
+                                               query_max_length=query_max_length, max_length=max_length, **extra)
         pad_id = self.tokenizer.pad_token_id
 
         def run(idx: np.ndarray) -> list[float]:
@@ -111,8 +140,10 @@ class Reranker(DeviceRunner):
         query_max_length: int | None = None,
         max_length: int | None = None,
         normalize: bool | None = None,
+        prompt: str | None = None,
     ) -> list[float]:
-        """One score per pair (a list, also for a single pair, as FlagEmbedding)."""
+        """One score per pair (a list, also for a single pair, as FlagEmbedding); ``prompt``: an LLM reranker's
+        prompt for this call (unset: the reranker's)."""
         single = len(sentence_pairs) == 2 and isinstance(sentence_pairs[0], str)
         pairs = [tuple(sentence_pairs)] if single else [tuple(p) for p in sentence_pairs]
         for i, p in enumerate(pairs):
@@ -132,8 +163,9 @@ class Reranker(DeviceRunner):
              _format(self.passage_instruction_for_rerank, self.passage_instruction_format, p))
             for q, p in pairs
         ]
-        chunks = self._run("_score_chunk", pairs, batch_size=batch_size,
-                           query_max_length=query_max_length, max_length=max_length)
+        self._check_prompt(prompt)
+        chunks = self._run("_score_chunk", pairs, batch_size=batch_size, query_max_length=query_max_length,
+                           max_length=max_length, prompt=self.prompt if prompt is None else prompt)
         scores = np.array([s for chunk in chunks for s in chunk], dtype=np.float64)
         if normalize if normalize is not None else self.normalize:
             scores = 1.0 / (1.0 + np.exp(-scores))

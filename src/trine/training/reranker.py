@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,10 +29,11 @@ import torch
 from torch import nn
 from transformers import set_seed
 
+from trine.errors import OptionError
 from trine.inference.batching import pad_batch
 from trine.modeling.cross_encoder import CrossEncoder
 from trine.modeling.families import build_model
-from trine.modeling.llm_reranker import LLMReranker
+from trine.modeling.llm_reranker import FAMILY_FILE, LLMReranker, read_family_file
 from trine.training.arguments import LoraArguments, SafeTrainingArguments, TrainDataArguments
 from trine.training.collator import EmbedderCollator
 from trine.training.common import collator_options, load_data, parse_config, plan_dataset, run_cli, train_and_save
@@ -54,6 +56,11 @@ class RerankerModelArguments(LoraArguments):
 
     def __post_init__(self) -> None:
         self.check_lora()
+        recorded = read_family_file(self.model_name_or_path) if os.path.isdir(self.model_name_or_path) else None
+        if recorded is not None and recorded["model_family"] != self.model_family:
+            raise OptionError(f"model_family: {self.model_name_or_path} is a {recorded['model_family']!r} reranker "
+                              f"({FAMILY_FILE}); pass --model_family {recorded['model_family']}, not "
+                              f"{self.model_family!r}")
 
 
 @dataclass
@@ -66,6 +73,9 @@ class RerankerDataArguments(TrainDataArguments):
     query_instruction_format: str = field(default="{}{}")
     passage_instruction_for_rerank: str | None = field(default=None)
     passage_instruction_format: str = field(default="{}{}")
+    sep_token: str | None = field(default=None, metadata={"help": "llm-reranker: the separator between query, "
+                                                                  "passage and prompt (unset: the one the model folder "
+                                                                  "records, else a newline)"})
 
 
 @dataclass
@@ -156,6 +166,11 @@ def build_reranker_trainer(model_args: RerankerModelArguments, data_args: Rerank
     files = load_data(data_args)
     set_seed(args.seed)  # a new classifier starts the same on every rank and in every run
     encoder = build_model(model_args, args, "reranker")
+    if data_args.sep_token is not None:
+        if not isinstance(encoder, LLMReranker):
+            raise OptionError(f"sep_token: model_family {model_args.model_family!r} takes no separator (an "
+                              "llm-reranker's option)")
+        encoder.set_sep_token(data_args.sep_token)
     model = RerankerTrainingModel(encoder, reranker_loss=args.reranker_loss, kd_loss_type=args.kd_loss_type)
     dataset = plan_dataset(files, data_args, args)
     collator = RerankerCollator(encoder, **collator_options(
