@@ -218,6 +218,34 @@ class EmbedderTrainingArguments(SafeTrainingArguments):
     retrieval_eval_steps: int = field(
         default=0, metadata={"help": "every N steps (and before training) log nDCG@10 and MRR@10 on eval_data"}
     )
+    dynamic_negatives_steps: int = field(
+        default=0, metadata={"help": "every N steps re-mine each query's negatives with the model being trained "
+                                     "(ANCE-style; `trine mine`'s selection rule), swapped in without a restart; "
+                                     "0: off (trine.training.dynamic_negatives)"}
+    )
+    dynamic_negatives_epochs: int = field(
+        default=0, metadata={"help": "re-mine dynamic negatives at the start of every N-th epoch (after the first); "
+                                     "0: off (with dynamic_negatives_steps both apply)"}
+    )
+    dynamic_negatives_range: str = field(
+        default="2-100", metadata={"help": "dynamic negatives: ranks to sample from, 0-based, end exclusive "
+                                           "(`trine mine --range_for_sampling`)"}
+    )
+    dynamic_negatives_number: int = field(
+        default=15, metadata={"help": "dynamic negatives per query (`trine mine --negative_number`)"}
+    )
+    dynamic_negatives_relative_margin: float | None = field(
+        default=None, metadata={"help": "dynamic negatives: drop candidates scoring above (1 - margin) x the lowest "
+                                        "positive score (`trine mine --relative_margin`)"}
+    )
+    dynamic_negatives_hybrid_weights: list[float] | None = field(
+        default=None, metadata={"help": "dynamic negatives: rank by w_dense * dense + w_sparse * lexical (two "
+                                        "numbers; a model with heads; `trine mine --hybrid_weights`)"}
+    )
+    dynamic_negatives_candidate_pool: str | None = field(
+        default=None, metadata={"help": 'dynamic negatives: JSONL of {"text"} added to the training passages as '
+                                        "the pool (`trine mine --candidate_pool`)"}
+    )
     diagnostics_steps: int = field(
         default=0, metadata={"help": "every N steps (and at step 1) diagnose the batch in memory: in-batch accuracy, "
                                      "score margins, false-negative suspects, alignment/uniformity, lexical sparsity; "
@@ -264,6 +292,24 @@ class EmbedderTrainingArguments(SafeTrainingArguments):
         if self.training_mode not in TRAINING_MODES:
             raise ValueError(f"training_mode must be one of {TRAINING_MODES}, got {self.training_mode!r}")
         self._resolve_matryoshka()
+        self._check_dynamic_negatives()
+
+    def _check_dynamic_negatives(self) -> None:
+        for name in ("dynamic_negatives_steps", "dynamic_negatives_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.dynamic_negatives_steps or self.dynamic_negatives_epochs):
+            return
+        from trine.curation.mining import parse_range
+
+        try:
+            parse_range(self.dynamic_negatives_range)
+        except ValueError as err:
+            raise ValueError(f"dynamic_negatives_range: {err}") from None
+        if self.dataloader_num_workers:
+            raise ValueError("dynamic negatives are swapped in the main process's dataset; "
+                             f"dataloader_num_workers={self.dataloader_num_workers} would keep stale copies in the "
+                             "worker processes: use 0")
 
     def _resolve_matryoshka(self) -> None:
         """FlagEmbedding's ``use_mrl``/``mrl_dims`` into ``matryoshka_dims``/``matryoshka_weights``

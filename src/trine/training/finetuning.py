@@ -94,6 +94,9 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: Em
         from trine.evaluation.data import load_dataset
 
         eval_set = load_dataset(data_args.eval_data, data_args.eval_split)
+    # before the trainer exists (it makes output_dir): a bad option leaves nothing behind
+    dynamic = dynamic_negatives(encoder, dataset, data_args, args) \
+        if args.dynamic_negatives_steps or args.dynamic_negatives_epochs else None
     trainer = EmbedderTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator,
         callbacks=[EpochPlanCallback(dataset)],
@@ -105,7 +108,39 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: Em
             query_instruction=data_args.query_instruction_for_retrieval,
             query_instruction_format=data_args.query_instruction_format,
         ))
+    if dynamic is not None:
+        dynamic.trainer = trainer
+        trainer.add_callback(dynamic)
     return trainer
+
+
+def dynamic_negatives(encoder, dataset, data_args: DataArguments, args: EmbedderTrainingArguments):  # noqa: ANN001
+    """The callback that re-mines negatives every ``dynamic_negatives_steps`` steps or
+    ``dynamic_negatives_epochs`` epochs (:mod:`trine.training.dynamic_negatives`)."""
+    from trine.curation.mining import parse_range
+    from trine.data.corpus import read_pool
+    from trine.training.dynamic_negatives import DynamicNegativesCallback
+
+    if data_args.knowledge_distillation:
+        raise OptionError("dynamic_negatives_steps: re-mined negatives have no teacher scores, which "
+                          "knowledge_distillation needs; turn one of them off")
+    mode = args.training_mode
+    if mode == "colbert" or (mode == "sparse" and not args.dynamic_negatives_hybrid_weights):
+        raise OptionError(f"dynamic_negatives_steps ranks by dense (or hybrid) scores; training_mode "
+                          f"{args.training_mode!r} does not train the dense head (sparse: set "
+                          "dynamic_negatives_hybrid_weights, e.g. 0 1)")
+    pool = read_pool(args.dynamic_negatives_candidate_pool) if args.dynamic_negatives_candidate_pool else None
+    return DynamicNegativesCallback(
+        encoder, dataset, args.dynamic_negatives_steps, every_epochs=args.dynamic_negatives_epochs, device=args.device,
+        range_for_sampling=parse_range(args.dynamic_negatives_range),
+        negative_number=args.dynamic_negatives_number, relative_margin=args.dynamic_negatives_relative_margin,
+        seed=args.seed, hybrid_weights=args.dynamic_negatives_hybrid_weights, candidate_pool=pool,
+        query_max_len=data_args.query_max_len, passage_max_len=data_args.passage_max_len,
+        query_instruction=data_args.query_instruction_for_retrieval,
+        query_instruction_format=data_args.query_instruction_format,
+        passage_instruction=data_args.passage_instruction_for_retrieval,
+        passage_instruction_format=data_args.passage_instruction_format,
+    )
 
 
 def finetune(model_args: ModelArguments, data_args: DataArguments, args: EmbedderTrainingArguments) -> str:

@@ -255,6 +255,15 @@ class EmbedderTrainer(Trainer):
         target.encoder.load_weights(resume_from_checkpoint)
 
 
+def log_keeping_step_log(trainer: Trainer, control: Any, logs: dict[str, float]) -> None:
+    """``trainer.log(logs)`` from a callback on the main process only. ``Trainer.log`` clears
+    ``control.should_log``; restored, or the main process would skip this step's loss log and its
+    all-gather, which the other ranks still enter (a deadlock under DDP)."""
+    should_log = control.should_log
+    trainer.log(logs)
+    control.should_log = trainer.control.should_log = should_log
+
+
 class RetrievalEvalCallback(TrainerCallback):
     """Before training and every N steps: dense nDCG@10 and MRR@10 on a held-out set, logged with the loss."""
 
@@ -288,14 +297,14 @@ class RetrievalEvalCallback(TrainerCallback):
             encoder.train(was_training)
         return {f"eval_{k.replace('@', '_at_')}": round(float(v), 6) for k, v in result.items()}
 
-    def _maybe(self, args, state) -> None:  # noqa: ANN001
+    def _maybe(self, args, state, control) -> None:  # noqa: ANN001
         if args.process_index == 0:
-            self.trainer.log(self.evaluate())
+            log_keeping_step_log(self.trainer, control, self.evaluate())
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
         if state.global_step == 0:
-            self._maybe(args, state)
+            self._maybe(args, state, control)
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
         if self.every and state.global_step % self.every == 0:
-            self._maybe(args, state)
+            self._maybe(args, state, control)
