@@ -36,7 +36,7 @@ import time
 import zlib
 
 import numpy as np
-from peak_memory import peak_rss_mb
+from peak_memory import peak_rss_mb, rss_mb
 
 PACKAGES = ("manpages", "manpages-dev", "manpages-de", "manpages-fr", "manpages-es", "sword-text-web")
 PARAGRAPH_MACROS = {"PP", "P", "LP", "TP", "IP", "HP", "SH", "SS", "sp", "TQ"}
@@ -155,14 +155,6 @@ def head(path: str, n: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------- one run
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 def child(args: argparse.Namespace) -> None:
     import torch
 

@@ -30,11 +30,7 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 import torch
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+from peak_memory import rss_mb
 
 
 def build_passages(window: int, stride: int) -> tuple[list[str], dict[str, int]]:

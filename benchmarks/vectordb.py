@@ -29,18 +29,11 @@ import tempfile
 import time
 
 import numpy as np
+from peak_memory import rss_mb
 
 from trine import M3Embedder
 from trine.retrieval import HybridRetriever, QueryReps
 from trine.retrieval.vectordb import collection_class, signature_of
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
 
 
 def load_texts(passages: int, queries: int, seed: int) -> tuple[list[str], list[str]]:

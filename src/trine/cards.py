@@ -13,7 +13,6 @@ evaluation inherits keeps the source's training facts.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -25,7 +24,7 @@ from typing import Any
 import yaml
 
 from trine.errors import InputError
-from trine.io import atomic_file, is_trine_folder
+from trine.io import atomic_file, file_sha256, is_trine_folder
 
 CARD_FILE = "README.md"
 CARD_DATA_FILE = "trine_card.json"
@@ -58,14 +57,6 @@ class ModelCard:
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def data_summary(files: Iterable[tuple[str, int]]) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ import ctypes
 import errno
 import fcntl
 import fnmatch
+import hashlib
 import json
 import os
 import re
@@ -46,6 +47,15 @@ def real(path: PathLike) -> str:
 def _within(child: str, parent: str) -> bool:
     """``child`` is ``parent`` or lies inside it (both resolved)."""
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def file_sha256(path: PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks (what a card or a manifest records of an input)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def is_trine_folder(path: PathLike) -> bool:

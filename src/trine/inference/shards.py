@@ -57,7 +57,15 @@ import torch
 
 from trine.errors import InputError, MissingInputError, OptionError, OutputPathError
 from trine.inference.result import OUTPUTS, EncodeResult, check_outputs
-from trine.io import atomic_file, atomic_folder, check_output_path, is_trine_folder, parent_lock, write_marker
+from trine.io import (
+    atomic_file,
+    atomic_folder,
+    check_output_path,
+    file_sha256,
+    is_trine_folder,
+    parent_lock,
+    write_marker,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -122,14 +130,6 @@ def encoder_settings(embedder: Any, role: str) -> dict[str, Any]:
         "instruction_format": getattr(embedder, f"{prefix}_instruction_format"),
         "mcls_interval": embedder.mcls_interval,
     }
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------- the encodings format
