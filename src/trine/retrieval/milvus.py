@@ -31,7 +31,6 @@ import numpy as np
 from trine.errors import first_line
 from trine.retrieval.vectordb import (
     BackendUnreachableError,
-    CollectionMismatchError,
     Hits,
     ModelSignature,
     VectorCollection,
@@ -102,9 +101,7 @@ class MilvusCollection(VectorCollection):
         when it holds other representations or was made by another model."""
         if dense_index not in DENSE_INDEXES:
             raise ValueError(f"dense_index must be one of {tuple(DENSE_INDEXES)}, not {dense_index!r}")
-        for rep, field in (("dense", "dense_dim"), ("colbert", "colbert_dim")):
-            if rep in representations and not getattr(signature, field):
-                raise ValueError(f"a collection of {rep} vectors needs their size ({field})")
+        cls.check_sizes(representations, signature)
         if "dense" not in representations and "sparse" not in representations:
             raise ValueError("milvus: a collection holds dense or sparse vectors (a Milvus collection needs a vector "
                              "field); ColBERT vectors go beside them")
@@ -112,13 +109,7 @@ class MilvusCollection(VectorCollection):
         if client.has_collection(name):
             if not exist_ok:
                 raise ValueError(f"milvus collection {name!r} exists at {uri}; open it, or drop it first")
-            collection = cls._open(client, uri, name)
-            if set(collection.representations) != set(representations):
-                raise CollectionMismatchError(f"milvus collection {name!r} holds "
-                                              f"{', '.join(collection.representations)}, "
-                                              f"not {', '.join(representations)}")
-            collection.check_model(signature)
-            return collection
+            return cls._open(client, uri, name).check_reopened(representations, signature)
         options = {"dense_index": dense_index, "hnsw_m": hnsw_m, "ef_construction": ef_construction,
                    "ef_search": ef_search, "colbert_token_k": colbert_token_k, "store_text": store_text}
         collection = cls(client, uri, name, tuple(representations), signature, options)

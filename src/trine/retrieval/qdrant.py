@@ -29,7 +29,6 @@ import numpy as np
 from trine.errors import first_line
 from trine.retrieval.vectordb import (
     BackendUnreachableError,
-    CollectionMismatchError,
     Hits,
     ModelSignature,
     VectorCollection,
@@ -103,9 +102,7 @@ class QdrantCollection(VectorCollection):
         (local mode locks its folder: one client per folder and process)."""
         if dense_index not in DENSE_INDEXES:
             raise ValueError(f"dense_index must be one of {DENSE_INDEXES}, not {dense_index!r}")
-        for rep, field in (("dense", "dense_dim"), ("colbert", "colbert_dim")):
-            if rep in representations and not getattr(signature, field):
-                raise ValueError(f"a collection of {rep} vectors needs their size ({field})")
+        cls.check_sizes(representations, signature)
         if client is None:
             client, where = cls.connect(path, url, location, api_key, timeout)
         else:
@@ -113,13 +110,7 @@ class QdrantCollection(VectorCollection):
         if client.collection_exists(name):
             if not exist_ok:
                 raise ValueError(f"qdrant collection {name!r} exists at {where}; open it, or drop it first")
-            collection = cls._open(client, where, name)
-            if set(collection.representations) != set(representations):
-                raise CollectionMismatchError(f"qdrant collection {name!r} holds "
-                                              f"{', '.join(collection.representations)}, "
-                                              f"not {', '.join(representations)}")
-            collection.check_model(signature)
-            return collection
+            return cls._open(client, where, name).check_reopened(representations, signature)
         options = {"dense_index": dense_index, "hnsw_m": hnsw_m, "ef_construction": ef_construction,
                    "ef_search": ef_search, "store_text": store_text}
         collection = cls(client, where, name, tuple(representations), signature, options)

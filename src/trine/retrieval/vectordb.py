@@ -277,6 +277,21 @@ class VectorCollection:
         """Refuse a model whose dimensions or vocabulary differ from this collection's."""
         self.signature.check(signature, f"{self.backend} collection {self.name!r}")
 
+    @staticmethod
+    def check_sizes(representations: Sequence[str], signature: ModelSignature) -> None:
+        """A new collection of dense or ColBERT vectors must know their size."""
+        for rep, field in (("dense", "dense_dim"), ("colbert", "colbert_dim")):
+            if rep in representations and not getattr(signature, field):
+                raise ValueError(f"a collection of {rep} vectors needs their size ({field})")
+
+    def check_reopened(self, representations: Sequence[str], signature: ModelSignature) -> VectorCollection:
+        """This existing collection, if it holds ``representations`` made by the model of ``signature``."""
+        if set(self.representations) != set(representations):
+            raise CollectionMismatchError(f"{self.backend} collection {self.name!r} holds "
+                                          f"{', '.join(self.representations)}, not {', '.join(representations)}")
+        self.check_model(signature)
+        return self
+
     # ------------------------------------------------------------------ writes
     def upsert(self, docs: Mapping[str, Any], ids: Sequence[str], texts: Sequence[str] | None = None,
                batch_size: int = 256) -> None:
