@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import TEXTS, package_dir, require, to_argv
 from safetensors.torch import load_file
+from test_finetune import PAGES
 from transformers import AutoModel, AutoTokenizer, LlamaConfig, Qwen2Config
 
 from trine import Embedder, M3Embedder
@@ -20,16 +21,7 @@ from trine.modeling.pooling import pool
 from trine.training.finetune import build_trainer, finetune, parse_args
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PAIRS = [
-    ("change file mode bits", "chmod changes the file mode bits of each given file according to mode"),
-    ("allocate dynamic memory", "malloc allocates size bytes and returns a pointer to the allocated memory"),
-    ("create an endpoint for communication", "socket creates an endpoint for communication and returns a descriptor"),
-    ("formatted output conversion", "printf produces output according to a format string"),
-    ("wait for process to change state", "waitpid suspends execution until a child changes state"),
-    ("list directory contents", "ls lists information about the files in the current directory"),
-    ("copy files and directories", "cp copies a source file to a destination file or directory"),
-    ("remove files or directories", "rm removes each specified file and does not remove directories by default"),
-]
+PAIRS = PAGES[:8]  # real man-page pairs, shared with the fine-tuning tests
 
 
 @pytest.fixture(scope="session")
