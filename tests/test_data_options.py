@@ -263,8 +263,13 @@ def test_score_takes_add_reranker_score_option_names():
     assert (args.reranker, args.reranker_max_len, args.batch_size, args.normalize, args.use_fp16) == (
         "r", 100, 8, True, True)
     base = ["score", "--reranker", "r", "--input_file", "a", "--output_file", "b"]
-    for bad in (["--use_bf16"], ["--cutoff_layers", "1", "2"], ["--prompt", "x"], ["--reranker_peft_path", "p"],
-                ["--reranker_model_class", "decoder-only-base"], ["--query_instruction_for_rerank", "x"],
-                ["--reranker_query_max_length", "30"]):
+    # FlagEmbedding's LLM reranker options (tests/test_layerwise_reranker.py runs them)
+    args = parse(*base, "--prompt", "Is B about A?", "--cutoff_layers", "3", "--reranker_model_class",
+                 "decoder-only-layerwise")
+    assert (args.prompt, args.cutoff_layers, args.reranker_family) == ("Is B about A?", [3], "llm-reranker-layerwise")
+    assert parse(*base, "--reranker_model_class", "decoder-only-base").reranker_family == "llm-reranker"
+    assert parse(*base).reranker_family is None  # the folder says its family
+    for bad in (["--use_bf16"], ["--reranker_peft_path", "p"], ["--reranker_model_class", "decoder-only-lightweight"],
+                ["--query_instruction_for_rerank", "x"], ["--reranker_query_max_length", "30"]):
         with pytest.raises(OptionError, match=bad[0]):
             parse(*base, *bad)

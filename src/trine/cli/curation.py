@@ -75,7 +75,17 @@ class _EmbedderClass(_ModelClass):
 
 
 class _RerankerClass(_ModelClass):
-    classes = {"encoder-only-base": None}
+    """FlagEmbedding's reranker classes: encoder-only-base leaves the family to the folder (a cross-encoder or an
+    LLM reranker folder says which it is); the decoder-only ones name trine's LLM reranker families."""
+
+    classes = {"encoder-only-base": None, "decoder-only-base": "llm-reranker",
+               "decoder-only-layerwise": "llm-reranker-layerwise"}
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        if values not in self.classes:
+            raise OptionError(f"{option_string} {values}: trine {parser.prog.split()[-1]} takes "
+                              f"{', '.join(self.classes)} (FlagEmbedding's other classes are not supported)")
+        namespace.reranker_family = self.classes[values]
 
 
 def _hn_mine_names(p: argparse.ArgumentParser) -> None:
@@ -96,15 +106,20 @@ def _hn_mine_names(p: argparse.ArgumentParser) -> None:
 def _add_reranker_score_names(p: argparse.ArgumentParser) -> None:
     """FlagEmbedding's add_reranker_score.py options trine score has no alias for."""
     p.add_argument("--reranker_model_class", action=_RerankerClass, default=None, dest="_reranker_model_class",
-                   help="FlagEmbedding's name: encoder-only-base (a cross-encoder folder)")
+                   help="FlagEmbedding's name: encoder-only-base (the folder says its family), decoder-only-base "
+                        "(llm-reranker), decoder-only-layerwise (llm-reranker-layerwise)")
+    p.set_defaults(reranker_family=None)
     for name in ("query_instruction_for_rerank", "query_instruction_format_for_rerank",
                  "passage_instruction_for_rerank", "passage_instruction_format_for_rerank"):
         _refused(p, name, "trine score reads pairs as they are (no rerank instructions)")
     _refused(p, "reranker_query_max_length", "trine score cuts pairs at --reranker_max_len only")
     _refused(p, "use_bf16", "trine score runs in float32 or --use_fp16", "false")
     _refused(p, "reranker_peft_path", "trine loads merged model folders (no PEFT adapters)")
-    _refused(p, "prompt", "prompts are for FlagEmbedding's decoder-only rerankers")
-    _refused(p, "cutoff_layers", "layer cut-offs are for FlagEmbedding's layerwise rerankers", nargs="*")
+    p.add_argument("--prompt", default=None, help="an LLM reranker's prompt (default: the one its folder records, "
+                   "else FlagEmbedding's)")
+    p.add_argument("--cutoff_layers", type=int, nargs="+", default=None,
+                   help="a layer-wise reranker's layer to score at (one: a teacher score is one number per pair; "
+                        "default: its last layer)")
     _refused(p, "compress_layers", "compression is for FlagEmbedding's lightweight rerankers", nargs="*")
     _refused(p, "compress_ratio", "compression is for FlagEmbedding's lightweight rerankers", "1")
     _refused(p, "cache_dir", "trine loads model folders (no download cache)")
@@ -131,9 +146,21 @@ def _teacher(args: argparse.Namespace):
     if args.reranker:
         if args.model_type != "dense" or args.score_mode != "dense" or args.weights is not None:
             raise OptionError("--model_type, --score_mode and --weights choose an embedder teacher, not --reranker")
-        return load_reranker_scorer(args.reranker, batch_size=args.batch_size, max_length=args.reranker_max_len,
-                                    normalize=args.normalize, devices=args.devices, use_fp16=args.use_fp16,
-                                    show_progress=not args.quiet)
+        layers = getattr(args, "cutoff_layers", None)
+        if layers is not None and len(layers) != 1:
+            raise OptionError(f"--cutoff_layers {' '.join(map(str, layers))}: a teacher score is one number per pair; "
+                              "name one layer")
+        extra = {k: v for k, v in (("model_family", getattr(args, "reranker_family", None)),
+                                   ("prompt", getattr(args, "prompt", None)), ("cutoff_layers", layers))
+                 if v is not None}
+        with options_checked():  # e.g. --cutoff_layers for a model without layer heads, --prompt for a cross-encoder
+            return load_reranker_scorer(args.reranker, batch_size=args.batch_size, max_length=args.reranker_max_len,
+                                        normalize=args.normalize, devices=args.devices, use_fp16=args.use_fp16,
+                                        show_progress=not args.quiet, **extra)
+    for name, flag in (("cutoff_layers", "--cutoff_layers"), ("prompt", "--prompt"),
+                       ("reranker_family", "--reranker_model_class")):
+        if getattr(args, name, None) is not None:
+            raise OptionError(f"{flag}: an option of a reranker teacher (--reranker), not of an embedder")
     if not args.model_name_or_path:
         raise OptionError("a teacher is needed: --model_name_or_path (an embedder) or --reranker (a cross-encoder)")
     m3 = args.model_type == "m3" or args.score_mode != "dense"

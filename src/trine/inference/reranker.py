@@ -1,4 +1,5 @@
-"""``Reranker``: cross-encoder scores for (query, passage) pairs (FlagEmbedding's ``FlagReranker``).
+"""``Reranker``: reranker scores for (query, passage) pairs (FlagEmbedding's ``FlagReranker``, ``FlagLLMReranker``,
+``LayerWiseFlagLLMReranker``).
 
 It runs on the same machinery as the embedders: one length-sorted batching routine with a
 token budget and out-of-memory back-off (:func:`trine.inference.batching.run_batched`), and the
@@ -48,7 +49,9 @@ class Reranker(DeviceRunner):
     gets the rest of ``max_length`` (special tokens included). ``normalize`` applies a sigmoid.
     Instructions: ``query_instruction_for_rerank`` with ``query_instruction_format`` (and the
     passage equivalents), as FlagEmbedding; unset, the family's defaults. ``prompt``: an LLM reranker's prompt
-    (unset: the one its folder records, else FlagEmbedding's).
+    (unset: the one its folder records, else FlagEmbedding's). ``cutoff_layers``: a layer-wise reranker's
+    (``llm-reranker-layerwise``, FlagEmbedding's ``LayerWiseFlagLLMReranker``) layer or layers to score at (unset: its
+    last layer); several layers give one score list per layer. Other rerankers refuse it.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class Reranker(DeviceRunner):
         max_tokens_per_batch: int | Literal["auto"] | None = "auto",
         show_progress: bool = True,
         trust_remote_code: bool = False,
+        cutoff_layers: int | Sequence[int] | None = None,
     ):
         check_token_budget(max_tokens_per_batch)
         self.devices = resolve_devices(devices)
@@ -83,6 +87,8 @@ class Reranker(DeviceRunner):
                                                          trust_remote_code=trust_remote_code)
         self.model = model
         self._check_prompt(prompt)
+        self._check_cutoff_layers(cutoff_layers)
+        self.cutoff_layers = cutoff_layers
         if query_instruction_for_rerank is FAMILY_DEFAULT:
             query_instruction_for_rerank = getattr(model, "default_query_instruction", None)
         if passage_instruction_for_rerank is FAMILY_DEFAULT:
@@ -114,11 +120,19 @@ class Reranker(DeviceRunner):
         if prompt is not None and not isinstance(prompt, str):
             raise OptionError(f"prompt: must be a string, got {type(prompt).__name__}")
 
+    def _check_cutoff_layers(self, cutoff_layers: int | Sequence[int] | None) -> None:
+        if cutoff_layers is None:
+            return
+        if not hasattr(self.model, "check_cutoff_layers"):
+            raise OptionError(f"cutoff_layers: a {type(self.model).__name__} scores after its last layer only "
+                              "(cutoff_layers is a layer-wise reranker's option, model_family llm-reranker-layerwise)")
+        self.model.check_cutoff_layers(cutoff_layers)
+
     @torch.inference_mode()
     def _score_chunk(
         self, pairs: list[tuple[str, str]], *, device: str, batch_size: int, query_max_length: int, max_length: int,
-        prompt: str | None = None,
-    ) -> list[float]:
+        prompt: str | None = None, cutoff_layers: list[int] | None = None,
+    ) -> list[Any]:
         # an LLM reranker's prompt, when one is given (else the model's own)
         extra = {"prompts": [prompt] * len(pairs)} if prompt is not None else {}
         ids, types = self.model.tokenize_pairs([p[0] for p in pairs], [p[1] for p in pairs],
@@ -127,8 +141,10 @@ class Reranker(DeviceRunner):
 
         def run(idx: np.ndarray) -> list[float]:
             batch = pad_batch([ids[i] for i in idx], pad_id, device, token_types=[types[i] for i in idx])
-            logits = self.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-            return logits.float().cpu().tolist()
+            layers = {} if cutoff_layers is None else {"cutoff_layers": cutoff_layers}
+            logits = self.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], **layers)
+            # a layer-wise reranker's (layers, pairs) scores become one list of per-layer scores per pair
+            return logits.float().cpu().t().tolist() if cutoff_layers is not None else logits.float().cpu().tolist()
 
         return run_batched([len(x) for x in ids], batch_size, run, max_tokens=self._max_tokens(device),
                            desc="rerank", show_progress=self.show_progress)
@@ -141,9 +157,12 @@ class Reranker(DeviceRunner):
         max_length: int | None = None,
         normalize: bool | None = None,
         prompt: str | None = None,
-    ) -> list[float]:
+        cutoff_layers: int | Sequence[int] | None = None,
+    ) -> list[float] | list[list[float]]:
         """One score per pair (a list, also for a single pair, as FlagEmbedding); ``prompt``: an LLM reranker's
-        prompt for this call (unset: the reranker's)."""
+        prompt for this call (unset: the reranker's). ``cutoff_layers`` (a layer-wise reranker's; unset: the
+        reranker's, else its last layer): the layer(s) to score at; as FlagEmbedding, one layer (an int or a list of
+        one) gives one list of scores, several give one list per layer, in the order given."""
         single = len(sentence_pairs) == 2 and isinstance(sentence_pairs[0], str)
         pairs = [tuple(sentence_pairs)] if single else [tuple(p) for p in sentence_pairs]
         for i, p in enumerate(pairs):
@@ -164,17 +183,25 @@ class Reranker(DeviceRunner):
             for q, p in pairs
         ]
         self._check_prompt(prompt)
+        cutoff_layers = self.cutoff_layers if cutoff_layers is None else cutoff_layers
+        self._check_cutoff_layers(cutoff_layers)
+        layers = None if cutoff_layers is None else self.model.check_cutoff_layers(cutoff_layers)
         chunks = self._run("_score_chunk", pairs, batch_size=batch_size, query_max_length=query_max_length,
-                           max_length=max_length, prompt=self.prompt if prompt is None else prompt)
+                           max_length=max_length, prompt=self.prompt if prompt is None else prompt,
+                           cutoff_layers=layers)
         scores = np.array([s for chunk in chunks for s in chunk], dtype=np.float64)
         if normalize if normalize is not None else self.normalize:
             scores = 1.0 / (1.0 + np.exp(-scores))
-        return scores.tolist()
+        if layers is None or len(layers) == 1:
+            return scores.reshape(-1).tolist()
+        return scores.T.tolist()
 
     def rerank(
         self, query: str, passages: Sequence[str], *, top_k: int | None = None, **kwargs: Any
     ) -> list[tuple[int, float]]:
         """(index into ``passages``, score) pairs, best first."""
         scores = self.compute_score([(query, p) for p in passages], **kwargs)
+        if scores and isinstance(scores[0], list):
+            raise OptionError("cutoff_layers: rerank orders passages by one score; name one layer")
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         return [(i, scores[i]) for i in order[:top_k]]

@@ -142,6 +142,21 @@ def _load_llm_reranker(path: str, **options: Any) -> Any:
     return LLMReranker.from_pretrained(path, **options)
 
 
+def _layerwise_reranker(model_args: Any, args: Any, **context: Any) -> Any:
+    from trine.modeling.layerwise_reranker import LayerwiseReranker
+
+    return LayerwiseReranker.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation, start_layer=getattr(model_args, "start_layer", None),
+        head_multi=getattr(model_args, "head_multi", None), head_type=getattr(model_args, "head_type", None))
+
+
+def _load_layerwise_reranker(path: str, **options: Any) -> Any:
+    from trine.modeling.layerwise_reranker import LayerwiseReranker
+
+    return LayerwiseReranker.from_pretrained(path, **options)
+
+
 def _decoder(model_args: Any, args: Any, **context: Any) -> Any:
     from trine.modeling.decoder import DecoderEmbedder
 
@@ -190,5 +205,11 @@ register_family(ModelFamily("llm-reranker", "reranker", _llm_reranker,
                             "a decoder-only (causal LM) reranker: the logit of 'Yes' after FlagEmbedding's prompt "
                             "(FlagLLMReranker)", _load_llm_reranker, lora_attribute="model",
                             lora_task_type="CAUSAL_LM", lora_target_modules=DECODER_TARGET_MODULES))
+# LoRA on the base decoder (AutoModel): the layer heads are trine's own modules beside it, always trained in full
+register_family(ModelFamily("llm-reranker-layerwise", "reranker", _layerwise_reranker,
+                            "a decoder-only reranker scoring at chosen layers with per-layer heads (FlagEmbedding's "
+                            "LayerWiseFlagLLMReranker, bge-reranker-v2-minicpm-layerwise)", _load_layerwise_reranker,
+                            lora_attribute="model", lora_task_type="FEATURE_EXTRACTION",
+                            lora_target_modules=DECODER_TARGET_MODULES))
 register_family(ModelFamily("retromae", "pretraining", _retromae,
                             "a masked-LM encoder with RetroMAE's one-layer enhanced decoder"))

@@ -33,6 +33,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from trine.errors import InputError, MissingInputError, OptionError, first_line
 from trine.io import write_folder
 from trine.modeling.loading import check_model_folder, load_from_folder, position_limit
+from trine.modeling.minicpm import register as register_minicpm
+
+# the minicpm model type for AutoModel (a layer-wise reranker's backbone): here, so that importing trine.modeling is
+# enough for every loader of a MiniCPM folder (trine merge-lora included)
+register_minicpm()
 
 FAMILY_NAME = "llm-reranker"
 #: the file a trine reranker folder records its model family (and the LLM prompt) in
@@ -44,6 +49,10 @@ DEFAULT_SEP_TOKEN = "\n"
 QUERY_INSTRUCTION = "A: "
 PASSAGE_INSTRUCTION = "B: "
 YES = "Yes"
+#: the layer-wise reranker's family (trine.modeling.layerwise_reranker) and the class name FlagEmbedding and the hub's
+#: bge-reranker-v2-minicpm-layerwise save that model as
+LAYERWISE_FAMILY = "llm-reranker-layerwise"
+LAYERWISE_ARCHITECTURE = "LayerWiseMiniCPMForCausalLM"
 
 
 def read_family_file(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -58,17 +67,25 @@ def read_family_file(path: str | os.PathLike) -> dict[str, Any] | None:
         raise InputError(f"{file}: cannot read: {first_line(err)}") from err
     if not isinstance(info, dict) or not isinstance(info.get("model_family"), str):
         raise InputError(f"{file}: model_family: missing (an object with the reranker's model family)")
-    unknown = sorted(set(info) - {"model_family", "prompt", "sep_token"})
+    known = {"model_family", "prompt", "sep_token"}
+    if info["model_family"] == LAYERWISE_FAMILY:  # the layout of its layer heads
+        known |= {"start_layer", "head_multi"}
+    unknown = sorted(set(info) - known)
     if unknown:
         raise InputError(f"{file}: unknown keys {unknown}")
     for key in ("prompt", "sep_token"):
         if key in info and not isinstance(info[key], str):
             raise InputError(f"{file}: {key}: must be a string")
+    if "start_layer" in info and (isinstance(info["start_layer"], bool) or not isinstance(info["start_layer"], int)):
+        raise InputError(f"{file}: start_layer: must be an integer")
+    if "head_multi" in info and not isinstance(info["head_multi"], bool):
+        raise InputError(f"{file}: head_multi: must be true or false")
     return info
 
 
 def reranker_family(path: str | os.PathLike) -> str:
-    """The reranker family of a folder: the one its :data:`FAMILY_FILE` names; else ``llm-reranker`` for a
+    """The reranker family of a folder: the one its :data:`FAMILY_FILE` names; else ``llm-reranker-layerwise`` for
+    a FlagEmbedding / hub layer-wise MiniCPM checkpoint (bge-reranker-v2-minicpm-layerwise); ``llm-reranker`` for a
     causal-LM checkpoint (``...ForCausalLM`` architectures, e.g. bge-reranker-v2-gemma, or a LoRA adapter of
     the ``CAUSAL_LM`` task); else ``cross-encoder``."""
     info = read_family_file(path)
@@ -84,6 +101,8 @@ def reranker_family(path: str | os.PathLike) -> str:
                 value = json.load(f).get(key)
         except (OSError, ValueError, AttributeError):
             continue  # the loader reports an unreadable config with its own message
+        if key == "architectures" and value and LAYERWISE_ARCHITECTURE in value:
+            return LAYERWISE_FAMILY
         if key == "architectures" and value and all(str(a).endswith("ForCausalLM") for a in value):
             return FAMILY_NAME
         if key == "task_type" and value == "CAUSAL_LM":

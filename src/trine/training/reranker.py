@@ -14,6 +14,11 @@ replace the cross-entropy with BGE-M3's listwise ``m3_kd_loss``.
 pair's score is the "Yes" logit after the prompt, the pair built with FlagEmbedding's training lengths
 (:meth:`trine.modeling.llm_reranker.LLMReranker.tokenize_training_pairs`), and a record's ``prompt`` is the LLM
 prompt of its pairs (FlagEmbedding's meaning for this reranker), not a query instruction.
+
+``model_family llm-reranker-layerwise`` (FlagEmbedding's ``decoder_only.layerwise``) scores every pair at each layer
+from ``start_layer`` up with that layer's head: the loss above at every layer, plus, on batches without teacher
+scores, the last layer's detached group distribution distilled into each earlier layer
+(:meth:`RerankerTrainingModel.layerwise_loss`). ``start_layer``/``head_multi``/``head_type`` set up new heads.
 """
 
 from __future__ import annotations
@@ -33,11 +38,11 @@ from trine.errors import OptionError
 from trine.inference.batching import pad_batch
 from trine.modeling.cross_encoder import CrossEncoder
 from trine.modeling.families import build_model
-from trine.modeling.llm_reranker import FAMILY_FILE, LLMReranker, read_family_file
+from trine.modeling.llm_reranker import FAMILY_FILE, LAYERWISE_FAMILY, LLMReranker, read_family_file
 from trine.training.arguments import LoraArguments, SafeTrainingArguments, TrainDataArguments
 from trine.training.collator import EmbedderCollator
 from trine.training.common import collator_options, load_data, parse_config, plan_dataset, run_cli, train_and_save
-from trine.training.losses import KD_LOSS_TYPES, ScoreBatch, objective, teacher_distribution
+from trine.training.losses import KD_LOSS_TYPES, ScoreBatch, kl_div, objective, teacher_distribution
 from trine.training.model import enable_checkpointing
 from trine.training.trainer import EmbedderTrainer, EpochPlanCallback
 
@@ -53,9 +58,22 @@ class RerankerModelArguments(LoraArguments):
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, eager, ... (transformers)"})
     model_family: str = field(default="cross-encoder", metadata={"help": "a registered reranker model family "
                                                                          "(trine.modeling.families)"})
+    start_layer: int | None = field(default=None, metadata={"help": "llm-reranker-layerwise, new heads: the first "
+                                                                    "layer scored (FlagEmbedding's default 8)"})
+    head_multi: bool | None = field(default=None, metadata={"help": "llm-reranker-layerwise, new heads: one head "
+                                                                    "per layer (default: one, as FlagEmbedding)"})
+    head_type: str | None = field(default=None, metadata={"help": "llm-reranker-layerwise: 'simple' (the one "
+                                                                  "FlagEmbedding scores pairs with)"})
 
     def __post_init__(self) -> None:
         self.check_lora()
+        given = [n for n in ("start_layer", "head_multi", "head_type") if getattr(self, n) is not None]
+        if given and self.model_family != LAYERWISE_FAMILY:
+            raise OptionError(f"{', '.join(given)}: options of model_family {LAYERWISE_FAMILY!r} (the layer-wise "
+                              f"reranker), not {self.model_family!r}")
+        if self.head_type is not None and self.head_type != "simple":
+            raise OptionError(f"head_type: {self.head_type!r}; trine trains 'simple' heads (FlagEmbedding's 'raw' and "
+                              "'complex' heads give vocabulary-wide logits its own scoring reads at the wrong index)")
         recorded = read_family_file(self.model_name_or_path) if os.path.isdir(self.model_name_or_path) else None
         if recorded is not None and recorded["model_family"] != self.model_family:
             raise OptionError(f"model_family: {self.model_name_or_path} is a {recorded['model_family']!r} reranker "
@@ -147,8 +165,32 @@ class RerankerTrainingModel(nn.Module):
 
     def forward(self, pairs: dict[str, torch.Tensor], group_size: int,
                 teacher_scores: torch.Tensor | None = None) -> dict[str, Any]:
+        if hasattr(self.encoder, "training_layers"):  # a layer-wise reranker: a score per pair at every layer
+            layers = self.encoder.training_layers()
+            scores = self.encoder(pairs["input_ids"], pairs["attention_mask"], cutoff_layers=layers)
+            return self.layerwise_loss(scores, group_size, teacher_scores)
         logits = self.encoder(pairs["input_ids"], pairs["attention_mask"], pairs.get("token_type_ids"))
         return self.loss(logits, group_size, teacher_scores)
+
+    def layerwise_loss(self, scores: torch.Tensor, group_size: int,
+                       teacher_scores: torch.Tensor | None = None) -> dict[str, Any]:
+        """FlagEmbedding's layer-wise loss of (layers, pairs) scores, the last layer last: the reranker loss at every
+        layer (with the teacher's term at each when the batch has teacher scores), and without teacher scores a
+        distillation from the last layer's group distribution (detached) to each earlier layer."""
+        total = scores.new_zeros(())
+        parts: dict[str, torch.Tensor] = {}
+        for layer_scores in scores:
+            out = self.loss(layer_scores, group_size, teacher_scores)
+            total = total + out["loss"]
+            for name, value in out["parts"].items():
+                parts[name] = parts.get(name, 0) + value.detach()
+        if teacher_scores is None and scores.size(0) > 1:
+            grouped = scores.float().view(scores.size(0), -1, group_size)
+            target = torch.softmax(grouped[-1].detach(), dim=-1)
+            distill = sum(kl_div(target, layer) for layer in grouped[:-1])
+            total = total + distill
+            parts["layer_distill"] = distill.detach()
+        return {"loss": total, "parts": parts, "negatives_per_query": group_size - 1, "scores": scores[-1]}
 
     def loss(self, logits: torch.Tensor, group_size: int, teacher_scores: torch.Tensor | None = None) -> dict[str, Any]:
         """Loss of the pair logits (queries * group,), each query's group contiguous, positive first."""
