@@ -383,3 +383,45 @@ def test_bad_options(minicpm_dir, qwen_dir, tmp_path):
     assert main(to_argv(argv)) == 2 and not os.path.exists(tmp_path / "out")  # start_layer: not an llm-reranker's
     argv.update(model_family="llm-reranker-layerwise", head_type="complex")
     assert main(to_argv(argv)) == 2 and not os.path.exists(tmp_path / "out")
+
+
+def test_eval_reranker_cutoff_layer(tmp_path, minicpm_dir, splade_tiny_dir, capsys):
+    """`trine eval --reranker LAYERWISE --reranker-cutoff-layer K`: rerank(dense) orders the dense top-5 by the
+    scores after layer K (checked against Reranker.compute_score at that layer, metrics by pytrec_eval)."""
+    import pytrec_eval
+    from test_evaluation import fake_pages
+
+    from trine.cli import main as cli
+    from trine.evaluation import EvalConfig, load_dataset, run_evaluation
+    from trine.evaluation.manpages import build_manpages_beir
+    from trine.inference.embedder import M3Embedder
+
+    data = tmp_path / "data"
+    build_manpages_beir(data, pages=fake_pages(30), seed=0)
+    dataset = load_dataset(str(data), "test")
+    model = M3Embedder(splade_tiny_dir, init_missing_heads="neutral", show_progress=False, devices="cpu")
+    first = run_evaluation([model], dataset, EvalConfig(modes=("dense",), k_values=(5,), top_k=10),
+                           return_runs=True)["models"]["M3Embedder#1"]["runs"]["dense"]
+    text_of = dict(zip(*dataset.passages()))
+    reranker = Reranker(minicpm_dir, devices="cpu", show_progress=False)
+    base = ["eval", "--data", str(data), "--model", splade_tiny_dir, "--heads", "neutral", "--quiet", "--modes",
+            "dense", "--top-k", "10"]
+    rerank = ["--reranker", minicpm_dir, "--reranker-top-k", "5", "--reranker-max-length", "96", "--k", "5"]
+    seen = []
+    for layer in (2, 3):
+        out = tmp_path / f"out{layer}"
+        assert cli([*base, *rerank, "--reranker-cutoff-layer", str(layer), "--out", str(out)]) == 0
+        run = {}
+        for qid, ranked in first.items():
+            top = list(ranked)[:5]
+            scores = reranker.compute_score([(dataset.queries[qid], text_of[d]) for d in top], max_length=96,
+                                            cutoff_layers=layer)
+            run[qid] = {d: float(s) for d, s in zip(top, scores)}
+        ref = pytrec_eval.RelevanceEvaluator(dataset.qrels, {"ndcg_cut.5"}).evaluate(run)
+        got = json.loads((out / "results.json").read_text())["models"]["model"]["metrics"]["rerank(dense)"]["ndcg@5"]
+        assert got == pytest.approx(np.mean([r["ndcg_cut_5"] for r in ref.values()]), abs=1e-6)
+        seen.append(got)
+    assert seen[0] != seen[1]  # the two layers rank differently here: the cut-off reached the reranker
+    assert cli([*base, "--k", "5", "--reranker-cutoff-layer", "2"]) == 2  # no reranker to cut
+    assert "--reranker" in capsys.readouterr().err
+

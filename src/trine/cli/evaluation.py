@@ -30,6 +30,8 @@ def _eval(args: argparse.Namespace) -> int:
             reranker_max_length=args.reranker_max_length, dims=args.dims or (),
             backend=args.backend, backend_uri=args.uri, collection=args.collection,
         )
+    if args.reranker_cutoff_layer is not None and not args.reranker:
+        raise OptionError("--reranker-cutoff-layer is a layer-wise reranker's option: give the --reranker folder")
     if args.out:  # before anything is loaded: the report folder may not replace the test set or a model
         from trine.io import check_output_path
 
@@ -55,7 +57,8 @@ def _eval(args: argparse.Namespace) -> int:
     options = {"devices": args.devices, "show_progress": not args.quiet,
                "init_missing_heads": None if args.heads == "none" else args.heads}
     result = run_evaluation(models, dataset, config, model_options=options, reranker=args.reranker,
-                            reranker_options={"devices": args.devices, "show_progress": not args.quiet}, tune_on=dev)
+                            reranker_options={"devices": args.devices, "show_progress": not args.quiet,
+                                              "cutoff_layers": args.reranker_cutoff_layer}, tune_on=dev)
     print(text_table(result))
     summary = fusion_summary(result)
     if summary:
@@ -145,6 +148,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--rerank-modes", default="dense", help="first-stage modes the reranker re-orders")
     ev.add_argument("--reranker-top-k", type=int, default=100, help="candidates per query the reranker scores")
     ev.add_argument("--reranker-max-length", type=int, default=512, help="query + passage tokens per pair")
+    ev.add_argument("--reranker-cutoff-layer", "--cutoff_layers", type=int, default=None,
+                    help="a layer-wise LLM reranker: score after this layer (default: its last layer)")
     ev.add_argument("--devices", "--device", default=None, help="cpu, cuda:0, ... (default: one device)")
     ev.add_argument("--out", default=None, help="new folder for results.json, results.md and modes.png")
     ev.add_argument("--model-card", "--model_card", action="store_true",
