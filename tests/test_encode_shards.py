@@ -96,6 +96,18 @@ def test_one_shard_and_three_shards_equal_in_process_encoding(tmp_path, embedder
     encode_corpus(embedder, corpus, tmp_path / "dense", outputs=("dense",))
     with pytest.raises(InputError, match="no colbert"):
         load_encoded(tmp_path / "dense", outputs=("dense", "colbert"))
+    # match="model": the same weights with other passage options (queries go into the same space) are accepted,
+    # and the corpus file must be the one encoded, byte for byte
+    other_len = M3Embedder(model_dir, passage_max_length=16)
+    assert_same(load_encoded(tmp_path / "three", embedder=other_len, match="model", corpus_file=corpus), ref_ids, ref)
+    with pytest.raises(InputError, match=r"three/manifest.json: encoded by another .*different: model"):
+        load_encoded(tmp_path / "three", embedder=M3Embedder(make_fast_m3(model_dir, str(tmp_path / "m2"), seed=1)),
+                     match="model")
+    with pytest.raises(InputError, match="different: settings.normalize_embeddings"):
+        load_encoded(tmp_path / "three", embedder=M3Embedder(model_dir, normalize_embeddings=False), match="model")
+    edited = write_corpus(tmp_path / "edited.jsonl", DOCS[:-1] + [("42", "", "kill sends a signal to a process")])
+    with pytest.raises(InputError, match=r"edited.jsonl: not the corpus .*three was encoded from"):
+        load_encoded(tmp_path / "three", corpus_file=edited)
 
 
 def test_a_killed_run_is_resumed_finished_shards_skipped(tmp_path, embedder, monkeypatch):

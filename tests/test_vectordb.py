@@ -6,6 +6,7 @@ exact scores, the same fusion; updates, resumed builds, refusals; `trine index`,
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -318,23 +319,40 @@ def test_cli_refuses_a_collection_of_another_model(tmp_path, beir, m3_dir, splad
     assert "made by another model" in err and "ColBERT vectors of size 64, the model gives 16" in err
 
 
-def test_cli_eval_backend_gives_trine_metrics(tmp_path, beir, m3_dir, capsys):
+def home_and_cwd(tmp_path, monkeypatch):
+    """A home folder (where trine's cache is) and a working folder of their own, both empty."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    return home, cwd
+
+
+def test_cli_eval_backend_gives_trine_metrics(tmp_path, beir, m3_dir, capsys, monkeypatch):
+    home, cwd = home_and_cwd(tmp_path, monkeypatch)
     results = {}
     for name in ("trine", *BACKENDS):
-        uri = [] if name == "trine" else ["--uri", str(tmp_path / ("m.db" if name == "milvus" else "q"))]
+        # milvus without --uri: a Milvus Lite file in trine's cache, named by the collection (model and corpus)
+        uri = [] if name in ("trine", "milvus") else ["--uri", str(tmp_path / "q")]
         assert main(["eval", "--data", beir, "--model", m3_dir, "--modes", "dense,sparse,colbert,sparse+dense",
                      "--passage_max_len", "128", "--k", "1,10", "--backend", name, *uri, "--quiet",
                      "--out", str(tmp_path / f"out_{name}")]) == 0
         with open(tmp_path / f"out_{name}" / "results.json") as f:
             results[name] = next(iter(json.load(f)["models"].values()))["metrics"]
     capsys.readouterr()
+    assert os.listdir(cwd) == []  # nothing in the working folder
+    made = os.listdir(home / ".cache" / "trine" / "vectordb")
+    assert len(made) == 1 and made[0].startswith("trine_eval_")
+    assert os.listdir(home / ".cache" / "trine" / "vectordb" / made[0]) == ["milvus.db"]
     for backend in BACKENDS:
         assert results["trine"].keys() == results[backend].keys()
         for mode, metrics in results["trine"].items():
             assert metrics == pytest.approx(results[backend][mode], abs=1e-9), (backend, mode)
 
 
-def test_cli_mine_backend_mines_as_trine(tmp_path, pages, m3_dir):
+def test_cli_mine_backend_mines_as_trine(tmp_path, pages, m3_dir, monkeypatch):
+    home, cwd = home_and_cwd(tmp_path, monkeypatch)
     train = tmp_path / "train.jsonl"
     with open(train, "w") as f:
         for p in pages[:60]:
@@ -346,9 +364,142 @@ def test_cli_mine_backend_mines_as_trine(tmp_path, pages, m3_dir):
     outs = {}
     for backend in ("trine", "qdrant"):
         out = tmp_path / f"mined_{backend}.jsonl"
-        extra = [] if backend == "trine" else ["--backend", backend, "--uri", str(tmp_path / "pool_q")]
+        extra = [] if backend == "trine" else ["--backend", backend]  # no --uri: trine's cache
         assert main(["mine", "--input_file", str(train), "--output_file", str(out), "--model_name_or_path",
                      m3_dir, "--candidate_pool", str(pool), "--hybrid_weights", "1,0.3", "--range_for_sampling",
                      "2-30", "--negative_number", "5", "--passage_max_len", "128", "--quiet", *extra]) == 0
         outs[backend] = [json.loads(line)["neg"] for line in open(out)]
     assert outs["trine"] == outs["qdrant"]
+    assert os.listdir(cwd) == []  # not trine_qdrant/ in the working folder
+    made = os.listdir(home / ".cache" / "trine" / "vectordb")
+    assert len(made) == 1 and made[0].startswith("trine_pool_")
+    assert os.listdir(home / ".cache" / "trine" / "vectordb" / made[0]) == ["qdrant"]
+
+
+# ------------------------------------------------------------------ building from `trine encode` shards
+def _search_hits(backend, where, m3_dir, queries, mode, capsys):
+    assert main(["index", "search", "--backend", backend, "--uri", where, "--model", m3_dir, "--queries", queries,
+                 "--mode", mode, "--k", "10", "--quiet"]) == 0
+    return [json.loads(line)["hits"] for line in capsys.readouterr().out.splitlines()]
+
+
+def test_cli_build_from_encodings_searches_as_a_build_that_encodes(tmp_path, beir, m3_dir, capsys, monkeypatch):
+    """`trine index build --embeddings ENC` (shards of `trine encode`, nothing encoded) gives the hits and scores
+    of a build that encodes the corpus itself; resumed after a kill without duplicates."""
+    from trine.retrieval.milvus import MilvusCollection
+
+    corpus, queries = f"{beir}/corpus.jsonl", str(tmp_path / "queries.jsonl")
+    with open(f"{beir}/queries.jsonl") as src, open(queries, "w") as dst:
+        dst.writelines(line for _, line in zip(range(N_QUERIES), src))
+    enc = str(tmp_path / "enc")
+    assert main(["encode", m3_dir, corpus, "--output-dir", enc, "--outputs", "dense,sparse,colbert",
+                 "--num-shards", "3", "--passage_max_len", "128", "--no-progress"]) == 0
+    trine_enc, trine_emb = str(tmp_path / "t_enc"), str(tmp_path / "t_emb")
+    assert main(["index", "build", "--backend", "trine", "--model", m3_dir, "--corpus", corpus, "--uri", trine_enc,
+                 "--passage_max_len", "128", "--quiet"]) == 0
+    assert main(["index", "build", "--backend", "trine", "--model", m3_dir, "--corpus", corpus, "--uri", trine_emb,
+                 "--embeddings", enc, "--quiet"]) == 0
+    assert f"indexed 150 passages (dense, sparse, colbert) into {trine_emb} from the encodings" in \
+        capsys.readouterr().out
+    uri = str(tmp_path / "m.db")
+    build = ["index", "build", "--backend", "milvus", "--model", m3_dir, "--corpus", corpus, "--uri", uri,
+             "--embeddings", enc, "--outputs", "dense,sparse", "--chunk-size", "40", "--upsert-batch", "16",
+             "--quiet"]
+    real, calls = MilvusCollection._engine_upsert, []
+
+    def killed(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # killed in the second shard
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MilvusCollection, "_engine_upsert", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(build)
+    monkeypatch.setattr(MilvusCollection, "_engine_upsert", real)
+    capsys.readouterr()
+    assert main(build) == 0
+    # shard 1 (50 rows: 40 + 10 = 16 + 16 + 8 + 10) and one batch of shard 2
+    assert "66 passages stored, 84 to write from the encodings of 150" in capsys.readouterr().err
+    assert main(build) == 0
+    assert "150 passages stored, 0 to write" in capsys.readouterr().err
+    coll = MilvusCollection.open("trine", uri=uri)
+    assert coll.ids == [json.loads(line)["_id"] for line in open(corpus)]
+    coll.close()
+    for mode in ("sparse+dense", "colbert+sparse+dense"):  # the exact dense, lexical and maxsim scores
+        want = _search_hits("trine", trine_enc, m3_dir, queries, mode, capsys)
+        got = {"trine": _search_hits("trine", trine_emb, m3_dir, queries, mode, capsys)}
+        if mode == "sparse+dense":  # the fusion of both representations the collection holds
+            got["milvus"] = _search_hits("milvus", uri, m3_dir, queries, mode, capsys)
+        assert len(want) == N_QUERIES and all(len(h) == 10 for h in want)
+        for backend, hits in got.items():
+            for a, b in zip(want, hits):
+                assert [h["score"] for h in a] == pytest.approx([h["score"] for h in b], abs=1e-4), (backend, mode)
+            same = np.mean([x["id"] == y["id"] for a, b in zip(want, hits) for x, y in zip(a, b)])
+            assert same > 0.99, (backend, mode, same)  # ties aside, the very same passages
+
+
+def test_cli_build_from_encodings_refuses_what_does_not_match(tmp_path, beir, m3_dir, splade_tiny_dir, capsys):
+    """Nothing is written when the encodings are unfinished, lack an output, come from another model or another
+    corpus, or were encoded with another passage length than the one asked; what matches goes into Qdrant."""
+    import shutil
+
+    corpus = f"{beir}/corpus.jsonl"
+    enc = str(tmp_path / "enc")
+    assert main(["encode", m3_dir, corpus, "--output-dir", enc, "--outputs", "dense,sparse", "--num-shards", "2",
+                 "--passage_max_len", "64", "--no-progress"]) == 0
+    other_model = make_m3(tmp_path / "other", splade_tiny_dir, 64, seed=1)
+    edited = tmp_path / "edited.jsonl"
+    lines = open(corpus).read().splitlines()
+    record = json.loads(lines[7])
+    record["text"] += " (edited)"
+    edited.write_text("\n".join(lines[:7] + [json.dumps(record)] + lines[8:]) + "\n")
+    unfinished = str(tmp_path / "unfinished")
+    shutil.copytree(enc, unfinished)
+    os.remove(os.path.join(unfinished, "shard-00001-of-00002", "meta.json"))  # as a killed encode leaves it
+    unhashed = str(tmp_path / "unhashed")  # a manifest that does not record which corpus was encoded
+    shutil.copytree(enc, unhashed)
+    with open(os.path.join(unhashed, "manifest.json")) as f:
+        manifest = json.load(f)
+    del manifest["identity"]["corpus"]
+    with open(os.path.join(unhashed, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    uri = str(tmp_path / "m.db")
+    cases = [
+        (["--embeddings", unfinished], "1 of 2 shard(s) not finished (shard-00001-of-00002)"),
+        (["--embeddings", enc, "--outputs", "dense,colbert"], "encoded with outputs dense, sparse; no colbert"),
+        (["--embeddings", enc, "--model", other_model], "encoded by another model or with other settings than "
+                                                         f"the encoder given ({other_model}) (different: model)"),
+        (["--embeddings", enc, "--corpus", str(edited)], f"{edited}: not the corpus {enc} was encoded from"),
+        (["--embeddings", enc, "--passage_max_len", "128"], "was encoded with passages of up to 64 tokens"),
+        (["--embeddings", str(tmp_path / "nowhere")], "nowhere: no such folder"),
+        (["--embeddings", unhashed], "identity.corpus.sha256: not recorded"),
+    ]
+    for backend, where in (("milvus", uri), ("trine", str(tmp_path / "t"))):
+        for extra, message in cases if backend == "milvus" else cases[2:4]:  # the checks are shared
+            args = ["index", "build", "--backend", backend, "--model", m3_dir, "--corpus", corpus, "--uri", where,
+                    "--quiet"]
+            for flag, value in zip(extra[::2], extra[1::2]):
+                if flag in args:
+                    args[args.index(flag) + 1] = value
+                else:
+                    args += [flag, value]
+            assert main(args) == 2, (backend, extra)
+            assert message in capsys.readouterr().err, (backend, extra)
+            assert not os.path.exists(where), (backend, extra)  # nothing written
+    # the same encodings, matching, into Qdrant: the folder's outputs (dense + sparse) without --outputs, stored as
+    # the shards hold them
+    from trine.inference import load_encoded
+
+    where = str(tmp_path / "q")
+    assert main(["index", "build", "--backend", "qdrant", "--model", m3_dir, "--corpus", corpus, "--uri", where,
+                 "--embeddings", enc, "--quiet"]) == 0
+    assert "holds 150 passages (dense, sparse)" in capsys.readouterr().out
+    want = load_encoded(enc)
+    coll = collection_class("qdrant").open("trine", path=where)
+    assert coll.ids == want.ids and coll.representations == ("dense", "sparse")
+    np.testing.assert_allclose(np.stack(coll.fetch("dense", want.ids[::7])), want.result.dense_vecs[::7], atol=1e-7)
+    got = coll.fetch("sparse", want.ids[::7])
+    for g, w in zip(got, want.result.lexical_weights[::7]):
+        assert g == pytest.approx({k: v for k, v in w.items() if v > 0}, rel=1e-6)
+    coll.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -18,6 +19,7 @@ from trine.cli.parser import floats, options_checked
 from trine.errors import OptionError
 
 SEARCH_MODES = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
+DEFAULT_PASSAGE_MAX_LEN = 512
 DEFAULT_WEIGHTS = {"sparse+dense": (1.0, 0.3), "colbert+sparse+dense": (1.0, 0.3, 1.0)}
 
 
@@ -44,9 +46,62 @@ def _encoder(args: argparse.Namespace) -> Any:
 
     with options_checked():
         return M3Embedder(args.model, devices=args.devices, batch_size=args.batch_size,
-                          query_max_length=args.query_max_len, passage_max_length=args.passage_max_len,
+                          query_max_length=args.query_max_len,
+                          passage_max_length=DEFAULT_PASSAGE_MAX_LEN if args.passage_max_len is None
+                          else args.passage_max_len,
                           init_missing_heads=None if args.heads == "none" else args.heads,
                           show_progress=not args.quiet)
+
+
+def _encoded(args: argparse.Namespace, ids: list[str]) -> tuple[Any, Any, tuple[str, ...]]:
+    """``--embeddings``: (the checked ``trine encode`` folder, the model's encoder, the outputs to index), or a
+    clear error before anything is written: unfinished shards, an output the folder lacks, another model
+    (weights, tokenizer, pooling, normalisation) than ``--model``, another corpus file than the one encoded.
+    The passages' own options (maximum length, dtype, instruction) are the ones they were encoded with; a
+    ``--passage_max_len`` that differs from them is refused."""
+    from trine.errors import InputError
+    from trine.inference.shards import MANIFEST, load_embedder, open_encoded, read_manifest
+
+    encoded_len = read_manifest(args.embeddings)["identity"]["settings"].get("max_length")
+    if not isinstance(encoded_len, int):
+        raise InputError(f"{os.path.join(args.embeddings, MANIFEST)}: identity.settings.max_length: missing or "
+                         "not an integer (not written by trine encode)")
+    if args.passage_max_len is not None and args.passage_max_len != encoded_len:
+        raise OptionError(f"--passage_max_len {args.passage_max_len}: {args.embeddings} was encoded with passages "
+                          f"of up to {encoded_len} tokens; leave --passage_max_len out (it is not re-encoded), or "
+                          "encode again")
+    options = {"devices": args.devices, "batch_size": args.batch_size, "query_max_length": args.query_max_len,
+               "passage_max_length": encoded_len, "show_progress": not args.quiet}
+    if args.heads != "none":
+        options["init_missing_heads"] = args.heads
+    with options_checked():
+        encoder = load_embedder(args.model, **options)  # as trine encode loads it: dense-only without head files
+    outputs = tuple(args.outputs.split(",")) if args.outputs else None
+    if outputs is not None:
+        _outputs(args, encoder)
+    enc = open_encoded(args.embeddings, outputs, embedder=encoder, match="model", corpus_file=args.corpus)
+    if outputs is None:
+        bad = [o for o in enc.outputs if o not in encoder.outputs]
+        if bad:
+            raise OptionError(f"{args.embeddings} holds {', '.join(bad)}, which {args.model} does not give for "
+                              "queries; choose --outputs")
+    if enc.count != len(ids):
+        raise InputError(f"{args.embeddings}: {enc.count} passages encoded, {args.corpus} has {len(ids)}")
+    return enc, encoder, enc.outputs
+
+
+def _shard_rows(enc: Any, ids: list[str]) -> Any:
+    """The shards of ``enc`` one at a time, each checked to carry the corpus's ids at its place."""
+    from trine.errors import InputError
+
+    start = 0
+    for (path, _, _), (shard_ids, part) in zip(enc.shards, enc):
+        if shard_ids != ids[start:start + len(shard_ids)]:
+            bad = next(i for i, (a, b) in enumerate(zip(shard_ids, ids[start:])) if a != b)
+            raise InputError(f"{path}/ids.json: document {start + bad} is {shard_ids[bad]!r} in the encodings "
+                             f"but {ids[start + bad]!r} in the corpus")
+        yield start, shard_ids, part
+        start += len(shard_ids)
 
 
 def _outputs(args: argparse.Namespace, encoder: Any) -> tuple[str, ...]:
@@ -70,38 +125,77 @@ def _build(args: argparse.Namespace) -> int:
     if args.chunk_size < 1 or args.upsert_batch < 1:
         raise OptionError("--chunk-size and --upsert-batch must be positive")
     ids, texts = read_corpus(args.corpus)
+    enc = None
     if args.backend == "trine":
         from trine.io import check_output_path
         from trine.retrieval import HybridRetriever
 
         if not args.uri:
             raise OptionError("--backend trine writes its indexes to a new folder: give it as --uri")
-        check_output_path(args.uri, inputs=[args.corpus, args.model], overwrite=args.overwrite, what="--uri folder")
-        encoder = _encoder(args)
-        outputs = _outputs(args, encoder)
-        docs = encoder.encode_result(texts, outputs, kind="passage")
+        inputs = [args.corpus, args.model, *([args.embeddings] if args.embeddings else [])]
+        check_output_path(args.uri, inputs=inputs, overwrite=args.overwrite, what="--uri folder")
+        if args.embeddings:
+            import numpy as np
+
+            enc, _, outputs = _encoded(args, ids)
+            parts = [_take(part, list(range(len(shard_ids))), outputs) for _, shard_ids, part in _shard_rows(enc, ids)]
+            docs = {key: np.concatenate([p[key] for p in parts]) if key == "dense_vecs" else
+                    [x for p in parts for x in p[key]] for key in parts[0]}
+        else:
+            encoder = _encoder(args)
+            outputs = _outputs(args, encoder)
+            docs = encoder.encode_result(texts, outputs, kind="passage")
         HybridRetriever.from_encoded(dict(docs), ids, dense_kind=args.dense_index).save(args.uri,
                                                                                        overwrite=args.overwrite)
-        print(f"indexed {len(ids)} passages ({', '.join(outputs)}) into {args.uri}")
+        print(f"indexed {len(ids)} passages ({', '.join(outputs)}) into {args.uri}"
+              + (f" from the encodings in {args.embeddings}" if enc is not None else ""))
         return 0
-    encoder = _encoder(args)
-    outputs = _outputs(args, encoder)
+    if args.embeddings:
+        enc, encoder, outputs = _encoded(args, ids)
+    else:
+        encoder = _encoder(args)
+        outputs = _outputs(args, encoder)
     signature = ModelSignature.of_encoder(encoder, outputs)
     collection = collection_class(args.backend).create(
         args.collection, representations=outputs, signature=signature, exist_ok=True, dense_index=args.dense_index,
         store_text=not args.no_text, **_connection(args))
     todo = [i for i, d in enumerate(ids) if args.update or d not in collection]
-    print(f"{args.backend} collection {args.collection!r}: {len(collection)} passages stored, {len(todo)} to encode "
+    verb = "to write from the encodings" if enc is not None else "to encode"
+    print(f"{args.backend} collection {args.collection!r}: {len(collection)} passages stored, {len(todo)} {verb} "
           f"of {len(ids)}", file=sys.stderr)
-    for start in range(0, len(todo), args.chunk_size):
-        part = todo[start:start + args.chunk_size]
-        part_texts = [texts[i] for i in part]
-        docs = encoder.encode_result(part_texts, outputs, kind="passage")
-        collection.upsert(dict(docs), [ids[i] for i in part], None if args.no_text else part_texts,
+
+    def write(part: list[int], docs: dict[str, Any]) -> None:
+        collection.upsert(docs, [ids[i] for i in part], None if args.no_text else [texts[i] for i in part],
                           batch_size=args.upsert_batch)
+
+    if enc is not None:
+        wanted = set(todo)
+        for start, shard_ids, shard in _shard_rows(enc, ids):
+            rows = [r for r in range(len(shard_ids)) if start + r in wanted]
+            for a in range(0, len(rows), args.chunk_size):
+                chunk = rows[a:a + args.chunk_size]
+                write([start + r for r in chunk], _take(shard, chunk, outputs))
+    else:
+        for start in range(0, len(todo), args.chunk_size):
+            part = todo[start:start + args.chunk_size]
+            write(part, dict(encoder.encode_result([texts[i] for i in part], outputs, kind="passage")))
     print(f"{args.backend} collection {args.collection!r} holds {len(collection)} passages ({', '.join(outputs)})")
     collection.close()
     return 0
+
+
+def _take(result: Any, rows: list[int], outputs: tuple[str, ...]) -> dict[str, Any]:
+    """Rows ``rows`` of an encode result, as the encode-output dictionary a collection takes."""
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    if "dense" in outputs:
+        out["dense_vecs"] = np.asarray(result.dense_vecs)[rows]
+    if "sparse" in outputs:
+        out["lexical_weights"] = [result.lexical_weights[r] for r in rows]
+    if "colbert" in outputs:
+        out["colbert_vecs"] = [result.colbert_vecs[r] for r in rows]
+    return out
 
 
 def _open_retriever(args: argparse.Namespace, encoder: Any) -> tuple[Any, Any]:
@@ -209,7 +303,8 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
                        help="how to start heads for a folder without head files (none: dense only)")
         p.add_argument("--batch-size", type=int, default=256)
         p.add_argument("--query_max_len", type=int, default=64)
-        p.add_argument("--passage_max_len", type=int, default=512)
+        p.add_argument("--passage_max_len", type=int, default=None,
+                       help=f"passage tokens (default {DEFAULT_PASSAGE_MAX_LEN}; with --embeddings: as encoded)")
         p.add_argument("--devices", "--device", default=None, help="cpu, cuda:0, ... (default: one device)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -221,6 +316,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     b = isub.add_parser("build", help="encode a corpus.jsonl into an index or a database collection (resumable)")
     _common(b)
     b.add_argument("--corpus", required=True, help="corpus.jsonl (BEIR _id/title/text, or custom id/title/text)")
+    b.add_argument("--embeddings", default=None, metavar="ENC_DIR",
+                   help="index the encodings `trine encode` wrote for this corpus with this model (nothing is "
+                        "encoded; the folder's outputs by default)")
     b.add_argument("--outputs", default=None,
                    help="comma-separated dense,sparse,colbert (default: all the model gives)")
     b.add_argument("--dense-index", default="flat", choices=["flat", "hnsw"],

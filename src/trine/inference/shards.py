@@ -36,6 +36,10 @@ Reader API (for ``trine index build --embeddings DIR`` and anyone else)::
     enc.result.colbert_vecs                   # list of (tokens x dim) arrays, or None
     enc.manifest                              # the manifest (model fingerprint, settings, ...)
     load_encoded("OUT", embedder=m)           # ... and refuse it unless encoded by m's weights and settings
+    load_encoded("OUT", embedder=m, match="model", corpus_file="corpus.jsonl")
+                                              # ... by m's weights (passage options as encoded), from this file
+    for ids, part in open_encoded("OUT"):     # the same checks, then one shard at a time
+        ...
 
 ``load_encoded(folder, outputs=("dense",))`` reads only some outputs.
 """
@@ -599,11 +603,15 @@ def _ray_map(ray: Any, model: str, options: dict[str, Any], texts: list[str], ra
     actors = actors or (len(named) if named else gpus if use_gpu else 1)  # one actor per device
     options = {k: v for k, v in options.items() if k != "devices"}
     rows = [r for start, end in ranges for r in range(start, end)]
-    ds = ray.data.from_items([{"row": r, "text": texts[r]} for r in rows])
     context = ray.data.DataContext.get_current()
     keep_order = context.execution_options.preserve_order
-    context.execution_options.preserve_order = True  # rows come back in the order the shards are written
+    # rows come back in the order the shards are written; set before the dataset is made, which copies the
+    # current context (set afterwards, it is not the dataset's: the order then holds only by chance)
+    context.execution_options.preserve_order = True
     try:
+        ds = ray.data.from_items([{"row": r, "text": texts[r]} for r in rows])
+        if not ds.context.execution_options.preserve_order:
+            raise RuntimeError("Ray Data did not take preserve_order for the encoding dataset")
         mapped = ds.map_batches(
             _RayEncoder, batch_size=block_size, batch_format="numpy",
             fn_constructor_kwargs={"model": model, "options": options, "outputs": tuple(outputs), "use_gpu": use_gpu},
@@ -624,6 +632,11 @@ def _ray_map(ray: Any, model: str, options: dict[str, Any], texts: list[str], ra
 
 
 # ------------------------------------------------------------------------------- reading
+#: the encoder settings that decide the vector space a query must be encoded into (the rest: how passages were
+#: encoded, e.g. their maximum length or dtype, which a reader may accept as they were)
+SPACE_SETTINGS = ("class", "pooling_method", "normalize_embeddings")
+
+
 @dataclass
 class EncodedCorpus:
     """A ``trine encode`` folder read whole: ids in corpus order, their encodings, and the manifest."""
@@ -633,27 +646,114 @@ class EncodedCorpus:
     manifest: dict[str, Any]
 
 
-def load_encoded(folder: str | os.PathLike, outputs: Sequence[str] | None = None, *,
-                 embedder: Any = None) -> EncodedCorpus:
-    """Every shard of a ``trine encode`` folder, checked against its manifest; ``outputs`` (default:
-    all the folder holds) picks some. A missing or unfinished shard raises naming it. ``embedder``
-    (the encoder a caller will encode queries with): the folder must have been encoded by the same
-    model weights and passage settings, else an error names the fields that differ."""
+@dataclass
+class EncodedFolder:
+    """A ``trine encode`` folder whose manifest and shards were checked (:func:`open_encoded`); iterating
+    reads one shard at a time: ``(ids, EncodeResult)`` in corpus order, so a reader holds one shard at once."""
+
+    folder: str
+    manifest: dict[str, Any]
+    outputs: tuple[str, ...]
+    shards: list[tuple[str, int, int]]  # (shard folder, start, end)
+
+    @property
+    def count(self) -> int:
+        return self.shards[-1][2] if self.shards else 0
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The passage encoder's settings recorded in the manifest."""
+        return dict(self.manifest["identity"].get("settings") or {})
+
+    def __iter__(self) -> Iterator[tuple[list[str], EncodeResult]]:
+        for path, start, end in self.shards:
+            yield read_shard(path, end - start, self.outputs)
+
+
+def read_shard(path: str, count: int, outputs: Sequence[str]) -> tuple[list[str], EncodeResult]:
+    """The ids and ``outputs`` of one finished shard folder of ``count`` documents."""
+    shard_ids = _read_json(os.path.join(path, "ids.json"))
+    if not isinstance(shard_ids, list) or len(shard_ids) != count:
+        raise InputError(f"{os.path.join(path, 'ids.json')}: expected a list of {count} ids")
+    lexical = read_lexical(path, count) if "sparse" in outputs else [None] * count
+    colbert = read_colbert(path, count) if "colbert" in outputs else [None] * count
+    result = EncodeResult.from_rows([(None, w, c) for w, c in zip(lexical, colbert)],
+                                    [o for o in outputs if o != "dense"])
+    if "dense" in outputs:
+        dense = np.load(os.path.join(path, "dense.npy"))
+        if dense.ndim != 2 or dense.shape[0] != count:
+            raise InputError(f"{os.path.join(path, 'dense.npy')}: {dense.shape[0]} rows, expected {count}")
+        result["dense_vecs"] = dense
+    return [str(d) for d in shard_ids], result
+
+
+def check_corpus_file(folder: str, manifest: dict[str, Any], corpus_file: str) -> None:
+    """Refuse ``corpus_file`` unless it is the file the folder was encoded from (its SHA-256 recorded in the
+    manifest). A manifest without the hash is refused too: nothing else could tell a corpus edited in place
+    (same ids, other texts) from the one encoded."""
+    where = os.path.join(folder, MANIFEST)
+    recorded = manifest["identity"].get("corpus")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("sha256"), str):
+        raise InputError(f"{where}: identity.corpus.sha256: not recorded, so {corpus_file} cannot be checked "
+                         "against the corpus encoded; encode it again with trine encode")
+    if not os.path.isfile(corpus_file):
+        raise MissingInputError(f"{corpus_file}: no such corpus file")
+    sha = file_sha256(corpus_file)
+    if sha != recorded["sha256"]:
+        encoded_from = manifest.get("corpus_file", "?")
+        raise InputError(f"{corpus_file}: not the corpus {folder} was encoded from (identity.corpus.sha256 "
+                         f"{recorded['sha256'][:16]}..., this file {sha[:16]}...; encoded from {encoded_from}): "
+                         "give that corpus, or encode this one with trine encode")
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a ``trine encode`` folder, checked to be one (format, outputs, shard plan, model, settings)."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise MissingInputError(f"{folder}: no such folder")
-    manifest = _read_json(os.path.join(folder, MANIFEST))
+    where = os.path.join(folder, MANIFEST)
+    manifest = _read_json(where)
     identity = manifest.get("identity") if isinstance(manifest, dict) else None
     if not isinstance(identity, dict) or identity.get("format") != FORMAT:
-        raise InputError(f"{os.path.join(folder, MANIFEST)}: identity.format: not a trine encode manifest "
-                         f"of format {FORMAT}")
+        raise InputError(f"{where}: identity.format: not a trine encode manifest of format {FORMAT}")
+    for name, kind in (("outputs", list), ("shards", list), ("model", str), ("settings", dict)):
+        if not isinstance(identity.get(name), kind):
+            raise InputError(f"{where}: identity.{name}: missing or not a {kind.__name__}")
+    return manifest
+
+
+def open_encoded(folder: str | os.PathLike, outputs: Sequence[str] | None = None, *, embedder: Any = None,
+                 match: Literal["encoder", "model"] = "encoder", corpus_file: str | os.PathLike | None = None
+                 ) -> EncodedFolder:
+    """A ``trine encode`` folder, checked (nothing read beyond the manifest and the shards' ``meta.json``):
+    ``outputs`` (default: all it holds) must be held, every shard finished. ``embedder`` (the encoder a
+    caller will encode queries with): the folder must have been encoded by the same weights and tokenizer
+    and, with ``match="encoder"``, every passage setting (maximum length, dtype, instruction, ...); with
+    ``match="model"`` only the settings that decide the vector space (pooling, normalisation, encoder class,
+    ``truncate_dim``). ``corpus_file``: must be the file encoded (:func:`check_corpus_file`). A mismatch raises
+    :class:`InputError` naming the manifest and the fields that differ."""
+    folder = os.fspath(folder)
+    if match not in ("encoder", "model"):
+        raise OptionError(f"match must be 'encoder' or 'model', not {match!r}")
+    manifest = read_manifest(folder)
+    where = os.path.join(folder, MANIFEST)
+    identity = manifest["identity"]
     if embedder is not None:
-        changed = _differences({"model": identity.get("model"), "settings": identity.get("settings")},
-                               {"model": model_fingerprint(embedder.model),
-                                "settings": encoder_settings(embedder, "corpus")})
+        settings = encoder_settings(embedder, "corpus")
+        old = {"model": identity["model"], "settings": identity["settings"],
+               "truncate_dim": identity.get("truncate_dim")}
+        new = {"model": model_fingerprint(embedder.model), "settings": settings,
+               "truncate_dim": getattr(embedder, "truncate_dim", None)}
+        if match == "model":
+            old["settings"] = {k: v for k, v in old["settings"].items() if k in SPACE_SETTINGS}
+            new["settings"] = {k: v for k, v in settings.items() if k in SPACE_SETTINGS}
+        changed = _differences(old, new)
         if changed:
-            raise InputError(f"{os.path.join(folder, MANIFEST)}: encoded by another model or with other settings "
-                             f"than the encoder given (different: {', '.join(changed)})")
+            config = getattr(getattr(embedder.model, "backbone", None), "config", None)
+            name = getattr(config, "_name_or_path", None)  # the folder it was loaded from
+            given = f"the encoder given ({name})" if name else "the encoder given"
+            raise InputError(f"{where}: encoded by another model or with other settings than {given} (different: "
+                             f"{', '.join(changed)})")
     held = tuple(identity["outputs"])
     outputs = held if outputs is None else check_outputs(outputs)
     absent = [o for o in outputs if o not in held]
@@ -661,30 +761,36 @@ def load_encoded(folder: str | os.PathLike, outputs: Sequence[str] | None = None
         raise InputError(f"{folder}: encoded with outputs {', '.join(held)}; no {', '.join(absent)}")
     plan = [tuple(r) for r in identity["shards"]]
     names = [shard_name(i, len(plan)) for i in range(len(plan))]
-    unfinished = [n for n in names if not shard_done(os.path.join(folder, n), manifest["key"])]
+    unfinished = [n for n in names if not shard_done(os.path.join(folder, n), manifest.get("key"))]
     if unfinished:
         shown = ", ".join(unfinished[:5]) + (", ..." if len(unfinished) > 5 else "")
         raise InputError(f"{folder}: {len(unfinished)} of {len(plan)} shard(s) not finished ({shown}): "
                          "run trine encode again")
+    if corpus_file is not None:
+        check_corpus_file(folder, manifest, os.fspath(corpus_file))
+    return EncodedFolder(folder, manifest, tuple(outputs),
+                         [(os.path.join(folder, n), int(a), int(b)) for n, (a, b) in zip(names, plan)])
+
+
+def load_encoded(folder: str | os.PathLike, outputs: Sequence[str] | None = None, *, embedder: Any = None,
+                 match: Literal["encoder", "model"] = "encoder", corpus_file: str | os.PathLike | None = None
+                 ) -> EncodedCorpus:
+    """Every shard of a ``trine encode`` folder, checked against its manifest (:func:`open_encoded`, whose
+    keywords these are); ``outputs`` (default: all the folder holds) picks some. A missing or unfinished
+    shard raises naming it; so does an ``embedder`` of other weights or settings."""
+    enc = open_encoded(folder, outputs, embedder=embedder, match=match, corpus_file=corpus_file)
     ids: list[str] = []
     rows: list[tuple[Any, Any, Any]] = []
     dense_parts: list[np.ndarray] = []
-    for name, (start, end) in zip(names, plan):
-        path = os.path.join(folder, name)
-        count = end - start
-        shard_ids = _read_json(os.path.join(path, "ids.json"))
-        if not isinstance(shard_ids, list) or len(shard_ids) != count:
-            raise InputError(f"{os.path.join(path, 'ids.json')}: expected a list of {count} ids")
+    for shard_ids, part in enc:
         ids.extend(shard_ids)
-        if "dense" in outputs:
-            dense = np.load(os.path.join(path, "dense.npy"))
-            if dense.shape[0] != count:
-                raise InputError(f"{os.path.join(path, 'dense.npy')}: {dense.shape[0]} rows, expected {count}")
-            dense_parts.append(dense)
-        lexical = read_lexical(path, count) if "sparse" in outputs else [None] * count
-        colbert = read_colbert(path, count) if "colbert" in outputs else [None] * count
+        if "dense" in enc.outputs:
+            dense_parts.append(part.dense_vecs)
+        count = len(shard_ids)
+        lexical = part.lexical_weights if "sparse" in enc.outputs else [None] * count
+        colbert = part.colbert_vecs if "colbert" in enc.outputs else [None] * count
         rows.extend((None, w, c) for w, c in zip(lexical, colbert))
-    result = EncodeResult.from_rows(rows, [o for o in outputs if o != "dense"])
-    if "dense" in outputs:
+    result = EncodeResult.from_rows(rows, [o for o in enc.outputs if o != "dense"])
+    if "dense" in enc.outputs:
         result["dense_vecs"] = np.concatenate(dense_parts)
-    return EncodedCorpus(ids, result, manifest)
+    return EncodedCorpus(ids, result, enc.manifest)

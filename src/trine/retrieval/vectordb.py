@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -35,6 +36,8 @@ from trine.errors import UserError
 from trine.retrieval.base import SearchResult, check_ids, check_unique, pad_results, read_meta, write_meta
 from trine.retrieval.protocol import ENCODE_KEYS, REPRESENTATIONS, register_index, rerank
 from trine.scoring import colbert_scores_padded, pad_vectors
+
+logger = logging.getLogger(__name__)
 
 #: the backends a collection may live in (``trine`` is trine's own in-memory indexes)
 BACKENDS = ("trine", "milvus", "qdrant")
@@ -576,9 +579,28 @@ register_index("milvus", CollectionIndex)
 register_index("qdrant", CollectionIndex)
 
 
-def connection_of(backend: str, uri: str | None) -> dict[str, Any]:
+def default_location(backend: str, key: str) -> str:
+    """Where an embedded database keeps a collection trine made for a command on its own (``trine eval`` and
+    ``trine mine`` without ``--uri``): ``~/.cache/trine/vectordb/<key>/milvus.db`` (Milvus Lite) or
+    ``.../<key>/qdrant`` (Qdrant local mode). ``key`` is the collection's name, which by default is a hash of the
+    model and the documents, so no two corpora and no user's files share a database (a file in the working
+    folder could be one the user keeps, or another run's)."""
+    if backend not in ("milvus", "qdrant"):
+        raise ValueError(f"unknown vector-database backend {backend!r}; choose from milvus, qdrant")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key).strip(".") or "trine"
+    folder = os.path.join(os.path.expanduser("~"), ".cache", "trine", "vectordb", safe)
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, "milvus.db" if backend == "milvus" else "qdrant")
+
+
+def connection_of(backend: str, uri: str | None, default_key: str | None = None) -> dict[str, Any]:
     """The connection keywords of a ``--uri``: Milvus takes it as it is (a ``.db`` file: Milvus Lite; a URL:
-    a server); Qdrant takes ``http(s)://``: a server, ``:memory:``, or a folder (local mode)."""
+    a server); Qdrant takes ``http(s)://``: a server, ``:memory:``, or a folder (local mode). No ``uri``: with
+    ``default_key``, trine's cache (:func:`default_location`), else the engine's default in the working folder
+    (``trine index``, documented there)."""
+    if not uri and default_key is not None:
+        uri = default_location(backend, default_key)
+        logger.info("%s collection %r: no --uri given, kept in %s", backend, default_key, uri)
     if backend == "milvus":
         return {"uri": uri} if uri else {}
     if backend == "qdrant":
@@ -596,7 +618,8 @@ def collection_retriever(backend: str, docs: Mapping[str, Any], ids: Sequence[st
     """A :class:`~trine.retrieval.HybridRetriever` over the collection ``name`` of ``backend`` holding ``docs``
     (encode output) under ``ids``, in that order: the collection is made, or (made earlier by the same model
     from the same documents) completed and brought up to date by id; a collection holding other documents is
-    refused. ``backend="trine"``: trine's in-memory indexes."""
+    refused. ``backend="trine"``: trine's in-memory indexes. No ``uri``: an embedded database in trine's cache
+    (:func:`default_location`, keyed by ``name``)."""
     from trine.retrieval.hybrid import HybridRetriever
 
     if backend == "trine":
@@ -606,7 +629,7 @@ def collection_retriever(backend: str, docs: Mapping[str, Any], ids: Sequence[st
     sig = signature_of(present, tokenizer, model)
     collection = collection_class(backend).create(name, representations=reps, signature=sig, exist_ok=True,
                                                   dense_index=dense_index, store_text=texts is not None,
-                                                  **connection_of(backend, uri))
+                                                  **connection_of(backend, uri, default_key=name))
     if model and collection.signature.model and collection.signature.model != model:
         raise CollectionMismatchError(f"{backend} collection {name!r} was made by {collection.signature.model}, not "
                                       f"{model}; use another collection name")
