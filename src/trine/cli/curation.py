@@ -308,7 +308,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     mine.add_argument("--backend", default="trine", choices=["trine", "milvus", "qdrant"],
                       help="index the pool in trine's indexes, or in a Milvus / Qdrant collection")
     mine.add_argument("--uri", default=None, help="--backend milvus: a .db file (Milvus Lite) or server URL; qdrant: "
-                      "a folder (local mode), :memory: or server URL")
+                      "a folder (local mode), :memory: or server URL (default: a file or folder in trine's "
+                      "cache, ~/.cache/trine/vectordb/<collection>/)")
     mine.add_argument("--collection", default=None,
                       help="collection name (default: trine_pool_<hash of the pool>)")
     mine.add_argument("--index_kind", default="flat", choices=["flat", "hnsw", "ivf"],

@@ -134,7 +134,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--backend", default="trine", choices=["trine", "milvus", "qdrant"],
                     help="index the corpus in trine's indexes, or in a Milvus / Qdrant collection (trine index build)")
     ev.add_argument("--uri", default=None, help="--backend milvus: a .db file (Milvus Lite) or server URL; qdrant: a "
-                    "folder (local mode), :memory: or server URL")
+                    "folder (local mode), :memory: or server URL (default: a file or folder in trine's cache, "
+                    "~/.cache/trine/vectordb/<collection>/)")
     ev.add_argument("--collection", default=None, help="collection name (default: trine_eval_<hash of model and "
                     "corpus>); a collection of the same corpus and model is brought up to date, not duplicated")
     ev.add_argument("--ignore-identical-ids", action="store_true")
