@@ -249,3 +249,116 @@ def test_schedule_eval_metrics_and_folder_policy(tmp_path):
     with pytest.raises(OutputPathError, match="trine did not write"):
         TrainingDiagnostics(3, str(foreign))
     assert not TrainingDiagnostics(3, str(tmp_path / "d"), main_process=False).due(1)
+
+
+def _global_batch(seed=3):
+    """4 queries in groups of 3 with dense vectors, lexical weights and ColBERT vectors of ragged lengths:
+    rank 1 (rows 2-3 of the queries, 6-11 of the passages) holds the longest texts, so a gather must pad."""
+    rng = np.random.default_rng(seed)
+    q, p = _fixed_batch()
+    batch = {"q": {"dense_vecs": torch.tensor(q)}, "p": {"dense_vecs": torch.tensor(p)}}
+    lengths = {"q": [2, 3, 5, 1], "p": [3, 2, 3, 1, 2, 3, 5, 4, 2, 1, 5, 3]}
+    inputs = {}
+    for side, name in (("q", "queries"), ("p", "passages")):
+        n, width = len(lengths[side]), max(lengths[side])
+        mask = torch.tensor([[1] * k + [0] * (width - k) for k in lengths[side]])
+        ids = torch.tensor(rng.integers(1, 20, size=(n, width))) * mask
+        weights = torch.tensor(rng.uniform(0, 1, size=(n, width)) * (rng.uniform(size=(n, width)) > 0.3)) * mask
+        colbert = torch.tensor(rng.normal(size=(n, width, 4))) * mask[..., None]
+        batch[side].update(token_weights=weights, input_ids=ids, colbert_vecs=colbert, colbert_mask=mask.bool())
+        inputs[name] = {"input_ids": ids, "attention_mask": mask}
+    return batch["q"], batch["p"], inputs
+
+
+def _local(tensors, rows):
+    """A rank's rows, padded only to the longest of them (as its own collator pads)."""
+    out = {}
+    for key, value in tensors.items():
+        value = value[rows]
+        if value.dim() > 1 and key != "dense_vecs":
+            mask = next(tensors[m][rows] for m in ("colbert_mask", "attention_mask", "input_ids") if m in tensors)
+            width = int((mask != 0).sum(1).max())
+            value = value[:, :width]
+        out[key] = value
+    return out
+
+
+def _diag_gather_worker(rank, world_size, rendezvous, out_dir):
+    import torch.distributed as dist
+
+    from trine.training.diagnostics import gather_batch
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    try:
+        q, p, inputs = _global_batch()
+        qs, ps = slice(2 * rank, 2 * rank + 2), slice(6 * rank, 6 * rank + 6)
+        local_inputs = {"queries": _local(inputs["queries"], qs), "passages": _local(inputs["passages"], ps)}
+        gq, gp, gathered_inputs = gather_batch(_local(q, qs), _local(p, ps), local_inputs)
+        record, _ = diagnose(gq, gp, ["dense", "sparse", "colbert"], loss=0.5, vocab_size=20)
+        torch.save({"q": gq, "p": gp, "inputs": gathered_inputs, "record": record}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gathered_batch_diagnostics_equal_one_process_on_the_global_batch(tmp_path):
+    """Under DDP with cross-device negatives each rank's slice is gathered (ragged lengths padded) and the
+    diagnostics equal one process's on the whole batch, not rank 0's local half."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_diag_gather_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2)
+    q, p, inputs = _global_batch()
+    heads = ["dense", "sparse", "colbert"]
+    one, _ = diagnose(q, p, heads, loss=0.5, vocab_size=20)
+    local, _ = diagnose(_local(q, slice(0, 2)), _local(p, slice(0, 6)), heads, loss=0.5, vocab_size=20)
+    assert local["heads"]["dense"]["candidates"] == 6 and one["heads"]["dense"]["candidates"] == 12
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt", weights_only=False)
+        for side, want in (("q", q), ("p", p), *inputs.items()):
+            tensors = got[side] if side in ("q", "p") else got["inputs"][side]
+            assert set(tensors) == set(want)
+            for key in want:
+                assert torch.equal(tensors[key], want[key]), (side, key)
+        record = got["record"]
+        for head in heads:
+            for key, value in one["heads"][head].items():
+                if isinstance(value, float):
+                    assert record["heads"][head][key] == pytest.approx(value, abs=1e-9), (head, key)
+            assert record["heads"][head]["suspects"] == one["heads"][head]["suspects"]
+            assert record["heads"][head]["margins"] == pytest.approx(one["heads"][head]["margins"], abs=1e-9)
+        for side in ("query", "passage"):
+            assert record["heads"]["sparse"][side] == pytest.approx(one["heads"]["sparse"][side], abs=1e-9)
+    assert 0 < one["heads"]["dense"]["accuracy"] < 1
+
+
+def test_torchrun_two_ranks_diagnose_the_global_batch_as_one_process(tmp_path, splade_tiny_dir):
+    """2 ranks of 2 queries with cross-device negatives record the diagnostics 1 rank of 4 records."""
+    import subprocess
+    import sys
+
+    from test_finetune import no_dropout_copy
+
+    model = no_dropout_copy(splade_tiny_dir, tmp_path / "model")
+    data = write_data(tmp_path / "train.jsonl")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    options = {"max_steps": 2, "save_steps": 100, "diagnostics_steps": 1}
+    subprocess.run([sys.executable, "-m", "trine.training.finetune", *common_args(model, data, tmp_path / "one",
+                                                                                    **options)],
+                   check=True, env=env, capture_output=True, timeout=600)
+    two = common_args(model, data, tmp_path / "two", per_device_train_batch_size=2, negatives_cross_device=True,
+                      **options)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29600 + os.getpid() % 300), "-m", "trine.training.finetune", *two],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _records(tmp_path / "one" / "diagnostics"), _records(tmp_path / "two" / "diagnostics")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
+    for a, b in zip(one, two):
+        da, db = a["heads"]["dense"], b["heads"]["dense"]
+        assert db["queries"] == da["queries"] == 4 and db["candidates"] == da["candidates"] == 12
+        for key in ("accuracy", "negatives_above_positive"):
+            assert db[key] == da[key], key
+        for key in ("margin_mean", "margin_in_batch_mean", "alignment", "uniformity", "mean_cosine", "norm_mean"):
+            assert db[key] == pytest.approx(da[key], abs=2e-5), key
+        assert db["margins"] == pytest.approx(da["margins"], abs=2e-5)
+        assert b["suspects"] == a["suspects"]

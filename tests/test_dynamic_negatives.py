@@ -11,12 +11,18 @@ import sys
 
 import pytest
 import torch
-from test_finetune import common_args, no_dropout_copy, weights, write_data
+from test_finetune import PAGES, common_args, no_dropout_copy, weights, write_data
 
 from trine import Embedder
 from trine.curation.mining import mine_hard_negatives
 from trine.errors import OptionError
-from trine.training.dynamic_negatives import STATE_KEY, DynamicNegativesCallback, decode_negatives
+from trine.training.dynamic_negatives import (
+    STATE_KEY,
+    DynamicNegativesCallback,
+    decode_negatives,
+    gather_pool_encodings,
+    shard_bounds,
+)
 from trine.training.finetune import build_trainer, parse_args
 
 INSTRUCTION = "Find the manual page: "
@@ -131,8 +137,9 @@ def test_per_epoch_remines_at_each_later_epoch_start(tmp_path, splade_tiny_dir):
 
 
 def test_torchrun_two_processes_mine_what_one_does(tmp_path, splade_tiny_dir):
-    """Under DDP the re-mine (every rank's, rank 0's broadcast) and the step's loss log keep the ranks in step:
-    2 ranks of 2 queries with cross-device negatives train like 1 rank of 4, on the same negatives."""
+    """Under DDP the re-mine (each rank encodes its shard of the pool, the shards are gathered, rank 0's
+    negatives are broadcast) and the step's loss log keep the ranks in step: 2 ranks of 2 queries with
+    cross-device negatives train like 1 rank of 4, on the same negatives."""
     model = no_dropout_copy(splade_tiny_dir, tmp_path / "model")
     data = write_data(tmp_path / "train.jsonl")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -149,6 +156,97 @@ def test_torchrun_two_processes_mine_what_one_does(tmp_path, splade_tiny_dir):
     one_state, one_rows = saved_negatives(tmp_path / "one" / "checkpoint-2")
     two_state, two_rows = saved_negatives(tmp_path / "two" / "checkpoint-2")
     assert one_state["hash"] == two_state["hash"] and one_rows == two_rows
+    # the 2 ranks indexed the pool from their gathered shards: the scores of the mined negatives against the
+    # positives' equal one process's (a missing or misplaced shard would score other vectors at these rows)
+    margins = [[h["dynamic_neg_margin"] for h in json.loads((tmp_path / run / "checkpoint-2" / "trainer_state.json")
+                                                             .read_text())["log_history"] if "dynamic_neg_margin" in h]
+               for run in ("one", "two")]
+    assert len(margins[0]) == len(margins[1]) == 1
+    assert margins[1][0] == pytest.approx(margins[0][0], abs=1e-5)
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def _gather_worker(rank, world_size, model_dir, pool, outputs, rendezvous, out_dir):
+    """One gloo rank: gather the pool's encodings, recording which texts this rank encoded itself."""
+    import pickle
+
+    import torch.distributed as dist
+
+    from trine import M3Embedder
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    try:
+        emb = M3Embedder(model_dir, show_progress=False, passage_max_length=32)
+        encoded, original = [], emb.encode_result
+
+        def spy(texts, *args, **kwargs):
+            encoded.extend(texts)
+            return original(texts, *args, **kwargs)
+
+        emb.encode_result = spy
+        got = gather_pool_encodings(emb, pool, outputs)
+        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump({"encoded": encoded, "dense": got.dense_vecs, "lexical": got.lexical_weights}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world_size, size, outputs, shards", [
+    (2, 7, ("dense", "sparse"), [(0, 4), (4, 7)]),  # uneven shards, hybrid ranking's lexical weights too
+    (3, 2, ("dense",), [(0, 1), (1, 2), (2, 2)]),  # a pool smaller than the world: the last rank has no shard
+])
+def test_each_rank_encodes_its_shard_and_the_gather_equals_one_process(tmp_path, tiny_m3_dir, world_size, size,
+                                                                          outputs, shards):
+    import pickle
+
+    import numpy as np
+    import torch.multiprocessing as mp
+
+    from trine import M3Embedder
+
+    pool = [d for _, d in PAGES][:size]
+    assert shard_bounds(size, world_size) == shards
+    mp.spawn(_gather_worker, args=(world_size, tiny_m3_dir, pool, outputs, str(tmp_path / "rendezvous"),
+                                   str(tmp_path)), nprocs=world_size)
+    ranks = []
+    for rank in range(world_size):
+        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
+            ranks.append(pickle.load(f))
+    # each rank encoded exactly its contiguous shard, nothing else
+    assert [r["encoded"] for r in ranks] == [pool[lo:hi] for lo, hi in shards]
+    # every rank holds the whole pool, in pool order, equal to one process encoding it all
+    one = M3Embedder(tiny_m3_dir, show_progress=False, passage_max_length=32).encode_result(pool, outputs,
+                                                                                          kind="passage")
+    for r in ranks:
+        assert r["dense"].shape == one.dense_vecs.shape
+        assert np.array_equal(r["dense"], ranks[0]["dense"])
+        np.testing.assert_allclose(r["dense"], one.dense_vecs, atol=1e-5, rtol=0)
+        if "sparse" in outputs:
+            assert [set(w) for w in r["lexical"]] == [set(w) for w in one.lexical_weights]
+            for got, want in zip(r["lexical"], one.lexical_weights):
+                assert [got[k] for k in want] == pytest.approx([want[k] for k in want], abs=1e-5)
+        else:
+            assert r["lexical"] is None
+
+
+def test_mining_from_given_encodings_equals_mining_that_encodes(tmp_path, splade_tiny_dir):
+    from trine.curation.common import read_records
+    from trine.curation.mining import NegativeMiner
+
+    records = read_records(write_data(tmp_path / "train.jsonl"))
+    pool = list(dict.fromkeys(t for r in records for t in (*r.pos, *r.neg)))
+    emb = Embedder(splade_tiny_dir, show_progress=False, query_max_length=16, passage_max_length=32)
+    miner = NegativeMiner(emb, range_for_sampling=(1, 12), negative_number=3, seed=5, show_progress=False)
+    summary, picks = miner.mine(records, pool)
+    expected = list(picks)
+    encoded = emb.encode_result(pool, ("dense",), kind="passage")
+    halves = [type(encoded)(encoded.dense_vecs[:5]), type(encoded)(encoded.dense_vecs[5:])]
+    given_summary, given = miner.mine(records, pool, encodings=halves)
+    assert list(given) == expected and given_summary.cache == "given"
+    assert list(given_summary.negative_scores) == pytest.approx(list(summary.negative_scores), abs=1e-6)
+    for wrong in ([halves[0]], [*halves, halves[0]]):  # a shard missing, a shard too many
+        with pytest.raises(ValueError, match="pool encodings given for a pool of"):
+            miner.mine(records, pool, encodings=wrong)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,7 @@ from trine.curation.ranking import PoolRanker, positive_scores
 from trine.curation.sampling import BACKFILL, SamplingCounts, pick_negatives
 from trine.data.corpus import read_pool
 from trine.data.records import Record
+from trine.inference.result import EncodeResult
 from trine.retrieval.dense import DENSE_KINDS, DenseIndex
 from trine.retrieval.hybrid import QueryReps
 from trine.retrieval.sparse import SparseIndex
@@ -117,7 +118,7 @@ def _pool_collection(corpus: CorpusEncodings, pool: list[str], embedder: Any, ba
             collection = collection_class(backend).create(
                 name, representations=("dense", "sparse") if hybrid else ("dense",), exist_ok=True,
                 signature=signature_of(docs, embedder.tokenizer if hybrid else None), dense_index=index_kind,
-                store_text=False, **connection_of(backend, uri))
+                store_text=False, **connection_of(backend, uri, default_key=name))
         count = len(block["dense_vecs"])
         collection.upsert(docs, ids[start:start + count])
         start += count
@@ -125,6 +126,32 @@ def _pool_collection(corpus: CorpusEncodings, pool: list[str], embedder: Any, ba
         raise CollectionMismatchError(f"{backend} collection {name!r} holds other passages than this pool; use "
                                       "another collection name, or drop it")
     return collection.index("dense"), collection.index("sparse") if hybrid else None
+
+
+class GivenEncodings:
+    """A pool's encodings made elsewhere, read as :class:`CorpusEncodings` reads its blocks; each block must
+    hold the ``outputs`` asked for, and the blocks together one row per pool text (checked as they are read)."""
+
+    status = "given"
+
+    def __init__(self, blocks: Iterable[EncodeResult], count: int, outputs: Sequence[str]):
+        self._blocks, self.count, self.outputs = blocks, count, tuple(outputs)
+
+    def blocks(self) -> Iterator[EncodeResult]:
+        rows = 0
+        for block in self._blocks:
+            dense = block.dense_vecs
+            if dense is None or ("sparse" in self.outputs and block.lexical_weights is None):
+                raise ValueError(f"the given pool encodings lack outputs {list(self.outputs)}")
+            if "sparse" in self.outputs and len(block.lexical_weights) != len(dense):
+                raise ValueError("the given pool encodings have unequal numbers of dense and lexical rows")
+            rows += len(dense)
+            if rows > self.count:
+                break
+            yield block
+        if rows != self.count:
+            raise ValueError(f"{rows if rows <= self.count else 'more'} pool encodings given for a pool of "
+                             f"{self.count} texts")
 
 
 class NegativeMiner:
@@ -202,10 +229,16 @@ class NegativeMiner:
         self.show_progress, self.backend, self.backend_uri, self.collection = (show_progress, backend, backend_uri,
                                                                                collection)
 
-    def mine(self, records: Sequence[Record], pool: Sequence[str]) -> tuple[MiningSummary, Iterator[list[int]]]:
+    def mine(self, records: Sequence[Record], pool: Sequence[str],
+             encodings: Iterable[EncodeResult] | None = None) -> tuple[MiningSummary, Iterator[list[int]]]:
         """Index ``pool`` (distinct texts) now; return the summary and an iterator over each record's
         negatives (rows of ``pool``), in record order. The summary's counts, scores and query time fill
-        in as the iterator runs; record i samples with ``numpy.random.default_rng([seed, i])``."""
+        in as the iterator runs; record i samples with ``numpy.random.default_rng([seed, i])``.
+
+        ``encodings``: the pool's passage encodings made elsewhere with this embedder (blocks in pool
+        order: dense vectors, and lexical weights for hybrid ranking), indexed instead of encoding the
+        pool here (dynamic negatives under DDP gather them from every rank's shard); their row count
+        must be the pool's."""
         pool = list(pool)
         embedder, hybrid, weights = self.embedder, self.hybrid, self.weights
         summary = MiningSummary(records=len(records), pool=len(pool), index_kind=self.index_kind,
@@ -216,7 +249,10 @@ class NegativeMiner:
 
         started = time.perf_counter()
         outputs = ("dense", "sparse") if hybrid else ("dense",)
-        corpus = CorpusEncodings(embedder, pool, outputs, self.cache_dir, block_size=self.corpus_block_size)
+        if encodings is None:
+            corpus = CorpusEncodings(embedder, pool, outputs, self.cache_dir, block_size=self.corpus_block_size)
+        else:
+            corpus = GivenEncodings(encodings, len(pool), outputs)
         summary.cache = corpus.status
         dense_index: DenseIndex | None = None
         lexical: list[dict[str, float]] = []

@@ -1,10 +1,13 @@
 """Training diagnostics: every ``diagnostics_steps`` steps, what the batch in memory says about the model.
 
-Computed from the representations the loss was computed on (no extra forward pass; the local
-batch only, not other ranks' passages), on the main process, for each head the mode trains:
+Computed from the representations the loss was computed on (no extra forward pass), on the main
+process, for each head the mode trains. Under DDP with ``negatives_cross_device`` the batch is the
+one the loss sees: every rank's queries and passages are gathered (:func:`gather_batch`, at the
+recorded steps only), so the numbers are those of one process training on the global batch; without
+cross-device negatives they are the main process's local batch.
 
 - ``accuracy``: share of queries whose positive scores strictly above every other candidate the
-  loss sees (the local batch's passages with in-batch negatives, else the query's own group);
+  loss sees (the batch's passages with in-batch negatives, else the query's own group);
 - score margins: positive minus the best hard negative of the query's group (``margin_*``), and
   minus the best other candidate (``margin_in_batch_*``), with their distribution;
 - ``negatives_above_positive``: share of hard negatives scoring above their query's positive; each
@@ -183,12 +186,46 @@ def _detach(reps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in reps.items()}
 
 
+# per-token representations with their companion (ids or mask), gathered padded to the longest rank's length
+_PADDED = (("token_weights", "input_ids"), ("colbert_vecs", "colbert_mask"), ("input_ids", "attention_mask"))
+
+
+def _gather_side(reps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from trine.training.distributed import gather_padded, gather_with_grad
+
+    out: dict[str, torch.Tensor] = {}
+    if "dense_vecs" in reps:
+        out["dense_vecs"] = gather_with_grad(reps["dense_vecs"])
+    for values, companion in _PADDED:  # a fixed order, the same on every rank: the gathers pair up
+        if values in reps and companion in reps and values not in out:
+            out[values], out[companion] = gather_padded(reps[values], reps[companion])
+    missing = sorted(set(reps) - set(out))
+    if missing:
+        raise ValueError(f"diagnostics: cannot gather the representations {missing} across ranks")
+    return out
+
+
+def gather_batch(q: dict[str, torch.Tensor], p: dict[str, torch.Tensor], inputs: dict[str, Any] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Every rank's queries and passages (and token ids, for the suspects' texts), concatenated in rank
+    order, as the loss with cross-device negatives sees them: query i's group starts at passage column
+    ``i * group_size`` of the global batch. Per-token tensors are padded to the longest rank's length.
+    A collective: every rank must call it at the same step."""
+    with torch.no_grad():
+        gathered_inputs = None
+        if inputs is not None:
+            gathered_inputs = {side: _gather_side({k: inputs[side][k] for k in ("input_ids", "attention_mask")})
+                               for side in ("queries", "passages")}
+        return _gather_side(q), _gather_side(p), gathered_inputs
+
+
 class TrainingDiagnostics(TrainerCallback):
     """Records diagnostics every ``every`` steps (and at step 1) from the batch being trained on,
     through :meth:`capture` around the trainer's forward pass; writes the files in ``out_dir``."""
 
     def __init__(self, every: int, out_dir: str, *, collapse_cosine: float = 0.99, max_suspects: int = 20,
-                 main_process: bool = True, inputs: Sequence[str | None] = (), check_folder: bool = True):
+                 main_process: bool = True, inputs: Sequence[str | None] = (), check_folder: bool = True,
+                 gather: bool = False):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"diagnostics_steps must be a positive integer (0: off), got {every!r}")
         if not -1.0 < collapse_cosine <= 1.0:
@@ -202,6 +239,8 @@ class TrainingDiagnostics(TrainerCallback):
         self.collapse_cosine = collapse_cosine
         self.max_suspects = max_suspects
         self.main_process = main_process
+        self.gather = gather  # DDP with cross-device negatives: every rank takes part in gathering the batch
+        self.last_step = 0  # the last step observed (on every rank: gradient accumulation observes the first only)
         self.records: list[dict[str, Any]] = []
         self.suspects: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
@@ -210,13 +249,14 @@ class TrainingDiagnostics(TrainerCallback):
     @classmethod
     def from_args(cls, args: Any, inputs: Sequence[str | None] = ()) -> TrainingDiagnostics:
         out_dir = args.diagnostics_dir or os.path.join(args.output_dir, "diagnostics")
+        gather = bool(getattr(args, "negatives_cross_device", False)) and args.world_size > 1
         return cls(args.diagnostics_steps, out_dir, collapse_cosine=args.diagnostics_collapse_cosine,
                    max_suspects=args.diagnostics_max_suspects, main_process=args.process_index == 0,
-                   inputs=inputs, check_folder=args.diagnostics_dir is not None)
+                   inputs=inputs, check_folder=args.diagnostics_dir is not None, gather=gather)
 
     def due(self, step: int) -> bool:
-        recorded = self.records and self.records[-1]["step"] == step  # gradient accumulation: the first micro-batch
-        return self.main_process and not recorded and (step == 1 or step % self.every == 0)
+        observed = self.last_step == step  # gradient accumulation: the first micro-batch only
+        return (self.main_process or self.gather) and not observed and (step == 1 or step % self.every == 0)
 
     @contextlib.contextmanager
     def capture(self, trainer: Any, inputs: dict[str, Any]) -> Iterator[None]:
@@ -244,6 +284,11 @@ class TrainingDiagnostics(TrainerCallback):
 
     def _observe(self, step: int, inner: Any, q: dict[str, torch.Tensor], p: dict[str, torch.Tensor],
                  out: dict[str, Any], in_batch_negatives: bool, inputs: dict[str, Any]) -> None:
+        self.last_step = step
+        if self.gather and in_batch_negatives:  # the loss saw every rank's passages: so do the diagnostics
+            q, p, inputs = gather_batch(q, p, inputs)
+        if not self.main_process:
+            return
         encoder = inner.encoder
         record, warnings = diagnose(
             q, p, getattr(inner, "heads", ("dense",)), loss=float(out["loss"].detach()), parts=out.get("parts"),
