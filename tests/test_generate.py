@@ -93,6 +93,11 @@ def test_clean_dedup_and_copies():
     assert clean_query("#2: 'malloc()'") == "malloc()" and clean_query("- Question 3: what is kill?") == "what is kill?"
     assert clean_query("2024 tax rules") == "2024 tax rules"  # a number is not a list marker
     assert clean_query("3.5 inch drives") == "3.5 inch drives"
+    # a lead-in line ending with a colon is not the query: the next line is, or nothing when the reply stops there
+    assert clean_query("Here is a query for the passage:\n\n  \"how to kill a process\"") == "how to kill a process"
+    assert clean_query("The query is:") == ""
+    assert clean_query("Sure! Query:\nSearch terms:\n- grep files") == "grep files"
+    assert clean_query("Query: chmod: change file mode") == "chmod: change file mode"
     passage = Passage("chmod changes the file mode bits of each given file.", line=3, id="c")
     summary = GenerateSummary()
     rows = _rows(passage, ["Query: change file mode", "change  FILE mode", "the file mode bits", "", "  ",

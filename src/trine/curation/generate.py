@@ -127,8 +127,13 @@ def fill_prompt(template: str, passage: Passage) -> str:
 
 
 def clean_query(text: str) -> str:
-    """The query in a model's reply: its first non-empty line without a list marker, ``Query:`` label or quotes."""
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    """The query in a model's reply: its first non-empty line without a list marker, ``Query:`` label or quotes.
+    A first line that only leads in to the query (it ends with a colon: "Here is a query:") gives the next
+    line, or nothing (the reply is dropped as empty) when the reply stops there."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    while lines and _LABEL.sub("", _MARKER.sub("", lines[0])).strip().endswith(":"):
+        lines = lines[1:]
+    line = lines[0] if lines else ""
     line = _LABEL.sub("", _MARKER.sub("", line)).strip()
     if len(line) >= 2 and line[0] in _QUOTES and line[-1] in _QUOTES:
         line = line[1:-1].strip()
