@@ -287,3 +287,88 @@ def test_lora_defaults_are_flagembeddings_decoder_projections(tiny_qwen_dir, tmp
     assert (config.r, config.lora_alpha, config.lora_dropout) == (64, 16, 0.1)  # FlagEmbedding's defaults
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in trainer.model.named_parameters() if "lora_A" in n}
     assert adapted == set(DECODER_TARGET_MODULES)
+
+
+# ---------------------------------------------------------------------- 2 processes equal 1
+DIST_QUERIES = [q for q, _ in PAIRS[:4]]
+DIST_PASSAGES = [text for i in range(4) for text in (PAIRS[i][1], PAIRS[(i + 4) % len(PAIRS)][1])]  # group 2
+DIST_CASES = (("qwen2", "right"), ("llama", "left"))
+
+
+def decoder_training_model(model_dir: str, padding_side: str, cross: bool):
+    from trine.training.model import EmbedderTrainingModel
+
+    encoder = DecoderEmbedder.from_pretrained(model_dir)
+    encoder.tokenizer.padding_side = padding_side
+    return EmbedderTrainingModel(encoder, temperature=0.05, negatives_cross_device=cross).train()
+
+
+def decoder_batch(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def backbone_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.encoder.backbone.named_parameters() if p.grad is not None}
+
+
+def _decoder_rank_run(rank: int, world: int, port: int, model_dirs: dict[str, str], out: str) -> None:
+    import torch.distributed as dist
+    from conftest import end_rank
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    per = len(DIST_QUERIES) // world
+    group = len(DIST_PASSAGES) // len(DIST_QUERIES)
+    results = {}
+    for kind, side in DIST_CASES:
+        model = decoder_training_model(model_dirs[kind], side, cross=True)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        tok = model.encoder.tokenizer
+        q = decoder_batch(tok, DIST_QUERIES[rank * per: (rank + 1) * per], 24)
+        p = decoder_batch(tok, DIST_PASSAGES[rank * per * group: (rank + 1) * per * group], 32)
+        result = ddp(q, p)
+        result["loss"].backward()  # DDP averages the gradients over the ranks
+        total = result["loss"].detach().clone()
+        dist.all_reduce(total)
+        results[kind] = {"loss": total / world, "negatives": result["negatives_per_query"],
+                         "grads": backbone_grads(model), "lengths": (q["input_ids"].shape[1], p["input_ids"].shape[1]),
+                         "padded_first": bool((p["attention_mask"][:, 0] == 0).any())}
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+    end_rank()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory, smol_tokenizer_dir) -> str:
+    return make_tiny_decoder(str(tmp_path_factory.mktemp("tiny_llama_dist")), smol_tokenizer_dir, "llama", seed=4)
+
+
+def test_two_processes_cross_device_equal_one_process(tmp_path, tiny_qwen_dir, tiny_llama_dir):
+    """gloo, 2 ranks of 2 queries (each rank padding to its own longest text, right for Qwen2, left for Llama)
+    with cross-device negatives: the loss and every backbone gradient equal 1 process on all 4 queries."""
+    import torch.multiprocessing as mp
+
+    dirs = {"qwen2": tiny_qwen_dir, "llama": tiny_llama_dir}
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(_decoder_rank_run, args=(2, 29700 + os.getpid() % 150, dirs, out), nprocs=2, join=True)
+    two = torch.load(out)
+    for kind, side in DIST_CASES:
+        model = decoder_training_model(dirs[kind], side, cross=False)
+        tok = model.encoder.tokenizer
+        q, p = decoder_batch(tok, DIST_QUERIES, 24), decoder_batch(tok, DIST_PASSAGES, 32)
+        # rank 0 padded its queries less than the whole batch does (so, left, their positions differ), and
+        # its passages on the tokenizer's side
+        assert two[kind]["lengths"][0] < q["input_ids"].shape[1]
+        assert two[kind]["padded_first"] == (side == "left")
+        one = model(q, p)
+        one["loss"].backward()
+        assert two[kind]["negatives"] == one["negatives_per_query"] == len(DIST_PASSAGES) - 1
+        torch.testing.assert_close(two[kind]["loss"], one["loss"].detach(), atol=1e-5, rtol=1e-5, msg=kind)
+        grads = backbone_grads(model)
+        assert grads.keys() == two[kind]["grads"].keys() and len(grads) > 10
+        assert all(g.abs().max() > 0 for g in grads.values()), kind
+        for name, g in grads.items():
+            torch.testing.assert_close(two[kind]["grads"][name], g, atol=1e-5, rtol=1e-4, msg=f"{kind} {name}")
