@@ -98,6 +98,7 @@ def test_clean_dedup_and_copies():
     assert clean_query("The query is:") == ""
     assert clean_query("Sure! Query:\nSearch terms:\n- grep files") == "grep files"
     assert clean_query("Query: chmod: change file mode") == "chmod: change file mode"
+    assert clean_query("The query is:\n`\n```python\nls -l") == "ls -l" and clean_query("Query:\n`") == ""
     passage = Passage("chmod changes the file mode bits of each given file.", line=3, id="c")
     summary = GenerateSummary()
     rows = _rows(passage, ["Query: change file mode", "change  FILE mode", "the file mode bits", "", "  ",

@@ -129,8 +129,11 @@ def fill_prompt(template: str, passage: Passage) -> str:
 def clean_query(text: str) -> str:
     """The query in a model's reply: its first non-empty line without a list marker, ``Query:`` label or quotes.
     A first line that only leads in to the query (it ends with a colon: "Here is a query:") gives the next
-    line, or nothing (the reply is dropped as empty) when the reply stops there."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    line, or nothing (the reply is dropped as empty) when the reply stops there; code-fence lines and lines
+    without a letter or digit are skipped."""
+    # no query in a code fence or a line without a letter or digit (a lone backtick, a dash)
+    lines = [ln.strip() for ln in text.splitlines()
+             if any(c.isalnum() for c in ln) and not ln.strip().startswith("```")]
     while lines and _LABEL.sub("", _MARKER.sub("", lines[0])).strip().endswith(":"):
         lines = lines[1:]
     line = lines[0] if lines else ""
