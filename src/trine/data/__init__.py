@@ -13,6 +13,7 @@ from trine.data.records import (
     read_file,
     read_records,
 )
+from trine.data.text import text_problem
 
 __all__ = [
     "DataError",
@@ -29,4 +30,5 @@ __all__ = [
     "read_records",
     "scan_texts",
     "text_lines",
+    "text_problem",
 ]

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from trine.data.reader import DataError, json_lines, json_object, not_utf8, report
+from trine.data.text import text_problem
 
 
 def list_data_files(paths: list[str]) -> list[str]:
@@ -45,8 +46,9 @@ def text_of(obj: dict[str, Any], allowed_fields: set[str] | None = None, record_
     text = obj["text"]
     if not isinstance(text, str):
         return None, f"text: must be a string, got {type(text).__name__}"
-    if not text.strip():
-        return None, "text: empty"
+    problem = text_problem(text)
+    if problem:
+        return None, f"text: {problem}"
     return text, None
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from trine.data.corpus import list_data_files
 from trine.data.reader import DataError, json_lines
+from trine.data.text import text_problem
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +105,11 @@ def _check_str_list(obj: dict, key: str, where: str, problems: list[str], requir
     if required and not value:
         problems.append(f"{where}: {key}: empty")
         return None
-    if any(not x.strip() for x in value):
-        problems.append(f"{where}: {key}: holds an empty string")
-        return None
+    for i, x in enumerate(value):
+        problem = text_problem(x)
+        if problem:
+            problems.append(f"{where}: {key}[{i}]: {problem}")
+            return None
     return value
 
 
@@ -141,8 +144,8 @@ def read_file(path: str, problems: list[str]) -> tuple[list[Record], int | None]
             problems.append(f"{where}: query: missing")
         elif not isinstance(query, str):
             problems.append(f"{where}: query: must be a string, got {type(query).__name__}")
-        elif not query.strip():
-            problems.append(f"{where}: query: empty")
+        elif text_problem(query):
+            problems.append(f"{where}: query: {text_problem(query)}")
         pos = _check_str_list(obj, "pos", where, problems, required=True)
         neg = _check_str_list(obj, "neg", where, problems, required=False)
         pos_scores = _check_scores(obj, "pos_scores", len(pos) if pos is not None else None, where, problems)
