@@ -225,3 +225,36 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for nodeid, reason, allowed in _SKIPS:
         verdict = "allowed" if allowed else ("FAILED (CI=true)" if IN_CI else "skipped; fails under CI=true")
         terminalreporter.write_line(f"{verdict}: {nodeid}: {reason}")
+
+
+# ------------------------------------------------------------------ what the server tests serve
+SERVE_DOCS = TEXTS + ["ls - list directory contents", "grep prints lines that match patterns",
+                      "La tierra estaba desordenada y vacía."]
+SERVE_DOC_IDS = [f"d{i}" for i in range(len(SERVE_DOCS))]
+
+
+@pytest.fixture(scope="module")
+def serve_m3(tiny_m3_dir):
+    from trine.inference import M3Embedder
+
+    return M3Embedder(tiny_m3_dir, show_progress=False, query_max_length=32, passage_max_length=64)
+
+
+@pytest.fixture(scope="module")
+def serve_reranker(tmp_path_factory, xlmr_tokenizer_dir):
+    from trine.inference import Reranker
+
+    path = make_tiny_reranker(str(tmp_path_factory.mktemp("serve_rr")), xlmr_tokenizer_dir, "xlmr", seed=3)
+    return Reranker(path, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def serve_retriever(serve_m3, tmp_path_factory):
+    from trine.retrieval import HybridRetriever
+
+    docs = serve_m3.encode_corpus(SERVE_DOCS, return_sparse=True, return_colbert_vecs=True)
+    path = tmp_path_factory.mktemp("serve_index") / "index"
+    HybridRetriever.from_encoded(docs, SERVE_DOC_IDS).save(path)
+    return HybridRetriever.load(path)
+
+

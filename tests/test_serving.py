@@ -11,10 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import TEXTS, make_tiny_reranker, require
+from conftest import SERVE_DOC_IDS as DOC_IDS
+from conftest import SERVE_DOCS as DOCS
+from conftest import TEXTS, require
 
-from trine.inference import M3Embedder, Reranker
-from trine.retrieval import HybridRetriever, QueryReps
+from trine.retrieval import QueryReps
 from trine.serving import ServeSettings, create_app
 
 uvicorn = require("uvicorn")
@@ -22,9 +23,6 @@ httpx = require("httpx2")
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-DOCS = TEXTS + ["ls - list directory contents", "grep prints lines that match patterns",
-                "La tierra estaba desordenada y vacía."]
-DOC_IDS = [f"d{i}" for i in range(len(DOCS))]
 
 
 class Server:
@@ -51,22 +49,18 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def m3(tiny_m3_dir):
-    return M3Embedder(tiny_m3_dir, show_progress=False, query_max_length=32, passage_max_length=64)
+def m3(serve_m3):
+    return serve_m3
 
 
 @pytest.fixture(scope="module")
-def reranker(tmp_path_factory, xlmr_tokenizer_dir):
-    path = make_tiny_reranker(str(tmp_path_factory.mktemp("serve_rr")), xlmr_tokenizer_dir, "xlmr", seed=3)
-    return Reranker(path, show_progress=False)
+def reranker(serve_reranker):
+    return serve_reranker
 
 
 @pytest.fixture(scope="module")
-def retriever(m3, tmp_path_factory):
-    docs = m3.encode_corpus(DOCS, return_sparse=True, return_colbert_vecs=True)
-    path = tmp_path_factory.mktemp("serve_index") / "index"
-    HybridRetriever.from_encoded(docs, DOC_IDS).save(path)
-    return HybridRetriever.load(path)
+def retriever(serve_retriever):
+    return serve_retriever
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +101,7 @@ def test_openai_client_gets_the_encoders_vectors(server, m3):
 
 
 def test_raw_base64_is_little_endian_float32(http, m3):
-    r = http.post("/v1/embeddings", json={"input": TEXTS[:2], "model": "x", "encoding_format": "base64"})
+    r = http.post("/v1/embeddings", json={"input": TEXTS[:2], "model": "tiny-m3", "encoding_format": "base64"})
     assert r.status_code == 200
     vecs = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in r.json()["data"]]
     np.testing.assert_allclose(np.stack(vecs), m3.encode(TEXTS[:2])["dense_vecs"], atol=1e-5)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import Any
 
 from trine.cli.parser import options_checked
+
+logger = logging.getLogger(__name__)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -22,19 +25,25 @@ def _serve(args: argparse.Namespace) -> int:
             raise OptionError("--documents are the texts of --index's documents: give --index too")
     if args.truncate and args.no_truncate:
         raise OptionError("--truncate and --no-truncate contradict each other")
+    from trine.data.text import check_template
     from trine.modeling.fusion import FusionSettings, read_fusion
     from trine.serving import ServeSettings, create_app, run_server
 
     with options_checked():
+        check_template(args.query_instruction_format.replace("\\n", "\n"), "--query_instruction_format")
         settings = ServeSettings(
             model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
             api_key=args.api_key or os.environ.get("TRINE_API_KEY") or None,
             max_batch_texts=args.max_batch_texts, max_batch_tokens=args.max_batch_tokens,
             max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-            max_texts_per_request=args.max_texts_per_request, truncate=not args.no_truncate,
+            max_texts_per_request=args.max_texts_per_request, max_body_bytes=args.max_body_bytes,
+            max_text_chars=args.max_text_chars, allowed_hosts=_allowed_hosts(args), truncate=not args.no_truncate,
             colbert_rerank_k=args.rerank_k, reranker_top_k=args.reranker_top_k,
             fusion=read_fusion(args.model) or FusionSettings(),
         )
+    if settings.api_key is None and args.host not in LOOPBACK:
+        logger.warning("trine serve: listening on %s with no API key: anyone who reaches this port can use the "
+                       "model (set --api-key or TRINE_API_KEY)", args.host)
     embedder, reranker, index = _load(args)
     documents = None
     if args.documents is not None:
@@ -45,6 +54,17 @@ def _serve(args: argparse.Namespace) -> int:
     run_server(create_app(embedder, reranker, index, settings, documents), args.host, args.port,
                log_level=args.log_level if args.log_level != "WARNING" else "info")
     return 0
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _allowed_hosts(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """``--allowed-hosts`` (comma-separated); unset: the loopback names when the server listens on a loopback
+    address (a web page's DNS-rebound name is refused), any host otherwise."""
+    if args.allowed_hosts is not None:
+        return tuple(h.strip() for h in args.allowed_hosts.split(","))
+    return LOOPBACK if args.host in LOOPBACK else None
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -97,6 +117,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--max-queue", type=int, default=256,
                     help="requests waiting for the model beyond which a request gets 429 with Retry-After")
     sv.add_argument("--max-texts-per-request", type=int, default=256, help="more texts in one request get 413")
+    sv.add_argument("--max-body-bytes", type=int, default=2_000_000,
+                    help="a longer request body gets 413, refused before it is read (default 2,000,000)")
+    sv.add_argument("--max-text-chars", type=int, default=100_000,
+                    help="a text (with its instruction) of more characters gets 413, before it is tokenised")
+    sv.add_argument("--allowed-hosts", default=None,
+                    help="comma-separated names a request's Host header may carry (*.example.com: sub-domains; '*': "
+                         "any); default: localhost,127.0.0.1,::1 when --host is a loopback address, else any")
     sv.add_argument("--truncate", action="store_true",
                     help="cut texts longer than the model's maximum length (the default)")
     sv.add_argument("--no-truncate", action="store_true",

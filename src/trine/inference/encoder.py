@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from trine.data.text import check_template, format_instruction
 from trine.inference.batching import pad_batch, run_batched, tokenize
 from trine.inference.pool import (
     DeviceRunner,
@@ -165,8 +166,9 @@ class Encoder(DeviceRunner):
         # None: the model's own template (a decoder embedder's is FlagEmbedding's '<instruct>{}\n<query>{}')
         self.query_instruction_format = query_instruction_format if query_instruction_format is not None else \
             getattr(model, "default_query_instruction_format", "{}{}")
+        check_template(self.query_instruction_format.replace("\\n", "\n"), "query_instruction_format")
         self.passage_instruction_for_retrieval = passage_instruction_for_retrieval
-        self.passage_instruction_format = passage_instruction_format
+        self.passage_instruction_format = check_template(passage_instruction_format, "passage_instruction_format")
         self.batch_size = batch_size
         self.max_tokens_per_batch = max_tokens_per_batch
         self.query_max_length = query_max_length
@@ -195,8 +197,7 @@ class Encoder(DeviceRunner):
     def apply_instruction(texts: list[str], instruction: str | None, instruction_format: str) -> list[str]:
         if instruction is None:
             return texts
-        fmt = instruction_format.replace("\\n", "\n")
-        return [fmt.format(instruction, t) for t in texts]
+        return [format_instruction(instruction_format, instruction, t) for t in texts]
 
     # ------------------------------------------------------------------ the one encode loop
     @torch.inference_mode()

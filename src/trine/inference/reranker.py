@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trine.data.text import check_template, format_instruction
 from trine.errors import OptionError
 from trine.inference.batching import pad_batch, run_batched
 from trine.inference.pool import (
@@ -37,7 +38,7 @@ FAMILY_DEFAULT: Any = type("FamilyDefault", (), {"__repr__": lambda self: "FAMIL
 def _format(instruction: str | None, instruction_format: str, text: str) -> str:
     if instruction is None:
         return text
-    return instruction_format.replace("\\n", "\n").format(instruction, text)
+    return format_instruction(instruction_format, instruction, text)
 
 
 class Reranker(DeviceRunner):
@@ -101,9 +102,9 @@ class Reranker(DeviceRunner):
         self.tokenizer = model.tokenizer
         self.prompt = prompt
         self.query_instruction_for_rerank = query_instruction_for_rerank
-        self.query_instruction_format = query_instruction_format
+        self.query_instruction_format = check_template(query_instruction_format, "query_instruction_format")
         self.passage_instruction_for_rerank = passage_instruction_for_rerank
-        self.passage_instruction_format = passage_instruction_format
+        self.passage_instruction_format = check_template(passage_instruction_format, "passage_instruction_format")
         self.batch_size = batch_size
         self.query_max_length = query_max_length
         self.max_length = max_length

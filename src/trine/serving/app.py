@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -25,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from trine.inference import Encoder, Reranker
 from trine.retrieval import HybridRetriever
 from trine.serving import native, openai, tei
-from trine.serving.batcher import Batcher, Overloaded
+from trine.serving.batcher import Batcher, Overloaded, Ticket, current_ticket
 from trine.serving.common import ApiError, ServerState, ServeSettings
 from trine.serving.metrics import ServerMetrics
 
@@ -36,9 +37,26 @@ ERROR_TYPES = {400: "Validation", 401: "Unauthorized", 404: "NotFound", 405: "Me
 OPEN_PATHS = {"/health"}  # answered without the API key (load balancers' probes)
 
 
-def error_response(request: Request, status: int, message: str, field: str | None = None,
+def _clean(value: Any) -> Any:
+    """``value`` made JSON-safe: a lone surrogate (sent as ``"\\ud800"``) escaped, a non-finite number as its name,
+    so an error about a bad value can always be answered."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def error_response(request: Request | str, status: int, message: str, field: str | None = None,
                    headers: dict[str, str] | None = None, detail: Any = None) -> JSONResponse:
-    if request.url.path.startswith("/v1/"):
+    """The error body of ``request``'s API (or of a path): OpenAI's under ``/v1/``, text-embeddings-inference's
+    elsewhere."""
+    path = request if isinstance(request, str) else request.url.path
+    if path.startswith("/v1/"):
         kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
             status, "invalid_request_error" if status < 500 else "server_error")
         body: dict[str, Any] = {"error": {"message": message, "type": kind, "param": field, "code": status}}
@@ -48,7 +66,7 @@ def error_response(request: Request, status: int, message: str, field: str | Non
             body["field"] = field
     if detail is not None:
         body["detail"] = detail
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(_clean(body), status_code=status, headers=headers)
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "tuple", "none", "bytes", "literal"}
@@ -63,6 +81,111 @@ def _field(loc: tuple[Any, ...]) -> str:
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out or "body"
+
+
+class _Guard:
+    """What every request passes before any route reads it, in this order: the ``Host`` allow-list (400), the API
+    key (401), then for a POST the admission (429 at once when ``max_queue`` requests wait: nothing of the body is
+    read) and the body limit (413 from ``Content-Length``, or as soon as a streamed body passes ``max_body_bytes``);
+    the body is read here, within the limit, and handed on. Times every request for ``/metrics`` and the access log.
+    A pure ASGI middleware: no task per request, and the admission ticket is a context variable the batcher sees."""
+
+    def __init__(self, app: Any, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_status(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            refusal, body, ticket = await self._check(scope, receive)
+            if refusal is not None:
+                await refusal(scope, receive, send_status)
+                return
+            if body is None:
+                await self.app(scope, receive, send_status)
+                return
+            token = current_ticket.set(ticket)
+            try:
+                await self.app(scope, _replay(body, receive), send_status)
+            finally:
+                current_ticket.reset(token)
+                ticket.release()
+        finally:
+            self._observe(scope, status[0], time.perf_counter() - start)
+
+    async def _check(self, scope: dict, receive: Any) -> tuple[Response | None, bytes | None, Ticket | None]:
+        settings = self.state.settings
+        path = scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if not settings.host_allowed(headers.get("host")):
+            return error_response(path, 400, f"Host {headers.get('host', '')!r} is not allowed on this server (trine "
+                                             "serve --allowed-hosts)"), None, None
+        if settings.api_key is not None and path not in OPEN_PATHS:
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
+                                                                        settings.api_key.encode()):
+                return error_response(path, 401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                                      headers={"WWW-Authenticate": "Bearer"}), None, None
+        if scope["method"] != "POST":
+            return None, None, None
+        try:
+            ticket = self.state.admit_request()
+        except Overloaded as err:
+            self.state.metrics.rejected.inc()
+            return error_response(path, 429, f"the server is busy: {err}; retry later",
+                                  headers={"Retry-After": str(settings.retry_after_s)}), None, None
+        limit = settings.max_body_bytes
+        too_large = f"body: more than this server's limit of {limit} bytes per request (--max-body-bytes)"
+        declared = headers.get("content-length", "")
+        if declared.strip().isdigit() and int(declared) > limit:
+            ticket.release()
+            return error_response(path, 413, too_large, "body"), None, None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                ticket.release()
+                return Response(status_code=400), None, None  # nobody reads it
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                ticket.release()
+                return error_response(path, 413, too_large, "body", headers={"Connection": "close"}), None, None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return None, b"".join(chunks), ticket
+
+    def _observe(self, scope: dict, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        self.state.metrics.request_seconds.labels(getattr(route, "path", "unmatched"), str(status)).observe(seconds)
+        if access_log.isEnabledFor(logging.INFO):
+            client = scope.get("client")
+            access_log.info(json.dumps({"method": scope["method"], "path": scope["path"], "status": status,
+                                        "ms": round(seconds * 1000, 2), "client": client[0] if client else None}))
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """An ASGI ``receive`` that gives ``body`` as one message, then waits on the client's (for its disconnect)."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def create_app(embedder: Encoder, reranker: Reranker | None = None, index: HybridRetriever | None = None,
@@ -85,8 +208,8 @@ def create_app(embedder: Encoder, reranker: Reranker | None = None, index: Hybri
     batcher = Batcher(embedder, executor, max_batch_texts=settings.max_batch_texts,
                       max_batch_tokens=settings.max_batch_tokens, max_wait_ms=settings.max_wait_ms,
                       max_queue=settings.max_queue, on_batch=metrics.observe_batch)
-    metrics.track_queue(lambda: batcher.depth)
     state = ServerState(embedder, reranker, index, settings, executor, metrics, batcher, documents)
+    metrics.track_queue(lambda: state.waiting.count)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -118,38 +241,21 @@ def create_app(embedder: Encoder, reranker: Reranker | None = None, index: Hybri
         first = max(errors, key=lambda e: len(_field(tuple(e.get("loc", ()))))) if errors else {
             "loc": ("body",), "msg": "invalid request"}
         field = _field(tuple(first.get("loc", ("body",))))
+        # the offending values are not echoed: they may be megabytes, or not serialisable (NaN, lone surrogates)
+        detail = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in errors]
         return error_response(request, 422, f"{field}: {first.get('msg')}", field,
-                              detail=jsonable_encoder(errors, custom_encoder={Exception: str}))
+                              detail=jsonable_encoder(detail, custom_encoder={Exception: str}))
+
+    @app.exception_handler(Exception)
+    async def _failed(request: Request, err: Exception) -> JSONResponse:  # logged with its traceback by Starlette
+        return error_response(request, 500, f"internal error ({type(err).__name__}); see the server's log")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
         message = f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else str(err.detail)
         return error_response(request, err.status_code, message, headers=getattr(err, "headers", None))
 
-    @app.middleware("http")
-    async def _auth_log_time(request: Request, call_next: Any) -> Response:
-        start = time.perf_counter()
-        if settings.api_key is not None and request.url.path not in OPEN_PATHS:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
-                                                                        settings.api_key.encode()):
-                response: Response = error_response(request, 401, "missing or wrong API key (send "
-                                                     "Authorization: Bearer <key>)",
-                                                     headers={"WWW-Authenticate": "Bearer"})
-            else:
-                response = await call_next(request)
-        else:
-            response = await call_next(request)
-        seconds = time.perf_counter() - start
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.request_seconds.labels(path, str(response.status_code)).observe(seconds)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(json.dumps({
-                "method": request.method, "path": request.url.path, "status": response.status_code,
-                "ms": round(seconds * 1000, 2), "client": request.client.host if request.client else None,
-            }))
-        return response
+    app.add_middleware(_Guard, state=state)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
+import threading
 from collections.abc import Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -30,6 +32,44 @@ class Overloaded(Exception):
     """The queue is full: the request was not accepted."""
 
 
+class Waiting:
+    """The count of requests admitted and not yet taken up by the model (being read, tokenised, or queued):
+    what ``max_queue`` bounds. Thread-safe: a ticket may be released in the model thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def admit(self, limit: int) -> Ticket:
+        with self._lock:
+            if self.count >= limit:
+                raise Overloaded(f"{self.count} requests are waiting (--max-queue {limit})")
+            self.count += 1
+        return Ticket(self)
+
+    def _release(self) -> None:
+        with self._lock:
+            self.count -= 1
+
+
+class Ticket:
+    """One admitted request's place among the waiting: released once, when the model takes the request up (the
+    batcher's worker takes its job, the model thread starts its call) or when the request ends, whichever is
+    first."""
+
+    def __init__(self, waiting: Waiting):
+        self._waiting: Waiting | None = waiting
+
+    def release(self) -> None:
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting._release()
+
+
+#: the ticket of the request being served in this task (set by the server's admission middleware)
+current_ticket: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar("trine_ticket", default=None)
+
+
 @dataclass
 class _Job:
     texts: list[str]
@@ -37,6 +77,7 @@ class _Job:
     outputs: tuple[str, ...]
     options: tuple[Any, ...]  # (kind, instruction, instruction_format, max_length): one encode call per value
     future: asyncio.Future = field(repr=False)
+    ticket: Ticket | None = field(default=None, repr=False)
 
 
 class Batcher:
@@ -86,7 +127,8 @@ class Batcher:
         if len(self._jobs) >= self.max_queue:
             raise Overloaded(f"{len(self._jobs)} requests are waiting (--max-queue {self.max_queue})")
         job = _Job(list(texts), int(tokens), check_outputs(outputs),
-                   (kind, instruction, instruction_format, max_length), asyncio.get_running_loop().create_future())
+                   (kind, instruction, instruction_format, max_length), asyncio.get_running_loop().create_future(),
+                   current_ticket.get())
         self._jobs.append(job)
         self._wakeup.set()
         return await job.future
@@ -98,7 +140,7 @@ class Batcher:
             while not self._jobs:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            batch = [self._jobs.popleft()]
+            batch = [self._take()]
             n, tokens = len(batch[0].texts), batch[0].tokens
             deadline = loop.time() + self.max_wait_s
             while n < self.max_batch_texts and tokens < self.max_batch_tokens:
@@ -106,7 +148,7 @@ class Batcher:
                     head = self._jobs[0]
                     if n + len(head.texts) > self.max_batch_texts or tokens + head.tokens > self.max_batch_tokens:
                         break  # it starts the next batch
-                    batch.append(self._jobs.popleft())
+                    batch.append(self._take())
                     n += len(head.texts)
                     tokens += head.tokens
                     continue
@@ -119,6 +161,12 @@ class Batcher:
                 except asyncio.TimeoutError:
                     break
             await self._encode_batch(batch)
+
+    def _take(self) -> _Job:
+        job = self._jobs.popleft()
+        if job.ticket is not None:
+            job.ticket.release()
+        return job
 
     async def _encode_batch(self, batch: list[_Job]) -> None:
         groups: dict[tuple[Any, ...], list[_Job]] = {}

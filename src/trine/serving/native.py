@@ -12,14 +12,14 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from trine import scoring
 from trine.evaluation.runner import EvalConfig, rerank_result
 from trine.inference.result import OUTPUT_KEYS, OUTPUTS
 from trine.modeling.fusion import FUSED_MODES, check_weights
 from trine.retrieval import QueryReps, SearchResult
-from trine.serving.common import ApiError, ServerState, check_texts, state_of
+from trine.serving.common import ApiError, FiniteFloat, ServerState, check_texts, json_response, state_of
 
 router = APIRouter()
 
@@ -34,7 +34,7 @@ class EncodeRequest(BaseModel):
     lexical: Literal["ids", "tokens"] = "ids"
     instruction: str | None = Field(default=None, alias="prompt")
     instruction_format: str = "{}{}"
-    truncate: bool | None = None
+    truncate: StrictBool | None = None
     encoding_format: Literal["float", "base64"] = Field(default="float", description=(
         "base64: each dense vector, and each text's ColBERT vectors (tokens x dim, row-major), as the base64 of "
         "little-endian float32"))
@@ -44,24 +44,25 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pairs: list[tuple[str, str]]
-    weights_for_different_modes: list[float] | None = None
-    max_query_length: int | None = Field(default=None, ge=1)
-    max_passage_length: int | None = Field(default=None, ge=1)
-    truncate: bool | None = None
+    weights_for_different_modes: list[FiniteFloat] | None = None
+    max_query_length: StrictInt | None = Field(default=None, ge=1)
+    max_passage_length: StrictInt | None = Field(default=None, ge=1)
+    truncate: StrictBool | None = None
 
 
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     query: str
-    k: int = Field(default=10, ge=1, le=10_000)
+    k: StrictInt = Field(default=10, ge=1, le=10_000)
     mode: str = "dense"
-    weights: list[float] | None = None
+    weights: list[FiniteFloat] | None = None
     normalization: str | None = None
     colbert_search: Literal["rerank", "full"] = "rerank"
-    truncate: bool | None = None
-    rerank: bool = Field(default=False, description="re-rank the mode's top rerank_top_k with the loaded reranker")
-    rerank_top_k: int | None = Field(default=None, ge=1, le=10_000, description=(
+    truncate: StrictBool | None = None
+    rerank: StrictBool = Field(default=False, description="re-rank the mode's top rerank_top_k with the loaded "
+                                                          "reranker")
+    rerank_top_k: StrictInt | None = Field(default=None, ge=1, le=10_000, description=(
         "candidates the reranker scores (default: the server's --reranker-top-k, at least k)"))
 
 
@@ -110,8 +111,8 @@ async def encode(body: EncodeRequest, request: Request) -> JSONResponse:
     data = [{key: columns[key][i] for key in keys} for i in range(len(texts.texts))]
     state.metrics.tokens.labels("/encode").inc(texts.tokens)
     state.metrics.texts.labels("/encode").inc(len(texts.texts))
-    return JSONResponse({"data": data, "model": state.settings.model_name,
-                         "usage": {"prompt_tokens": texts.tokens, "total_tokens": texts.tokens}})
+    return await json_response({"data": data, "model": state.settings.model_name,
+                                "usage": {"prompt_tokens": texts.tokens, "total_tokens": texts.tokens}})
 
 
 @router.post("/score")
@@ -201,8 +202,6 @@ async def search(body: SearchRequest, request: Request) -> JSONResponse:
     elif body.weights is not None or body.normalization is not None:
         field = "weights" if body.weights is not None else "normalization"
         raise ApiError(400, f"{field}: applies to the fused modes ({', '.join(FUSED_MODES)}), not {mode!r}", field)
-    if not body.query:
-        raise ApiError(400, "query: empty text", "query")
     top = _rerank_top_k(state, body)
     texts = await check_texts(state, body.query, "query", kind="query", truncate=body.truncate)
     reps = QueryReps.from_encode(await state.batcher.encode(texts.texts, needs, tokens=texts.tokens,
@@ -219,8 +218,7 @@ async def search(body: SearchRequest, request: Request) -> JSONResponse:
         config = EvalConfig(reranker_top_k=top, reranker_max_length=state.reranker.max_length)
         return rerank_result(state.reranker, found, [body.query], state.documents, config), found
 
-    async with state.admit():
-        result, first = await asyncio.get_running_loop().run_in_executor(state.executor, run)
+    result, first = await state.run_model(run)
     state.metrics.tokens.labels("/search").inc(texts.tokens)
     state.metrics.texts.labels("/search").inc(1)
     ids = retriever.ids

@@ -8,10 +8,10 @@ from typing import Literal
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from trine.inference.encoder import truncate_dense
-from trine.serving.common import ApiError, check_texts, state_of
+from trine.serving.common import ApiError, check_texts, json_response, state_of
 
 router = APIRouter()
 
@@ -22,7 +22,8 @@ class EmbeddingsRequest(BaseModel):
     input: str | list[str]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, description="keep the first N dimensions, renormalised")
+    dimensions: StrictInt | None = Field(default=None, description="keep the first N dimensions, renormalised "
+                                                                   "(an integer, as OpenAI's schema)")
 
 
 def shorten(vecs: np.ndarray, dimensions: int | None, dim: int, normalized: bool) -> np.ndarray:
@@ -38,6 +39,9 @@ def shorten(vecs: np.ndarray, dimensions: int | None, dim: int, normalized: bool
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingsRequest, request: Request) -> JSONResponse:
     state = state_of(request)
+    if body.model is not None and body.model != state.settings.model_name:
+        raise ApiError(404, f"model: this server serves {state.settings.model_name!r}, not {body.model!r} (send its "
+                            "name, or none; trine serve --served-model-name sets it)", "model")
     shorten(np.zeros((0, state.embedder.model.hidden_size), np.float32), body.dimensions,
             state.embedder.model.hidden_size, False)  # a bad `dimensions` is refused before any work
     texts = await check_texts(state, body.input, "input")
@@ -52,9 +56,9 @@ async def embeddings(body: EmbeddingsRequest, request: Request) -> JSONResponse:
         data = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vecs]
     else:
         data = vecs.tolist()
-    return JSONResponse({
+    return await json_response({
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
-        "model": body.model or state.settings.model_name,
+        "model": state.settings.model_name,
         "usage": {"prompt_tokens": texts.tokens, "total_tokens": texts.tokens},
     })

@@ -9,9 +9,9 @@ import asyncio
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StrictBool
 
-from trine.serving.common import ApiError, ServerState, check_texts, state_of
+from trine.serving.common import ApiError, ServerState, check_text, check_texts, json_response, state_of
 
 router = APIRouter()
 
@@ -20,15 +20,15 @@ class EmbedRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: str | list[str]
-    normalize: bool = True
-    truncate: bool | None = None
+    normalize: StrictBool = True
+    truncate: StrictBool | None = None
 
 
 class SparseRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: str | list[str]
-    truncate: bool | None = None
+    truncate: StrictBool | None = None
 
 
 class RerankRequest(BaseModel):
@@ -36,16 +36,16 @@ class RerankRequest(BaseModel):
 
     query: str
     texts: list[str]
-    raw_scores: bool = False
-    return_text: bool = False
-    truncate: bool | None = None
+    raw_scores: StrictBool = False
+    return_text: StrictBool = False
+    truncate: StrictBool | None = None
 
 
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: str | list[str]
-    add_special_tokens: bool = True
+    add_special_tokens: StrictBool = True
 
 
 def _count(state: ServerState, route: str, texts: list[str], tokens: int) -> None:
@@ -66,7 +66,7 @@ async def embed(body: EmbedRequest, request: Request) -> JSONResponse:
     if body.normalize and not normalized:
         vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
     _count(state, "/embed", texts.texts, texts.tokens)
-    return JSONResponse(vecs.tolist())
+    return await json_response(vecs.tolist())
 
 
 @router.post("/embed_sparse")
@@ -76,7 +76,7 @@ async def embed_sparse(body: SparseRequest, request: Request) -> JSONResponse:
     texts = await check_texts(state, body.inputs, "inputs", truncate=body.truncate)
     result = await state.batcher.encode(texts.texts, ("sparse",), tokens=texts.tokens)
     _count(state, "/embed_sparse", texts.texts, texts.tokens)
-    return JSONResponse([
+    return await json_response([
         [{"index": int(i), "value": float(w)} for i, w in sorted(weights.items(), key=lambda x: int(x[0]))]
         for weights in result.lexical_weights
     ])
@@ -89,7 +89,7 @@ async def embed_all(body: SparseRequest, request: Request) -> JSONResponse:
     texts = await check_texts(state, body.inputs, "inputs", truncate=body.truncate)
     result = await state.batcher.encode(texts.texts, ("colbert",), tokens=texts.tokens)
     _count(state, "/embed_all", texts.texts, texts.tokens)
-    return JSONResponse([np.asarray(v, dtype=np.float32).tolist() for v in result.colbert_vecs])
+    return await json_response([np.asarray(v, dtype=np.float32).tolist() for v in result.colbert_vecs])
 
 
 @router.post("/rerank")
@@ -98,8 +98,7 @@ async def rerank(body: RerankRequest, request: Request) -> JSONResponse:
     reranker = state.reranker
     if reranker is None:
         raise ApiError(404, "no reranker is loaded (start trine serve with --reranker)")
-    if not body.query:
-        raise ApiError(400, "query: empty text", "query")
+    check_text(state, body.query, "query")
     texts = await check_texts(state, body.texts, "texts", truncate=True)  # counts, emptiness; length: below
     pairs = [(body.query, t) for t in texts.texts]
     loop = asyncio.get_running_loop()
@@ -111,9 +110,7 @@ async def rerank(body: RerankRequest, request: Request) -> JSONResponse:
             if n > reranker.max_length:
                 raise ApiError(413, f"texts[{i}]: the query and this text are {n} tokens, more than the reranker's "
                                     f"{reranker.max_length} (send shorter text, or truncate: true)", f"texts[{i}]")
-    async with state.admit():
-        scores = await loop.run_in_executor(state.executor, lambda: reranker.compute_score(
-            pairs, normalize=not body.raw_scores))
+    scores = await state.run_model(lambda: reranker.compute_score(pairs, normalize=not body.raw_scores))
     _count(state, "/rerank", texts.texts, texts.tokens)
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
     return JSONResponse([{"index": i, "score": float(scores[i]), **({"text": texts.texts[i]} if body.return_text
@@ -130,6 +127,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     if len(texts) > limit:
         raise ApiError(413, f"inputs: {len(texts)} texts, more than this server's limit of {limit} per request",
                        "inputs")
+    for i, text in enumerate(texts):
+        check_text(state, text, "inputs" if isinstance(body.inputs, str) else f"inputs[{i}]")
     tok = state.tokenizer
     special = set(tok.all_special_ids)
 
@@ -145,4 +144,4 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
                         for i, piece, (start, stop) in zip(ids, pieces, offsets)])
         return out
 
-    return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, run))
+    return await json_response(await asyncio.get_running_loop().run_in_executor(None, run))

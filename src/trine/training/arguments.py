@@ -9,6 +9,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from trine.data.text import check_template
 from trine.modeling.pooling import check_pooling_method
 from trine.modeling.trihead import HEAD_INITS
 from trine.training.losses import KD_LOSS_TYPES
@@ -129,6 +130,10 @@ class TrainDataArguments:
         if (self.small_threshold or self.drop_threshold) and not self.same_dataset_within_batch:
             raise ValueError("small_threshold and drop_threshold merge small files into one dataset for "
                              "same_dataset_within_batch; set it (FlagEmbedding ignores them without it)")
+        for name in ("query_instruction_format", "passage_instruction_format"):
+            template = getattr(self, name, None)  # the embedder's and the reranker's data arguments have both
+            if template is not None:
+                check_template(template.replace("\\n", "\n"), name)
 
     def parsed_file_options(self) -> dict[str, dict[str, Any]]:
         if self.file_options is None:

@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from trine.data.records import SYMMETRIC_PASSAGE_TYPES
+from trine.data.text import check_template
 
 
 class EmbedderCollator:
@@ -28,9 +29,10 @@ class EmbedderCollator:
         self.query_max_len = query_max_len
         self.passage_max_len = passage_max_len
         self.query_instruction = query_instruction_for_retrieval
-        self.query_format = query_instruction_format.replace("\\n", "\n")
+        self.query_format = check_template(query_instruction_format.replace("\\n", "\n"), "query_instruction_format")
         self.passage_instruction = passage_instruction_for_retrieval
-        self.passage_format = passage_instruction_format.replace("\\n", "\n")
+        self.passage_format = check_template(passage_instruction_format.replace("\\n", "\n"),
+                                             "passage_instruction_format")
         self.pad_to_multiple_of = pad_to_multiple_of
         self.knowledge_distillation = knowledge_distillation
 
