@@ -22,7 +22,7 @@ from trine.serving.common import ServerState
 
 httpx = require("httpx2")
 
-LIMITS = {"max_body_bytes": 64_000, "max_text_chars": 2_000, "max_texts_per_request": 16}
+LIMITS = {"max_body_bytes": 64_000, "max_text_chars": 2_000, "max_texts_per_request": 16, "max_colbert_tokens": 200}
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +150,13 @@ def test_bodies_and_texts_beyond_the_limits_get_413_naming_the_limit(http, serve
     assert r.status_code == 413 and _error(r)[1] == "texts", r.text
     r = _post(http, "/embed", {"inputs": ["a"] * 17})
     assert r.status_code == 413 and _error(r)[1] == "inputs"
+    many = ["ls lists directory contents in long format"] * 16  # ~ 16 x 11 tokens: under 200, then over
+    assert _post(http, "/embed_all", {"inputs": many[:8]}).status_code == 200
+    for path, body, field in (("/embed_all", {"inputs": many}, "inputs"),
+                              ("/encode", {"texts": many, "outputs": ["colbert"]}, "texts")):
+        r = _post(http, path, body)
+        assert r.status_code == 413 and _error(r)[1] == field and "--max-colbert-tokens" in _error(r)[0], r.text
+    assert _post(http, "/encode", {"texts": many, "outputs": ["dense", "sparse"]}).status_code == 200
     assert http.get("/health").json() == {"status": "ok"}
 
 

@@ -37,7 +37,8 @@ def _serve(args: argparse.Namespace) -> int:
             max_batch_texts=args.max_batch_texts, max_batch_tokens=args.max_batch_tokens,
             max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
             max_texts_per_request=args.max_texts_per_request, max_body_bytes=args.max_body_bytes,
-            max_text_chars=args.max_text_chars, allowed_hosts=_allowed_hosts(args), truncate=not args.no_truncate,
+            max_text_chars=args.max_text_chars, max_colbert_tokens=args.max_colbert_tokens,
+            allowed_hosts=_allowed_hosts(args), truncate=not args.no_truncate,
             colbert_rerank_k=args.rerank_k, reranker_top_k=args.reranker_top_k,
             fusion=read_fusion(args.model) or FusionSettings(),
         )
@@ -121,6 +122,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     help="a longer request body gets 413, refused before it is read (default 2,000,000)")
     sv.add_argument("--max-text-chars", type=int, default=100_000,
                     help="a text (with its instruction) of more characters gets 413, before it is tokenised")
+    sv.add_argument("--max-colbert-tokens", type=int, default=8192,
+                    help="a request for ColBERT vectors (one per token) holding more tokens gets 413")
     sv.add_argument("--allowed-hosts", default=None,
                     help="comma-separated names a request's Host header may carry (*.example.com: sub-domains; '*': "
                          "any); default: localhost,127.0.0.1,::1 when --host is a loopback address, else any")

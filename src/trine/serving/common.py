@@ -34,6 +34,8 @@ class ServeSettings:
     ``max_texts_per_request``: more texts in one request get 413; ``max_body_bytes``: a longer request body gets
     413 before it is read to the end (text-embeddings-inference's ``--payload-limit``, same default);
     ``max_text_chars``: a text (with its instruction) of more characters gets 413 before it is tokenised;
+    ``max_colbert_tokens``: a request for ColBERT vectors (one vector per token: a 2 MB body could ask for gigabytes
+    of them) holding more tokens gets 413;
     ``truncate``: a text longer than the model's maximum length is cut (True) or refused with 413 (False), unless a
     request says otherwise; ``allowed_hosts``: the names a request's ``Host`` header may carry (``*.example.com``
     matches sub-domains; None: any), against DNS rebinding of a server on a private address;
@@ -50,6 +52,7 @@ class ServeSettings:
     max_texts_per_request: int = 256
     max_body_bytes: int = 2_000_000
     max_text_chars: int = 100_000
+    max_colbert_tokens: int = 8192
     truncate: bool = True
     allowed_hosts: tuple[str, ...] | None = None
     retry_after_s: int = 1
@@ -59,7 +62,7 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_batch_texts", "max_batch_tokens", "max_queue", "max_texts_per_request", "max_body_bytes",
-                     "max_text_chars", "retry_after_s", "colbert_rerank_k", "reranker_top_k"):
+                     "max_text_chars", "max_colbert_tokens", "retry_after_s", "colbert_rerank_k", "reranker_top_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -192,6 +195,14 @@ FiniteFloat = Annotated[float, PydanticField(allow_inf_nan=False, strict=True)]
 
 def _where(field: str, value: str | list[str], i: int) -> str:
     return field if isinstance(value, str) else f"{field}[{i}]"
+
+
+def check_colbert_tokens(state: ServerState, texts: Texts, field: str) -> None:
+    """A request asking for ColBERT vectors: 413 beyond ``max_colbert_tokens`` tokens (after truncation)."""
+    limit = state.settings.max_colbert_tokens
+    if texts.tokens > limit:
+        raise ApiError(413, f"{field}: ColBERT vectors for {texts.tokens} tokens, more than this server's limit of "
+                            f"{limit} per request (--max-colbert-tokens; send fewer or shorter texts)", field)
 
 
 def check_text(state: ServerState, text: str, field: str, extra_chars: int = 0) -> None:

@@ -19,7 +19,15 @@ from trine.evaluation.runner import EvalConfig, rerank_result
 from trine.inference.result import OUTPUT_KEYS, OUTPUTS
 from trine.modeling.fusion import FUSED_MODES, check_weights
 from trine.retrieval import QueryReps, SearchResult
-from trine.serving.common import ApiError, FiniteFloat, ServerState, check_texts, json_response, state_of
+from trine.serving.common import (
+    ApiError,
+    FiniteFloat,
+    ServerState,
+    check_colbert_tokens,
+    check_texts,
+    json_response,
+    state_of,
+)
 
 router = APIRouter()
 
@@ -95,6 +103,8 @@ async def encode(body: EncodeRequest, request: Request) -> JSONResponse:
                             "an instruction without kind", "instruction")
     texts = await check_texts(state, body.texts, "texts", kind=body.kind, instruction=body.instruction,
                               instruction_format=body.instruction_format, truncate=body.truncate)
+    if "colbert" in outputs:
+        check_colbert_tokens(state, texts, "texts")
     result = await state.batcher.encode(texts.texts, outputs, tokens=texts.tokens, kind=body.kind,
                                         instruction=body.instruction, instruction_format=body.instruction_format)
     lexical = result.lexical_weights

@@ -11,7 +11,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictBool
 
-from trine.serving.common import ApiError, ServerState, check_text, check_texts, json_response, state_of
+from trine.serving.common import (
+    ApiError,
+    ServerState,
+    check_colbert_tokens,
+    check_text,
+    check_texts,
+    json_response,
+    state_of,
+)
 
 router = APIRouter()
 
@@ -87,6 +95,7 @@ async def embed_all(body: SparseRequest, request: Request) -> JSONResponse:
     state = state_of(request)
     state.need_outputs(["colbert"], "inputs")
     texts = await check_texts(state, body.inputs, "inputs", truncate=body.truncate)
+    check_colbert_tokens(state, texts, "inputs")
     result = await state.batcher.encode(texts.texts, ("colbert",), tokens=texts.tokens)
     _count(state, "/embed_all", texts.texts, texts.tokens)
     return await json_response([np.asarray(v, dtype=np.float32).tolist() for v in result.colbert_vecs])
