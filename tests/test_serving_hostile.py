@@ -316,3 +316,25 @@ def test_fuzz_every_route_gets_2xx_or_4xx_and_the_server_stays_healthy(http):
     assert sum(n for s, n in statuses.items() if s < 300) >= 20, statuses  # the fuzz reached the models too
     r = _post(http, "/embed", {"inputs": "still serving"})
     assert r.status_code == 200 and np.isfinite(r.json()).all()
+
+
+def test_concurrent_tokenising_never_races_the_model(serve_m3):
+    """The server counts tokens (no truncation) in one thread while the model thread tokenises with truncation: on
+    one shared fast tokenizer the truncation setting of one leaked into the other (a 638-token batch reached a
+    512-position model: 500) or the Rust tokenizer refused a second borrower. Each thread has its own now."""
+    srv = Server(create_app(serve_m3, settings=ServeSettings(max_wait_ms=1, max_queue=512)))
+    long = " ".join(["the chmod command changes the file mode bits"] * 80)  # ~ 800 tokens > 512 positions
+    try:
+        with httpx.Client(base_url=srv.url, timeout=120) as client, ThreadPoolExecutor(16) as pool:
+            def call(i):
+                if i % 3 == 0:
+                    return client.post("/tokenize", json={"inputs": [long, TEXTS[i % len(TEXTS)]]})
+                if i % 3 == 1:
+                    return client.post("/encode", json={"texts": [long] * 4, "outputs": ["sparse"],
+                                                        "lexical": "tokens"})
+                return client.post("/embed", json={"inputs": [long, TEXTS[i % len(TEXTS)]] * 4})
+
+            answers = list(pool.map(call, range(150)))
+        assert [r.status_code for r in answers] == [200] * 150, [r.text for r in answers if r.status_code != 200][:2]
+    finally:
+        srv.stop()

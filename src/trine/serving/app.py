@@ -219,6 +219,7 @@ def create_app(embedder: Encoder, reranker: Reranker | None = None, index: Hybri
         finally:  # uvicorn has stopped accepting and finished the open requests
             await batcher.stop()
             executor.shutdown(wait=True)
+            state.tokenizer_thread.shutdown(wait=True)
 
     app = FastAPI(title="trine", description="dense, lexical and ColBERT embeddings and reranking",
                   lifespan=lifespan, docs_url="/docs", redoc_url=None)

@@ -4,6 +4,7 @@ the API error, and the checks of the texts a request sends (count, emptiness, le
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -118,6 +119,22 @@ class ServerState:
     batcher: Batcher
     documents: list[str] | None = None  # the index's document texts, by row (what /search's reranker reads)
     waiting: Waiting = field(default_factory=Waiting)
+    # Token counting, /tokenize and token decoding run in one thread of their own, on copies of the tokenizers: a
+    # fast tokenizer keeps its truncation setting in shared state, so a count (no truncation) beside the model
+    # thread's encoding (truncated) on one tokenizer let a 638-token batch reach a 512-position model.
+    tokenizer_thread: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="trine-tokenize"))
+    text_tokenizer: Any = None
+    pair_tokenizer: Any = None
+
+    def __post_init__(self) -> None:
+        self.text_tokenizer = copy.deepcopy(self.embedder.tokenizer)
+        if self.reranker is not None:
+            self.pair_tokenizer = copy.deepcopy(self.reranker.tokenizer)
+
+    async def tokenize(self, fn: Any) -> Any:
+        """``fn()`` in the tokenizer thread (``fn`` uses :attr:`text_tokenizer` / :attr:`pair_tokenizer`)."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, fn)
 
     def admit_request(self) -> Ticket:
         """A ticket for a request about to be read, or :class:`Overloaded` (429) when ``max_queue`` requests are
@@ -136,10 +153,6 @@ class ServerState:
 
         return await asyncio.get_running_loop().run_in_executor(self.executor, run)
 
-    @property
-    def tokenizer(self) -> Any:
-        return self.embedder.tokenizer
-
     def max_length(self, kind: str | None) -> int:
         return self.embedder.query_max_length if kind == "query" else self.embedder.passage_max_length
 
@@ -151,7 +164,7 @@ class ServerState:
                 getattr(self.embedder, f"{kind}_instruction_format"))
 
     def token_counts(self, texts: list[str]) -> list[int]:
-        enc = self.tokenizer(texts, truncation=False, return_attention_mask=False, return_token_type_ids=False,
+        enc = self.text_tokenizer(texts, truncation=False, return_attention_mask=False, return_token_type_ids=False,
                              verbose=False)
         return [len(ids) for ids in enc["input_ids"]]
 
@@ -256,7 +269,7 @@ async def check_texts(state: ServerState, value: str | list[str], field: str, *,
     for i, text in enumerate(texts):
         check_text(state, text, _where(field, value, i), extra)
     applied = Encoder.apply_instruction(texts, instruction, instruction_format)
-    counts = await asyncio.get_running_loop().run_in_executor(None, state.token_counts, applied)
+    counts = await state.tokenize(lambda: state.token_counts(applied))
     max_length = max_length or state.max_length(kind)
     if not (state.settings.truncate if truncate is None else truncate):
         for i, n in enumerate(counts):

@@ -109,8 +109,8 @@ async def encode(body: EncodeRequest, request: Request) -> JSONResponse:
                                         instruction=body.instruction, instruction_format=body.instruction_format)
     lexical = result.lexical_weights
     if lexical is not None and body.lexical == "tokens":
-        decode = state.tokenizer.decode
-        lexical = [{decode([int(i)]): w for i, w in item.items()} for item in lexical]
+        decode, weights = state.text_tokenizer.decode, lexical
+        lexical = await state.tokenize(lambda: [{decode([int(i)]): w for i, w in item.items()} for item in weights])
     array = _base64 if body.encoding_format == "base64" else _floats
     columns: dict[str, Any] = {
         "dense_vecs": None if result.dense_vecs is None else [array(v) for v in result.dense_vecs],

@@ -4,8 +4,6 @@ ColBERT vectors), ``/rerank`` (the cross-encoder), ``/tokenize``."""
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -110,10 +108,9 @@ async def rerank(body: RerankRequest, request: Request) -> JSONResponse:
     check_text(state, body.query, "query")
     texts = await check_texts(state, body.texts, "texts", truncate=True)  # counts, emptiness; length: below
     pairs = [(body.query, t) for t in texts.texts]
-    loop = asyncio.get_running_loop()
     truncate = state.settings.truncate if body.truncate is None else body.truncate
     if not truncate:
-        counts = await loop.run_in_executor(None, lambda: [len(ids) for ids in reranker.tokenizer(
+        counts = await state.tokenize(lambda: [len(ids) for ids in state.pair_tokenizer(
             [q for q, _ in pairs], [p for _, p in pairs], truncation=False, verbose=False)["input_ids"]])
         for i, n in enumerate(counts):
             if n > reranker.max_length:
@@ -138,7 +135,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
                        "inputs")
     for i, text in enumerate(texts):
         check_text(state, text, "inputs" if isinstance(body.inputs, str) else f"inputs[{i}]")
-    tok = state.tokenizer
+    tok = state.text_tokenizer
     special = set(tok.all_special_ids)
 
     def run() -> list[list[dict]]:
@@ -153,4 +150,4 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
                         for i, piece, (start, stop) in zip(ids, pieces, offsets)])
         return out
 
-    return await json_response(await asyncio.get_running_loop().run_in_executor(None, run))
+    return await json_response(await state.tokenize(run))
