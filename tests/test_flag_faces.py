@@ -238,3 +238,102 @@ def test_unsupported_arguments_are_option_errors_naming_them(tiny_m3_dir, minilm
     # trine's own options pass through a face
     quiet = trine.FlagModel(minilm_dir, devices="cpu", show_progress=False, max_tokens_per_batch=4096)
     assert quiet.show_progress is False and quiet.max_tokens_per_batch == 4096
+
+
+# ----------------------------------------------------------------- training flags: FlagEmbedding's, every one
+FE_ARGUMENT_MODULES = {
+    "embedder": ["FlagEmbedding.abc.finetune.embedder", "FlagEmbedding.finetune.embedder.encoder_only.m3",
+                 "FlagEmbedding.finetune.embedder.decoder_only.base", "FlagEmbedding.finetune.embedder.decoder_only.icl"],
+    "reranker": ["FlagEmbedding.abc.finetune.reranker", "FlagEmbedding.finetune.reranker.decoder_only.base",
+                 "FlagEmbedding.finetune.reranker.decoder_only.layerwise"],
+}
+# options that only make sense with another one (their checks would refuse them alone)
+COMPANIONS = {"target_modules": ["--use_lora", "true"], "modules_to_save": ["--use_lora", "true"],
+              "use_mrl": ["--mrl_dims", "8"], "head_multi": ["--model_family", "llm-reranker-layerwise"],
+              "head_type": ["--model_family", "llm-reranker-layerwise"],
+              "start_layer": ["--model_family", "llm-reranker-layerwise"]}
+REQUIRED = ["--model_name_or_path", "/nonexistent/model", "--train_data", "train.jsonl", "--output_dir", "/tmp/out"]
+
+
+def fe_training_fields(role: str) -> dict:
+    """Every field of FlagEmbedding's argument dataclasses for ``role`` beyond the installed transformers'
+    TrainingArguments (which trine's training arguments are a subclass of, so take as they are)."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    from transformers import TrainingArguments
+
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    out = {}
+    for module in FE_ARGUMENT_MODULES[role]:
+        for name, cls in vars(importlib.import_module(module)).items():
+            if inspect.isclass(cls) and dataclasses.is_dataclass(cls) and name.endswith("Arguments"):
+                out.update({f.name: f for f in dataclasses.fields(cls) if f.name not in inherited and f.name not in out})
+    return out
+
+
+def a_value(f) -> list[str]:
+    """A value of the field's type for its flag (its default where it has one)."""
+    import dataclasses
+
+    default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+    if isinstance(default, bool):
+        return ["true"]
+    if isinstance(default, (int, float, str)) and default != "":
+        return [str(default)]
+    if isinstance(default, list) and default:
+        return [str(x) for x in default]
+    kind = str(f.type).lower()
+    return ["true"] if "bool" in kind else ["2"] if "int" in kind else ["0.5"] if "float" in kind else ["x"]
+
+
+@pytest.mark.parametrize("role", ["embedder", "reranker"])
+def test_every_flagembedding_training_flag_is_accepted_or_refused_by_name(role):
+    from trine.training.arguments import EMBEDDER_REFUSED_OPTIONS, RERANKER_REFUSED_OPTIONS
+    from trine.training.finetune import parse_args
+    from trine.training.reranker import parse_reranker_args
+
+    parse, refused = ((parse_args, EMBEDDER_REFUSED_OPTIONS) if role == "embedder"
+                      else (parse_reranker_args, RERANKER_REFUSED_OPTIONS))
+    fields = fe_training_fields(role)
+    assert len(fields) > 25 and "train_group_size" in fields and "cache_dir" in fields  # FlagEmbedding was read
+    accepted = []
+    for name, f in sorted(fields.items()):
+        argv = [*REQUIRED, *COMPANIONS.get(name, []), f"--{name}", *a_value(f)]
+        if name in refused:
+            with pytest.raises(OptionError) as err:
+                parse(argv)
+            assert str(err.value) == f"--{name}: {refused[name]}"
+        elif name not in ("model_name_or_path", "train_data", "output_dir"):
+            parse(argv)  # accepted (an OptionError here fails the test, "unknown option" or not)
+            accepted.append(name)
+    assert set(refused) <= set(fields)  # no refusal of an option FlagEmbedding lacks
+    assert {"cache_dir", "token", "use_flash_attn"} <= set(accepted)
+
+
+def test_flagembedding_training_flags_keep_their_meaning(tmp_path):
+    from trine.training.finetune import parse_args
+    from trine.training.reranker import parse_reranker_args
+
+    model, _, args = parse_args([*REQUIRED, "--warmup_ratio", "0.1", "--max_steps", "50", "--cache_dir", "/c",
+                                 "--token", "hf_secret", "--sub_batch_size", "4", "--use_flash_attn", "true"])
+    # transformers 5 has no warmup_ratio: it is warmup_steps given as a fraction, 10% of 50 steps
+    assert args.warmup_steps == 0.1 and args.get_warmup_steps(50) == 5
+    assert args.gradcache_chunk_size == 4  # FlagEmbedding's chunked forward: the same gradients, by GradCache
+    assert model.attn_implementation == "flash_attention_2" and model.cache_dir == "/c"
+    from trine.cards import options_dict
+
+    assert options_dict(model)["token"] == "<TOKEN>"  # a Hub token never reaches the model card
+    for argv, message in ((["--warmup_ratio", "1.5"], "warmup_ratio must be at least 0 and below 1"),
+                          (["--warmup_ratio", "0.1", "--warmup_steps", "10"], "contradicts warmup_steps"),
+                          (["--sub_batch_size", "4", "--gradcache_chunk_size", "8"], "contradicts gradcache"),
+                          (["--use_flash_attn", "true", "--attn_implementation", "eager"], "contradicts attn")):
+        with pytest.raises(OptionError, match=message):
+            parse_args([*REQUIRED, *argv])
+    _, _, reranker_args = parse_reranker_args([*REQUIRED, "--warmup_ratio", "0.05", "--max_steps", "100"])
+    assert reranker_args.get_warmup_steps(100) == 5
+    config = tmp_path / "train.yaml"
+    config.write_text("model_name_or_path: /nonexistent\ntrain_data: t.jsonl\noutput_dir: /tmp/out\nmax_len: 512\n")
+    with pytest.raises(OptionError, match=r"train.yaml:4: max_len: trine cuts a pair to query_max_len"):
+        parse_reranker_args([str(config)])

@@ -86,10 +86,11 @@ def _plain(value: Any) -> Any:
 
 
 def options_dict(options: Any) -> dict[str, Any]:
-    """Every field of an options dataclass (Hugging Face's ``TrainingArguments.to_dict`` for those)."""
-    if hasattr(options, "to_dict"):
-        return _plain(options.to_dict())
-    return _plain(dataclasses.asdict(options))
+    """Every field of an options dataclass (Hugging Face's ``TrainingArguments.to_dict`` for those); a Hub
+    token (``token``, ``*_token``, as Hugging Face redacts its own) is written as ``<TOKEN>``, never its value."""
+    values = _plain(options.to_dict() if hasattr(options, "to_dict") else dataclasses.asdict(options))
+    return {k: "<TOKEN>" if (k == "token" or k.endswith("_token")) and isinstance(v, str) else v
+            for k, v in values.items()}
 
 
 def library_versions() -> dict[str, str]:

@@ -50,7 +50,6 @@ REFUSED: dict[str, str] = {
     "compress_layers": "the lightweight reranker (bge-reranker-v2.5-gemma2-lightweight) is not in trine",
     "compress_layer": "the lightweight reranker (bge-reranker-v2.5-gemma2-lightweight) is not in trine",
     "compress_ratio": "the lightweight reranker (bge-reranker-v2.5-gemma2-lightweight) is not in trine",
-    "use_flash_attn": "trine loads with the transformers default attention (sdpa where available)",
 }
 #: options the faces set themselves (a face is one model family)
 _FIXED = {"with_heads", "model_family", "backend", "self", "model_name_or_path", "kwargs", "cache_dir"}
