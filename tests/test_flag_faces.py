@@ -243,7 +243,8 @@ def test_unsupported_arguments_are_option_errors_naming_them(tiny_m3_dir, minilm
 # ----------------------------------------------------------------- training flags: FlagEmbedding's, every one
 FE_ARGUMENT_MODULES = {
     "embedder": ["FlagEmbedding.abc.finetune.embedder", "FlagEmbedding.finetune.embedder.encoder_only.m3",
-                 "FlagEmbedding.finetune.embedder.decoder_only.base", "FlagEmbedding.finetune.embedder.decoder_only.icl"],
+                 "FlagEmbedding.finetune.embedder.decoder_only.base",
+                 "FlagEmbedding.finetune.embedder.decoder_only.icl"],
     "reranker": ["FlagEmbedding.abc.finetune.reranker", "FlagEmbedding.finetune.reranker.decoder_only.base",
                  "FlagEmbedding.finetune.reranker.decoder_only.layerwise"],
 }
@@ -269,7 +270,8 @@ def fe_training_fields(role: str) -> dict:
     for module in FE_ARGUMENT_MODULES[role]:
         for name, cls in vars(importlib.import_module(module)).items():
             if inspect.isclass(cls) and dataclasses.is_dataclass(cls) and name.endswith("Arguments"):
-                out.update({f.name: f for f in dataclasses.fields(cls) if f.name not in inherited and f.name not in out})
+                out.update({f.name: f for f in dataclasses.fields(cls)
+                            if f.name not in inherited and f.name not in out})
     return out
 
 
