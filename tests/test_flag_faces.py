@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import TEXTS, make_tiny_reranker, require
 from test_decoder_embedder import make_tiny_decoder, smol_tokenizer_dir  # noqa: F401 (the session fixture)
+from test_layerwise_reranker import flag_minicpm, minicpm_dir  # noqa: F401 (the module fixtures)
 from test_llm_reranker import pairs as llm_pairs
 from test_llm_reranker import tiny_llm_dir  # noqa: F401 (the module fixture)
 from test_parity_flagembedding import assert_same_encoding
@@ -166,6 +167,20 @@ def test_flag_llm_reranker_usage_equals_flagembedding(tiny_llm_dir):  # noqa: F8
     expected = reranker_usage(FlagEmbedding, tiny_llm_dir, "FlagLLMReranker", llm_pairs())
     got = reranker_usage(trine, tiny_llm_dir, "FlagLLMReranker", llm_pairs())
     assert_same(expected, got)
+
+
+def layerwise_usage(lib, path: str) -> dict:
+    LayerWiseFlagLLMReranker = lib.LayerWiseFlagLLMReranker
+    reranker = LayerWiseFlagLLMReranker(path, use_fp16=True, devices="cpu", batch_size=3)
+    pairs = llm_pairs()
+    return {"last": reranker.compute_score(pairs), "layers": reranker.compute_score(pairs, cutoff_layers=[2, 3]),
+            "one_layer": reranker.compute_score(pairs, cutoff_layers=[3], normalize=True)}
+
+
+def test_layerwise_reranker_usage_equals_flagembedding(minicpm_dir):  # noqa: F811
+    expected, got = layerwise_usage(FlagEmbedding, minicpm_dir), layerwise_usage(trine, minicpm_dir)
+    assert_same(expected, got)
+    assert np.shape(got["layers"]) == (2, len(llm_pairs()))
 
 
 def test_auto_classes_resolve_as_flagembedding(tmp_path, tiny_m3_dir, minilm_dir, xlmr_tokenizer_dir):
