@@ -344,6 +344,8 @@ def test_flagembedding_training_flags_keep_their_meaning(tmp_path):
     from trine.cards import options_dict
 
     assert options_dict(model)["token"] == "<TOKEN>"  # a Hub token never reaches the model card
+    _, reranker_data, _ = parse_reranker_args([*REQUIRED, "--sep_token", "|"])
+    assert options_dict(reranker_data)["sep_token"] == "|"  # text, not a secret
     for argv, message in ((["--warmup_ratio", "1.5"], "warmup_ratio must be at least 0 and below 1"),
                           (["--warmup_ratio", "0.1", "--warmup_steps", "10"], "contradicts warmup_steps"),
                           (["--sub_batch_size", "4", "--gradcache_chunk_size", "8"], "contradicts gradcache"),
