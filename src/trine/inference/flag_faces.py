@@ -89,7 +89,8 @@ def _init_dense(self: Embedder, face: str, model_name_or_path: Any, *, devices: 
                 use_bf16: bool, cache_dir: Any, convert_to_numpy: bool, extra: dict[str, Any],
                 **options: Any) -> None:
     # trine's own Encoder options the face does not name itself (show_progress, max_tokens_per_batch, ...)
-    _check(face, extra, _keywords(Encoder.__init__) - _FIXED - _HEAD_OPTIONS - _keywords(type(self).__init__))
+    _check(face, extra, _keywords(Encoder.__init__) - _FIXED - _HEAD_OPTIONS - _keywords(type(self).__init__),
+           dict.fromkeys(_HEAD_OPTIONS, "sets up the lexical and ColBERT heads: an option of BGEM3FlagModel"))
     Embedder.__init__(self, model_name_or_path, devices=devices,
                       **_precision(devices, use_fp16, use_bf16, bf16_on_cpu=False),
                       **_cache_dir(Encoder, cache_dir), **options, **extra)
