@@ -30,3 +30,17 @@ __all__ = [
     "TriHeadModel",
     "__version__",
 ]
+
+# ---- FlagEmbedding's class names (BGEM3FlagModel, FlagModel, FlagReranker, ...): thin faces in trine.flag,
+# ---- imported on first use (PEP 562), so they add nothing to `import trine`
+from trine.flag import FLAG_NAMES as _FLAG_NAMES  # noqa: E402 (a separate block, kept apart from the above)
+
+__all__ += list(_FLAG_NAMES)
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    if name in _FLAG_NAMES:
+        import trine.flag
+
+        return getattr(trine.flag, name)
+    raise AttributeError(f"module 'trine' has no attribute {name!r}")

@@ -86,10 +86,11 @@ def _plain(value: Any) -> Any:
 
 
 def options_dict(options: Any) -> dict[str, Any]:
-    """Every field of an options dataclass (Hugging Face's ``TrainingArguments.to_dict`` for those)."""
-    if hasattr(options, "to_dict"):
-        return _plain(options.to_dict())
-    return _plain(dataclasses.asdict(options))
+    """Every field of an options dataclass (Hugging Face's ``TrainingArguments.to_dict`` for those, which hides
+    its own Hub tokens); the model options' Hub ``token`` (FlagEmbedding's) is written as ``<TOKEN>``, never its
+    value (``sep_token`` and the like are text, kept)."""
+    values = _plain(options.to_dict() if hasattr(options, "to_dict") else dataclasses.asdict(options))
+    return {k: "<TOKEN>" if k == "token" and v is not None else v for k, v in values.items()}
 
 
 def library_versions() -> dict[str, str]:

@@ -10,7 +10,9 @@ written, with the option, the value and the expected type in the message:
   ``y``/``n``, ``1``/``0``, any case), never an arbitrary string;
 - ``resume_from_checkpoint`` (a boolean or a folder for Hugging Face's ``Trainer``): ``true`` means
   the newest checkpoint in ``output_dir``, ``false`` no resume (write ``./true`` for a folder so named);
-- unknown, repeated or missing options are errors, each reported as ``path[:line]: option: message``.
+- unknown, repeated or missing options are errors, each reported as ``path[:line]: option: message``;
+- an option a dataclass refuses by name (its ``REFUSED_OPTIONS`` class attribute, name: why; e.g. FlagEmbedding's
+  options trine has no equivalent of) is an error giving that reason, not "unknown option".
 """
 
 from __future__ import annotations
@@ -372,6 +374,14 @@ def _snake_keys(path: str, data: dict[str, Any], lines: dict[str, int]) -> tuple
     return out, where
 
 
+def _refused(types_: tuple[type, ...]) -> dict[str, str]:
+    """The options ``types_`` refuse by name (each dataclass's ``REFUSED_OPTIONS``: name -> why)."""
+    refused: dict[str, str] = {}
+    for dtype in types_:
+        refused.update(getattr(dtype, "REFUSED_OPTIONS", {}))
+    return refused
+
+
 def _parse_file(path: str, types_: tuple[type, ...]) -> tuple[Any, ...]:
     data, lines = _snake_keys(path, *read_config_file(path))
 
@@ -380,7 +390,8 @@ def _parse_file(path: str, types_: tuple[type, ...]) -> tuple[Any, ...]:
 
     declared: list[dict[str, Any]] = [_declared_types(t) for t in types_]
     known = {name for d in declared for name in d}
-    problems = [f"{at(key)}: {key}: unknown option" for key in data if key not in known]
+    refused = _refused(types_)
+    problems = [f"{at(key)}: {key}: {refused.get(key, 'unknown option')}" for key in data if key not in known]
     values: list[dict[str, Any]] = []
     for dtype, fields in zip(types_, declared):
         mine: dict[str, Any] = {}
@@ -406,6 +417,11 @@ def _parse_file(path: str, types_: tuple[type, ...]) -> tuple[Any, ...]:
 
 
 def _parse_flags(argv: list[str], types_: tuple[type, ...]) -> tuple[Any, ...]:
+    refused = _refused(types_)
+    for arg in argv:
+        name = arg[2:].partition("=")[0].replace("-", "_") if arg.startswith("--") else None
+        if name in refused:
+            raise OptionError(f"--{name}: {refused[name]}")
     parser = _Parser(types_)
     namespace, remaining = parser.parse_known_args(args=argv)
     if remaining:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 
@@ -45,8 +45,67 @@ class LoraArguments:
             LoraOptions.from_arguments(self)  # checks the values
 
 
+@dataclass(kw_only=True)
+class FlagEmbeddingModelOptions:
+    """FlagEmbedding's model options that trine takes with FlagEmbedding's meaning though it needs no new
+    mechanism for them, shared by the embedder and reranker model arguments."""
+
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "FlagEmbedding's: where models downloaded from the Hub are cached; a local "
+                                        "model folder (what trine trains from) does not use it, as in FlagEmbedding"}
+    )
+    token: str | None = field(
+        default=None, metadata={"help": "FlagEmbedding's: the Hub token for private models; a local model folder "
+                                        "does not use it (never written to the model card)"}
+    )
+    use_flash_attn: bool = field(
+        default=False, metadata={"help": "FlagEmbedding's: attn_implementation flash_attention_2"}
+    )
+
+    def resolve_flash_attn(self) -> None:
+        """``use_flash_attn`` is ``attn_implementation: flash_attention_2`` (FlagEmbedding's switch for it)."""
+        if not self.use_flash_attn:
+            return
+        if self.attn_implementation not in (None, "flash_attention_2"):
+            raise ValueError(f"use_flash_attn contradicts attn_implementation {self.attn_implementation!r}; give one")
+        self.attn_implementation = "flash_attention_2"
+
+
+#: FlagEmbedding's training options both training commands refuse, and why (``trine.config`` reports them by name)
+_REFUSED_COMMON = {
+    "config_name": "trine reads the model config from model_name_or_path (put the config.json in that folder)",
+    "tokenizer_name": "trine reads the tokenizer from model_name_or_path (save the tokenizer in that folder)",
+    "use_fast_tokenizer": "trine loads the folder's tokenizer as transformers does by default (the fast one)",
+    "cache_path": "trine reads the JSONL training files itself: there is no datasets cache to place",
+    "from_peft": "trine does not start from a separate PEFT adapter: pass the adapter folder trine saved as "
+                 "model_name_or_path, or merge it into a folder first (`trine merge-lora`)",
+    "raw_peft": "trine does not start from a separate PEFT adapter: pass the adapter folder trine saved as "
+                "model_name_or_path, or merge it into a folder first (`trine merge-lora`)",
+    "save_merged_lora_model": "trine saves the LoRA adapter folder; merge it after training with `trine merge-lora`",
+}
+#: ... those only ``trine finetune`` refuses
+EMBEDDER_REFUSED_OPTIONS = {
+    **_REFUSED_COMMON,
+    "use_slow_tokenizer": _REFUSED_COMMON["use_fast_tokenizer"],
+    "peft_model_path": _REFUSED_COMMON["from_peft"],
+    "only_merge_lora_model": "merge a LoRA adapter folder with `trine merge-lora`",
+    "fix_position_embedding": "trine has no option to freeze the position embeddings",
+    "additional_special_tokens": "add the tokens to the model folder's tokenizer (and resize its embeddings) before "
+                                 "training",
+}
+#: ... those only ``trine finetune-reranker`` refuses
+RERANKER_REFUSED_OPTIONS = {
+    **_REFUSED_COMMON,
+    "max_len": "trine cuts a pair to query_max_len + passage_max_len tokens (FlagReranker's inference rule): set "
+               "passage_max_len to max_len - query_max_len",
+    "model_type": "pick the reranker with --model_family (cross-encoder, llm-reranker, llm-reranker-layerwise)",
+    "sub_batch_size": "the reranker trainer has no sub-batches (gradient caching is trine finetune's "
+                      "gradcache_chunk_size)",
+}
+
+
 @dataclass
-class ModelArguments(LoraArguments):
+class ModelArguments(LoraArguments, FlagEmbeddingModelOptions):
     model_name_or_path: str = field(metadata={"help": "model folder (a backbone, or a tri-head BGE-M3 folder)"})
     sentence_pooling_method: str | None = field(
         default=None, metadata={"help": "cls, mean or last_token (default: the folder's sentence-transformers config, "
@@ -66,8 +125,11 @@ class ModelArguments(LoraArguments):
         default=None, metadata={"help": "transformers attention implementation: sdpa, eager, ... "
                                         "(default: the transformers default)"}
     )
+    REFUSED_OPTIONS: ClassVar[dict[str, str]] = EMBEDDER_REFUSED_OPTIONS
+
     def __post_init__(self) -> None:
         self.check_lora()
+        self.resolve_flash_attn()
         if self.sentence_pooling_method is not None:
             check_pooling_method(self.sentence_pooling_method)
         if self.init_missing_heads is not None and self.init_missing_heads not in HEAD_INITS:
@@ -176,13 +238,29 @@ class DataArguments(TrainDataArguments):
 
 @dataclass
 class SafeTrainingArguments(TrainingArguments):
-    """What every trine trainer adds to Hugging Face's arguments: the output-folder policy."""
+    """What every trine trainer adds to Hugging Face's arguments: the output-folder policy, and transformers 4's
+    ``warmup_ratio`` (FlagEmbedding's scripts pass it; transformers 5 folded it into ``warmup_steps``)."""
 
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "replace an output_dir an earlier trine run wrote (never a folder trine did "
                                          "not write); without it an existing, non-empty output_dir is an error "
                                          "unless resuming"}
     )
+    warmup_ratio: float | None = field(
+        default=None, metadata={"help": "transformers 4's (and FlagEmbedding's): warm up over this fraction of the "
+                                        "training steps, 0 <= ratio < 1 (transformers 5's warmup_steps given a "
+                                        "fraction)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.warmup_ratio is not None:
+            if not 0.0 <= self.warmup_ratio < 1.0:
+                raise ValueError(f"warmup_ratio must be at least 0 and below 1, got {self.warmup_ratio}")
+            if self.warmup_steps:
+                raise ValueError(f"warmup_ratio {self.warmup_ratio} contradicts warmup_steps {self.warmup_steps}; "
+                                 "give one")
+            self.warmup_steps = float(self.warmup_ratio)  # transformers 5 reads a fraction below 1 as a ratio
+        super().__post_init__()
 
 
 @dataclass
@@ -200,6 +278,10 @@ class EmbedderTrainingArguments(SafeTrainingArguments):
     )
     gradcache_max_tokens: int | None = field(
         default=None, metadata={"help": "gradient caching: sub-batches of at most this many padded tokens"}
+    )
+    sub_batch_size: int | None = field(
+        default=None, metadata={"help": "FlagEmbedding's name for gradcache_chunk_size (its chunked forward gives "
+                                        "the same loss and gradients; gradient caching also keeps memory flat)"}
     )
     head_learning_rate: float | None = field(
         default=None, metadata={"help": "learning rate of the lexical and ColBERT heads (default: learning_rate); "
@@ -286,7 +368,12 @@ class EmbedderTrainingArguments(SafeTrainingArguments):
         super().__post_init__()
         if self.kd_loss_type not in KD_LOSS_TYPES:
             raise ValueError(f"kd_loss_type must be one of {KD_LOSS_TYPES}, got {self.kd_loss_type!r}")
-        for name in ("gradcache_chunk_size", "gradcache_max_tokens"):
+        if self.sub_batch_size is not None:
+            if self.gradcache_chunk_size not in (None, self.sub_batch_size):
+                raise ValueError(f"sub_batch_size {self.sub_batch_size} contradicts gradcache_chunk_size "
+                                 f"{self.gradcache_chunk_size}; give one")
+            self.gradcache_chunk_size = self.sub_batch_size
+        for name in ("sub_batch_size", "gradcache_chunk_size", "gradcache_max_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive number, got {value}")

@@ -28,7 +28,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -39,7 +39,13 @@ from trine.inference.batching import pad_batch
 from trine.modeling.cross_encoder import CrossEncoder
 from trine.modeling.families import build_model
 from trine.modeling.llm_reranker import FAMILY_FILE, LAYERWISE_FAMILY, LLMReranker, read_family_file
-from trine.training.arguments import LoraArguments, SafeTrainingArguments, TrainDataArguments
+from trine.training.arguments import (
+    RERANKER_REFUSED_OPTIONS,
+    FlagEmbeddingModelOptions,
+    LoraArguments,
+    SafeTrainingArguments,
+    TrainDataArguments,
+)
 from trine.training.collator import EmbedderCollator
 from trine.training.common import collator_options, load_data, parse_config, plan_dataset, run_cli, train_and_save
 from trine.training.losses import KD_LOSS_TYPES, ScoreBatch, kl_div, objective, teacher_distribution
@@ -52,7 +58,7 @@ RERANKER_LOSSES = ("group_ce", "bce")
 
 
 @dataclass
-class RerankerModelArguments(LoraArguments):
+class RerankerModelArguments(LoraArguments, FlagEmbeddingModelOptions):
     model_name_or_path: str = field(metadata={"help": "a reranker folder, or a backbone (a new classifier starts)"})
     trust_remote_code: bool = field(default=False)
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, eager, ... (transformers)"})
@@ -64,9 +70,11 @@ class RerankerModelArguments(LoraArguments):
                                                                     "per layer (default: one, as FlagEmbedding)"})
     head_type: str | None = field(default=None, metadata={"help": "llm-reranker-layerwise: 'simple' (the one "
                                                                   "FlagEmbedding scores pairs with)"})
+    REFUSED_OPTIONS: ClassVar[dict[str, str]] = RERANKER_REFUSED_OPTIONS
 
     def __post_init__(self) -> None:
         self.check_lora()
+        self.resolve_flash_attn()
         given = [n for n in ("start_layer", "head_multi", "head_type") if getattr(self, n) is not None]
         if given and self.model_family != LAYERWISE_FAMILY:
             raise OptionError(f"{', '.join(given)}: options of model_family {LAYERWISE_FAMILY!r} (the layer-wise "
