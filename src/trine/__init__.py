@@ -1,32 +1,29 @@
-"""trine: multi-function (dense + lexical + multi-vector) text embeddings."""
+"""trine: multi-function (dense + lexical + multi-vector) text embeddings.
 
-from trine.inference import Embedder, M3Embedder, Reranker
-from trine.modeling import CrossEncoder, DecoderEmbedder, LLMReranker, TriHeadModel
-from trine.retrieval import (
-    BM25Index,
-    DenseIndex,
-    HybridRetriever,
-    MultiVectorIndex,
-    QueryReps,
-    SearchResult,
-    SparseIndex,
-)
+The public names are exported lazily (:mod:`trine._lazy`): ``import trine`` loads none of torch,
+transformers or FAISS; ``trine.M3Embedder`` imports its module on first use."""
+
+from trine._lazy import lazy_exports
 
 __version__ = "0.1.0"
-__all__ = [
-    "BM25Index",
-    "CrossEncoder",
-    "DecoderEmbedder",
-    "DenseIndex",
-    "Embedder",
-    "HybridRetriever",
-    "LLMReranker",
-    "M3Embedder",
-    "MultiVectorIndex",
-    "QueryReps",
-    "Reranker",
-    "SearchResult",
-    "SparseIndex",
-    "TriHeadModel",
-    "__version__",
-]
+
+# Public name -> the module that defines it. Add a name here (and to __all__) to export it.
+_EXPORTS = {
+    "BM25Index": "trine.retrieval.bm25",
+    "CrossEncoder": "trine.modeling.cross_encoder",
+    "DecoderEmbedder": "trine.modeling.decoder",
+    "DenseIndex": "trine.retrieval.dense",
+    "Embedder": "trine.inference.embedder",
+    "HybridRetriever": "trine.retrieval.hybrid",
+    "LLMReranker": "trine.modeling.llm_reranker",
+    "M3Embedder": "trine.inference.embedder",
+    "MultiVectorIndex": "trine.retrieval.multivector",
+    "QueryReps": "trine.retrieval.hybrid",
+    "Reranker": "trine.inference.reranker",
+    "SearchResult": "trine.retrieval.base",
+    "SparseIndex": "trine.retrieval.sparse",
+    "TriHeadModel": "trine.modeling.trihead",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
