@@ -42,7 +42,7 @@ FLAG_ALIASES: tuple[tuple[str, ...], ...] = (
     ("--heads", "--init_missing_heads"),
 )
 # Positional arguments that are also flags (``trine encode MODEL`` or ``trine encode --model MODEL``).
-POSITIONAL_FLAGS = {"model": "--model"}
+POSITIONAL_FLAGS = {"model": "--model", "out": "--output-dir"}
 # Help for options the commands share, where one was declared without (keyed by dest).
 OPTION_HELP = {
     "batch_size": "texts (or pairs) per forward pass",
@@ -158,14 +158,21 @@ class TrineArgumentParser(argparse.ArgumentParser):
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
         self._check_flags(sys.argv[1:] if args is None else list(args))
         ns, extras = super().parse_known_args(args, namespace)
+        # argparse fills optional positionals from the left: with ``--model M`` given, a lone positional
+        # word is the next one's (``trine export --model M OUT``), so values are dealt out in order
+        words = [getattr(ns, dest) for dest, _ in self._positional_flags if getattr(ns, dest, None) is not None]
         for dest, flag_dest in self._positional_flags:
-            positional, flag = getattr(ns, dest, None), getattr(ns, flag_dest, None)
-            if positional is not None and flag is not None:
-                self.error(f"{dest} given twice ({positional} and {POSITIONAL_FLAGS[dest]} {flag})")
-            if positional is None and flag is None:
-                self.error(f"the following arguments are required: {dest} (or {POSITIONAL_FLAGS[dest]})")
-            setattr(ns, dest, positional if positional is not None else flag)
+            flag = getattr(ns, flag_dest, None)
             delattr(ns, flag_dest)
+            if flag is not None:
+                setattr(ns, dest, flag)
+            elif words:
+                setattr(ns, dest, words.pop(0))
+            else:
+                self.error(f"the following arguments are required: {dest} (or {POSITIONAL_FLAGS[dest]})")
+        if words:
+            given = [f"{POSITIONAL_FLAGS[d]} {getattr(ns, d)}" for d, _ in self._positional_flags]
+            self.error(f"{' '.join(map(str, words))}: one positional word too many (given: {', '.join(given)})")
         return ns, extras
 
     def _check_flags(self, args: list[str]) -> None:
