@@ -225,3 +225,34 @@ def test_silence_quiets_trines_hubs_and_transformers_bars(when):
     quiet = run_python(code)
     assert quiet.returncode == 0, quiet.stderr
     assert "BAR" not in quiet.stderr
+
+
+def test_library_keywords_become_the_commands_flags():
+    from trine.config import command_line_words
+
+    flags = {"--heads", "--init_missing_heads", "--init-missing-heads", "--hybrid_normalization", "--use_lora"}
+    assert command_line_words("Pass init_missing_heads='random', 'neutral' or 'bm25' to start, or with_heads=False",
+                              flags) == "Pass --heads random, neutral or bm25 to start, or with_heads=False"
+    assert command_line_words("use hybrid_normalization='none'; use_lora=True; path=x", flags) == (
+        "use --hybrid_normalization none; --use_lora; path=x")
+
+
+def test_a_model_without_heads_is_told_about_the_heads_flag(splade_tiny_dir, tmp_path, capsys):
+    data = tmp_path / "ds"
+    (data / "qrels").mkdir(parents=True)
+    (data / "corpus.jsonl").write_text('{"_id": "d1", "text": "the cat sat"}\n{"_id": "d2", "text": "dogs bark"}\n')
+    (data / "queries.jsonl").write_text('{"_id": "q1", "text": "cat"}\n')
+    (data / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    assert main(["eval", "--data", str(data), "--model", splade_tiny_dir, "--modes", "sparse", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "Pass --heads random, neutral or bm25 to start new heads" in err and "init_missing_heads=" not in err
+
+
+def test_training_commands_take_the_shared_vocabulary():
+    from trine.training.finetuning import parse_args
+
+    base = ["--train_data", "d.jsonl", "--output_dir", "o"]
+    model_args, _, args = parse_args(["--model", "m", "--heads", "random", *base])
+    old_model_args, _, old_args = parse_args(["--model_name_or_path", "m", "--init_missing_heads", "random", *base])
+    assert model_args == old_model_args and model_args.model_name_or_path == "m"
+    assert model_args.init_missing_heads == "random" and args.output_dir == old_args.output_dir == "o"

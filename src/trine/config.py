@@ -308,6 +308,54 @@ def read_config_file(path: str) -> tuple[dict[str, Any], dict[str, int]]:
 
 
 # ---------------------------------------------------------------------------------------------- parsing
+# The one vocabulary of every command: each group's spellings are one option. A command that
+# declares any of them accepts them all (the first is the name help and messages use); the value
+# keeps the dest the command declared. Used by both parsers: trine.cli.parser's and Hugging Face's.
+FLAG_ALIASES: tuple[tuple[str, ...], ...] = (
+    ("--model", "--model_name_or_path"),
+    ("--output-dir", "--output_dir", "--out"),
+    ("--quiet", "--no-progress"),
+    ("--heads", "--init_missing_heads"),
+)
+
+
+def other_spelling(flag: str) -> str:
+    """``--query_max_len`` <-> ``--query-max-len`` (the part after the dashes)."""
+    body = flag[2:]
+    return "--" + (body.replace("_", "-") if "_" in body else body.replace("-", "_"))
+
+
+def preferred_flag(flag: str, flags: Any) -> str:
+    """The spelling help and messages use for ``flag``: its vocabulary group's first that ``flags`` has."""
+    for group in FLAG_ALIASES:
+        if flag in group or other_spelling(flag) in group:
+            return next((g for g in group if g in flags), flag)
+    return flag
+
+
+# ``name=value`` in a library message: a quoted string (or a list of them: 'a', 'b' or 'c'), a boolean, a number
+_KEYWORD = re.compile(r"\b([a-z][a-z0-9_]*)=('[^']*'(?:(?:, | or | and )'[^']*')*|True|False|-?\d[\d.e-]*)")
+
+
+def command_line_words(message: str, flags: Any) -> str:
+    """A library message in command-line words: ``init_missing_heads='random', 'neutral' or 'bm25'`` ->
+    ``--heads random, neutral or bm25`` where ``--init_missing_heads`` is one of ``flags`` (the running
+    command's); keyword names that are no flag of the command stay as they are (the Python API's words)."""
+    flags = set(flags)
+
+    def flag_words(found: re.Match) -> str:
+        name, value = found.groups()
+        flag = f"--{name}"
+        if flag not in flags and other_spelling(flag) not in flags:
+            return found.group(0)
+        flag = preferred_flag(flag if flag in flags else other_spelling(flag), flags)
+        if value == "True":
+            return flag
+        return f"{flag} {value.replace(chr(39), '') if value != 'False' else 'false'}"
+
+    return _KEYWORD.sub(flag_words, message)
+
+
 @functools.cache
 def _parser_class() -> type:
     """Hugging Face's flag parser, its errors raised as :class:`OptionError` (not printed with the
@@ -323,7 +371,26 @@ def _parser_class() -> type:
             # a one-line usage: argparse's own lists all ~150 flags before the summary
             super().__init__(dataclass_types, allow_abbrev=False, prog=prog, description=description,
                              usage="%(prog)s [options] | %(prog)s CONFIG.yaml")
+            self._add_vocabulary()
             self._group_trainer_options()
+            _Parser.known_flags.update(self._option_string_actions)
+
+        #: every flag a parser of this process declared (the running command's): error messages are
+        #: put in these words (:func:`command_line_words`)
+        known_flags: typing.ClassVar[set[str]] = set()
+
+        def _add_vocabulary(self) -> None:
+            """The shared spellings (:data:`FLAG_ALIASES`) as more names of the option a dataclass declares."""
+            for group in FLAG_ALIASES:
+                spellings = [*group, *(other_spelling(g) for g in group)]
+                action = next((self._option_string_actions[f] for f in spellings if f in self._option_string_actions),
+                              None)
+                if action is None:
+                    continue
+                for flag in spellings:
+                    if flag not in self._option_string_actions:
+                        action.option_strings.append(flag)
+                        self._option_string_actions[flag] = action
 
         def _group_trainer_options(self) -> None:
             """Help only: trine's options (model, data, trine's training fields) in one group, then
@@ -490,5 +557,5 @@ def parse_config(argv: list[str], types: tuple[type, ...], *, prog: str | None =
     return _parse_flags(argv, tuple(types), prog, description)
 
 
-__all__ = ["bool_or_path", "coerce", "describe", "did_you_mean", "flag_message", "parse_bool", "parse_config",
-           "read_config_file"]
+__all__ = ["FLAG_ALIASES", "bool_or_path", "coerce", "command_line_words", "describe", "did_you_mean", "flag_message",
+           "other_spelling", "parse_bool", "parse_config", "preferred_flag", "read_config_file"]

@@ -14,6 +14,7 @@ import sys
 
 from trine.cli import curation, demo, encode, evaluation, export, generate, index, lora, serving, training
 from trine.cli.parser import FLAG_ALIASES, TrineArgumentParser, parse_command
+from trine.config import command_line_words
 from trine.errors import OptionError, report_user_errors
 
 QUIET_FLAGS = next(group for group in FLAG_ALIASES if "--quiet" in group)
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
         silence()
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
-    return report_user_errors(lambda: args.func(args), debug=args.log_level == "DEBUG")
+    flags = {flag for p in _parsers(parser) for flag in p._option_string_actions}
+    return report_user_errors(lambda: args.func(args), debug=args.log_level == "DEBUG",
+                              words=lambda message: command_line_words(message, flags))
 
 

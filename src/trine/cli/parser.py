@@ -9,7 +9,8 @@
   and line: the same as ``trine finetune FILE.yaml``.
 - One vocabulary on every command (:data:`FLAG_ALIASES`): a command that defines any spelling of
   ``--model``, ``--output-dir``, ``--quiet`` or ``--heads`` accepts all of them; a positional
-  ``model`` is also ``--model``. The aliases are added here, once, not at every ``add_argument``.
+  ``model`` is also ``--model`` (and ``out`` ``--output-dir``). The aliases are added here, once,
+  not at every ``add_argument``.
 - A mistyped command or flag gets "did you mean ...?"; help shows each option's default, and an
   option declared without help gets the shared text of :data:`OPTION_HELP`.
 """
@@ -22,25 +23,17 @@ import sys
 import typing
 from typing import Any
 
-from trine.config import CONFIG_SUFFIXES, did_you_mean, flag_message, parse_bool, read_config_file
+from trine.config import (  # noqa: F401 (FLAG_ALIASES and other_spelling re-exported for the commands)
+    CONFIG_SUFFIXES,
+    FLAG_ALIASES,
+    did_you_mean,
+    flag_message,
+    other_spelling,
+    parse_bool,
+    read_config_file,
+)
 from trine.errors import OptionError, options_checked  # noqa: F401 (re-exported for the commands)
 
-
-def other_spelling(flag: str) -> str:
-    """``--query_max_len`` <-> ``--query-max-len`` (the part after the dashes)."""
-    body = flag[2:]
-    return "--" + (body.replace("_", "-") if "_" in body else body.replace("-", "_"))
-
-
-# The one vocabulary of every command: each group's spellings are one option. A command that
-# declares any of them accepts them all (the first is the name help and messages use); the value
-# keeps the dest the command declared, so handlers are unchanged.
-FLAG_ALIASES: tuple[tuple[str, ...], ...] = (
-    ("--model", "--model_name_or_path"),
-    ("--output-dir", "--output_dir", "--out"),
-    ("--quiet", "--no-progress"),
-    ("--heads", "--init_missing_heads"),
-)
 # Positional arguments that are also flags (``trine encode MODEL`` or ``trine encode --model MODEL``).
 POSITIONAL_FLAGS = {"model": "--model", "out": "--output-dir"}
 # Help for options the commands share, where one was declared without (keyed by dest).
