@@ -238,11 +238,7 @@ def test_library_keywords_become_the_commands_flags():
 
 
 def test_a_model_without_heads_is_told_about_the_heads_flag(splade_tiny_dir, tmp_path, capsys):
-    data = tmp_path / "ds"
-    (data / "qrels").mkdir(parents=True)
-    (data / "corpus.jsonl").write_text('{"_id": "d1", "text": "the cat sat"}\n{"_id": "d2", "text": "dogs bark"}\n')
-    (data / "queries.jsonl").write_text('{"_id": "q1", "text": "cat"}\n')
-    (data / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    data = tiny_beir(tmp_path / "ds")
     assert main(["eval", "--data", str(data), "--model", splade_tiny_dir, "--modes", "sparse", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "Pass --heads random, neutral or bm25 to start new heads" in err and "init_missing_heads=" not in err
@@ -256,3 +252,30 @@ def test_training_commands_take_the_shared_vocabulary():
     old_model_args, _, old_args = parse_args(["--model_name_or_path", "m", "--init_missing_heads", "random", *base])
     assert model_args == old_model_args and model_args.model_name_or_path == "m"
     assert model_args.init_missing_heads == "random" and args.output_dir == old_args.output_dir == "o"
+
+
+def tiny_beir(root: Path) -> Path:
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "the cat sat"}\n{"_id": "d2", "text": "dogs bark"}\n')
+    (root / "queries.jsonl").write_text('{"_id": "q1", "text": "cat"}\n')
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    return root
+
+
+def test_eval_shows_each_step_and_quiet_silences_every_bar(splade_tiny_dir, tmp_path):
+    """A real `trine eval` in its own process: bars (transformers' weight loading, trine's encoding)
+    and one line per phase; with --quiet none of them, the results table unchanged."""
+    data = tiny_beir(tmp_path / "ds")
+    argv = ["-m", "trine", "eval", "--data", str(data), "--model", splade_tiny_dir, "--modes", "dense,bm25"]
+    env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1"}
+    env.pop("TQDM_DISABLE", None)
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    loud = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=300)
+    quiet = subprocess.run([sys.executable, *argv, "--quiet"], capture_output=True, text=True, env=env, timeout=300)
+    assert loud.returncode == quiet.returncode == 0, loud.stderr + quiet.stderr
+    for line in ("evaluating", "encoding 2 passages (dense)", "BM25 index of 2 passages", "encoding 1 queries",
+                 "searching: dense", "searching: bm25", "scoring 2 modes", "Loading weights", "encode: 100%"):
+        assert line in loud.stderr, line
+    for word in ("evaluating", "encoding", "searching", "Loading weights", "encode:", "%|"):
+        assert word not in quiet.stderr, word
+    assert loud.stdout == quiet.stdout and "bm25" in quiet.stdout
