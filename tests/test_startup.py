@@ -111,6 +111,9 @@ def test_did_you_mean_for_a_command_and_a_flag(capsys):
     assert "--modle: unknown option (did you mean --model?)" in capsys.readouterr().err
     assert main(["--versoin"]) == 2
     assert "(did you mean --version?)" in capsys.readouterr().err
+    assert main(["eval", "--data", "d", "--heads", "bm52"]) == 2  # a value among an option's choices
+    err = capsys.readouterr().err
+    assert "--heads: invalid choice: 'bm52'" in err and "(did you mean bm25?)" in err
     assert main(["eval", "--zzzz"]) == 2
     assert "--zzzz: unknown option (see `trine eval --help`)" in capsys.readouterr().err
 

@@ -206,8 +206,11 @@ class TrineArgumentParser(argparse.ArgumentParser):
             flag = next((w for w in words if w.startswith("-")), words[0]).split("=", 1)[0]
             return f"{flag}: unknown option" + did_you_mean(flag, self._option_string_actions) + (
                 f" (also: {' '.join(w for w in words if w.split('=', 1)[0] != flag)})" if len(words) > 1 else "")
+        bad_value = re.match(r"(--[\w-]+): invalid choice: '([^']*)' \(choose from (.*)\)$", message, re.S)
+        if bad_value:  # an option's value: "--heads: invalid choice: 'bm52' (choose from ...) (did you mean bm25?)"
+            choices = [c.strip().strip("'") for c in bad_value.group(3).split(",")]
+            return message + did_you_mean(bad_value.group(2), choices)
         return message
-
 
 
 def floats(text: str) -> list[float]:
