@@ -282,3 +282,14 @@ def test_eval_shows_each_step_and_quiet_silences_every_bar(splade_tiny_dir, tmp_
     for word in ("evaluating", "encoding", "searching", "Loading weights", "encode:", "%|"):
         assert word not in quiet.stderr, word
     assert loud.stdout == quiet.stdout and "bm25" in quiet.stdout
+
+
+def test_did_you_mean_in_config_files(tmp_path, capsys):
+    config = tmp_path / "eval.yaml"
+    config.write_text("data: d\ntopk: 3\n")
+    assert main(["eval", str(config)]) == 2
+    assert f"{config}:2: topk: unknown option (did you mean top_k?)" in capsys.readouterr().err
+    train = tmp_path / "train.yaml"
+    train.write_text("model_name_or_path: m\ntrain_data: [d.jsonl]\nquery_max_lenn: 3\n")
+    assert main(["finetune", str(train)]) == 2
+    assert f"{train}:3: query_max_lenn: unknown option (did you mean query_max_len?)" in capsys.readouterr().err

@@ -370,7 +370,9 @@ def _parser_class() -> type:
         def __init__(self, dataclass_types: Any, prog: str | None = None, description: str | None = None):
             # a one-line usage: argparse's own lists all ~150 flags before the summary
             super().__init__(dataclass_types, allow_abbrev=False, prog=prog, description=description,
-                             usage="%(prog)s [options] | %(prog)s CONFIG.yaml")
+                             usage="%(prog)s [options] | %(prog)s CONFIG.yaml",
+                             epilog="--quiet (also --no-progress): no progress bars (trine's, Hugging Face's, "
+                                    "the Trainer's); the command line takes it before these options are read.")
             self._add_vocabulary()
             self._group_trainer_options()
             _Parser.known_flags.update(self._option_string_actions)
@@ -496,7 +498,7 @@ def _parse_file(path: str, types_: tuple[type, ...]) -> tuple[Any, ...]:
 
     declared: list[dict[str, Any]] = [_declared_types(t) for t in types_]
     known = {name for d in declared for name in d}
-    problems = [f"{at(key)}: {key}: unknown option" for key in data if key not in known]
+    problems = [f"{at(key)}: {key}: unknown option" + did_you_mean(key, known) for key in data if key not in known]
     values: list[dict[str, Any]] = []
     for dtype, fields in zip(types_, declared):
         mine: dict[str, Any] = {}

@@ -252,7 +252,7 @@ def config_to_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
         name = key.replace("-", "_")
         action = by_name.get(name)
         if action is None or action.dest == "help":
-            problems.append(f"{at(key)}: {key}: unknown option")
+            problems.append(f"{at(key)}: {key}: unknown option" + did_you_mean(name, by_name))
             continue
         if action.dest in seen:
             problems.append(f"{at(key)}: {key}: given twice (also as {seen[action.dest]})")
