@@ -83,6 +83,7 @@ def test_public_names_resolve_lazily():
         with pytest.raises(AttributeError, match="no attribute 'NoSuchName'"):
             package.NoSuchName  # noqa: B018
     assert trine.M3Embedder is trine.inference.M3Embedder
+    assert trine.scoring.NORMALIZATIONS == trine.modes.NORMALIZATIONS  # submodules as attributes
     assert trine.__version__ == "0.1.0"
 
 
