@@ -260,12 +260,17 @@ class NegativeMiner:
         if backend != "trine":
             dense_index, sparse_index = _pool_collection(corpus, pool, embedder, backend, self.backend_uri,
                                                          self.collection, self.index_kind, hybrid)
+        # one bar over the pool (encoded or read from the cache, and indexed), block by block
+        pool_bar = progress_bar(total=len(pool), desc="index pool", unit="passage",
+                                disable=not self.show_progress or backend != "trine")
         for block in corpus.blocks() if backend == "trine" else ():  # block by block: no second copy of the vectors
             if dense_index is None:
                 dense_index = DenseIndex(block["dense_vecs"].shape[1], self.index_kind, **self.index_options)
             dense_index.add(block["dense_vecs"])
             if hybrid:
                 lexical.extend(block["lexical_weights"])
+            pool_bar.update(len(block["dense_vecs"]))
+        pool_bar.close()
         if backend == "trine":
             sparse_index = SparseIndex.build(lexical) if hybrid else None
         del lexical
