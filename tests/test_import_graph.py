@@ -44,6 +44,9 @@ def imported(name: str) -> set[str]:
                 base = ".".join([*anchor, *([base] if base else [])])
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in MODULES)
+        elif (isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["_EXPORTS"]
+              and isinstance(node.value, ast.Dict)):  # a lazy export table (trine._lazy): name -> module
+            found.update(v.value for v in node.value.values if isinstance(v, ast.Constant))
     return {m for m in found if m in MODULES}
 
 

@@ -1,46 +1,34 @@
-"""trine: multi-function (dense + lexical + multi-vector) text embeddings."""
+"""trine: multi-function (dense + lexical + multi-vector) text embeddings.
 
-from trine.inference import Embedder, M3Embedder, Reranker
-from trine.modeling import CrossEncoder, DecoderEmbedder, LLMReranker, TriHeadModel
-from trine.retrieval import (
-    BM25Index,
-    DenseIndex,
-    HybridRetriever,
-    MultiVectorIndex,
-    QueryReps,
-    SearchResult,
-    SparseIndex,
-)
+The public names are exported lazily (:mod:`trine._lazy`): ``import trine`` loads none of torch,
+transformers or FAISS; ``trine.M3Embedder`` imports its module on first use."""
+
+from trine._lazy import lazy_exports
 
 __version__ = "0.1.0"
-__all__ = [
-    "BM25Index",
-    "CrossEncoder",
-    "DecoderEmbedder",
-    "DenseIndex",
-    "Embedder",
-    "HybridRetriever",
-    "LLMReranker",
-    "M3Embedder",
-    "MultiVectorIndex",
-    "QueryReps",
-    "Reranker",
-    "SearchResult",
-    "SparseIndex",
-    "TriHeadModel",
-    "__version__",
-]
 
-# ---- FlagEmbedding's class names (BGEM3FlagModel, FlagModel, FlagReranker, ...): thin faces in trine.flag,
-# ---- imported on first use (PEP 562), so they add nothing to `import trine`
-from trine.flag import FLAG_NAMES as _FLAG_NAMES  # noqa: E402 (a separate block, kept apart from the above)
+# Public name -> the module that defines it. Add a name here (and to __all__) to export it.
+_EXPORTS = {
+    "BM25Index": "trine.retrieval.bm25",
+    "CrossEncoder": "trine.modeling.cross_encoder",
+    "DecoderEmbedder": "trine.modeling.decoder",
+    "DenseIndex": "trine.retrieval.dense",
+    "Embedder": "trine.inference.embedder",
+    "HybridRetriever": "trine.retrieval.hybrid",
+    "LLMReranker": "trine.modeling.llm_reranker",
+    "M3Embedder": "trine.inference.embedder",
+    "MultiVectorIndex": "trine.retrieval.multivector",
+    "QueryReps": "trine.retrieval.hybrid",
+    "Reranker": "trine.inference.reranker",
+    "SearchResult": "trine.retrieval.base",
+    "SparseIndex": "trine.retrieval.sparse",
+    "TriHeadModel": "trine.modeling.trihead",
+}
 
-__all__ += list(_FLAG_NAMES)
+# FlagEmbedding's class names (BGEM3FlagModel, FlagModel, FlagReranker, ...): thin faces (trine.flag)
+_EXPORTS.update({name: "trine.flag" for name in (
+    "BGEM3FlagModel", "FlagAutoModel", "FlagAutoReranker", "FlagICLModel", "FlagLLMModel", "FlagLLMReranker",
+    "FlagModel", "FlagReranker", "LayerWiseFlagLLMReranker")})
 
-
-def __getattr__(name: str):  # noqa: ANN202
-    if name in _FLAG_NAMES:
-        import trine.flag
-
-        return getattr(trine.flag, name)
-    raise AttributeError(f"module 'trine' has no attribute {name!r}")
+__all__ = [*_EXPORTS, "__version__"]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

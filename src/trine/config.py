@@ -18,7 +18,9 @@ written, with the option, the value and the expected type in the message:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
+import functools
 import json
 import math
 import os
@@ -26,8 +28,6 @@ import re
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
-
-from transformers import HfArgumentParser
 
 from trine.errors import InputError, OptionError, UserError
 
@@ -310,15 +310,133 @@ def read_config_file(path: str) -> tuple[dict[str, Any], dict[str, int]]:
 
 
 # ---------------------------------------------------------------------------------------------- parsing
-class _Parser(HfArgumentParser):
+# The one vocabulary of every command: each group's spellings are one option. A command that
+# declares any of them accepts them all (the first is the name help and messages use); the value
+# keeps the dest the command declared. Used by both parsers: trine.cli.parser's and Hugging Face's.
+FLAG_ALIASES: tuple[tuple[str, ...], ...] = (
+    ("--model", "--model_name_or_path"),
+    ("--output-dir", "--output_dir", "--out"),
+    ("--quiet", "--no-progress"),
+    ("--heads", "--init_missing_heads"),
+)
+
+
+def other_spelling(flag: str) -> str:
+    """``--query_max_len`` <-> ``--query-max-len`` (the part after the dashes)."""
+    body = flag[2:]
+    return "--" + (body.replace("_", "-") if "_" in body else body.replace("-", "_"))
+
+
+def preferred_flag(flag: str, flags: Any) -> str:
+    """The spelling help and messages use for ``flag``: its vocabulary group's first that ``flags`` has."""
+    for group in FLAG_ALIASES:
+        if flag in group or other_spelling(flag) in group:
+            return next((g for g in group if g in flags), flag)
+    return flag
+
+
+# ``name=value`` in a library message: a quoted string (or a list of them: 'a', 'b' or 'c'), a boolean, a number
+_KEYWORD = re.compile(r"\b([a-z][a-z0-9_]*)=('[^']*'(?:(?:, | or | and )'[^']*')*|True|False|-?\d[\d.e-]*)")
+
+
+def command_line_words(message: str, flags: Any) -> str:
+    """A library message in command-line words: ``init_missing_heads='random', 'neutral' or 'bm25'`` ->
+    ``--heads random, neutral or bm25`` where ``--init_missing_heads`` is one of ``flags`` (the running
+    command's); keyword names that are no flag of the command stay as they are (the Python API's words)."""
+    flags = set(flags)
+
+    def flag_words(found: re.Match) -> str:
+        name, value = found.groups()
+        flag = f"--{name}"
+        if flag not in flags and other_spelling(flag) not in flags:
+            return found.group(0)
+        flag = preferred_flag(flag if flag in flags else other_spelling(flag), flags)
+        if value == "True":
+            return flag
+        return f"{flag} {value.replace(chr(39), '') if value != 'False' else 'false'}"
+
+    return _KEYWORD.sub(flag_words, message)
+
+
+@functools.cache
+def _parser_class() -> type:
     """Hugging Face's flag parser, its errors raised as :class:`OptionError` (not printed with the
-    usage and ``sys.exit(2)``), and with no abbreviated flags (``--learning`` is not ``--learning_rate``)."""
+    usage and ``sys.exit(2)``), with no abbreviated flags (``--learning`` is not ``--learning_rate``),
+    and a help that lists trine's own options before the Trainer's. Built on first use: importing
+    transformers costs seconds, which ``import trine`` and ``trine --help`` should not pay."""
+    from transformers import HfArgumentParser, TrainingArguments
 
-    def __init__(self, dataclass_types: Any):
-        super().__init__(dataclass_types, allow_abbrev=False)
+    trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
 
-    def error(self, message: str) -> typing.NoReturn:  # argparse: bad value, missing or unknown flag
-        raise OptionError(flag_message(message))
+    class _Parser(HfArgumentParser):
+        def __init__(self, dataclass_types: Any, prog: str | None = None, description: str | None = None):
+            # a one-line usage: argparse's own lists all ~150 flags before the summary
+            super().__init__(dataclass_types, allow_abbrev=False, prog=prog, description=description,
+                             usage="%(prog)s [options] | %(prog)s CONFIG.yaml",
+                             epilog="--quiet (also --no-progress): no progress bars (trine's, Hugging Face's, "
+                                    "the Trainer's); the command line takes it before these options are read.")
+            self._add_vocabulary()
+            self._group_trainer_options()
+            _Parser.known_flags.update(self._option_string_actions)
+
+        #: every flag a parser of this process declared (the running command's): error messages are
+        #: put in these words (:func:`command_line_words`)
+        known_flags: typing.ClassVar[set[str]] = set()
+
+        def _add_vocabulary(self) -> None:
+            """The shared spellings (:data:`FLAG_ALIASES`) as more names of the option a dataclass declares."""
+            for group in FLAG_ALIASES:
+                spellings = [*group, *(other_spelling(g) for g in group)]
+                action = next((self._option_string_actions[f] for f in spellings if f in self._option_string_actions),
+                              None)
+                if action is None:
+                    continue
+                for flag in spellings:
+                    if flag not in self._option_string_actions:
+                        action.option_strings.append(flag)
+                        self._option_string_actions[flag] = action
+
+        def _group_trainer_options(self) -> None:
+            """Help only: trine's options (model, data, trine's training fields) in one group, then
+            ``transformers.TrainingArguments``' own in another. Parsing reads ``self._actions``, unchanged."""
+            ours = self.add_argument_group("trine options")
+            theirs = self.add_argument_group("Trainer options (transformers.TrainingArguments)")
+            for group in list(self._action_groups):
+                if group in (ours, theirs):
+                    continue
+                for action in list(group._group_actions):
+                    if action.dest == "help":
+                        continue
+                    group._group_actions.remove(action)
+                    (theirs if action.dest in trainer_fields else ours)._group_actions.append(action)
+
+        def error(self, message: str) -> typing.NoReturn:  # argparse: bad value, missing or unknown flag
+            raise OptionError(flag_message(message))
+
+    return _Parser
+
+
+def did_you_mean(word: str, choices: Any) -> str:
+    """`` (did you mean --query_max_len?)`` for a mistyped command or flag, or ``""`` when nothing is close.
+    The fewest edits win (a swapped pair of letters is one: ``--modle`` is ``--model``, not ``--modes``);
+    difflib's similarity breaks ties and finds the rest."""
+    choices = list(dict.fromkeys(choices))
+    close = difflib.get_close_matches(word, choices, n=len(choices), cutoff=0.6)
+    near = sorted((c for c in choices if _edits(word, c) <= 2), key=lambda c: _edits(word, c))
+    best = near[0] if near else (close[0] if close else None)
+    return f" (did you mean {best}?)" if best else ""
+
+
+def _edits(a: str, b: str) -> int:
+    """Edit distance counting a swap of two neighbouring letters as one edit (optimal string alignment)."""
+    rows = [list(range(len(b) + 1))] + [[i] + [0] * len(b) for i in range(1, len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            cost = a[i - 1] != b[j - 1]
+            rows[i][j] = min(rows[i - 1][j] + 1, rows[i][j - 1] + 1, rows[i - 1][j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                rows[i][j] = min(rows[i][j], rows[i - 2][j - 2] + 1)
+    return rows[len(a)][len(b)]
 
 
 _ARGPARSE_TYPES = {"int": int, "float": float}
@@ -391,7 +509,8 @@ def _parse_file(path: str, types_: tuple[type, ...]) -> tuple[Any, ...]:
     declared: list[dict[str, Any]] = [_declared_types(t) for t in types_]
     known = {name for d in declared for name in d}
     refused = _refused(types_)
-    problems = [f"{at(key)}: {key}: {refused.get(key, 'unknown option')}" for key in data if key not in known]
+    problems = [f"{at(key)}: {key}: {refused[key]}" if key in refused else
+                f"{at(key)}: {key}: unknown option" + did_you_mean(key, known) for key in data if key not in known]
     values: list[dict[str, Any]] = []
     for dtype, fields in zip(types_, declared):
         mine: dict[str, Any] = {}
@@ -416,18 +535,21 @@ def _parse_file(path: str, types_: tuple[type, ...]) -> tuple[Any, ...]:
     return tuple(_build(dtype, v, f"{path}: ") for dtype, v in zip(types_, values))
 
 
-def _parse_flags(argv: list[str], types_: tuple[type, ...]) -> tuple[Any, ...]:
+def _parse_flags(argv: list[str], types_: tuple[type, ...], prog: str | None = None,
+                 description: str | None = None) -> tuple[Any, ...]:
     refused = _refused(types_)
     for arg in argv:
         name = arg[2:].partition("=")[0].replace("-", "_") if arg.startswith("--") else None
         if name in refused:
             raise OptionError(f"--{name}: {refused[name]}")
-    parser = _Parser(types_)
+    parser = _parser_class()(types_, prog=prog, description=description)
     namespace, remaining = parser.parse_known_args(args=argv)
     if remaining:
         unknown = [a for a in remaining if a.startswith("-")] or remaining
-        raise OptionError(f"{unknown[0]}: unknown option" + (f" (also: {' '.join(unknown[1:])})" if unknown[1:] else "")
-                          + "; see --help")
+        flags = [f for action in parser._actions for f in action.option_strings]
+        raise OptionError(f"{unknown[0]}: unknown option" + did_you_mean(unknown[0].split("=", 1)[0], flags)
+                          + (f" (also: {' '.join(unknown[1:])})" if unknown[1:] else "")
+                          + f"; see `{parser.prog} --help`")
     outputs = []
     for dtype in types_:
         fields = _declared_types(dtype)
@@ -439,17 +561,20 @@ def _parse_flags(argv: list[str], types_: tuple[type, ...]) -> tuple[Any, ...]:
     return tuple(outputs)
 
 
-def parse_config(argv: list[str], types: tuple[type, ...]) -> tuple[Any, ...]:  # noqa: A002 (the public name)
+def parse_config(argv: list[str], types: tuple[type, ...], *, prog: str | None = None,  # noqa: A002 (the public name)
+                 description: str | None = None) -> tuple[Any, ...]:
     """Command-line flags, or one YAML/JSON config file, into instances of the dataclasses ``types``.
 
     Every value is checked against its field's declared type (module doc); unknown, repeated
     and missing options are errors. Raises :class:`OptionError` (bad options) or
     :class:`InputError` (an unreadable config file), both naming the file, line and option.
+    ``prog`` and ``description`` head ``--help`` (``trine finetune`` and the command's summary).
     """
     argv = list(argv)
     if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES):
         return _parse_file(argv[0], tuple(types))
-    return _parse_flags(argv, tuple(types))
+    return _parse_flags(argv, tuple(types), prog, description)
 
 
-__all__ = ["bool_or_path", "coerce", "describe", "flag_message", "parse_bool", "parse_config", "read_config_file"]
+__all__ = ["FLAG_ALIASES", "bool_or_path", "coerce", "command_line_words", "describe", "did_you_mean", "flag_message",
+           "other_spelling", "parse_bool", "parse_config", "preferred_flag", "read_config_file"]

@@ -152,7 +152,7 @@ def run_end_to_end(out_dir: str = "outputs/demo", *, steps: int | None = None, b
                         query_max_length=32, passage_max_length=256)
     # each model's fusion weights and score normalisation are tuned on the dev queries (written to
     # its fusion.json), then every mode is measured on the test queries
-    result = run_evaluation(models, test, config, model_options={"show_progress": False}, tune_on=dev)
+    result = run_evaluation(models, test, config, tune_on=dev)  # bars and a line per step (--quiet: none)
     print()
     print(mode_table(result, "ndcg@10"))
     print()

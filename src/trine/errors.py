@@ -38,16 +38,19 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0].strip() if text else type(err).__name__
 
 
-def report_user_errors(work: Callable[[], int], *, debug: bool = False) -> int:
+def report_user_errors(work: Callable[[], int], *, debug: bool = False,
+                       words: Callable[[str], str] | None = None) -> int:
     """The command line's one exit-code policy: ``work()``'s own code; a :class:`UserError` (bad
     input, bad options, an unsafe output) prints ``error: <message>`` on stderr and gives 2, with no
-    traceback (``debug``: raised again, traceback and all). Any other error propagates (exit 1)."""
+    traceback (``debug``: raised again, traceback and all). Any other error propagates (exit 1).
+    ``words`` puts the message in the command line's words (``--heads random`` where the library
+    says ``init_missing_heads='random'``: :func:`trine.config.command_line_words`)."""
     try:
         return work()
     except UserError as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {words(str(err)) if words else err}", file=sys.stderr)
         return 2
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from trine.cli.parser import DevicesAction as _Devices  # noqa: F401 (generate-queries imports it from here)
 from trine.cli.parser import floats, options_checked
 from trine.errors import InputError, OptionError, UserError
 
@@ -28,16 +29,6 @@ class _FlagOrBool(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
         setattr(namespace, self.dest, values)
-
-
-class _Devices(argparse.Action):
-    """``--devices cuda:0`` or FlagEmbedding's ``--devices cuda:0 cuda:1`` (several: a list)."""
-
-    def __init__(self, option_strings, dest, **kwargs):  # noqa: ANN001
-        super().__init__(option_strings, dest, nargs="+", **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
-        setattr(namespace, self.dest, values[0] if len(values) == 1 else list(values))
 
 
 def _refused(p: argparse.ArgumentParser, name: str, why: str, accept: str | None = None,

@@ -28,7 +28,8 @@ def _encode(args: argparse.Namespace) -> int:
                "passage_instruction_format": args.passage_instruction_format, "use_fp16": args.fp16,
                "use_bf16": args.bf16, "truncate_dim": args.truncate_dim, "show_progress": not args.no_progress}
     if args.devices is not None:
-        options["devices"] = [d.strip() for d in args.devices.split(",") if d.strip()]
+        # the parser splits a comma-separated --devices (trine.cli.parser.device_list): a string or a list
+        options["devices"] = [args.devices] if isinstance(args.devices, str) else list(args.devices)
     with options_checked():
         summary = encode_corpus(
             args.model, args.corpus, args.output_dir, outputs=outputs, num_shards=args.num_shards,

@@ -6,7 +6,7 @@ import argparse
 
 from trine.cli.parser import floats, ints, options_checked
 from trine.errors import OptionError
-from trine.scoring import NORMALIZATIONS
+from trine.modes import NORMALIZATIONS
 
 
 def _eval(args: argparse.Namespace) -> int:

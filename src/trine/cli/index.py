@@ -164,9 +164,15 @@ def _build(args: argparse.Namespace) -> int:
     print(f"{args.backend} collection {args.collection!r}: {len(collection)} passages stored, {len(todo)} {verb} "
           f"of {len(ids)}", file=sys.stderr)
 
+    from trine.progress import bar as progress_bar
+
+    # one bar over the whole build (the encoder's own bars are per chunk)
+    written = progress_bar(total=len(todo), desc="index", unit="passage", disable=args.quiet)
+
     def write(part: list[int], docs: dict[str, Any]) -> None:
         collection.upsert(docs, [ids[i] for i in part], None if args.no_text else [texts[i] for i in part],
                           batch_size=args.upsert_batch)
+        written.update(len(part))
 
     if enc is not None:
         wanted = set(todo)
@@ -179,6 +185,7 @@ def _build(args: argparse.Namespace) -> int:
         for start in range(0, len(todo), args.chunk_size):
             part = todo[start:start + args.chunk_size]
             write(part, dict(encoder.encode_result([texts[i] for i in part], outputs, kind="passage")))
+    written.close()
     print(f"{args.backend} collection {args.collection!r} holds {len(collection)} passages ({', '.join(outputs)})")
     collection.close()
     return 0

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from trine.curation.common import (
     atomic_jsonl,
@@ -41,6 +40,7 @@ from trine.curation.common import (
 from trine.curation.teacher import PairScorer
 from trine.data.records import Record
 from trine.io import check_distinct
+from trine.progress import bar as progress_bar
 from trine.retrieval.dense import DenseIndex
 
 REASONS = ("duplicate", "low_score", "rank", "near_duplicate")
@@ -122,7 +122,7 @@ def filter_pairs(
     seen_keys: set[tuple[str, tuple[str, ...]]] = set()
     q_index = p_index = None
     raw_rows = iter_raw_rows(input_file)
-    bar = tqdm(total=len(records), desc="filter", disable=not show_progress, unit="record")
+    bar = progress_bar(total=len(records), desc="filter", disable=not show_progress, unit="record")
     try:
         with contextlib.ExitStack() as stack:
             out = stack.enter_context(atomic_jsonl(output_file))

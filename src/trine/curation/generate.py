@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from trine.curation.common import atomic_jsonl, check_output, write_row
 from trine.curation.filtering import FilterSummary, filter_pairs, normalise
@@ -36,6 +35,7 @@ from trine.data.reader import DataError, json_lines
 from trine.errors import InputError, OptionError
 from trine.inference.pool import DeviceRunner, check_positive_int, resolve_devices, resolve_dtype
 from trine.io import check_distinct, remove_stale_temps, temp_prefix
+from trine.progress import bar as progress_bar
 
 # Of the prompts tried with SmolLM2-135M-Instruct (benchmarks/generate_queries_smollm2.py), the one whose pairs
 # the consistency filter kept most often.
@@ -234,7 +234,7 @@ class QueryGenerator(DeviceRunner):
         out: list[list[str]] = []
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
             {"do_sample": False}
-        bar = tqdm(total=len(items), desc="generate", unit="passage", disable=not show_progress)
+        bar = progress_bar(total=len(items), desc="generate", unit="passage", disable=not show_progress)
         for start in range(0, len(items), self.batch_size):
             batch = items[start : start + self.batch_size]
             enc = self.tokenizer([p for _, p in batch], padding=True, return_tensors="pt", return_token_type_ids=False,
@@ -306,7 +306,7 @@ def generate_queries(
         remove_stale_temps(parent, os.path.basename(output_file))
         fd, target = tempfile.mkstemp(prefix=temp_prefix(os.path.abspath(output_file)), dir=parent)
         os.close(fd)
-    bar = tqdm(total=len(passages), desc="generate", unit="passage", disable=not show_progress)
+    bar = progress_bar(total=len(passages), desc="generate", unit="passage", disable=not show_progress)
     try:
         with atomic_jsonl(target) as out:
             for c0 in range(0, len(passages), chunk_size):

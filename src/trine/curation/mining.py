@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from trine.curation.cache import CorpusEncodings
 from trine.curation.common import (
@@ -48,6 +47,7 @@ from trine.curation.sampling import BACKFILL, SamplingCounts, pick_negatives
 from trine.data.corpus import read_pool
 from trine.data.records import Record
 from trine.inference.result import EncodeResult
+from trine.progress import bar as progress_bar
 from trine.retrieval.dense import DENSE_KINDS, DenseIndex
 from trine.retrieval.hybrid import QueryReps
 from trine.retrieval.sparse import SparseIndex
@@ -260,12 +260,17 @@ class NegativeMiner:
         if backend != "trine":
             dense_index, sparse_index = _pool_collection(corpus, pool, embedder, backend, self.backend_uri,
                                                          self.collection, self.index_kind, hybrid)
+        # one bar over the pool (encoded or read from the cache, and indexed), block by block
+        pool_bar = progress_bar(total=len(pool), desc="index pool", unit="passage",
+                                disable=not self.show_progress or backend != "trine")
         for block in corpus.blocks() if backend == "trine" else ():  # block by block: no second copy of the vectors
             if dense_index is None:
                 dense_index = DenseIndex(block["dense_vecs"].shape[1], self.index_kind, **self.index_options)
             dense_index.add(block["dense_vecs"])
             if hybrid:
                 lexical.extend(block["lexical_weights"])
+            pool_bar.update(len(block["dense_vecs"]))
+        pool_bar.close()
         if backend == "trine":
             sparse_index = SparseIndex.build(lexical) if hybrid else None
         del lexical
@@ -280,7 +285,7 @@ class NegativeMiner:
         embedder, hybrid, lo = self.embedder, self.hybrid, self.range_for_sampling[0]
         chunk_size, batch_size, margin = self.query_chunk_size, self.search_batch_size, self.relative_margin
         started = time.perf_counter()
-        bar = tqdm(total=len(records), desc="mine", disable=not self.show_progress, unit="query")
+        bar = progress_bar(total=len(records), desc="mine", disable=not self.show_progress, unit="query")
         try:
             with quiet(embedder):
                 for c0 in range(0, len(records), chunk_size):

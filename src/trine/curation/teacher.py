@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from trine import scoring
 from trine.curation.common import (
@@ -29,6 +28,7 @@ from trine.curation.common import (
     write_row,
 )
 from trine.inference.result import EncodeResult
+from trine.progress import bar as progress_bar
 from trine.scoring import HYBRID_KEYS, MODE_ALIASES
 
 M3_MODES = HYBRID_KEYS
@@ -163,7 +163,7 @@ def add_teacher_scores(input_file: str, output_file: str, scorer: PairScorer, *,
     started = time.perf_counter()
     raw_rows = iter_raw_rows(input_file)
     embedder = getattr(scorer, "embedder", None)
-    bar = tqdm(total=len(records), desc="score", disable=not show_progress, unit="record")
+    bar = progress_bar(total=len(records), desc="score", disable=not show_progress, unit="record")
     try:
         with atomic_jsonl(output_file) as out, quiet(embedder):
             for c0 in range(0, len(records), chunk_size):

@@ -1,33 +1,32 @@
 """Evaluation: BEIR/FlagEmbedding test-set loading, pytrec_eval metrics, a multi-mode runner, reports."""
 
-from trine.evaluation.data import DatasetFormatError, RetrievalDataset, detect_layout, load_dataset
-from trine.evaluation.manpages import build_manpages_beir
-from trine.evaluation.metrics import evaluate_run, truncate_run
-from trine.evaluation.report import fusion_summary, markdown_table, mode_table, plot_modes, text_table, write_report
-from trine.evaluation.runner import MODES, CorpusIndex, EvalConfig, evaluate_model, index_corpus, run_evaluation
-from trine.evaluation.tuning import TUNE_GRID, check_dev_split, tune_fusion
+from trine._lazy import lazy_exports
 
-__all__ = [
-    "MODES",
-    "TUNE_GRID",
-    "CorpusIndex",
-    "DatasetFormatError",
-    "EvalConfig",
-    "RetrievalDataset",
-    "build_manpages_beir",
-    "check_dev_split",
-    "detect_layout",
-    "evaluate_model",
-    "evaluate_run",
-    "fusion_summary",
-    "mode_table",
-    "index_corpus",
-    "load_dataset",
-    "markdown_table",
-    "plot_modes",
-    "run_evaluation",
-    "text_table",
-    "truncate_run",
-    "tune_fusion",
-    "write_report",
-]
+# Public name -> the module that defines it, imported on first use (see trine._lazy).
+_EXPORTS = {
+    "MODES": "trine.evaluation.runner",
+    "TUNE_GRID": "trine.evaluation.tuning",
+    "CorpusIndex": "trine.evaluation.runner",
+    "DatasetFormatError": "trine.evaluation.data",
+    "EvalConfig": "trine.evaluation.runner",
+    "RetrievalDataset": "trine.evaluation.data",
+    "build_manpages_beir": "trine.evaluation.manpages",
+    "check_dev_split": "trine.evaluation.tuning",
+    "detect_layout": "trine.evaluation.data",
+    "evaluate_model": "trine.evaluation.runner",
+    "evaluate_run": "trine.evaluation.metrics",
+    "fusion_summary": "trine.evaluation.report",
+    "mode_table": "trine.evaluation.report",
+    "index_corpus": "trine.evaluation.runner",
+    "load_dataset": "trine.evaluation.data",
+    "markdown_table": "trine.evaluation.report",
+    "plot_modes": "trine.evaluation.report",
+    "run_evaluation": "trine.evaluation.runner",
+    "text_table": "trine.evaluation.report",
+    "truncate_run": "trine.evaluation.metrics",
+    "tune_fusion": "trine.evaluation.tuning",
+    "write_report": "trine.evaluation.report",
+}
+
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -58,6 +58,7 @@ from trine.modeling.fusion import (
     read_fusion,
 )
 from trine.modeling.trihead import TriHeadModel, has_head_files
+from trine.progress import step
 from trine.retrieval import BM25Index, HybridRetriever, QueryReps, SearchResult, weighted_fusion
 from trine.retrieval.base import pad_results
 from trine.scoring import HYBRID_KEYS, MODE_ALIASES, NORMALIZATIONS, canonical_mode
@@ -245,6 +246,7 @@ def search_modes(retriever: HybridRetriever | None, reps: QueryReps, config: Eva
     if missing:
         raise ValueError(f"the fusion settings have no weights for {missing}")
     for mode in config.modes:
+        step(f"  searching: {mode} (top {k})")
         start = time.perf_counter()
         if mode == "bm25":
             if bm25 is None:
@@ -327,6 +329,7 @@ def index_corpus(model: Encoder, dataset: RetrievalDataset, config: EvalConfig) 
     needs = config_outputs(config)
     corpus = CorpusIndex(doc_ids, texts, needs)
     if needs:  # bm25 alone needs no model output
+        step(f"  encoding {len(texts)} passages ({', '.join(sorted(needs))})")
         start = time.perf_counter()
         docs = model.encode_result(texts, needs, kind="passage", batch_size=config.batch_size,
                                    max_length=config.passage_max_length)
@@ -334,6 +337,7 @@ def index_corpus(model: Encoder, dataset: RetrievalDataset, config: EvalConfig) 
         if config.dims:
             check_dims(config.dims, docs.dense_vecs.shape[1])
             corpus.dense_vecs = docs.dense_vecs
+        step(f"  indexing {len(texts)} passages ({config.backend} {config.dense_index})")
         start = time.perf_counter()
         encoded = {k: v for k, v in docs.items() if v is not None}
         if config.backend == "trine":
@@ -342,6 +346,7 @@ def index_corpus(model: Encoder, dataset: RetrievalDataset, config: EvalConfig) 
             corpus.retriever = backend_retriever(model, encoded, doc_ids, config)
         corpus.index_s = time.perf_counter() - start
     if uses_bm25(config.modes):
+        step(f"  BM25 index of {len(texts)} passages")
         start = time.perf_counter()
         corpus.bm25 = BM25Index.build(texts, doc_ids)
         corpus.index_s += time.perf_counter() - start
@@ -407,6 +412,7 @@ def evaluate_model(model: Encoder, dataset: RetrievalDataset, config: EvalConfig
     doc_ids, texts = corpus.doc_ids, corpus.texts
     query_ids = list(dataset.queries)
     query_texts = [dataset.queries[q] for q in query_ids]
+    step(f"  encoding {len(query_texts)} queries")
     start = time.perf_counter()
     reps = encode_queries(model, query_texts, needs, config)
     encode_queries_s = time.perf_counter() - start
@@ -420,9 +426,11 @@ def evaluate_model(model: Encoder, dataset: RetrievalDataset, config: EvalConfig
         start = time.perf_counter()
         results[mode] = (search_matryoshka(corpus, reps, dim, normalize, config), time.perf_counter() - start)
     for mode in config.rerank_modes:
+        step(f"  re-ranking the top {config.reranker_top_k} of {mode}")
         start = time.perf_counter()
         reranked = rerank_result(reranker, results[mode][0], query_texts, texts, config)
         results[f"rerank({mode})"] = (reranked, results[mode][1] + time.perf_counter() - start)
+    step(f"  scoring {len(results)} modes (pytrec_eval)")
     for mode, (res, seconds) in results.items():
         run = res.to_run(query_ids, doc_ids)
         metrics[mode] = evaluate_run(dataset.qrels, run, config.k_values, config.metrics,
@@ -527,8 +535,7 @@ def run_evaluation(
         model_dir = None if isinstance(model, Encoder) else os.fspath(model)
         embedder = model if isinstance(model, Encoder) else load_embedder(model, config, model_options,
                                                                           dataset.passages()[1])
-        logger.info("evaluating %s on %s (%d queries, %d documents)", label, dataset.name, len(dataset.queries),
-                    len(dataset.corpus))
+        step(f"evaluating {label} on {dataset.name} ({len(dataset.queries)} queries, {len(dataset.corpus)} documents)")
         entry: dict[str, Any] = {"path": model_dir}
         corpus = None
         if tune_on is not None:
@@ -536,6 +543,7 @@ def run_evaluation(
             from trine.modeling.fusion import write_fusion
 
             corpus = index_corpus(embedder, dataset, config)
+            step(f"  tuning fusion weights on {tune_on.name} {tune_on.split} ({len(tune_on.queries)} queries)")
             settings = tune_fusion(embedder, tune_on, config, corpus=corpus)
             entry["tuning"] = {**settings.to_dict(), "file": write_fusion(model_dir, settings)}
         fusion, sources = resolve_fusion(config, model_dir)

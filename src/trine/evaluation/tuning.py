@@ -48,6 +48,7 @@ from trine.evaluation.runner import (
 )
 from trine.inference.encoder import Encoder
 from trine.modeling.fusion import DEFAULT_NORMALIZATION, DEFAULT_WEIGHTS, FUSED_MODES, FusionSettings
+from trine.progress import bar as progress_bar
 from trine.retrieval import SearchResult, union_rows, weighted_fusion
 from trine.scoring import check_normalization, fuse_scores, normalize_scores
 
@@ -201,6 +202,8 @@ def tune_fusion(model: Encoder, dev: RetrievalDataset, config: EvalConfig, *, co
             for key, g in groups.items()}
 
     best: dict[str, dict[str, tuple[float, tuple[float, ...]]]] = {}
+    bar = progress_bar(total=len(normalizations) * sum(len(_grid(len(FUSED_MODES[m]), grid)) for m in modes),
+                       desc="tune fusion", unit="weighting", leave=False)
     for norm in normalizations:
         best[norm] = {}
         for key, g in groups.items():
@@ -210,10 +213,12 @@ def tune_fusion(model: Encoder, dev: RetrievalDataset, config: EvalConfig, *, co
                 parts = [normed[p] for p in FUSED_MODES[mode]]
                 top: tuple[float, tuple[float, ...]] | None = None
                 for weights in _grid(len(parts), grid):
+                    bar.update()
                     value = fast[key](fuse_scores(parts, weights, valid))
                     if top is None or value > top[0] + 1e-12:
                         top = (value, weights)
                 best[norm][mode] = top
+    bar.close()
     mean = {n: float(np.mean([best[n][m][0] for m in modes])) for n in normalizations}
     chosen = normalizations[0]
     for n in normalizations[1:]:

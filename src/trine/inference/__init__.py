@@ -1,8 +1,16 @@
-from trine.inference.embedder import Embedder, M3Embedder
-from trine.inference.encoder import Encoder
-from trine.inference.reranker import Reranker
-from trine.inference.result import EncodeResult
-from trine.inference.shards import EncodedCorpus, encode_corpus, load_encoded
+from trine._lazy import lazy_exports
 
-__all__ = ["EncodeResult", "EncodedCorpus", "Embedder", "Encoder", "M3Embedder", "Reranker", "encode_corpus",
-           "load_encoded"]
+# Public name -> the module that defines it, imported on first use (see trine._lazy).
+_EXPORTS = {
+    "EncodeResult": "trine.inference.result",
+    "EncodedCorpus": "trine.inference.shards",
+    "Embedder": "trine.inference.embedder",
+    "Encoder": "trine.inference.encoder",
+    "M3Embedder": "trine.inference.embedder",
+    "Reranker": "trine.inference.reranker",
+    "encode_corpus": "trine.inference.shards",
+    "load_encoded": "trine.inference.shards",
+}
+
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+
+from trine.progress import bar as progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def run_batched(
     results: list[Any] = [None] * n
     order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
     pos = 0
-    bar = tqdm(total=n, desc=desc, disable=not show_progress or n == 0, leave=False)
+    bar = progress_bar(total=n, desc=desc, disable=not show_progress or n == 0, leave=False)
     while pos < n:
         size = batch_size
         if max_tokens is not None:

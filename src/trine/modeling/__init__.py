@@ -1,25 +1,22 @@
-from trine.modeling.cross_encoder import CrossEncoder
-from trine.modeling.decoder import DecoderEmbedder
-from trine.modeling.fusion import FusionSettings, read_fusion, write_fusion
-from trine.modeling.heads import colbert_vectors, lexical_matrix, lexical_token_weights
-from trine.modeling.layerwise_reranker import LayerwiseReranker
-from trine.modeling.llm_reranker import LLMReranker
-from trine.modeling.pooling import POOLING_METHODS, pool
-from trine.modeling.trihead import TriHeadModel, special_token_ids
+from trine._lazy import lazy_exports
 
-__all__ = [
-    "POOLING_METHODS",
-    "CrossEncoder",
-    "DecoderEmbedder",
-    "FusionSettings",
-    "LLMReranker",
-    "LayerwiseReranker",
-    "TriHeadModel",
-    "colbert_vectors",
-    "lexical_matrix",
-    "lexical_token_weights",
-    "pool",
-    "read_fusion",
-    "special_token_ids",
-    "write_fusion",
-]
+# Public name -> the module that defines it, imported on first use (see trine._lazy).
+_EXPORTS = {
+    "POOLING_METHODS": "trine.modeling.pooling",
+    "CrossEncoder": "trine.modeling.cross_encoder",
+    "DecoderEmbedder": "trine.modeling.decoder",
+    "FusionSettings": "trine.modeling.fusion",
+    "LLMReranker": "trine.modeling.llm_reranker",
+    "LayerwiseReranker": "trine.modeling.layerwise_reranker",
+    "TriHeadModel": "trine.modeling.trihead",
+    "colbert_vectors": "trine.modeling.heads",
+    "lexical_matrix": "trine.modeling.heads",
+    "lexical_token_weights": "trine.modeling.heads",
+    "pool": "trine.modeling.pooling",
+    "read_fusion": "trine.modeling.fusion",
+    "special_token_ids": "trine.modeling.trihead",
+    "write_fusion": "trine.modeling.fusion",
+}
+
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -56,7 +56,7 @@ from trine.modeling.lora import has_lora
 from trine.modeling.minicpm import MiniCPMModel
 from trine.modeling.minicpm import register as register_minicpm
 
-register_minicpm()  # AutoModel reads MiniCPM folders (also done on importing trine.modeling)
+register_minicpm()  # AutoModel reads MiniCPM folders (load_from_folder also registers it for such a folder)
 
 FAMILY_NAME = LAYERWISE_FAMILY
 HEADS_FILE = "layerwise_heads.safetensors"

@@ -33,11 +33,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from trine.errors import InputError, MissingInputError, OptionError, first_line
 from trine.io import write_folder
 from trine.modeling.loading import check_model_folder, load_from_folder, position_limit
-from trine.modeling.minicpm import register as register_minicpm
 
-# the minicpm model type for AutoModel (a layer-wise reranker's backbone): here, so that importing trine.modeling is
-# enough for every loader of a MiniCPM folder (trine merge-lora included)
-register_minicpm()
+# the minicpm model type (a layer-wise reranker's backbone) is registered with AutoModel by the one folder
+# loader, trine.modeling.loading.load_from_folder, when a folder is of that type: importing MiniCPM's code
+# (transformers' Llama) here would cost every reranker, and `import trine`, seconds
 
 FAMILY_NAME = "llm-reranker"
 #: the file a trine reranker folder records its model family (and the LLM prompt) in

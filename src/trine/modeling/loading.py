@@ -50,9 +50,30 @@ def _culprit(folder: str, err: BaseException) -> str:
     return folder
 
 
+# model types trine implements itself, registered with transformers' Auto classes by their module
+# (imported only for a folder of that type: MiniCPM's module imports transformers' Llama code)
+OWN_MODEL_TYPES = {"minicpm": "trine.modeling.minicpm"}
+
+
+def register_own_model_type(path: str) -> None:
+    """Register trine's implementation of the folder's ``model_type`` when it is one of :data:`OWN_MODEL_TYPES`
+    (a layer-wise MiniCPM reranker), so that ``AutoModel`` and its kin read the folder."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # no readable config: the loader itself reports the folder
+    if model_type in OWN_MODEL_TYPES:
+        import importlib
+
+        importlib.import_module(OWN_MODEL_TYPES[model_type]).register()
+
+
 def load_from_folder(load: Callable[..., Any], path: str, what: str, **kwargs: Any) -> Any:
     """``load(path, **kwargs)`` (a ``transformers`` ``from_pretrained``) for a local folder; a folder it
-    cannot read raises :class:`InputError` naming the file where it can."""
+    cannot read raises :class:`InputError` naming the file where it can. A folder of a model type
+    trine implements itself (MiniCPM) has it registered first."""
+    register_own_model_type(path)
     try:
         return load(path, **kwargs)
     except Exception as err:

@@ -1,39 +1,35 @@
 """Retrieval: dense (FAISS), sparse (inverted lexical index), multi-vector (maxsim), hybrid search, and BM25
 over texts (bm25s) as the classical baseline."""
 
-from trine.retrieval.base import SearchResult, top_k
-from trine.retrieval.bm25 import BM25Index
-from trine.retrieval.dense import DenseIndex
-from trine.retrieval.export import to_csr_arrays, to_indices_values, to_sparse_vectors, to_token_strings
-from trine.retrieval.hybrid import HybridRetriever, QueryReps, reciprocal_rank_fusion, union_rows, weighted_fusion
-from trine.retrieval.multivector import MultiVectorIndex
-from trine.retrieval.protocol import Index, Representation, check_index, load_index, register_index
-from trine.retrieval.sparse import SparseIndex
-from trine.retrieval.vectordb import CollectionIndex, ModelSignature, VectorCollection, open_collection
+from trine._lazy import lazy_exports
 
-__all__ = [
-    "BM25Index",
-    "CollectionIndex",
-    "DenseIndex",
-    "HybridRetriever",
-    "Index",
-    "ModelSignature",
-    "MultiVectorIndex",
-    "QueryReps",
-    "Representation",
-    "SearchResult",
-    "SparseIndex",
-    "check_index",
-    "load_index",
-    "reciprocal_rank_fusion",
-    "register_index",
-    "to_csr_arrays",
-    "to_indices_values",
-    "to_sparse_vectors",
-    "to_token_strings",
-    "top_k",
-    "VectorCollection",
-    "open_collection",
-    "union_rows",
-    "weighted_fusion",
-]
+# Public name -> the module that defines it, imported on first use (see trine._lazy).
+_EXPORTS = {
+    "BM25Index": "trine.retrieval.bm25",
+    "CollectionIndex": "trine.retrieval.vectordb",
+    "DenseIndex": "trine.retrieval.dense",
+    "HybridRetriever": "trine.retrieval.hybrid",
+    "Index": "trine.retrieval.protocol",
+    "ModelSignature": "trine.retrieval.vectordb",
+    "MultiVectorIndex": "trine.retrieval.multivector",
+    "QueryReps": "trine.retrieval.hybrid",
+    "Representation": "trine.retrieval.protocol",
+    "SearchResult": "trine.retrieval.base",
+    "SparseIndex": "trine.retrieval.sparse",
+    "check_index": "trine.retrieval.protocol",
+    "load_index": "trine.retrieval.protocol",
+    "reciprocal_rank_fusion": "trine.retrieval.hybrid",
+    "register_index": "trine.retrieval.protocol",
+    "to_csr_arrays": "trine.retrieval.export",
+    "to_indices_values": "trine.retrieval.export",
+    "to_sparse_vectors": "trine.retrieval.export",
+    "to_token_strings": "trine.retrieval.export",
+    "top_k": "trine.retrieval.base",
+    "VectorCollection": "trine.retrieval.vectordb",
+    "open_collection": "trine.retrieval.vectordb",
+    "union_rows": "trine.retrieval.hybrid",
+    "weighted_fusion": "trine.retrieval.hybrid",
+}
+
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

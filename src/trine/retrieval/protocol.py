@@ -13,6 +13,7 @@ A backend is registered by the ``kind`` its :meth:`Index.save` writes into the f
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Sequence
@@ -104,6 +105,16 @@ def rerank(index: Index, queries: Any, candidates: SearchResult | np.ndarray, k:
 
 # ---------------------------------------------------------------------- saved backends
 _KINDS: dict[str, type] = {}
+# trine's own kinds and the module that registers each: ``trine.retrieval`` exports lazily, so a
+# backend's module may not be imported yet when a folder of its kind is loaded.
+_BUILTIN_KINDS = {
+    "bm25": "trine.retrieval.bm25",
+    "dense": "trine.retrieval.dense",
+    "milvus": "trine.retrieval.vectordb",
+    "multivector": "trine.retrieval.multivector",
+    "qdrant": "trine.retrieval.vectordb",
+    "sparse": "trine.retrieval.sparse",
+}
 
 
 def register_index(kind: str, cls: type) -> None:
@@ -122,7 +133,10 @@ def load_index(path: str | os.PathLike) -> Index:
         raise FileNotFoundError(f"{meta_path}: not found; is {path} a saved trine index?")
     with open(meta_path) as f:
         kind = json.load(f).get("kind")
+    if kind not in _KINDS and kind in _BUILTIN_KINDS:
+        importlib.import_module(_BUILTIN_KINDS[kind])
     if kind not in _KINDS:
-        raise ValueError(f"{meta_path}: field 'kind' is {kind!r}; known index kinds are {sorted(_KINDS)} "
+        raise ValueError(f"{meta_path}: field 'kind' is {kind!r}; known index kinds are "
+                         f"{sorted(set(_KINDS) | set(_BUILTIN_KINDS))} "
                          "(a backend registers its kind with trine.retrieval.register_index)")
     return check_index(_KINDS[kind].load(path), what=os.fspath(path))

@@ -7,7 +7,15 @@ One module per API family, each a router over the app's shared state (:mod:`trin
 Requests are merged by the dynamic batcher (:mod:`~trine.serving.batcher`) into calls of the one encoder.
 """
 
-from trine.serving.app import create_app, run_server
-from trine.serving.common import ServeSettings, load_documents
+from trine._lazy import lazy_exports
 
-__all__ = ["ServeSettings", "create_app", "load_documents", "run_server"]
+# Public name -> the module that defines it, imported on first use (see trine._lazy).
+_EXPORTS = {
+    "ServeSettings": "trine.serving.common",
+    "create_app": "trine.serving.app",
+    "load_documents": "trine.serving.common",
+    "run_server": "trine.serving.app",
+}
+
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

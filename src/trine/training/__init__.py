@@ -1,5 +1,15 @@
-from trine.data import DataError, load_train_files
-from trine.training.finetuning import build_trainer, finetune, parse_args
-from trine.training.losses import LOSSES, build_loss
+from trine._lazy import lazy_exports
 
-__all__ = ["LOSSES", "DataError", "build_loss", "build_trainer", "finetune", "load_train_files", "parse_args"]
+# Public name -> the module that defines it, imported on first use (see trine._lazy).
+_EXPORTS = {
+    "LOSSES": "trine.training.losses",
+    "DataError": "trine.data",
+    "build_loss": "trine.training.losses",
+    "build_trainer": "trine.training.finetuning",
+    "finetune": "trine.training.finetuning",
+    "load_train_files": "trine.data",
+    "parse_args": "trine.training.finetuning",
+}
+
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -128,5 +128,10 @@ def run_cli(argv: list[str] | None, parse, run, *, debug: bool = False) -> int: 
         run(*parse(argv))
         return 0
 
-    return report_user_errors(work, debug=debug)
+    def words(message: str) -> str:  # the library's keyword names as this command's flags
+        from trine.config import _parser_class, command_line_words
+
+        return command_line_words(message, _parser_class().known_flags)
+
+    return report_user_errors(work, debug=debug, words=words)
 

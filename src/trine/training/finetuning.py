@@ -37,7 +37,10 @@ class ExamplesCollator(EmbedderCollator):
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, EmbedderTrainingArguments]:
-    return parse_config(argv, (ModelArguments, DataArguments, EmbedderTrainingArguments))
+    return parse_config(argv, (ModelArguments, DataArguments, EmbedderTrainingArguments), prog="trine finetune",
+                        description="Contrastive fine-tuning of an embedder (dense, lexical, ColBERT or unified) on\n"
+                                    "FlagEmbedding's JSONL records, on the Hugging Face Trainer. Flags, or one\n"
+                                    "YAML/JSON config file as the only argument.")
 
 
 def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: EmbedderTrainingArguments):

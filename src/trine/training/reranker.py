@@ -231,7 +231,10 @@ def build_reranker_trainer(model_args: RerankerModelArguments, data_args: Rerank
 
 def parse_reranker_args(argv: list[str]) -> tuple[RerankerModelArguments, RerankerDataArguments,
                                                   RerankerTrainingArguments]:
-    return parse_config(argv, (RerankerModelArguments, RerankerDataArguments, RerankerTrainingArguments))
+    return parse_config(argv, (RerankerModelArguments, RerankerDataArguments, RerankerTrainingArguments),
+                        prog="trine finetune-reranker",
+                        description="Cross-encoder (or LLM reranker) fine-tuning on the embedders' data, plan and\n"
+                                    "engine. Flags, or one YAML/JSON config file as the only argument.")
 
 
 def finetune_reranker(model_args: RerankerModelArguments, data_args: RerankerDataArguments,

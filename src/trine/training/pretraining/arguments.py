@@ -66,4 +66,7 @@ class PretrainTrainingArguments(SafeTrainingArguments):
 
 def parse_args(argv: list[str]) -> tuple[PretrainModelArguments, PretrainDataArguments, PretrainTrainingArguments]:
     """Command-line flags, or one YAML/JSON config file; unknown names are errors."""
-    return parse_config(argv, (PretrainModelArguments, PretrainDataArguments, PretrainTrainingArguments))
+    return parse_config(argv, (PretrainModelArguments, PretrainDataArguments, PretrainTrainingArguments),
+                        prog="trine pretrain",
+                        description="RetroMAE pre-training of an MLM encoder on JSONL {\"text\": ...} corpora, on the\n"
+                                    "Hugging Face Trainer. Flags, or one YAML/JSON config file as the only argument.")
