@@ -6,7 +6,8 @@ A block is marked by an HTML comment on the line before its fence:
   ``<!-- run: serve -->``       a ``trine serve`` block: started as a background server for the page's later blocks.
 Every other block runs, in page order, in one temporary folder per page holding the data files the pages name
 (:data:`DATA_FILES`), with the Hub ids and ports the pages use replaced by local ones (:func:`substitutions`).
-Bash blocks may hold only ``trine`` commands; they run in-process through ``trine.cli.main`` (exit code 0 expected).
+Bash blocks may hold only ``trine`` commands, run in-process through ``trine.cli.main``, and ``curl`` commands (to a
+served page's server), run as processes; each must exit 0.
 A docs block identical to a README block is run by the README test only.
 """
 
@@ -26,12 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import make_tiny_reranker
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 FENCE = re.compile(r"^```(\w*)\s*$")
 MARKER = re.compile(r"^<!--\s*(not-run|run)\s*:\s*(.*?)\s*-->\s*$")
 RUN_LANGS = ("python", "bash")
+COMMANDS = ("trine", "curl")  # what a runnable bash block may call
 
 
 @dataclass
@@ -131,9 +134,11 @@ def substitutions(models: dict[str, str], port: int) -> list[tuple[str, str]]:
     """What the pages name -> what this machine has: Hub ids -> tiny local folders, the example port -> a free one.
     Longer strings first, so that ``BAAI/bge-m3`` is replaced before any shorter name it contains."""
     return [
+        ("BAAI/bge-reranker-v2-m3", models["reranker"]),
         ("BAAI/bge-m3", models["m3"]),
         ("--port 8000", f"--port {port}"),
         ("127.0.0.1:8000", f"127.0.0.1:{port}"),
+        ("localhost:8000", f"localhost:{port}"),
     ]
 
 
@@ -145,14 +150,14 @@ def substitute(code: str, table: list[tuple[str, str]]) -> str:
 
 # ---------------------------------------------------------------------------------------------- running the blocks
 def bash_commands(block: Block) -> list[list[str]]:
-    """The commands of a bash block (continuation lines joined, comments dropped); only ``trine`` commands run here."""
+    """The commands of a bash block (continuation lines joined, comments dropped); only :data:`COMMANDS` run here."""
     commands = []
     for line in block.code.replace("\\\n", " ").splitlines():
         argv = shlex.split(line, comments=True)
         if not argv:
             continue
-        if argv[0] != "trine":
-            raise AssertionError(f"{block.where()}: {argv[0]!r}: only trine commands run here; mark the block "
+        if argv[0] not in COMMANDS:
+            raise AssertionError(f"{block.where()}: {argv[0]!r}: only trine and curl commands run here; mark the block "
                                  "<!-- not-run: REASON --> if it cannot run offline on tiny models")
         commands.append(argv)
     return commands
@@ -178,6 +183,10 @@ class PageRunner:
             from trine.cli import main
 
             for argv in bash_commands(Block(block.page, block.line, block.lang, code, block.marker)):
+                if argv[0] == "curl":
+                    out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+                    assert out.returncode == 0, f"{block.where()}: {shlex.join(argv)}: {out.stdout}{out.stderr}"
+                    continue
                 rc = main(argv[1:])
                 assert rc == 0, f"{block.where()}: {shlex.join(argv)} exited {rc}"
 
@@ -229,9 +238,11 @@ def run_page(blocks: list[Block], folder: Path, models: dict[str, str], skip: se
 
 
 @pytest.fixture(scope="module")
-def models(tiny_m3_dir) -> dict[str, str]:
-    """The one table of local stand-ins for the models the pages name (shared by every page)."""
-    return {"m3": tiny_m3_dir}
+def models(tiny_m3_dir, xlmr_tokenizer_dir, tmp_path_factory) -> dict[str, str]:
+    """The one table of local stand-ins for the models the pages name (shared by every page): the tiny
+    BGE-M3-layout model and a tiny cross-encoder on the same (real XLM-R) tokenizer."""
+    reranker = make_tiny_reranker(str(tmp_path_factory.mktemp("docs_reranker")), xlmr_tokenizer_dir, "xlmr")
+    return {"m3": tiny_m3_dir, "reranker": reranker}
 
 
 # ---------------------------------------------------------------------------------------------- the tests
