@@ -180,7 +180,7 @@ class PageRunner:
         elif block.marker is not None and block.marker[0] == "run":
             raise AssertionError(f"{block.where()}: unknown marker run: {block.marker[1]!r} (known: serve)")
         elif block.lang == "python":
-            exec(compile(code, block.where(), "exec"), self.namespace)  # noqa: S102 - the documented code
+            exec(compile(code, block.where(), "exec"), self.namespace)  # the documented code, as a reader runs it
         else:
             from trine.cli import main
 
@@ -199,15 +199,16 @@ class PageRunner:
         (argv,) = bash_commands(Block(block.page, block.line, block.lang, code, block.marker))
         assert argv[1] == "serve", f"{block.where()}: a run: serve block holds one trine serve command"
         env = dict(os.environ, PYTHONPATH=str(SRC))
-        log = open(self.folder / f"serve-{len(self.servers)}.log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen([sys.executable, "-m", "trine", *argv[1:]], cwd=self.folder, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        log_path = self.folder / f"serve-{len(self.servers)}.log"
+        with open(log_path, "wb") as log:  # the child holds its own copy of the handle
+            proc = subprocess.Popen([sys.executable, "-m", "trine", *argv[1:]], cwd=self.folder, env=env,
+                                    stdout=log, stderr=subprocess.STDOUT)
         self.servers.append(proc)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise AssertionError(f"{block.where()}: the server exited {proc.returncode}: "
-                                     f"{(self.folder / log.name).read_text(errors='replace')[-2000:]}")
+                                     f"{log_path.read_text(errors='replace')[-2000:]}")
             with contextlib.suppress(OSError):
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
                     if r.status == 200:
