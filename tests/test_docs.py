@@ -277,6 +277,27 @@ def test_parse_blocks_reads_markers(tmp_path):
         ("p.md", 4, "bash", "trine x", ("not-run", "needs a GPU")), ("p.md", 8, "python", "print(1)", None)]
 
 
+def test_data_format_samples(tmp_path, monkeypatch):
+    """data-formats.md: its sample training records are valid training data, and its bad file gives exactly the
+    error the page shows (the one reader every training-data command validates with)."""
+    from trine.data.reader import DataError
+    from trine.data.records import read_records
+
+    blocks = parse_blocks(ROOT / "docs" / "data-formats.md")
+    samples = [b for b in blocks if b.lang == "json" and '"query"' in b.code]
+    assert len(samples) == 2
+    good = tmp_path / "samples.jsonl"
+    good.write_text("".join(json.dumps(json.loads(b.code)) + "\n" for b in samples), encoding="utf-8")
+    assert [r.query for r in read_records(str(good))] == [json.loads(b.code)["query"] for b in samples]
+    bad_block = next(b for b in blocks if b.lang == "text" and b.code.startswith('{"query"'))
+    shown = next(b for b in blocks if b.lang == "text" and b.code.startswith("error: "))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.jsonl").write_text(bad_block.code + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        read_records("bad.jsonl")
+    assert f"error: {err.value}" == shown.code
+
+
 def test_readme_journeys_run(tmp_path, models):
     """The README's five journeys, for real, on the tiny BGE-M3-layout model; then what each one made."""
     blocks = parse_blocks(ROOT / "README.md")
