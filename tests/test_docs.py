@@ -36,6 +36,7 @@ FENCE = re.compile(r"^```(\w*)\s*$")
 MARKER = re.compile(r"^<!--\s*(not-run|run)\s*:\s*(.*?)\s*-->\s*$")
 RUN_LANGS = ("python", "bash")
 COMMANDS = ("trine", "curl")  # what a runnable bash block may call
+ALIASES = {"sh": "bash", "shell": "bash", "console": "bash", "py": "python", "python3": "python"}  # would escape
 
 
 @dataclass
@@ -261,7 +262,9 @@ def test_every_block_is_run_or_marked():
                 problems.append(f"{block.where()}: not-run without a reason")
             if block.marker and block.marker[0] == "run" and block.marker[1] != "serve":
                 problems.append(f"{block.where()}: unknown marker run: {block.marker[1]}")
-            if block.lang in RUN_LANGS and block.marker is None and block.lang == "bash":
+            if block.lang in ALIASES:
+                problems.append(f"{block.where()}: ```{block.lang}: write ```{ALIASES[block.lang]} (so that it is run)")
+            if block.lang == "bash" and block.marker is None:
                 try:
                     bash_commands(block)
                 except AssertionError as err:
