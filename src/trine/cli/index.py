@@ -269,6 +269,11 @@ def _queries(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         return list(queries), list(queries.values())
     if not args.query:
         raise OptionError("give --query TEXT (repeatable) or --queries FILE")
+    from trine.data.text import text_problem
+
+    for i, text in enumerate(args.query):
+        if text_problem(text):
+            raise OptionError(f"--query (number {i + 1}): {text_problem(text)}")
     return [str(i) for i in range(len(args.query))], list(args.query)
 
 
