@@ -201,7 +201,8 @@ def test_overflowing_outputs_are_never_written(tmp_path, splade_tiny_dir, capsys
 
 # ------------------------------------------------------------------ texts no tokenizer can encode
 BAD_LINES = [('{"_id": "1", "text": "\\ud800"}', r"field 'text': lone surrogate U\+D800 at character 1"),
-             ('{"_id": "1", "text": "ok", "title": "a\\udfffb"}', r"field 'title': lone surrogate U\+DFFF at character 2"),
+             ('{"_id": "1", "text": "ok", "title": "a\\udfffb"}',
+              r"field 'title': lone surrogate U\+DFFF at character 2"),
              ('{"_id": "1", "text": ""}', r"field 'text': empty text"),
              ('{"_id": "1", "text": " \\t\\n"}', r"field 'text': only white space")]
 
