@@ -182,6 +182,13 @@ def test_overflowing_outputs_are_never_written(tmp_path, splade_tiny_dir, capsys
                                                    rf"\d+ of \d+ texts of a batch, the first '"):
         embedder.encode_result(TEXTS, ("dense", output))
     assert embedder.encode_result(TEXTS, ("dense",)).dense_vecs.shape == (len(TEXTS), 128)  # dense is finite
+    if output == "sparse":  # over a device pool the refusal comes back as it is (not a worker's traceback)
+        pooled = M3Embedder(big, show_progress=False, devices=["cpu", "cpu"])
+        try:
+            with pytest.raises(NonFiniteOutputError, match=f"NaN or infinite {what}"):
+                pooled.encode_result(TEXTS, ("dense", output))
+        finally:
+            pooled.close()
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     out = tmp_path / "out"
     assert main(["encode", big, corpus, "--output-dir", str(out), "--outputs", f"dense,{output}", "--num-shards",
