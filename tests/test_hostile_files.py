@@ -206,6 +206,20 @@ def test_overflowing_outputs_are_never_written(tmp_path, splade_tiny_dir, capsys
     assert sorted(os.listdir(tmp_path)) == ["big", "corpus.jsonl"]
 
 
+def test_overflowing_reranker_scores_are_refused(tmp_path, splade_tiny_dir):
+    from trine.inference import Reranker
+
+    folder = make_tiny_reranker(str(tmp_path / "cross"), splade_tiny_dir, "bert")
+    file = os.path.join(folder, "model.safetensors")
+    tensors = load_file(file)
+    tensors["classifier.weight"].fill_(3e38)  # finite, but the score overflows float32
+    save_file(tensors, file, metadata={"format": "pt"})
+    reranker = Reranker(folder, show_progress=False)
+    with pytest.raises(NonFiniteOutputError, match=r"cross: the reranker gave a NaN or infinite score \(float32\) "
+                                                   r"for 2 of 2 pairs, the first pair 0"):
+        reranker.compute_score([("q", TEXTS[0]), ("q", TEXTS[1])], normalize=True)
+
+
 # ------------------------------------------------------------------ texts no tokenizer can encode
 BAD_LINES = [('{"_id": "1", "text": "\\ud800"}', r"field 'text': lone surrogate U\+D800 at character 1"),
              ('{"_id": "1", "text": "ok", "title": "a\\udfffb"}',
