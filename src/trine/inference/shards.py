@@ -8,6 +8,8 @@ folder it writes::
     OUT/.trine-output            trine's marker (trine.io)
     OUT/manifest.json            what decides the vectors: model fingerprint, encoder settings,
                                  outputs, corpus sha256 and size, the shard plan, and their ``key``
+                                 (sha256 of the identity: every reader checks it, so an edited
+                                 manifest is refused)
     OUT/shard-00000-of-00003/    one folder per shard, written whole or not at all
         meta.json                {"format", "key", "count", "outputs", "shard", "start", "end"}
         ids.json                 the shard's document ids, in corpus order
