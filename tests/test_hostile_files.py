@@ -172,6 +172,29 @@ def test_every_family_loader_refuses_non_finite_weights(tmp_path, splade_tiny_di
 
 
 # ------------------------------------------------------------------ finite weights, non-finite outputs
+def refusal_crosses_the_device_pool(embedder: M3Embedder, output: str) -> None:
+    """Over several devices a worker process encodes: its refusal must reach the caller as the same error (exit
+    code 2), not as a worker's traceback in a RuntimeError. Both ends of the queue, without spawning processes."""
+    import pickle
+    import queue
+
+    from trine.inference.pool import DevicePool, _worker
+
+    tasks, results = queue.Queue(), queue.Queue()
+    tasks.put((0, "_encode_chunk", list(TEXTS), {"max_length": 64, "batch_size": 4, "return_dense": True,
+                                                   "return_sparse": output == "sparse", "return_colbert_vecs": False}))
+    tasks.put(None)
+    _worker(embedder, "cpu", tasks, results)
+    chunk_id, ok, err = results.get_nowait()
+    assert (chunk_id, ok, type(err)) == (0, False, NonFiniteOutputError)
+    err = pickle.loads(pickle.dumps(err))  # what a multiprocessing queue does to it
+    pool = object.__new__(DevicePool)
+    pool.devices, pool.processes, pool.tasks, pool.results = ["cpu", "cpu"], [], queue.Queue(), queue.Queue()
+    pool.results.put((0, False, err))
+    with pytest.raises(NonFiniteOutputError, match="NaN or infinite lexical weights"):
+        pool.map("_encode_chunk", ["a text"])
+
+
 @pytest.mark.parametrize(("output", "what"), [("sparse", "lexical weights"), ("colbert", "colbert_vecs")])
 def test_overflowing_outputs_are_never_written(tmp_path, splade_tiny_dir, capsys, output, what):
     # finite weights whose products overflow float32: what float16 does to a model with large activations
@@ -182,13 +205,8 @@ def test_overflowing_outputs_are_never_written(tmp_path, splade_tiny_dir, capsys
                                                    rf"\d+ of \d+ texts of a batch, the first '"):
         embedder.encode_result(TEXTS, ("dense", output))
     assert embedder.encode_result(TEXTS, ("dense",)).dense_vecs.shape == (len(TEXTS), 128)  # dense is finite
-    if output == "sparse":  # over a device pool the refusal comes back as it is (not a worker's traceback)
-        pooled = M3Embedder(big, show_progress=False, devices=["cpu", "cpu"])
-        try:
-            with pytest.raises(NonFiniteOutputError, match=f"NaN or infinite {what}"):
-                pooled.encode_result(TEXTS, ("dense", output))
-        finally:
-            pooled.close()
+    if output == "sparse":
+        refusal_crosses_the_device_pool(embedder, output)
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     out = tmp_path / "out"
     assert main(["encode", big, corpus, "--output-dir", str(out), "--outputs", f"dense,{output}", "--num-shards",
