@@ -82,6 +82,16 @@ def test_folder_without_tokenizer_json_is_refused(tmp_path, model_dir, capsys):
     assert not out.exists()
 
 
+def test_bge_m3_layout_without_tokenizer_json_is_refused(tmp_path, tiny_m3_dir):
+    assert TriHeadModel.from_pretrained(tiny_m3_dir).has_heads  # the XLM-R (BGE-M3) vocabulary fits its table
+    broken = str(tmp_path / "no_tokenizer")
+    shutil.copytree(tiny_m3_dir, broken)
+    os.remove(os.path.join(broken, "tokenizer.json"))  # the slow XLM-R tokenizer it falls back to has 5 tokens
+    with pytest.raises(InputError, match=r"no_tokenizer: the tokenizer knows 5 tokens but the model's embedding "
+                                         r"table has 250002 rows"):
+        M3Embedder(broken, show_progress=False)
+
+
 class _Table(torch.nn.Module):
     def __init__(self, rows: int):
         super().__init__()
