@@ -260,7 +260,7 @@ def test_bad_corpus_lines_name_file_line_and_field(tmp_path, splade_tiny_dir, ca
         f"{bad}:2: text: must be a string, got int",
         f"{bad}:3: (line): not valid JSON: Expecting value at column 1",
         f"{bad}:4: txt: unknown field (a pre-training record is {{\"text\": ...}})",
-        f"{bad}:6: text: empty",
+        f"{bad}:6: text: only white space",
         f"{bad}:7: (line): a record must be a JSON object",
     ]
     out = tmp_path / "out"

@@ -462,8 +462,17 @@ def test_cli_build_from_encodings_refuses_what_does_not_match(tmp_path, beir, m3
     with open(os.path.join(unhashed, "manifest.json")) as f:
         manifest = json.load(f)
     del manifest["identity"]["corpus"]
+    from trine.inference.shards import _key
+
+    manifest["key"] = _key(manifest["identity"])  # as a writer that recorded no corpus would have keyed it
     with open(os.path.join(unhashed, "manifest.json"), "w") as f:
         json.dump(manifest, f)
+    for shard in ("shard-00000-of-00002", "shard-00001-of-00002"):  # ... and its shards
+        meta_file = os.path.join(unhashed, shard, "meta.json")
+        with open(meta_file) as f:
+            meta = json.load(f)
+        with open(meta_file, "w") as f:
+            json.dump({**meta, "key": manifest["key"]}, f)
     uri = str(tmp_path / "m.db")
     cases = [
         (["--embeddings", unfinished], "1 of 2 shard(s) not finished (shard-00001-of-00002)"),

@@ -27,6 +27,12 @@ class MissingInputError(InputError, FileNotFoundError):
     """A file or folder the user named does not exist (also a ``FileNotFoundError``)."""
 
 
+class NonFiniteOutputError(UserError):
+    """The model gave a NaN or infinite vector or weight (float16 overflowing, say, with finite weights):
+    nothing is written or returned. A user's error (exit code 2), not a failure while running: the same
+    model, precision and text give it again; the message says what to change."""
+
+
 class OutputPathError(UserError):
     """An output path would replace an input, the working folder, an ancestor of either, or a folder
     trine did not write (or one it wrote, without ``overwrite``)."""

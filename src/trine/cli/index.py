@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from trine.cli.parser import floats, options_checked
-from trine.errors import OptionError
+from trine.errors import OptionError, UserError
 
 SEARCH_MODES = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
 DEFAULT_PASSAGE_MAX_LEN = 512
@@ -156,9 +158,56 @@ def _build(args: argparse.Namespace) -> int:
         encoder = _encoder(args)
         outputs = _outputs(args, encoder)
     signature = ModelSignature.of_encoder(encoder, outputs)
-    collection = collection_class(args.backend).create(
-        args.collection, representations=outputs, signature=signature, exist_ok=True, dense_index=args.dense_index,
-        store_text=not args.no_text, **_connection(args))
+    new_files = _new_files_watch(args)
+    collection = None
+    try:
+        collection = collection_class(args.backend).create(
+            args.collection, representations=outputs, signature=signature, exist_ok=True,
+            dense_index=args.dense_index, store_text=not args.no_text, **_connection(args))
+        fresh = len(collection) == 0
+        _fill(args, collection, enc, encoder, ids, texts, outputs)
+    except UserError:
+        # a refusal while building (a non-finite vector): the database this run made is removed, and a
+        # collection it made is dropped; a kill leaves them for the next run to resume
+        if collection is not None and fresh and not new_files():
+            collection.drop()
+        if collection is not None:
+            collection.close()
+        for path in new_files():
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        raise
+    print(f"{args.backend} collection {args.collection!r} holds {len(collection)} passages ({', '.join(outputs)})")
+    collection.close()
+    return 0
+
+
+def _new_files_watch(args: argparse.Namespace) -> Callable[[], list[str]]:
+    """For an embedded database (a Milvus Lite file, a Qdrant local folder): a function listing the files of it
+    (the database and its lock files) that did not exist when this was called; for a server, none."""
+    from trine.retrieval.milvus import DEFAULT_URI
+    from trine.retrieval.qdrant import DEFAULT_PATH
+
+    uri = args.uri or (DEFAULT_URI if args.backend == "milvus" else DEFAULT_PATH)
+    if uri.startswith(("http://", "https://")) or uri == ":memory:":
+        return list
+    path = os.path.abspath(uri)
+    parent, name = os.path.dirname(path), os.path.basename(path)
+
+    def related() -> set[str]:
+        if not os.path.isdir(parent):
+            return set()
+        return {os.path.join(parent, n) for n in os.listdir(parent) if n == name or n.startswith(f".{name}.")}
+
+    before = related()
+    return lambda: sorted(related() - before)
+
+
+def _fill(args: argparse.Namespace, collection: Any, enc: Any, encoder: Any, ids: list[str], texts: list[str],
+          outputs: tuple[str, ...]) -> None:
+    """Write the passages ``collection`` lacks (every one with ``--update``), encoded or from ``enc``."""
     todo = [i for i, d in enumerate(ids) if args.update or d not in collection]
     verb = "to write from the encodings" if enc is not None else "to encode"
     print(f"{args.backend} collection {args.collection!r}: {len(collection)} passages stored, {len(todo)} {verb} "
@@ -186,9 +235,6 @@ def _build(args: argparse.Namespace) -> int:
             part = todo[start:start + args.chunk_size]
             write(part, dict(encoder.encode_result([texts[i] for i in part], outputs, kind="passage")))
     written.close()
-    print(f"{args.backend} collection {args.collection!r} holds {len(collection)} passages ({', '.join(outputs)})")
-    collection.close()
-    return 0
 
 
 def _take(result: Any, rows: list[int], outputs: tuple[str, ...]) -> dict[str, Any]:
@@ -230,6 +276,11 @@ def _queries(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         return list(queries), list(queries.values())
     if not args.query:
         raise OptionError("give --query TEXT (repeatable) or --queries FILE")
+    from trine.data.text import text_problem
+
+    for i, text in enumerate(args.query):
+        if text_problem(text):
+            raise OptionError(f"--query (number {i + 1}): {text_problem(text)}")
     return [str(i) for i in range(len(args.query))], list(args.query)
 
 

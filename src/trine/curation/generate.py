@@ -32,6 +32,7 @@ from trine.curation.common import atomic_jsonl, check_output, write_row
 from trine.curation.filtering import FilterSummary, filter_pairs, normalise
 from trine.data.corpus import text_of
 from trine.data.reader import DataError, json_lines
+from trine.data.text import text_problem
 from trine.errors import InputError, OptionError
 from trine.inference.pool import DeviceRunner, check_positive_int, resolve_devices, resolve_dtype
 from trine.io import check_distinct, remove_stale_temps, temp_prefix
@@ -90,6 +91,8 @@ def read_passages(path: str) -> list[Passage]:
         title = obj.get("title")
         if title is not None and not isinstance(title, str):
             problems.append(f"{where}: title: must be a string, got {type(title).__name__}")
+        elif title and title.strip() and text_problem(title):  # a blank title is no title
+            problems.append(f"{where}: title: {text_problem(title)}")
         if text is not None:
             passages.append(Passage(text, number, None if pid is None else str(pid),
                                     title if isinstance(title, str) else None))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from trine.data.reader import DataError, text_lines
+from trine.data.text import text_problem
 from trine.errors import InputError
 
 Layout = Literal["auto", "beir", "custom"]
@@ -91,14 +92,27 @@ def _field(obj: dict[str, Any], name: str, path: str, lineno: int, kind: type, r
     return value
 
 
+def _check_text(value: str, name: str, path: str, lineno: int, may_be_blank: bool = False) -> str:
+    """``value`` if :func:`trine.data.text_problem` (the one rule for a text trine encodes) finds nothing; a
+    blank ``value`` passes when ``may_be_blank`` (a missing title, a BEIR passage whose title is its text)."""
+    if may_be_blank and not value.strip():
+        return value
+    problem = text_problem(value)
+    if problem:
+        raise DatasetFormatError(f"{path}:{lineno}: field '{name}': {problem}")
+    return value
+
+
 def _load_corpus(path: str, id_field: str) -> dict[str, dict[str, str]]:
     corpus: dict[str, dict[str, str]] = {}
     for lineno, obj in _jsonl(path):
         doc_id = _field(obj, id_field, path, lineno, str, is_id=True)
         if doc_id in corpus:
             raise DatasetFormatError(f"{path}:{lineno}: field '{id_field}': duplicate id {doc_id!r}")
-        corpus[doc_id] = {"title": _field(obj, "title", path, lineno, str, required=False),
-                          "text": _field(obj, "text", path, lineno, str)}
+        title = _check_text(_field(obj, "title", path, lineno, str, required=False), "title", path, lineno, True)
+        # the passage encoded is title + " " + text: an empty text is a passage when the title is not
+        text = _check_text(_field(obj, "text", path, lineno, str), "text", path, lineno, bool(title.strip()))
+        corpus[doc_id] = {"title": title, "text": text}
     if not corpus:
         raise DatasetFormatError(f"{path}: no documents")
     return corpus
@@ -110,7 +124,7 @@ def _load_queries(path: str, id_field: str) -> dict[str, str]:
         qid = _field(obj, id_field, path, lineno, str, is_id=True)
         if qid in queries:
             raise DatasetFormatError(f"{path}:{lineno}: field '{id_field}': duplicate id {qid!r}")
-        queries[qid] = _field(obj, "text", path, lineno, str)
+        queries[qid] = _check_text(_field(obj, "text", path, lineno, str), "text", path, lineno)
     return queries
 
 

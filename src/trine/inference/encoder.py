@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from trine.data.text import check_template, format_instruction
+from trine.errors import NonFiniteOutputError
 from trine.inference.batching import pad_batch, run_batched, tokenize
 from trine.inference.pool import (
     DeviceRunner,
@@ -228,6 +229,7 @@ class Encoder(DeviceRunner):
                 return_colbert_vecs=return_colbert_vecs,
             )
             n = len(idx)
+            self._check_finite(out, [texts[i] for i in idx])
             dense = out["dense_vecs"].float().cpu().numpy() if return_dense else [None] * n
             lexical = (
                 lexical_dicts(out["token_weights"].float().cpu().numpy(), batch["input_ids"].cpu().numpy())
@@ -250,6 +252,36 @@ class Encoder(DeviceRunner):
             desc="encode",
             show_progress=self.show_progress,
         )
+
+    def _model_name(self) -> str:
+        """The folder the model was loaded from, as a message names it."""
+        path = getattr(self.model, "path", None)  # an ONNX graph
+        config = getattr(getattr(self.model, "backbone", None), "config", None)
+        return str(path or getattr(config, "_name_or_path", None) or type(self.model).__name__)
+
+    def _check_finite(self, out: dict[str, torch.Tensor], texts: list[str]) -> None:
+        """Refuse a batch whose outputs hold NaN or infinity, before any is turned into vectors: with finite
+        weights (checked at load) it is an overflow, typically of float16 activations in a long text. Never
+        written, indexed or returned: a NaN vector scores NaN against everything and poisons a whole index."""
+        rows: dict[str, torch.Tensor] = {}  # per output: which texts of the batch hold a non-finite value
+        if out.get("dense_vecs") is not None:
+            rows["dense_vecs"] = ~torch.isfinite(out["dense_vecs"]).all(dim=-1)
+        if out.get("token_weights") is not None:
+            rows["lexical weights"] = ~torch.isfinite(out["token_weights"]).all(dim=-1)
+        if out.get("colbert_vecs") is not None:  # padding positions are no vectors
+            finite = torch.isfinite(out["colbert_vecs"]).all(dim=-1) | ~out["colbert_mask"].bool()
+            rows["colbert_vecs"] = ~finite.all(dim=-1)
+        for name, flags in rows.items():
+            bad = torch.nonzero(flags).flatten().tolist()
+            if not bad:
+                continue
+            dtype = str(self.dtype).removeprefix("torch.")
+            hint = ("float16 overflows in this model: encode in float32 (no --fp16) or bfloat16 (--bf16)"
+                    if self.dtype == torch.float16 else "the model's activations overflow or its weights are broken")
+            text = texts[bad[0]]
+            shown = repr(text[:60] + ("..." if len(text) > 60 else ""))
+            raise NonFiniteOutputError(f"{self._model_name()}: the model gave NaN or infinite {name} ({dtype}) for "
+                                       f"{len(bad)} of {len(texts)} texts of a batch, the first {shown}: {hint}")
 
     def _encode_rows(
         self,

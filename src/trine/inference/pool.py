@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from trine.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 # Padded-token budget per batch on CPU under max_tokens_per_batch="auto": small batches keep the
@@ -87,6 +89,8 @@ def _worker(owner: Any, device: str, tasks: mp.Queue, results: mp.Queue) -> None
         chunk_id, method, items, kwargs = task
         try:
             results.put((chunk_id, True, getattr(owner, method)(items, device=device, **kwargs)))
+        except UserError as err:  # a refusal (a non-finite output): the parent raises it as it is, exit code 2
+            results.put((chunk_id, False, err))
         except BaseException:  # report, the parent raises
             results.put((chunk_id, False, traceback.format_exc()))
 
@@ -126,6 +130,8 @@ class DevicePool:
                         raise RuntimeError(f"a device-pool worker died (exit code {dead[0].exitcode})") from None
             if not ok:
                 self.close()
+                if isinstance(value, UserError):
+                    raise value
                 raise RuntimeError(f"device-pool worker failed:\n{value}")
             out[cid] = value
         return out

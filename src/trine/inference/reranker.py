@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from trine.data.text import check_template, format_instruction
-from trine.errors import OptionError
+from trine.errors import NonFiniteOutputError, OptionError
 from trine.inference.batching import pad_batch, run_batched
 from trine.inference.pool import (
     DeviceRunner,
@@ -191,6 +191,15 @@ class Reranker(DeviceRunner):
                            max_length=max_length, prompt=self.prompt if prompt is None else prompt,
                            cutoff_layers=layers)
         scores = np.array([s for chunk in chunks for s in chunk], dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(scores).reshape(len(pairs), -1).all(axis=1))
+        if bad.size:  # finite weights (checked at load) overflowing, e.g. in float16: never a score
+            config = getattr(getattr(self.model, "model", None), "config", None)
+            name = getattr(config, "_name_or_path", None) or type(self.model).__name__
+            dtype = str(self.dtype).removeprefix("torch.")
+            raise NonFiniteOutputError(f"{name}: the reranker gave a NaN or infinite score ({dtype}) for {bad.size} of "
+                                       f"{len(pairs)} pairs, the first pair {bad[0]}"
+                                       + (": score in float32 (no --fp16) or bfloat16"
+                                          if self.dtype == torch.float16 else ""))
         if normalize if normalize is not None else self.normalize:
             scores = 1.0 / (1.0 + np.exp(-scores))
         if layers is None or len(layers) == 1:

@@ -8,6 +8,8 @@ folder it writes::
     OUT/.trine-output            trine's marker (trine.io)
     OUT/manifest.json            what decides the vectors: model fingerprint, encoder settings,
                                  outputs, corpus sha256 and size, the shard plan, and their ``key``
+                                 (sha256 of the identity: every reader checks it, so an edited
+                                 manifest is refused)
     OUT/shard-00000-of-00003/    one folder per shard, written whole or not at all
         meta.json                {"format", "key", "count", "outputs", "shard", "start", "end"}
         ids.json                 the shard's document ids, in corpus order
@@ -52,6 +54,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal
@@ -59,7 +62,7 @@ from typing import IO, Any, Literal
 import numpy as np
 import torch
 
-from trine.errors import InputError, MissingInputError, OptionError, OutputPathError
+from trine.errors import InputError, MissingInputError, OptionError, OutputPathError, UserError
 from trine.inference.result import OUTPUTS, EncodeResult, check_outputs
 from trine.io import (
     atomic_file,
@@ -311,9 +314,10 @@ def _read_json(path: str) -> Any:
         raise InputError(f"{path}: not valid JSON ({err})") from None
 
 
-def _open_folder(output_dir: str, manifest: dict[str, Any], inputs: Sequence[str]) -> None:
+def _open_folder(output_dir: str, manifest: dict[str, Any], inputs: Sequence[str]) -> bool:
     """Create the output folder with its manifest, or check that an existing one was made with these
-    options (any process may call it; the parent folder's lock makes the first one create it)."""
+    options (any process may call it; the parent folder's lock makes the first one create it). True when
+    this call created it."""
     path = os.path.abspath(output_dir)
     check_output_path(output_dir, inputs=inputs, overwrite=True)  # the path itself (links, inputs, cwd)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -326,16 +330,17 @@ def _open_folder(output_dir: str, manifest: dict[str, Any], inputs: Sequence[str
             if not os.path.exists(target):
                 raise OutputPathError(f"{output_dir}: a trine folder without {MANIFEST} (not written by trine encode); "
                                       "choose a new folder")
-            old = _read_json(target)
+            old = read_manifest(path)
             changed = _differences(old.get("identity"), manifest["identity"])
             if changed:
                 raise OutputPathError(f"{target}: this folder was encoded with another model, corpus or options "
                                       f"(different: {', '.join(changed)}); choose a new folder")
-            return
+            return False
         os.makedirs(path, exist_ok=True)
         write_marker(path, command="trine encode")
         with atomic_file(target) as f:
             json.dump(manifest, f, indent=1)
+        return True
 
 
 def shard_done(folder: str, key: str) -> bool:
@@ -454,7 +459,7 @@ def encode_corpus(
     summary = EncodeSummary(output_dir, len(ids), num_shards)
     plan = plan_shards(len(ids), num_shards)
     with _ranks_joined(world):
-        _open_folder(output_dir, manifest, inputs)
+        created = _open_folder(output_dir, manifest, inputs)
         todo = []
         for i in mine:
             if shard_done(os.path.join(output_dir, shard_name(i, num_shards)), manifest["key"]):
@@ -467,7 +472,14 @@ def encode_corpus(
                                      outputs, block_size, ray_address, ray_actors)
             else:
                 blocks = _local_blocks(embedder, texts, [plan[i] for i in todo], outputs, block_size)
-            _write_shards(output_dir, manifest["key"], ids, todo, plan, outputs, blocks)
+            try:
+                _write_shards(output_dir, manifest["key"], ids, todo, plan, outputs, blocks)
+            except UserError:
+                # a refusal while encoding (a non-finite vector): no folder this run made stays behind. A folder
+                # resumed keeps its finished shards, and so does one a kill interrupts (it is resumed).
+                if created and world == 1:
+                    shutil.rmtree(output_dir, ignore_errors=True)
+                raise
             summary.encoded = todo
     return summary
 
@@ -719,6 +731,11 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     for name, kind in (("outputs", list), ("shards", list), ("model", str), ("settings", dict)):
         if not isinstance(identity.get(name), kind):
             raise InputError(f"{where}: identity.{name}: missing or not a {kind.__name__}")
+    # the key is the identity's hash: an identity edited by hand (another model, settings or corpus claimed) or a
+    # key edited (which no shard would then carry) is refused here, wherever a manifest is read
+    if manifest.get("key") != _key(identity):
+        raise InputError(f"{where}: key: does not match the manifest's identity (the manifest was edited); "
+                         "encode the corpus again into a new folder")
     return manifest
 
 

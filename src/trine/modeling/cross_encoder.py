@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 from trine.errors import InputError, MissingInputError
 from trine.io import write_folder
-from trine.modeling.loading import check_model_folder, load_from_folder, position_limit
+from trine.modeling.loading import check_loaded_model, check_model_folder, load_from_folder, position_limit
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ class CrossEncoder(nn.Module):
             trust_remote_code=trust_remote_code, output_loading_info=True,
             **({"attn_implementation": attn_implementation} if attn_implementation else {}),
         )
+        check_loaded_model(path, model, tokenizer)
         missing = sorted(info["missing_keys"])
         if missing:
             if not new_classifier:

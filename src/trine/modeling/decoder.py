@@ -30,7 +30,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from trine.errors import InputError, MissingInputError, OptionError
 from trine.io import write_folder
-from trine.modeling.loading import check_model_folder, load_from_folder, position_limit
+from trine.modeling.loading import check_loaded_model, check_model_folder, load_from_folder, position_limit
 from trine.modeling.pooling import check_pooling_method, pool
 
 logger = logging.getLogger(__name__)
@@ -221,6 +221,7 @@ class DecoderEmbedder(nn.Module):
         if getattr(backbone.config, "is_encoder_decoder", False):
             raise InputError(f"{path}: an encoder-decoder model ({backbone.config.model_type}); model_family 'decoder' "
                              "takes decoder-only (causal LM) models")
+        check_loaded_model(path, backbone, tokenizer)
         backbone.config.use_cache = False
         return cls(backbone, tokenizer, pooling_method=pooling_method or "last_token",
                    normalize_embeddings=normalize_embeddings)

@@ -51,7 +51,7 @@ from trine.modeling.llm_reranker import (
     LLMReranker,
     read_family_file,
 )
-from trine.modeling.loading import check_model_folder, load_from_folder
+from trine.modeling.loading import check_finite, check_loaded_model, check_model_folder, load_from_folder
 from trine.modeling.lora import has_lora
 from trine.modeling.minicpm import MiniCPMModel
 from trine.modeling.minicpm import register as register_minicpm
@@ -256,6 +256,7 @@ class LayerwiseReranker(LLMReranker):
                                                                                  nn.ModuleList):
             raise InputError(f"{path}: a {type(model).__name__} is not a decoder with a list of layers; model_family "
                              f"{FAMILY_NAME!r} takes decoder-only models")
+        check_loaded_model(path, model, tokenizer)
         model.config.use_cache = False
         n_layers = len(model.layers)
         hidden = model.config.hidden_size
@@ -265,8 +266,10 @@ class LayerwiseReranker(LLMReranker):
                                  f"of {HEADS_FILE})")
             start, multi = info["start_layer"], info["head_multi"]
             weights = load_file(os.path.join(path, HEADS_FILE))
+            check_finite(weights.items(), os.path.join(path, HEADS_FILE))
         elif flag:
             start, multi, weights = _flag_heads(path)
+            check_finite(weights.items(), path)
         else:
             start = DEFAULT_START_LAYER if start_layer is None else start_layer
             multi = bool(head_multi)

@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from trine.errors import InputError, MissingInputError, OptionError, first_line
 from trine.io import write_folder
-from trine.modeling.loading import check_model_folder, load_from_folder, position_limit
+from trine.modeling.loading import check_loaded_model, check_model_folder, load_from_folder, position_limit
 
 # the minicpm model type (a layer-wise reranker's backbone) is registered with AutoModel by the one folder
 # loader, trine.modeling.loading.load_from_folder, when a folder is of that type: importing MiniCPM's code
@@ -183,6 +183,7 @@ class LLMReranker(nn.Module):
         if getattr(model.config, "is_encoder_decoder", False):
             raise InputError(f"{path}: an encoder-decoder model ({model.config.model_type}); model_family "
                              f"{FAMILY_NAME!r} takes decoder-only (causal LM) models")
+        check_loaded_model(path, model, tokenizer)
         model.config.use_cache = False
         return cls(model, tokenizer, prompt=prompt if prompt is not None else info.get("prompt"),
                    sep_token=sep_token if sep_token is not None else info.get("sep_token", DEFAULT_SEP_TOKEN))

@@ -29,7 +29,7 @@ from transformers.activations import ACT2FN
 
 from trine.errors import InputError
 from trine.io import atomic_folder
-from trine.modeling.loading import check_model_folder, load_from_folder
+from trine.modeling.loading import check_finite, check_loaded_model, check_model_folder, load_from_folder
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +229,7 @@ class RetroMAEModel(nn.Module):
             trust_remote_code=trust_remote_code, output_loading_info=True,
             **({"attn_implementation": attn_implementation} if attn_implementation else {}),
         )
+        check_loaded_model(path, lm, tokenizer)
         missing = sorted(k for k in info["missing_keys"] if not k.startswith(lm.base_model_prefix + "."))
         if missing:
             if not allow_new_mlm_head:
@@ -243,7 +244,9 @@ class RetroMAEModel(nn.Module):
         model = cls(lm, tokenizer, decoder)
         decoder_file = os.path.join(path, DECODER_FILE)
         if os.path.exists(decoder_file):
-            model.decoder.load_state_dict(load_file(decoder_file))
+            state = load_file(decoder_file)
+            check_finite(state.items(), decoder_file)
+            model.decoder.load_state_dict(state)
         return model
 
     # -------------------------------------------------------------------------------------- forward

@@ -22,7 +22,13 @@ from trine.errors import InputError, MissingInputError, OptionError, first_line
 from trine.io import write_folder
 from trine.modeling.heads import colbert_vectors, lexical_token_weights
 from trine.modeling.lexical_init import fit_lexical_head
-from trine.modeling.loading import check_model_folder, load_from_folder, load_state_dict_file, position_limit
+from trine.modeling.loading import (
+    check_loaded_model,
+    check_model_folder,
+    load_from_folder,
+    load_state_dict_file,
+    position_limit,
+)
 from trine.modeling.pooling import check_pooling_method, pool
 
 logger = logging.getLogger(__name__)
@@ -200,6 +206,7 @@ class TriHeadModel(nn.Module):
             output_loading_info=True,
             **({"attn_implementation": attn_implementation} if attn_implementation else {}),
         )
+        check_loaded_model(path, backbone, tokenizer)
         if getattr(backbone, "pooler", None) is not None and any(k.startswith("pooler.") for k in info["missing_keys"]):
             # trine pools token states itself; a pooler the checkpoint lacks would be random
             # weights saved into every later checkpoint, so it is dropped.
