@@ -89,7 +89,10 @@ def options_dict(options: Any) -> dict[str, Any]:
     """Every field of an options dataclass (Hugging Face's ``TrainingArguments.to_dict`` for those)."""
     if hasattr(options, "to_dict"):
         return _plain(options.to_dict())
-    return _plain(dataclasses.asdict(options))
+    fields = dataclasses.asdict(options)
+    if fields.get("token") is not None:  # a Hugging Face token (trine.training.arguments.HubArguments): a secret
+        fields["token"] = "<TOKEN>"
+    return _plain(fields)
 
 
 def library_versions() -> dict[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from trine.cli.parser import floats, options_checked
+from trine.cli.parser import add_hub_options, floats, options_checked, resolve_model_options
 from trine.errors import InputError, OptionError, UserError
 
 # FlagEmbedding's scripts/hn_mine.py and scripts/add_reranker_score.py option names: each one trine
@@ -122,7 +122,6 @@ def _add_reranker_score_names(p: argparse.ArgumentParser) -> None:
                         "default: its last layer)")
     _refused(p, "compress_layers", "compression is for FlagEmbedding's lightweight rerankers", nargs="*")
     _refused(p, "compress_ratio", "compression is for FlagEmbedding's lightweight rerankers", "1")
-    _refused(p, "cache_dir", "trine loads model folders (no download cache)")
     _refused(p, "trust_remote_code", "trine curation loads models without remote code", "false")
 
 
@@ -196,6 +195,7 @@ def _check_outputs(args: argparse.Namespace, inputs: list[str | None], **more: s
 def _mine(args: argparse.Namespace) -> int:
     from trine.curation.mining import mine_hard_negatives, parse_range
 
+    resolve_model_options(args, "model_name_or_path")  # a folder, or a Hub id fetched into the Hugging Face cache
     _check_outputs(args, [args.input_file, args.candidate_pool])
     hybrid = args.hybrid_weights is not None
     if hybrid and len(args.hybrid_weights) != 2:
@@ -217,6 +217,7 @@ def _mine(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     from trine.curation.teacher import add_teacher_scores
 
+    resolve_model_options(args, "model_name_or_path", "reranker")  # folders, or Hub ids fetched into the cache
     _check_outputs(args, [args.input_file])
     scorer = _teacher(args)
     return _run_curation(args, lambda: add_teacher_scores(args.input_file, args.output_file, scorer,
@@ -226,6 +227,7 @@ def _score(args: argparse.Namespace) -> int:
 def _filter(args: argparse.Namespace) -> int:
     from trine.curation.filtering import filter_pairs
 
+    resolve_model_options(args, "model_name_or_path", "reranker")  # folders, or Hub ids fetched into the cache
     _check_outputs(args, [args.input_file], dropped_file=args.dropped_file)
     consistency = args.min_score is not None or args.top_k is not None
     if (consistency or args.near_duplicate_threshold is not None) and not (args.model_name_or_path or args.reranker):
@@ -255,7 +257,10 @@ def _curation_model_args(p: argparse.ArgumentParser, required: bool = True,
 
     p.add_argument("--input_file", required=True)
     p.add_argument("--output_file", required=True, help="never the input file")
-    p.add_argument(*names("--model_name_or_path"), required=required, default=None, help="any trine model folder")
+    p.add_argument(*names("--model_name_or_path"), required=required, default=None,
+                   help="any trine model folder, or a Hugging Face Hub id (org/name[@revision])")
+    # trine mine's --cache_dir is its encodings cache: there the Hub cache is --hub-cache-dir only
+    add_hub_options(p, "--model_name_or_path", cache_dir_flag=p.prog.split()[-1] != "mine")
     p.add_argument("--model_type", default="dense", choices=["dense", "m3"],
                    help="m3: load BGE-M3 heads (needed for sparse / colbert scores; implied by them)")
     p.add_argument("--query_instruction_for_retrieval", default=None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from trine.cli.curation import _Devices, _FlagOrBool, _run_curation, _teacher
-from trine.cli.parser import floats, options_checked
+from trine.cli.parser import add_hub_options, floats, options_checked, resolve_model_options
 from trine.errors import OptionError
 
 
@@ -15,6 +15,9 @@ def _generate(args: argparse.Namespace) -> int:
     from trine.curation.generate import QueryGenerator, generate_queries, load_prompt
     from trine.io import check_distinct
 
+    # folders, or Hub ids fetched into the Hugging Face cache
+    resolve_model_options(args, "model", "filter_model", "filter_reranker",
+                          extra_files={"model": [args.gguf_file] if args.gguf_file else []})
     check_output([args.input_file, args.prompt_file], args.output_file)
     if args.dropped_file is not None:
         check_output([args.input_file, args.prompt_file], args.dropped_file, "dropped_file")
@@ -53,7 +56,9 @@ def _generate(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate-queries", help="synthetic training pairs: an LM writes queries for passages")
     p.add_argument("--model", "--model_name_or_path", dest="model", required=True,
-                   help="a causal LM (its chat template when it has one) or a sequence-to-sequence model folder")
+                   help="a causal LM (its chat template when it has one) or a sequence-to-sequence model folder, "
+                        "or a Hugging Face Hub id (org/name[@revision])")
+    add_hub_options(p, "--model")
     p.add_argument("--gguf_file", default=None, help="a GGUF file in the model folder (de-quantised on load)")
     p.add_argument("--use_chat_template", action=_FlagOrBool, default=None,
                    help="default: the chat template when the tokenizer has one")

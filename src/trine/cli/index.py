@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from trine.cli.parser import floats, options_checked
+from trine.cli.parser import add_hub_options, floats, options_checked, resolve_model_options
 from trine.errors import OptionError
 
 SEARCH_MODES = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
@@ -122,6 +122,7 @@ def _connection(args: argparse.Namespace) -> dict[str, Any]:
 def _build(args: argparse.Namespace) -> int:
     from trine.retrieval.vectordb import ModelSignature, collection_class
 
+    resolve_model_options(args, "model")  # a folder, or a Hub id fetched into the Hugging Face cache
     if args.chunk_size < 1 or args.upsert_batch < 1:
         raise OptionError("--chunk-size and --upsert-batch must be positive")
     ids, texts = read_corpus(args.corpus)
@@ -229,6 +230,7 @@ def _queries(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 def _search(args: argparse.Namespace) -> int:
     from trine.retrieval import QueryReps
 
+    resolve_model_options(args, "model")  # a folder, or a Hub id fetched into the Hugging Face cache
     if args.k < 1:
         raise OptionError(f"--k must be positive, got {args.k}")
     qids, texts = _queries(args)
@@ -298,7 +300,9 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
                         "http://host:19530; qdrant: a folder (local mode, default trine_qdrant) or http://host:6333")
     p.add_argument("--collection", default="trine", help="collection name in the database")
     if model:
-        p.add_argument("--model", required=True, help="model folder (the one that built the collection)")
+        p.add_argument("--model", required=True, help="model folder or Hugging Face Hub id (org/name[@revision]; "
+                                                      "the one that built the collection)")
+        add_hub_options(p)
         p.add_argument("--heads", default="none", choices=["none", "neutral", "random", "bm25"],
                        help="how to start heads for a folder without head files (none: dense only)")
         p.add_argument("--batch-size", type=int, default=256)

@@ -36,6 +36,7 @@ from trine.data.reader import DataError, json_lines
 from trine.errors import InputError, OptionError
 from trine.inference.pool import DeviceRunner, check_positive_int, resolve_devices, resolve_dtype
 from trine.io import check_distinct, remove_stale_temps, temp_prefix
+from trine.modeling.loading import resolve_model
 
 # Of the prompts tried with SmolLM2-135M-Instruct (benchmarks/generate_queries_smollm2.py), the one whose pairs
 # the consistency filter kept most often.
@@ -166,15 +167,17 @@ class QueryGenerator(DeviceRunner):
 
     def __init__(self, model_name_or_path: str, *, devices: str | Sequence[str] | None = None,
                  use_fp16: bool = False, batch_size: int = 8, passage_max_len: int = 256,
-                 gguf_file: str | None = None, use_chat_template: bool | None = None):
+                 gguf_file: str | None = None, use_chat_template: bool | None = None, revision: str | None = None,
+                 cache_dir: str | os.PathLike | None = None, token: str | bool | None = None):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.passage_max_len = check_positive_int("passage_max_len", passage_max_len)
         self.devices = resolve_devices(devices)
         self.dtype = resolve_dtype(use_fp16, False)
-        if not os.path.isdir(model_name_or_path):
-            raise InputError(f"{model_name_or_path}: model: no such folder (trine loads model folders, no downloads)")
+        # a folder, or a Hub id fetched into the Hugging Face cache (with the GGUF file when one is named)
+        model_name_or_path = resolve_model(model_name_or_path, revision=revision, cache_dir=cache_dir, token=token,
+                                           extra_files=[gguf_file] if gguf_file else ())
         extra = {"gguf_file": gguf_file} if gguf_file else {}
         config = AutoConfig.from_pretrained(model_name_or_path, **extra)
         self.seq2seq = bool(getattr(config, "is_encoder_decoder", False))

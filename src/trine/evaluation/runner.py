@@ -446,6 +446,9 @@ def load_embedder(path: str | os.PathLike, config: EvalConfig, options: Mapping[
     asked for, the heads are not loaded (a plain dense model needs none). A ``bm25`` head start
     fits the lexical head on ``corpus`` (the documents searched, as BM25 computes its IDF on them)
     when the folder has no head files."""
+    from trine.modeling.loading import resolve_model
+
+    path = resolve_model(path)  # a folder, or a Hub id fetched into the Hugging Face cache
     options = dict(options or {})
     if config_outputs(config) <= {"dense"} and options.get("init_missing_heads") is None:
         options.pop("init_missing_heads", None)

@@ -109,7 +109,7 @@ def train_and_save(model_args: Any, data_args: Any, args: Any, build, *, command
 
     def card(folder: str, history: list[dict[str, Any]]) -> ModelCard:
         kind = "reranker" if command == "finetune-reranker" else "m3" if has_head_files(folder) else "dense"
-        return training_card(command, kind, base_model=model_args.model_name_or_path, history=history, data=data,
+        return training_card(command, kind, base_model=model_args.model_reference, history=history, data=data,
                              options={"model": model_args, "data": data_args, "training": args})
 
     trainer.model_card = card

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from trine.config import parse_config
-from trine.training.arguments import SafeTrainingArguments
+from trine.training.arguments import HubArguments, SafeTrainingArguments
 
 
 @dataclass
-class PretrainModelArguments:
+class PretrainModelArguments(HubArguments):
     model_name_or_path: str = field(metadata={"help": "masked-LM model folder (BERT or RoBERTa/XLM-R family)"})
     model_family: str = field(default="retromae", metadata={"help": "a registered pre-training model family "
                                                                     "(trine.modeling.families)"})
@@ -29,6 +29,7 @@ class PretrainModelArguments:
     def __post_init__(self) -> None:
         if self.position_extension not in ("copy", "interpolate"):
             raise ValueError(f"position_extension must be copy or interpolate, got {self.position_extension!r}")
+        self.resolve_model_reference()  # a Hub id becomes its folder in the Hugging Face cache
 
 
 @dataclass
