@@ -92,6 +92,8 @@ def options_dict(options: Any) -> dict[str, Any]:
     fields = dataclasses.asdict(options)
     if fields.get("token") is not None:  # a Hugging Face token (trine.training.arguments.HubArguments): a secret
         fields["token"] = "<TOKEN>"
+    if getattr(options, "model_reference", None) is not None:  # a Hub id as named, not its folder in one cache
+        fields["model_name_or_path"] = options.model_reference
     return _plain(fields)
 
 

@@ -41,6 +41,7 @@ def _generate(args: argparse.Namespace) -> int:
         generator = QueryGenerator(args.model, devices=args.devices, use_fp16=args.use_fp16,
                                    batch_size=args.batch_size, passage_max_len=args.passage_max_len,
                                    gguf_file=args.gguf_file, use_chat_template=args.use_chat_template)
+    generator.model_name = args.model_references["model"]  # the records name the model as given: a Hub id as such
     try:
         return _run_curation(args, lambda: generate_queries(
             args.input_file, args.output_file, generator, prompt=args.prompt, prompt_file=args.prompt_file,

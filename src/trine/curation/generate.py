@@ -175,7 +175,9 @@ class QueryGenerator(DeviceRunner):
         self.passage_max_len = check_positive_int("passage_max_len", passage_max_len)
         self.devices = resolve_devices(devices)
         self.dtype = resolve_dtype(use_fp16, False)
-        # a folder, or a Hub id fetched into the Hugging Face cache (with the GGUF file when one is named)
+        # a folder, or a Hub id fetched into the Hugging Face cache (with the GGUF file when one is named); the
+        # outputs record the model as named
+        self.model_name = model_name_or_path
         model_name_or_path = resolve_model(model_name_or_path, revision=revision, cache_dir=cache_dir, token=token,
                                            extra_files=[gguf_file] if gguf_file else ())
         extra = {"gguf_file": gguf_file} if gguf_file else {}
@@ -195,7 +197,6 @@ class QueryGenerator(DeviceRunner):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         cls = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
         self.model = cls.from_pretrained(model_name_or_path, **extra).eval()
-        self.model_name = model_name_or_path
         if len(self.devices) == 1:
             self._move_to(self.devices[0])
 

@@ -461,9 +461,15 @@ def load_embedder(path: str | os.PathLike, config: EvalConfig, options: Mapping[
 
 
 def model_labels(models: Sequence[str | os.PathLike | Encoder]) -> list[str]:
-    """Short unique names: the folder name, or as many trailing path parts as it takes to tell it apart."""
-    parts = [os.path.normpath(os.fspath(m)).strip(os.sep).split(os.sep) if not isinstance(m, Encoder) else None
-             for m in models]
+    """Short unique names: the folder name, or as many trailing path parts as it takes to tell it apart; a
+    Hub model in the Hugging Face cache is its id (org/name), not its snapshot's commit."""
+    from trine.modeling.loading import hub_repo_of
+
+    def path_parts(m: str | os.PathLike) -> list[str]:
+        repo = hub_repo_of(m)
+        return repo.split("/") if repo else os.path.normpath(os.fspath(m)).strip(os.sep).split(os.sep)
+
+    parts = [None if isinstance(m, Encoder) else path_parts(m) for m in models]
     labels = []
     for i, p in enumerate(parts):
         if p is None:

@@ -85,9 +85,9 @@ def resolve_model(reference: str | os.PathLike, *, revision: str | None = None, 
             raise OptionError(f"{path}: revision {revision!r} names a Hub revision, but this is a local folder")
         return path
     if os.path.exists(path):
-        raise MissingInputError(f"{path}: {what}: a file, not a model folder")
+        raise MissingInputError(f"{path}: a file, not a model folder ({what})")
     if not is_hub_id(path):
-        raise MissingInputError(f"{path}: {what}: no such folder (nor a Hugging Face Hub id: org/name)")
+        raise MissingInputError(f"{path}: no such model folder ({what}; not a Hugging Face Hub id either: org/name)")
     repo, _, pinned = path.partition("@")
     if pinned and revision is not None and pinned != revision:
         raise OptionError(f"{path}: the revision is given twice: {pinned!r} in the id and {revision!r}")
@@ -136,12 +136,19 @@ def _snapshot(repo: str, revision: str | None, cache_dir: str | None, token: str
     return folder
 
 
-def in_hub_cache(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a snapshot in a Hugging Face cache (``models--org--name/snapshots/<commit>``): its files
-    are links into the cache's blobs, shared by every revision, so trine writes nothing there (tuned fusion
-    weights, a model card)."""
+def hub_repo_of(path: str | os.PathLike) -> str | None:
+    """The repository id (``org/name``) of a snapshot folder in a Hugging Face cache
+    (``models--org--name/snapshots/<commit>``), else None: how reports name a model given as a Hub id."""
     parts = os.path.normpath(os.path.abspath(os.fspath(path))).split(os.sep)
-    return len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--")
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3][len("models--"):].replace("--", "/")
+    return None
+
+
+def in_hub_cache(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a snapshot in a Hugging Face cache: its files are links into the cache's blobs, shared
+    by every revision, so trine writes nothing there (tuned fusion weights, a model card)."""
+    return hub_repo_of(path) is not None
 
 
 def _has_weights(folder: str) -> bool:
