@@ -16,17 +16,6 @@ import torch
 
 from trine.errors import InputError, MissingInputError, OptionError, UserError, first_line
 
-
-def check_model_folder(path: str | os.PathLike) -> str:
-    """``path`` as a string, if it is a folder (for what only a local folder can be: a checkpoint to resume,
-    an adapter being merged); models users name go through :func:`resolve_model`, which takes Hub ids too."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        what = "a file, not a model folder" if os.path.exists(path) else "no such model folder"
-        raise MissingInputError(f"{path}: {what}")
-    return path
-
-
 # What a model reference fetches from the Hub: the config, the tokenizer (every format transformers reads), the
 # weights in safetensors (.bin only where a repository has no safetensors, see _BIN_WEIGHTS), BGE-M3's head files,
 # sentence-transformers' module files, trine's own files (fusion weights, reranker family, layer-wise heads,

@@ -68,7 +68,8 @@ class LoraArguments(HubArguments):
 
 @dataclass
 class ModelArguments(LoraArguments):
-    model_name_or_path: str = field(metadata={"help": "model folder (a backbone, or a tri-head BGE-M3 folder)"})
+    model_name_or_path: str = field(metadata={"help": "model folder (a backbone, or a tri-head BGE-M3 folder), or a "
+                                                                    "Hugging Face Hub id (org/name[@revision])"})
     sentence_pooling_method: str | None = field(
         default=None, metadata={"help": "cls, mean or last_token (default: the folder's sentence-transformers config, "
                                         "else cls)"}

@@ -52,7 +52,8 @@ RERANKER_LOSSES = ("group_ce", "bce")
 
 @dataclass
 class RerankerModelArguments(LoraArguments):
-    model_name_or_path: str = field(metadata={"help": "a reranker folder, or a backbone (a new classifier starts)"})
+    model_name_or_path: str = field(metadata={"help": "a reranker folder, or a backbone (a new classifier "
+                                                                    "starts); or a Hub id (org/name[@revision])"})
     trust_remote_code: bool = field(default=False)
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, eager, ... (transformers)"})
     model_family: str = field(default="cross-encoder", metadata={"help": "a registered reranker model family "

@@ -10,7 +10,8 @@ from trine.training.arguments import HubArguments, SafeTrainingArguments
 
 @dataclass
 class PretrainModelArguments(HubArguments):
-    model_name_or_path: str = field(metadata={"help": "masked-LM model folder (BERT or RoBERTa/XLM-R family)"})
+    model_name_or_path: str = field(metadata={"help": "masked-LM model folder (BERT or RoBERTa/XLM-R family) "
+                                                                    "or Hub id (org/name[@revision])"})
     model_family: str = field(default="retromae", metadata={"help": "a registered pre-training model family "
                                                                     "(trine.modeling.families)"})
     extend_position_embeddings_to: int | None = field(
