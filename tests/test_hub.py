@@ -350,20 +350,24 @@ def test_query_generator_takes_an_id(hub):
 
 def test_training_arguments_resolve_an_id(hub, tmp_path):
     """finetune, finetune-reranker and pretrain: --model_name_or_path org/name with FlagEmbedding's --cache_dir,
-    and --revision; the user's reference is kept for the model card."""
+    and --revision, fetched when a run starts (parsing reads no model); the reference is kept for the card."""
     from trine.training.finetune import parse_args
     from trine.training.pretrain import parse_args as pretrain_args
     from trine.training.reranker import parse_reranker_args as reranker_args
 
     data = write_data(tmp_path / "train.jsonl")
     common = ["--train_data", data, "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"]
-    model_args = parse_args(["--model_name_or_path", M3, "--cache_dir", str(hub["cache"]), "--revision", "v1",
-                             *common])[0]
-    assert model_args.model_name_or_path == resolve_model(M3, revision="v1") and model_args.model_reference == M3
-    assert reranker_args(["--model_name_or_path", RERANKER, *common])[0].model_name_or_path == resolve_model(RERANKER)
-    assert pretrain_args(["--model_name_or_path", f"{M3}@v1", *common])[0].model_name_or_path.endswith(hub["v1"])
-    with pytest.raises(MissingInputError, match="org/absent: model: not in the Hugging Face cache"):
-        parse_args(["--model_name_or_path", "org/absent", *common])
+    runs = [(parse_args(["--model_name_or_path", M3, "--cache_dir", str(hub["cache"]), "--revision", "v1",
+                         *common])[0], M3, resolve_model(M3, revision="v1")),
+            (reranker_args(["--model_name_or_path", RERANKER, *common])[0], RERANKER, resolve_model(RERANKER)),
+            (pretrain_args(["--model_name_or_path", f"{M3}@v1", *common])[0], f"{M3}@v1", resolve_model(f"{M3}@v1"))]
+    for model_args, reference, folder in runs:
+        assert model_args.model_name_or_path == reference  # parsed, not yet fetched
+        model_args.resolve_model_reference()
+        model_args.resolve_model_reference()  # once only
+        assert (model_args.model_name_or_path, model_args.model_reference) == (folder, reference)
+    assert main(["finetune", "--model_name_or_path", "org/absent", *common]) == 2
+    assert not (tmp_path / "out").exists()
 
 
 def test_finetune_from_an_id_trains_as_from_the_folder(hub, tmp_path):

@@ -195,11 +195,12 @@ def _check_outputs(args: argparse.Namespace, inputs: list[str | None], **more: s
 def _mine(args: argparse.Namespace) -> int:
     from trine.curation.mining import mine_hard_negatives, parse_range
 
-    resolve_model_options(args, "model_name_or_path")  # a folder, or a Hub id fetched into the Hugging Face cache
     _check_outputs(args, [args.input_file, args.candidate_pool])
     hybrid = args.hybrid_weights is not None
     if hybrid and len(args.hybrid_weights) != 2:
         raise OptionError("--hybrid_weights takes two numbers: dense,sparse (e.g. 1,0.3)")
+    # after the options' checks, before anything is loaded: a folder, or a Hub id fetched into the cache
+    resolve_model_options(args, "model_name_or_path")
     embedder = _curation_embedder(args, m3=hybrid or args.model_type == "m3")
     options = {k: getattr(args, k) for k in ("hnsw_m", "ef_search", "nlist", "nprobe") if getattr(args, k) is not None}
     return _run_curation(args, lambda: mine_hard_negatives(
@@ -217,8 +218,8 @@ def _mine(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     from trine.curation.teacher import add_teacher_scores
 
-    resolve_model_options(args, "model_name_or_path", "reranker")  # folders, or Hub ids fetched into the cache
     _check_outputs(args, [args.input_file])
+    resolve_model_options(args, "model_name_or_path", "reranker")  # folders, or Hub ids fetched into the cache
     scorer = _teacher(args)
     return _run_curation(args, lambda: add_teacher_scores(args.input_file, args.output_file, scorer,
                                                           chunk_size=args.chunk_size, show_progress=not args.quiet))
@@ -227,7 +228,6 @@ def _score(args: argparse.Namespace) -> int:
 def _filter(args: argparse.Namespace) -> int:
     from trine.curation.filtering import filter_pairs
 
-    resolve_model_options(args, "model_name_or_path", "reranker")  # folders, or Hub ids fetched into the cache
     _check_outputs(args, [args.input_file], dropped_file=args.dropped_file)
     consistency = args.min_score is not None or args.top_k is not None
     if (consistency or args.near_duplicate_threshold is not None) and not (args.model_name_or_path or args.reranker):
@@ -235,6 +235,7 @@ def _filter(args: argparse.Namespace) -> int:
                          "(or --reranker for the scores)")
     if args.near_duplicate_threshold is not None and not args.model_name_or_path:
         raise OptionError("--near_duplicate_threshold needs --model_name_or_path (an embedder)")
+    resolve_model_options(args, "model_name_or_path", "reranker")  # folders, or Hub ids fetched into the cache
     scorer = _teacher(args) if consistency else None
     dedup_embedder = None
     if args.near_duplicate_threshold is not None:

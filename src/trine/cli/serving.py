@@ -12,7 +12,6 @@ from trine.cli.parser import add_hub_options, options_checked, resolve_model_opt
 def _serve(args: argparse.Namespace) -> int:
     from trine.errors import MissingInputError, OptionError
 
-    resolve_model_options(args, "model", "reranker")  # folders, or Hub ids fetched into the Hugging Face cache
     if args.index is not None and not os.path.isdir(args.index):
         raise MissingInputError(f"{args.index}: --index: no such folder")
     if args.documents is not None:
@@ -22,6 +21,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise OptionError("--documents are the texts of --index's documents: give --index too")
     if args.truncate and args.no_truncate:
         raise OptionError("--truncate and --no-truncate contradict each other")
+    resolve_model_options(args, "model", "reranker")  # folders, or Hub ids fetched into the Hugging Face cache
     from trine.modeling.fusion import FusionSettings, read_fusion
     from trine.serving import ServeSettings, create_app, run_server
 

@@ -20,9 +20,10 @@ logger = logging.getLogger(__name__)
 @dataclass(kw_only=True)
 class HubArguments:
     """Where a Hub id ``model_name_or_path`` comes from (FlagEmbedding's ``cache_dir`` and ``token``, and the
-    revision): the id is fetched into the Hugging Face cache when the arguments are made, so every later reader
-    of ``model_name_or_path`` (the family, the output checks, LoRA's base) sees a local folder;
-    ``model_reference`` keeps what the user named (the model card's base model)."""
+    revision). :meth:`resolve_model_reference` fetches it into the Hugging Face cache when a run starts (not
+    when the arguments are parsed: parsing reads no model), so every later reader of ``model_name_or_path``
+    (the family, the output checks, LoRA's base) sees a local folder; ``model_reference`` keeps what the user
+    named (the model card's base model)."""
 
     cache_dir: str | None = field(default=None, metadata={"help": "Hugging Face cache folder for a Hub id model "
                                                                   "(default: HF_HUB_CACHE, else HF_HOME/hub)"})
@@ -32,8 +33,11 @@ class HubArguments:
                                                               "(default: HF_TOKEN, else the saved login)"})
 
     def resolve_model_reference(self) -> None:
+        """``model_name_or_path`` as its local folder (once: a second call leaves it)."""
         from trine.modeling.loading import resolve_model
 
+        if getattr(self, "model_reference", None) is not None:
+            return
         self.model_reference = self.model_name_or_path
         self.model_name_or_path = resolve_model(self.model_name_or_path, revision=self.revision,
                                                 cache_dir=self.cache_dir, token=self.token)
@@ -95,7 +99,6 @@ class ModelArguments(LoraArguments):
         if self.init_missing_heads is not None and self.init_missing_heads not in HEAD_INITS:
             raise ValueError(f"init_missing_heads must be one of {', '.join(HEAD_INITS)}, "
                              f"got {self.init_missing_heads!r}")
-        self.resolve_model_reference()  # last: the options are checked before anything is downloaded
 
 
 @dataclass

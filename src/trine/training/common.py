@@ -102,6 +102,7 @@ def train_and_save(model_args: Any, data_args: Any, args: Any, build, *, command
     on a bad one), build, prepare the folder, train (resuming from a complete checkpoint), save the
     model atomically with its model card (``command``: what wrote it, ``finetune`` or
     ``finetune-reranker``)."""
+    model_args.resolve_model_reference()  # a Hub id: its folder in the Hugging Face cache, before the checks
     checkpoint = check_training_output(args, training_inputs(model_args, data_args))
     with options_checked():  # e.g. retrieval_eval_steps without eval_data: exit 2, nothing written
         trainer = build(model_args, data_args, args)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,8 +75,8 @@ class RerankerModelArguments(LoraArguments):
         if self.head_type is not None and self.head_type != "simple":
             raise OptionError(f"head_type: {self.head_type!r}; trine trains 'simple' heads (FlagEmbedding's 'raw' and "
                               "'complex' heads give vocabulary-wide logits its own scoring reads at the wrong index)")
-        self.resolve_model_reference()  # a Hub id becomes its folder in the Hugging Face cache
-        recorded = read_family_file(self.model_name_or_path)
+        # a Hub id is checked by the loader, once fetched (LLMReranker.from_pretrained reads the same file)
+        recorded = read_family_file(self.model_name_or_path) if os.path.isdir(self.model_name_or_path) else None
         if recorded is not None and recorded["model_family"] != self.model_family:
             raise OptionError(f"model_family: {self.model_name_or_path} is a {recorded['model_family']!r} reranker "
                               f"({FAMILY_FILE}); pass --model_family {recorded['model_family']}, not "

@@ -30,7 +30,6 @@ class PretrainModelArguments(HubArguments):
     def __post_init__(self) -> None:
         if self.position_extension not in ("copy", "interpolate"):
             raise ValueError(f"position_extension must be copy or interpolate, got {self.position_extension!r}")
-        self.resolve_model_reference()  # a Hub id becomes its folder in the Hugging Face cache
 
 
 @dataclass
