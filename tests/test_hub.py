@@ -146,14 +146,14 @@ def test_references_resolve_to_the_snapshot(hub):
         resolve_model(f"{M3}@v1", revision="main")
     with pytest.raises(OptionError, match="is a local folder"):
         resolve_model(hub["local"][M3], revision="v1")
-    with pytest.raises(MissingInputError, match=f"{M3}@v9: model: not in the Hugging Face cache"):
+    with pytest.raises(MissingInputError, match=f"{M3}@v9: model: no such folder, nor in the Hugging Face cache"):
         resolve_model(M3, revision="v9")
 
 
 def test_cache_dir_argument_and_hf_home(hub, tmp_path):
     other = tmp_path / "other"
     publish(other, "org/elsewhere", hub["local"][DENSE])
-    with pytest.raises(MissingInputError, match="org/elsewhere: model: not in the Hugging Face cache"):
+    with pytest.raises(MissingInputError, match="org/elsewhere: model: no such folder, nor in the Hugging Face cache"):
         resolve_model("org/elsewhere")
     assert resolve_model("org/elsewhere", cache_dir=other).startswith(str(other))
     # the variables as huggingface_hub reads them, in a fresh process: HF_HOME alone finds HF_HOME/hub
@@ -185,8 +185,9 @@ def test_a_missing_id_is_one_line_with_the_download_command(capsys, tmp_path):
     with pytest.raises(MissingInputError) as err:
         Reranker("org/not-cached")
     message = str(err.value)
-    assert "\n" not in message and message.startswith("org/not-cached: reranker: not in the Hugging Face cache")
-    assert "HF_HUB_OFFLINE is set" in message and message.endswith("hf download org/not-cached")
+    assert "\n" not in message
+    assert message.startswith("org/not-cached: reranker: no such folder, nor in the Hugging Face cache")
+    assert "(HF_HUB_OFFLINE is set)" in message and message.endswith("hf download org/not-cached")
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(json.dumps({"_id": "d", "text": "a passage"}) + "\n")
     assert main(["encode", "org/not-cached@v2", str(corpus), "--output-dir", str(tmp_path / "enc")]) == 2

@@ -118,8 +118,8 @@ def _snapshot(repo: str, revision: str | None, cache_dir: str | None, token: str
     except LocalEntryNotFoundError as err:
         where = cache_dir or hub.HF_HUB_CACHE
         reason = "HF_HUB_OFFLINE is set" if hub.is_offline_mode() else "the Hub cannot be reached"
-        raise MissingInputError(f"{repo}{at}: {what}: not in the Hugging Face cache {where} and {reason}; download "
-                                f"it where the Hub is reachable: {download}") from err
+        raise MissingInputError(f"{repo}{at}: {what}: no such folder, nor in the Hugging Face cache {where} "
+                                f"({reason}); download it where the Hub is reachable: {download}") from err
     except HfHubHTTPError as err:
         raise InputError(f"{repo}{at}: {what}: the Hub refused the download: {first_line(err)}") from err
     return folder
