@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -249,7 +250,9 @@ def models(tiny_m3_dir, xlmr_tokenizer_dir, tmp_path_factory) -> dict[str, str]:
     """The one table of local stand-ins for the models the pages name (shared by every page): the tiny
     BGE-M3-layout model and a tiny cross-encoder on the same (real XLM-R) tokenizer."""
     reranker = make_tiny_reranker(str(tmp_path_factory.mktemp("docs_reranker")), xlmr_tokenizer_dir, "xlmr")
-    return {"m3": tiny_m3_dir, "reranker": reranker}
+    # named as the Hub id's last part, as a download is: the served model name the pages' clients send
+    m3 = shutil.copytree(tiny_m3_dir, tmp_path_factory.mktemp("docs_m3") / "bge-m3")
+    return {"m3": str(m3), "reranker": reranker}
 
 
 # ---------------------------------------------------------------------------------------------- the tests

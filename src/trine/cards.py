@@ -86,11 +86,15 @@ def _plain(value: Any) -> Any:
 
 
 def options_dict(options: Any) -> dict[str, Any]:
-    """Every field of an options dataclass (Hugging Face's ``TrainingArguments.to_dict`` for those, which hides
-    its own Hub tokens); the model options' Hub ``token`` (FlagEmbedding's) is written as ``<TOKEN>``, never its
-    value (``sep_token`` and the like are text, kept)."""
-    values = _plain(options.to_dict() if hasattr(options, "to_dict") else dataclasses.asdict(options))
-    return {k: "<TOKEN>" if k == "token" and v is not None else v for k, v in values.items()}
+    """Every field of an options dataclass (Hugging Face's ``TrainingArguments.to_dict`` for those)."""
+    if hasattr(options, "to_dict"):
+        return _plain(options.to_dict())
+    fields = dataclasses.asdict(options)
+    if fields.get("token") is not None:  # a Hugging Face token (trine.training.arguments.HubArguments): a secret
+        fields["token"] = "<TOKEN>"
+    if getattr(options, "model_reference", None) is not None:  # a Hub id as named, not its folder in one cache
+        fields["model_name_or_path"] = options.model_reference
+    return _plain(fields)
 
 
 def library_versions() -> dict[str, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from trine.cli.parser import DevicesAction as _Devices  # noqa: F401 (generate-queries imports it from here)
-from trine.cli.parser import floats, options_checked
+from trine.cli.parser import add_hub_options, floats, options_checked, resolve_model_options
 from trine.errors import InputError, OptionError, UserError
 
 # FlagEmbedding's scripts/hn_mine.py and scripts/add_reranker_score.py option names: each one trine
@@ -113,7 +113,6 @@ def _add_reranker_score_names(p: argparse.ArgumentParser) -> None:
                         "default: its last layer)")
     _refused(p, "compress_layers", "compression is for FlagEmbedding's lightweight rerankers", nargs="*")
     _refused(p, "compress_ratio", "compression is for FlagEmbedding's lightweight rerankers", "1")
-    _refused(p, "cache_dir", "trine loads model folders (no download cache)")
     _refused(p, "trust_remote_code", "trine curation loads models without remote code", "false")
 
 
@@ -191,6 +190,8 @@ def _mine(args: argparse.Namespace) -> int:
     hybrid = args.hybrid_weights is not None
     if hybrid and len(args.hybrid_weights) != 2:
         raise OptionError("--hybrid_weights takes two numbers: dense,sparse (e.g. 1,0.3)")
+    # after the options' checks, before anything is loaded: a folder, or a Hub id fetched into the cache
+    resolve_model_options(args, "model_name_or_path")
     embedder = _curation_embedder(args, m3=hybrid or args.model_type == "m3")
     options = {k: getattr(args, k) for k in ("hnsw_m", "ef_search", "nlist", "nprobe") if getattr(args, k) is not None}
     return _run_curation(args, lambda: mine_hard_negatives(
@@ -209,6 +210,7 @@ def _score(args: argparse.Namespace) -> int:
     from trine.curation.teacher import add_teacher_scores
 
     _check_outputs(args, [args.input_file])
+    resolve_model_options(args, "model_name_or_path", "reranker")  # folders, or Hub ids fetched into the cache
     scorer = _teacher(args)
     return _run_curation(args, lambda: add_teacher_scores(args.input_file, args.output_file, scorer,
                                                           chunk_size=args.chunk_size, show_progress=not args.quiet))
@@ -224,6 +226,7 @@ def _filter(args: argparse.Namespace) -> int:
                          "(or --reranker for the scores)")
     if args.near_duplicate_threshold is not None and not args.model_name_or_path:
         raise OptionError("--near_duplicate_threshold needs --model_name_or_path (an embedder)")
+    resolve_model_options(args, "model_name_or_path", "reranker")  # folders, or Hub ids fetched into the cache
     scorer = _teacher(args) if consistency else None
     dedup_embedder = None
     if args.near_duplicate_threshold is not None:
@@ -246,7 +249,10 @@ def _curation_model_args(p: argparse.ArgumentParser, required: bool = True,
 
     p.add_argument("--input_file", required=True)
     p.add_argument("--output_file", required=True, help="never the input file")
-    p.add_argument(*names("--model_name_or_path"), required=required, default=None, help="any trine model folder")
+    p.add_argument(*names("--model_name_or_path"), required=required, default=None,
+                   help="any trine model folder, or a Hugging Face Hub id (org/name[@revision])")
+    # trine mine's --cache_dir is its encodings cache: there the Hub cache is --hub-cache-dir only
+    add_hub_options(p, "--model_name_or_path", cache_dir_flag=p.prog.split()[-1] != "mine")
     p.add_argument("--model_type", default="dense", choices=["dense", "m3"],
                    help="m3: load BGE-M3 heads (needed for sparse / colbert scores; implied by them)")
     p.add_argument("--query_instruction_for_retrieval", default=None)

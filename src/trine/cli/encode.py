@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from trine.cli.parser import options_checked
+from trine.cli.parser import add_hub_options, options_checked, resolve_model_options
 from trine.errors import OptionError
 
 
@@ -23,6 +23,7 @@ def _encode(args: argparse.Namespace) -> int:
     outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
     with options_checked():
         check_outputs(outputs)
+    resolve_model_options(args, "model")  # a folder, or a Hub id fetched into the Hugging Face cache
     options = {"batch_size": args.batch_size, "passage_max_length": args.passage_max_len,
                "passage_instruction_for_retrieval": args.passage_instruction_for_retrieval,
                "passage_instruction_format": args.passage_instruction_format, "use_fp16": args.fp16,
@@ -46,7 +47,9 @@ def _encode(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     en = sub.add_parser("encode", help="encode a corpus JSONL into sharded dense / lexical / ColBERT encodings "
                                        "(resumable; torchrun or --ray for many devices)")
-    en.add_argument("model", help="model folder (with BGE-M3 head files for the sparse and ColBERT outputs)")
+    en.add_argument("model", help="model folder or Hugging Face Hub id (org/name[@revision]; with BGE-M3 head files "
+                                  "for the sparse and ColBERT outputs)")
+    add_hub_options(en)
     en.add_argument("corpus", help="corpus JSONL: _id (or id), text, optional title (BEIR's corpus.jsonl)")
     en.add_argument("--output-dir", required=True,
                     help="new folder, or one an earlier `trine encode` of the same options left unfinished")

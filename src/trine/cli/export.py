@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from trine.cli.parser import add_hub_options, resolve_model_options
 from trine.errors import OptionError
 
 TARGETS = ("sentence-transformers", "onnx")
@@ -11,13 +12,13 @@ TARGETS = ("sentence-transformers", "onnx")
 
 def _export(args: argparse.Namespace) -> int:
     from trine.io import check_output_path
-    from trine.modeling.loading import check_model_folder
 
     if args.to == "onnx" and args.parts is not None:
         raise OptionError("--parts goes with --to sentence-transformers (the ONNX graph holds every output)")
     if args.to == "sentence-transformers" and (args.quantize is not None or args.opset is not None):
         raise OptionError("--quantize and --opset go with --to onnx")
-    model = check_model_folder(args.model)
+    resolve_model_options(args, "model")  # a folder, or a Hub id fetched into the Hugging Face cache
+    model = args.model
     # before anything is loaded: the export may not replace the model or a folder trine did not write
     check_output_path(args.out, inputs=[model], overwrite=args.overwrite, what="export folder")
     if args.to == "sentence-transformers":
@@ -41,7 +42,8 @@ def _export(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser("export", help="export a model as sentence-transformers folders (dense, sparse, "
                                        "multi-vector) or one ONNX graph with every output")
-    ex.add_argument("model", help="trine / BGE-M3 model folder")
+    ex.add_argument("model", help="trine / BGE-M3 model folder or Hugging Face Hub id (org/name[@revision])")
+    add_hub_options(ex)
     ex.add_argument("out", help="new export folder")
     ex.add_argument("--to", required=True, choices=TARGETS)
     ex.add_argument("--parts", default=None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from trine.cli.curation import _Devices, _FlagOrBool, _run_curation, _teacher
-from trine.cli.parser import floats, options_checked
+from trine.cli.parser import add_hub_options, floats, options_checked, resolve_model_options
 from trine.errors import OptionError
 
 
@@ -25,6 +25,9 @@ def _generate(args: argparse.Namespace) -> int:
         raise OptionError("--top_k and --min_score need --filter_model (an embedder) or --filter_reranker")
     if not filtering and (args.filter_model or args.filter_reranker or args.dropped_file):
         raise OptionError("--filter_model, --filter_reranker and --dropped_file need --top_k and/or --min_score")
+    # after the options' checks, before anything is loaded: folders, or Hub ids fetched into the cache
+    resolve_model_options(args, "model", "filter_model", "filter_reranker",
+                          extra_files={"model": [args.gguf_file] if args.gguf_file else []})
     scorer = None
     if filtering:  # `trine filter`'s teacher, from the --filter_* options
         scorer = _teacher(argparse.Namespace(
@@ -38,6 +41,7 @@ def _generate(args: argparse.Namespace) -> int:
         generator = QueryGenerator(args.model, devices=args.devices, use_fp16=args.use_fp16,
                                    batch_size=args.batch_size, passage_max_len=args.passage_max_len,
                                    gguf_file=args.gguf_file, use_chat_template=args.use_chat_template)
+    generator.model_name = args.model_references["model"]  # the records name the model as given: a Hub id as such
     try:
         return _run_curation(args, lambda: generate_queries(
             args.input_file, args.output_file, generator, prompt=args.prompt, prompt_file=args.prompt_file,
@@ -53,7 +57,9 @@ def _generate(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate-queries", help="synthetic training pairs: an LM writes queries for passages")
     p.add_argument("--model", "--model_name_or_path", dest="model", required=True,
-                   help="a causal LM (its chat template when it has one) or a sequence-to-sequence model folder")
+                   help="a causal LM (its chat template when it has one) or a sequence-to-sequence model folder, "
+                        "or a Hugging Face Hub id (org/name[@revision])")
+    add_hub_options(p, "--model")
     p.add_argument("--gguf_file", default=None, help="a GGUF file in the model folder (de-quantised on load)")
     p.add_argument("--use_chat_template", action=_FlagOrBool, default=None,
                    help="default: the chat template when the tokenizer has one")

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from trine.cli.parser import floats, options_checked
+from trine.cli.parser import add_hub_options, floats, options_checked, resolve_model_options
 from trine.errors import OptionError, UserError
 
 SEARCH_MODES = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
@@ -126,6 +126,7 @@ def _build(args: argparse.Namespace) -> int:
 
     if args.chunk_size < 1 or args.upsert_batch < 1:
         raise OptionError("--chunk-size and --upsert-batch must be positive")
+    resolve_model_options(args, "model")  # a folder, or a Hub id fetched into the Hugging Face cache
     ids, texts = read_corpus(args.corpus)
     enc = None
     if args.backend == "trine":
@@ -289,6 +290,7 @@ def _search(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise OptionError(f"--k must be positive, got {args.k}")
+    resolve_model_options(args, "model")  # a folder, or a Hub id fetched into the Hugging Face cache
     qids, texts = _queries(args)
     encoder = _encoder(args)
     retriever, collection = _open_retriever(args, encoder)
@@ -356,7 +358,9 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
                         "http://host:19530; qdrant: a folder (local mode, default trine_qdrant) or http://host:6333")
     p.add_argument("--collection", default="trine", help="collection name in the database")
     if model:
-        p.add_argument("--model", required=True, help="model folder (the one that built the collection)")
+        p.add_argument("--model", required=True, help="model folder or Hugging Face Hub id (org/name[@revision]; "
+                                                      "the one that built the collection)")
+        add_hub_options(p)
         p.add_argument("--heads", default="none", choices=["none", "neutral", "random", "bm25"],
                        help="how to start heads for a folder without head files (none: dense only)")
         p.add_argument("--batch-size", type=int, default=256)

@@ -305,3 +305,42 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
         if isinstance(action, argparse._SubParsersAction) and command in action.choices:
             return action.choices[command]
     raise OptionError(f"{command}: unknown command")
+
+
+def add_hub_options(p: argparse.ArgumentParser, model: str = "MODEL", *, cache_dir_flag: bool = True) -> None:
+    """``--revision`` (of the command's main model, ``model``) and ``--cache-dir`` / ``--hub-cache-dir`` (the
+    Hugging Face cache every Hub id of the command is fetched into). The command's other model options take
+    ``org/name@revision``: one revision cannot fit two repositories. ``cache_dir_flag`` False: only
+    ``--hub-cache-dir`` (``trine mine``'s ``--cache_dir`` is its encodings cache)."""
+    p.add_argument("--revision", default=None,
+                   help=f"branch, tag or commit of {model} when it is a Hugging Face Hub id (also ID@REVISION; "
+                        "the command's other model options take ID@REVISION)")
+    flags = ("--cache-dir", "--hub-cache-dir") if cache_dir_flag else ("--hub-cache-dir",)
+    p.add_argument(*flags, dest="hub_cache_dir", default=None,
+                   help="Hugging Face cache for Hub ids (default: HF_HUB_CACHE, else HF_HOME/hub, else "
+                        "~/.cache/huggingface/hub; HF_HUB_OFFLINE=1: the cache only)")
+
+
+def resolve_model_options(args: argparse.Namespace, main: str, *others: str,
+                          extra_files: dict[str, list[str]] | None = None) -> None:
+    """Each model option of ``args`` (their ``dest`` names; ``main`` takes ``--revision``) as its local folder: a
+    folder as it is, a Hub id fetched into the cache (:func:`trine.modeling.loading.resolve_model`), before the
+    command checks its outputs or loads anything, so everything after sees folders. A list value (``--model``
+    given several times) resolves each; ``extra_files``: files a Hub id of an option needs beyond the usual
+    (``--gguf_file``). The names as given stay in ``args.model_references``."""
+    from trine.modeling.loading import resolve_model
+
+    references = getattr(args, "model_references", {})
+    for dest in (main, *others):
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        revision = args.revision if dest == main else None
+
+        def one(v: str, dest: str = dest, revision: str | None = revision) -> str:
+            return resolve_model(v, revision=revision, cache_dir=args.hub_cache_dir, what=dest,
+                                 extra_files=(extra_files or {}).get(dest, ()))
+
+        references[dest] = value
+        setattr(args, dest, [one(v) for v in value] if isinstance(value, list) else one(value))
+    args.model_references = references

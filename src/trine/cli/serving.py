@@ -7,7 +7,7 @@ import logging
 import os
 from typing import Any
 
-from trine.cli.parser import options_checked
+from trine.cli.parser import add_hub_options, options_checked, resolve_model_options
 
 logger = logging.getLogger(__name__)
 
@@ -15,9 +15,8 @@ logger = logging.getLogger(__name__)
 def _serve(args: argparse.Namespace) -> int:
     from trine.errors import MissingInputError, OptionError
 
-    for flag, path in (("MODEL", args.model), ("--reranker", args.reranker), ("--index", args.index)):
-        if path is not None and not os.path.isdir(path):
-            raise MissingInputError(f"{path}: {flag}: no such folder")
+    if args.index is not None and not os.path.isdir(args.index):
+        raise MissingInputError(f"{args.index}: --index: no such folder")
     if args.documents is not None:
         if not os.path.isfile(args.documents):
             raise MissingInputError(f"{args.documents}: --documents: no such file")
@@ -26,13 +25,14 @@ def _serve(args: argparse.Namespace) -> int:
     if args.truncate and args.no_truncate:
         raise OptionError("--truncate and --no-truncate contradict each other")
     from trine.data.text import check_template
+    resolve_model_options(args, "model", "reranker")  # folders, or Hub ids fetched into the Hugging Face cache
     from trine.modeling.fusion import FusionSettings, read_fusion
     from trine.serving import ServeSettings, create_app, run_server
 
     with options_checked():
         check_template(args.query_instruction_format.replace("\\n", "\n"), "--query_instruction_format")
         settings = ServeSettings(
-            model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
+            model_name=args.served_model_name or _model_name(args.model_references["model"]),
             api_key=args.api_key or os.environ.get("TRINE_API_KEY") or None,
             max_batch_texts=args.max_batch_texts, max_batch_tokens=args.max_batch_tokens,
             max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
@@ -68,6 +68,13 @@ def _allowed_hosts(args: argparse.Namespace) -> tuple[str, ...] | None:
     return LOOPBACK if args.host in LOOPBACK else None
 
 
+def _model_name(reference: str) -> str:
+    """The name /v1/embeddings reports by default: a folder's name, or the Hub id (without its @revision)."""
+    if os.path.isdir(reference):
+        return os.path.basename(os.path.normpath(reference))
+    return reference.partition("@")[0]
+
+
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """The embedder, the reranker (or None) and the index (or None) the options name."""
     from trine.inference import M3Embedder, Reranker
@@ -97,8 +104,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     sv = sub.add_parser("serve", help="serve a model over HTTP: OpenAI /v1/embeddings, text-embeddings-inference's "
                                       "routes, /encode, /score, /search")
-    sv.add_argument("model", help="model folder (with BGE-M3 heads for the sparse and ColBERT outputs)")
-    sv.add_argument("--reranker", default=None, help="cross-encoder folder: enables POST /rerank")
+    sv.add_argument("model", help="model folder or Hugging Face Hub id (org/name[@revision]; with BGE-M3 heads for "
+                                  "the sparse and ColBERT outputs)")
+    sv.add_argument("--reranker", default=None, help="reranker folder or Hub id: enables POST /rerank")
+    add_hub_options(sv)
     sv.add_argument("--index", default=None, help="a saved HybridRetriever folder over documents encoded by MODEL: "
                                                   "enables POST /search")
     sv.add_argument("--documents", default=None, help="the index's texts: a BEIR corpus.jsonl (_id, title, text) "
@@ -108,7 +117,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health "
                                                     "(also: TRINE_API_KEY)")
     sv.add_argument("--served-model-name", default=None, help="the model name /v1/embeddings and /info report "
-                                                              "(default: the folder's name)")
+                                                              "(default: the folder's name, or the Hub id)")
     sv.add_argument("--max-batch-texts", type=int, default=64,
                     help="the dynamic batcher merges waiting requests into encoder calls of at most this many texts")
     sv.add_argument("--max-batch-tokens", type=int, default=16384,

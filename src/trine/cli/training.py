@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from trine.cli.parser import add_hub_options, resolve_model_options
+
 
 def _split_by_length(args: argparse.Namespace) -> int:
     import json
@@ -11,6 +13,7 @@ def _split_by_length(args: argparse.Namespace) -> int:
 
     from trine.training.buckets import split_by_length, suggest_batch_size
 
+    resolve_model_options(args, "model_name_or_path")  # a folder, or a Hub id fetched into the Hugging Face cache
     # bad data, model folder or output: a UserError, reported by main() (exit 2)
     report = split_by_length(args.input_path, args.output_dir, args.model_name_or_path, edges=args.length_list,
                              reference_batch=args.reference_batch, reference_length=args.reference_length,
@@ -37,7 +40,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     split = sub.add_parser("split-by-length", help="cut training files into length buckets (per-bucket batch sizes)")
     split.add_argument("--input_path", nargs="+", required=True, help="training JSONL files or folders")
     split.add_argument("--output_dir", required=True)
-    split.add_argument("--model_name_or_path", required=True, help="folder whose tokenizer measures lengths")
+    split.add_argument("--model_name_or_path", required=True,
+                       help="folder or Hugging Face Hub id whose tokenizer measures lengths")
+    add_hub_options(split, "--model_name_or_path")
     split.add_argument("--length_list", type=int, nargs="+", default=[0, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000],
                        help="bucket edges in tokens (the last bucket is open-ended)")
     split.add_argument("--reference_batch", type=int, default=None,

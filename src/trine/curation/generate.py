@@ -36,6 +36,7 @@ from trine.data.text import text_problem
 from trine.errors import InputError, OptionError
 from trine.inference.pool import DeviceRunner, check_positive_int, resolve_devices, resolve_dtype
 from trine.io import check_distinct, remove_stale_temps, temp_prefix
+from trine.modeling.loading import resolve_model
 from trine.progress import bar as progress_bar
 
 # Of the prompts tried with SmolLM2-135M-Instruct (benchmarks/generate_queries_smollm2.py), the one whose pairs
@@ -169,15 +170,19 @@ class QueryGenerator(DeviceRunner):
 
     def __init__(self, model_name_or_path: str, *, devices: str | Sequence[str] | None = None,
                  use_fp16: bool = False, batch_size: int = 8, passage_max_len: int = 256,
-                 gguf_file: str | None = None, use_chat_template: bool | None = None):
+                 gguf_file: str | None = None, use_chat_template: bool | None = None, revision: str | None = None,
+                 cache_dir: str | os.PathLike | None = None, token: str | bool | None = None):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.passage_max_len = check_positive_int("passage_max_len", passage_max_len)
         self.devices = resolve_devices(devices)
         self.dtype = resolve_dtype(use_fp16, False)
-        if not os.path.isdir(model_name_or_path):
-            raise InputError(f"{model_name_or_path}: model: no such folder (trine loads model folders, no downloads)")
+        # a folder, or a Hub id fetched into the Hugging Face cache (with the GGUF file when one is named); the
+        # outputs record the model as named
+        self.model_name = model_name_or_path
+        model_name_or_path = resolve_model(model_name_or_path, revision=revision, cache_dir=cache_dir, token=token,
+                                           extra_files=[gguf_file] if gguf_file else ())
         extra = {"gguf_file": gguf_file} if gguf_file else {}
         config = AutoConfig.from_pretrained(model_name_or_path, **extra)
         self.seq2seq = bool(getattr(config, "is_encoder_decoder", False))
@@ -195,7 +200,6 @@ class QueryGenerator(DeviceRunner):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         cls = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
         self.model = cls.from_pretrained(model_name_or_path, **extra).eval()
-        self.model_name = model_name_or_path
         if len(self.devices) == 1:
             self._move_to(self.devices[0])
 

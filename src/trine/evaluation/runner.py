@@ -454,6 +454,9 @@ def load_embedder(path: str | os.PathLike, config: EvalConfig, options: Mapping[
     asked for, the heads are not loaded (a plain dense model needs none). A ``bm25`` head start
     fits the lexical head on ``corpus`` (the documents searched, as BM25 computes its IDF on them)
     when the folder has no head files."""
+    from trine.modeling.loading import resolve_model
+
+    path = resolve_model(path)  # a folder, or a Hub id fetched into the Hugging Face cache
     options = dict(options or {})
     if config_outputs(config) <= {"dense"} and options.get("init_missing_heads") is None:
         options.pop("init_missing_heads", None)
@@ -466,9 +469,15 @@ def load_embedder(path: str | os.PathLike, config: EvalConfig, options: Mapping[
 
 
 def model_labels(models: Sequence[str | os.PathLike | Encoder]) -> list[str]:
-    """Short unique names: the folder name, or as many trailing path parts as it takes to tell it apart."""
-    parts = [os.path.normpath(os.fspath(m)).strip(os.sep).split(os.sep) if not isinstance(m, Encoder) else None
-             for m in models]
+    """Short unique names: the folder name, or as many trailing path parts as it takes to tell it apart; a
+    Hub model in the Hugging Face cache is its id (org/name), not its snapshot's commit."""
+    from trine.modeling.loading import hub_repo_of
+
+    def path_parts(m: str | os.PathLike) -> list[str]:
+        repo = hub_repo_of(m)
+        return repo.split("/") if repo else os.path.normpath(os.fspath(m)).strip(os.sep).split(os.sep)
+
+    parts = [None if isinstance(m, Encoder) else path_parts(m) for m in models]
     labels = []
     for i, p in enumerate(parts):
         if p is None:

@@ -48,6 +48,7 @@ from trine.evaluation.runner import (
 )
 from trine.inference.encoder import Encoder
 from trine.modeling.fusion import DEFAULT_NORMALIZATION, DEFAULT_WEIGHTS, FUSED_MODES, FusionSettings
+from trine.modeling.loading import in_hub_cache
 from trine.progress import bar as progress_bar
 from trine.retrieval import SearchResult, union_rows, weighted_fusion
 from trine.scoring import check_normalization, fuse_scores, normalize_scores
@@ -92,6 +93,10 @@ def check_tuning(models: Sequence[Any], test: RetrievalDataset, dev: RetrievalDa
                               f"an in-memory {type(model).__name__} (or call tune_fusion yourself)")
         if not os.path.isdir(os.fspath(model)):
             raise OptionError(f"{os.fspath(model)}: not a model folder; tuning writes fusion.json into one")
+        if in_hub_cache(model):
+            raise OptionError(f"{os.fspath(model)}: a Hub model in the Hugging Face cache; tuning writes fusion.json "
+                              "into the model folder: download it into a folder of your own first "
+                              "(hf download ORG/NAME --local-dir DIR) and tune that")
     check_dev_split(test, dev)
 
 

@@ -31,6 +31,7 @@ from trine.inference.pool import (
 from trine.inference.result import OUTPUTS, EncodeResult, check_outputs
 from trine.modeling.decoder import DecoderEmbedder
 from trine.modeling.families import inference_loader
+from trine.modeling.loading import resolve_model
 from trine.modeling.trihead import HeadInit, TriHeadModel
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ def _check_onnx_options(model: Any, *, devices: Any, **options: Any) -> None:
                          f"{type(model).__name__}")
     torch_only = {"use_fp16": False, "use_bf16": False, "mcls_interval": None, "pooling_method": None,
                   "trust_remote_code": False, "model_family": "trihead", "colbert_dim": -1,
-                  "init_missing_heads": None, "head_init_texts": None}
+                  "init_missing_heads": None, "head_init_texts": None, "revision": None, "cache_dir": None,
+                  "token": None}
     given = [k for k, default in torch_only.items()
              if (options[k] is not None if default is None else options[k] != default)]
     if given:
@@ -77,7 +79,9 @@ class Encoder(DeviceRunner):
     L2-normalised again when the model normalises (``normalize_embeddings``); ``encode_result``
     takes it per call too. ``backend="onnx"``: ``model_name_or_path`` is a ``trine export --to onnx``
     folder, run by ONNX Runtime on the CPU per batch of the same tokenising and batching (the
-    torch-only options are errors).
+    torch-only options are errors). ``model_name_or_path`` may be a Hugging Face Hub id (``org/name``, or
+    ``org/name@revision``), fetched into the Hub cache (``cache_dir``; ``revision``, ``token``) as
+    :func:`trine.modeling.loading.resolve_model` says; a local folder of that name wins.
     """
 
     def __init__(
@@ -107,6 +111,9 @@ class Encoder(DeviceRunner):
         model_family: str = "trihead",
         truncate_dim: int | None = None,
         backend: Backend = "torch",
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, not {backend!r}")
@@ -120,7 +127,8 @@ class Encoder(DeviceRunner):
                                 mcls_interval=mcls_interval, pooling_method=pooling_method,
                                 trust_remote_code=trust_remote_code, model_family=model_family,
                                 colbert_dim=colbert_dim, init_missing_heads=init_missing_heads,
-                                head_init_texts=head_init_texts)
+                                head_init_texts=head_init_texts, revision=revision, cache_dir=cache_dir,
+                                token=token)
             devices = "cpu"
         self.devices = resolve_devices(devices)
         self.dtype = resolve_dtype(use_fp16, use_bf16)
@@ -144,7 +152,8 @@ class Encoder(DeviceRunner):
             raise ValueError(f"backend='torch' takes a model folder or a TriHeadModel, not "
                              f"{type(model_name_or_path).__name__} (an ONNX graph needs backend='onnx')")
         else:
-            path = os.fspath(model_name_or_path)
+            # a folder, or a Hub id (org/name, org/name@revision) fetched into the Hugging Face cache
+            path = resolve_model(model_name_or_path, revision=revision, cache_dir=cache_dir, token=token)
             model = inference_loader(model_family)(
                 path,
                 with_heads=with_heads,

@@ -29,6 +29,7 @@ from trine.inference.pool import (
 )
 from trine.modeling.families import inference_loader
 from trine.modeling.llm_reranker import reranker_family
+from trine.modeling.loading import resolve_model
 
 #: an instruction left unset: the model family's default (none for a cross-encoder; FlagLLMReranker's "A: " /
 #: "B: " for an LLM reranker); None: no instruction
@@ -52,7 +53,9 @@ class Reranker(DeviceRunner):
     passage equivalents), as FlagEmbedding; unset, the family's defaults. ``prompt``: an LLM reranker's prompt
     (unset: the one its folder records, else FlagEmbedding's). ``cutoff_layers``: a layer-wise reranker's
     (``llm-reranker-layerwise``, FlagEmbedding's ``LayerWiseFlagLLMReranker``) layer or layers to score at (unset: its
-    last layer); several layers give one score list per layer. Other rerankers refuse it.
+    last layer); several layers give one score list per layer. Other rerankers refuse it. ``model_name_or_path``
+    may be a Hugging Face Hub id (``org/name``, ``org/name@revision``; ``revision``, ``cache_dir``, ``token``), as
+    :func:`trine.modeling.loading.resolve_model` says.
     """
 
     def __init__(
@@ -76,6 +79,9 @@ class Reranker(DeviceRunner):
         show_progress: bool = True,
         trust_remote_code: bool = False,
         cutoff_layers: int | Sequence[int] | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
     ):
         check_token_budget(max_tokens_per_batch)
         self.devices = resolve_devices(devices)
@@ -83,8 +89,11 @@ class Reranker(DeviceRunner):
         if isinstance(model_name_or_path, nn.Module):
             model = model_name_or_path
         else:
-            family = model_family or reranker_family(model_name_or_path)
-            model = inference_loader(family, "reranker")(model_name_or_path, dtype=self.dtype,
+            # a folder, or a Hub id fetched into the Hugging Face cache; the family is read from the files
+            path = resolve_model(model_name_or_path, revision=revision, cache_dir=cache_dir, token=token,
+                                 what="reranker")
+            family = model_family or reranker_family(path)
+            model = inference_loader(family, "reranker")(path, dtype=self.dtype,
                                                          trust_remote_code=trust_remote_code)
         self.model = model
         self._check_prompt(prompt)

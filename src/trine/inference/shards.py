@@ -360,10 +360,10 @@ def load_embedder(model: str | os.PathLike, **options: Any) -> Any:
     """The encoder ``trine encode`` runs: an M3Embedder for a folder with BGE-M3 head files (or when
     ``init_missing_heads`` is given), else a dense-only Embedder. Unknown options raise."""
     from trine.inference.embedder import Embedder, M3Embedder
+    from trine.modeling.loading import resolve_model
     from trine.modeling.trihead import has_head_files
 
-    if not os.path.isdir(os.fspath(model)):
-        raise MissingInputError(f"{os.fspath(model)}: no such model folder")
+    model = resolve_model(model)  # a folder, or a Hub id fetched into the Hugging Face cache
     if has_head_files(model) or options.get("init_missing_heads") is not None:
         return M3Embedder(model, **options)
     return Embedder(model, **options)

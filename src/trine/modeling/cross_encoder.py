@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 from trine.errors import InputError, MissingInputError
 from trine.io import write_folder
-from trine.modeling.loading import check_loaded_model, check_model_folder, load_from_folder, position_limit
+from trine.modeling.loading import check_loaded_model, load_from_folder, position_limit, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +113,14 @@ class CrossEncoder(nn.Module):
         dtype: torch.dtype = torch.float32,
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
     ) -> CrossEncoder:
         """Load a reranker folder. A folder without classifier weights (a plain backbone, e.g. to
         start training) loads only with ``new_classifier=True``; a warning names the new weights."""
-        path = check_model_folder(path)
+        # a folder, or a Hub id fetched into the Hugging Face cache (revision, cache_dir, token: of the id)
+        path = resolve_model(path, revision=revision, cache_dir=cache_dir, token=token)
         tokenizer = load_from_folder(AutoTokenizer.from_pretrained, path, "tokenizer",
                                      trust_remote_code=trust_remote_code)
         model, info = load_from_folder(

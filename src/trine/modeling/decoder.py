@@ -30,7 +30,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from trine.errors import InputError, MissingInputError, OptionError
 from trine.io import write_folder
-from trine.modeling.loading import check_loaded_model, check_model_folder, load_from_folder, position_limit
+from trine.modeling.loading import check_loaded_model, load_from_folder, position_limit, resolve_model
 from trine.modeling.pooling import check_pooling_method, pool
 
 logger = logging.getLogger(__name__)
@@ -204,6 +204,9 @@ class DecoderEmbedder(nn.Module):
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
         with_heads: bool = False,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
     ) -> DecoderEmbedder:
         """Load a causal LM folder (a ``...ForCausalLM`` checkpoint loads as its base model), or an adapter
         folder trine saved from a LoRA model (loaded on the base model its ``adapter_config.json``
@@ -211,7 +214,8 @@ class DecoderEmbedder(nn.Module):
         if with_heads:
             raise OptionError("model_family 'decoder' has no lexical or ColBERT heads (dense only): load it as an "
                               "Embedder, not an M3Embedder")
-        path = check_model_folder(path)
+        # a folder, or a Hub id fetched into the Hugging Face cache (revision, cache_dir, token: of the id)
+        path = resolve_model(path, revision=revision, cache_dir=cache_dir, token=token)
         tokenizer = load_from_folder(AutoTokenizer.from_pretrained, path, "tokenizer",
                                      trust_remote_code=trust_remote_code)
         backbone = load_from_folder(

@@ -79,6 +79,8 @@ def build_model(model_args: Any, args: Any, role: str, **context: Any) -> Any:
     """The model ``model_args.model_family`` builds for a command of ``role`` (``context``: see
     :attr:`ModelFamily.from_arguments`), with a new LoRA adapter when the arguments say ``use_lora``."""
     family = get_family(model_args.model_family, role)
+    if hasattr(model_args, "resolve_model_reference"):  # a Hub id: its folder in the Hugging Face cache, from here on
+        model_args.resolve_model_reference()
     model = family.from_arguments(model_args, args, **context)
     if getattr(model_args, "use_lora", False):
         from trine.modeling.lora import LoraOptions, add_lora

@@ -51,7 +51,7 @@ from trine.modeling.llm_reranker import (
     LLMReranker,
     read_family_file,
 )
-from trine.modeling.loading import check_finite, check_loaded_model, check_model_folder, load_from_folder
+from trine.modeling.loading import check_finite, check_loaded_model, load_from_folder, resolve_model
 from trine.modeling.lora import has_lora
 from trine.modeling.minicpm import MiniCPMModel
 from trine.modeling.minicpm import register as register_minicpm
@@ -229,12 +229,15 @@ class LayerwiseReranker(LLMReranker):
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                         trust_remote_code: bool = False, attn_implementation: str | None = None,
                         prompt: str | None = None, sep_token: str | None = None, start_layer: int | None = None,
-                        head_multi: bool | None = None, head_type: str | None = None) -> LayerwiseReranker:
+                        head_multi: bool | None = None, head_type: str | None = None,
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        token: str | bool | None = None) -> LayerwiseReranker:
         """Load a trine layer-wise reranker folder (or its LoRA adapter folder), a FlagEmbedding / hub layer-wise
         MiniCPM checkpoint, or a plain decoder (causal LM) folder, which gets new heads from its LM head's "Yes"
         row: ``start_layer`` (FlagEmbedding's 8), ``head_multi`` (False), ``head_type`` ("simple"). These three set
         up new heads only; a folder with heads keeps its own."""
-        path = check_model_folder(path)
+        # a folder, or a Hub id fetched into the Hugging Face cache (revision, cache_dir, token: of the id)
+        path = resolve_model(path, revision=revision, cache_dir=cache_dir, token=token)
         info = read_family_file(path) or {}
         if info.get("model_family", FAMILY_NAME) != FAMILY_NAME:
             raise InputError(f"{os.path.join(path, FAMILY_FILE)}: model_family: {info['model_family']!r}, not "

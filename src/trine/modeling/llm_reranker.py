@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from trine.errors import InputError, MissingInputError, OptionError, first_line
 from trine.io import write_folder
-from trine.modeling.loading import check_loaded_model, check_model_folder, load_from_folder, position_limit
+from trine.modeling.loading import check_loaded_model, load_from_folder, position_limit, resolve_model
 
 # the minicpm model type (a layer-wise reranker's backbone) is registered with AutoModel by the one folder
 # loader, trine.modeling.loading.load_from_folder, when a folder is of that type: importing MiniCPM's code
@@ -165,11 +165,13 @@ class LLMReranker(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                         trust_remote_code: bool = False, attn_implementation: str | None = None,
-                        prompt: str | None = None, sep_token: str | None = None) -> LLMReranker:
+                        prompt: str | None = None, sep_token: str | None = None, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, token: str | bool | None = None) -> LLMReranker:
         """Load a causal LM folder (a plain checkpoint, a trine LLM reranker, or an adapter folder trine saved from
         a LoRA model, loaded on the base model its ``adapter_config.json`` names). ``prompt``/``sep_token``: those
         the folder records (:data:`FAMILY_FILE`) unless given, else FlagEmbedding's."""
-        path = check_model_folder(path)
+        # a folder, or a Hub id fetched into the Hugging Face cache (revision, cache_dir, token: of the id)
+        path = resolve_model(path, revision=revision, cache_dir=cache_dir, token=token)
         info = read_family_file(path) or {}
         if info.get("model_family", FAMILY_NAME) != FAMILY_NAME:
             raise InputError(f"{os.path.join(path, FAMILY_FILE)}: model_family: {info['model_family']!r}, not "

@@ -5,24 +5,145 @@ traceback or its advice (``transformers`` talks about internet connections, ``to
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
-from trine.errors import InputError, MissingInputError, UserError, first_line
+from trine.errors import InputError, MissingInputError, OptionError, UserError, first_line
+
+# What a model reference fetches from the Hub: the config, the tokenizer (every format transformers reads), the
+# weights in safetensors (.bin only where a repository has no safetensors, see _BIN_WEIGHTS), BGE-M3's head files,
+# sentence-transformers' module files, trine's own files (fusion weights, reranker family, layer-wise heads,
+# RetroMAE decoder), LoRA adapter files and custom code (run only with trust_remote_code). Left out: ONNX /
+# OpenVINO / GGUF / TF / Flax copies, images, and training leftovers (optimizer states, checkpoints).
+HUB_PATTERNS = (
+    "*.json",  # config, tokenizer, generation, sentence-transformers, fusion.json, trine_reranker.json, adapter
+    "*.safetensors",  # model(-0000i-of-n).safetensors, adapter_model, layerwise_heads, retromae_decoder
+    "*.txt", "*.model", "*.tiktoken", "*.jinja",  # vocab.txt, merges.txt, SentencePiece / tiktoken, chat templates
+    "colbert_linear.pt", "sparse_linear.pt",  # BGE-M3's heads
+    "*.py",  # remote code (only run with trust_remote_code) and trine's exported lexical module
+    "[0-9]_*/*",  # sentence-transformers modules: 1_Pooling/config.json, 2_Dense/..., 2_Normalize
+    "README.md",  # the model card (trine eval --model-card reads and extends it)
+)
+# huggingface_hub's patterns are fnmatch patterns, whose * crosses "/": these keep other formats' folders and
+# pushed training checkpoints out whatever they hold
+HUB_IGNORE = ("onnx/*", "openvino/*", "coreml/*", "checkpoint-*/*", "runs/*", "*.onnx", "*.onnx_data", "*.gguf",
+              "*.h5", "*.msgpack", "*.ot", "*.tflite")
+_BIN_WEIGHTS = ("pytorch_model*.bin", "adapter_model.bin")
+#: the command that fills the cache on a machine that reaches the Hub (huggingface_hub's own CLI, ``hf``)
+DOWNLOAD_COMMAND = "hf download"
 
 
-def check_model_folder(path: str | os.PathLike) -> str:
-    """``path`` as a string, if it is a folder (trine loads local folders only, never a Hub id)."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        what = "a file, not a model folder" if os.path.exists(path) else "no such model folder"
-        raise MissingInputError(f"{path}: {what} (trine loads local folders only)")
-    return path
+def is_hub_id(reference: str) -> bool:
+    """Whether ``reference`` can be a Hugging Face Hub repository id (``name`` or ``org/name``, optionally with
+    ``@revision``). A path (``./m``, ``../m``, ``/tmp/m``, ``~/m``, ``a/b/c``, ``C:\\m``) never is: a typo'd
+    local path must fail as a path, not be looked up on the Hub."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    repo, at, revision = reference.partition("@")
+    if not repo or (at and not revision) or "\\" in reference or reference.startswith(("~", ".", "/")):
+        return False
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        return False
+    return True
+
+
+def resolve_model(reference: str | os.PathLike, *, revision: str | None = None, cache_dir: str | os.PathLike | None
+                  = None, token: str | bool | None = None, what: str = "model",
+                  extra_files: Sequence[str] = ()) -> str:
+    """The local folder of a model ``reference``: a folder as it is; else a Hub repository id (``org/name``,
+    ``name``; a revision as ``revision`` or as ``org/name@revision``, not both), through
+    ``huggingface_hub.snapshot_download`` into the standard cache (``cache_dir``, else ``HF_HUB_CACHE`` /
+    ``HF_HOME``; ``HF_HUB_OFFLINE``, ``HF_TOKEN`` and the saved login as huggingface_hub reads them), fetching
+    :data:`HUB_PATTERNS`. A reference that is neither, an id the cache lacks offline, an unknown repository or
+    revision: a :class:`~trine.errors.UserError` in one line naming it (and the download command). ``what``
+    names the reference in messages (``reranker``, ``base model``); ``extra_files``: names or patterns a Hub id
+    needs beyond :data:`HUB_PATTERNS` (a GGUF file), fetched even where :data:`HUB_IGNORE` leaves such files out."""
+    if not isinstance(reference, (str, os.PathLike)):
+        raise OptionError(f"{what}: expected a model folder or a Hub id, got {type(reference).__name__}")
+    path = os.fspath(reference)
+    if os.path.isdir(path):
+        if revision is not None:
+            raise OptionError(f"{path}: revision {revision!r} names a Hub revision, but this is a local folder")
+        return path
+    if os.path.exists(path):
+        raise MissingInputError(f"{path}: a file, not a model folder ({what})")
+    if not is_hub_id(path):
+        raise MissingInputError(f"{path}: no such model folder ({what}; not a Hugging Face Hub id either: org/name)")
+    repo, _, pinned = path.partition("@")
+    if pinned and revision is not None and pinned != revision:
+        raise OptionError(f"{path}: the revision is given twice: {pinned!r} in the id and {revision!r}")
+    revision = pinned or revision
+    return _snapshot(repo, revision, None if cache_dir is None else os.fspath(cache_dir), token, what,
+                     tuple(extra_files))
+
+
+def _snapshot(repo: str, revision: str | None, cache_dir: str | None, token: str | bool | None, what: str,
+              extra_files: tuple[str, ...]) -> str:
+    from huggingface_hub import constants as hub
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    at = f"@{revision}" if revision else ""
+    download = f"{DOWNLOAD_COMMAND} {repo}" + (f" --revision {revision}" if revision else "") + \
+        (f" --cache-dir {cache_dir}" if cache_dir else "")
+    ignore = [p for p in HUB_IGNORE if not any(fnmatch.fnmatch(f, p) for f in extra_files)]
+    options = {"revision": revision, "cache_dir": cache_dir, "token": token, "library_name": "trine",
+               "ignore_patterns": ignore}
+    try:
+        folder = snapshot_download(repo, allow_patterns=[*HUB_PATTERNS, *extra_files], **options)
+        if not _has_weights(folder) and not extra_files:  # a repository with .bin weights only (older uploads)
+            folder = snapshot_download(repo, allow_patterns=[*HUB_PATTERNS, *_BIN_WEIGHTS], **options)
+    except GatedRepoError as err:
+        raise InputError(f"{repo}: {what}: a gated Hub repository: accept its terms on huggingface.co and log in "
+                         f"(hf auth login, or HF_TOKEN) ({first_line(err)})") from err
+    except RevisionNotFoundError as err:
+        raise MissingInputError(f"{repo}{at}: {what}: no revision {revision!r} in this Hub repository") from err
+    except RepositoryNotFoundError as err:
+        raise MissingInputError(f"{repo}: {what}: no such folder, and no such Hub repository (or a private one: "
+                                "log in with hf auth login, or set HF_TOKEN)") from err
+    except LocalEntryNotFoundError as err:
+        where = cache_dir or hub.HF_HUB_CACHE
+        reason = "HF_HUB_OFFLINE is set" if hub.is_offline_mode() else "the Hub cannot be reached"
+        raise MissingInputError(f"{repo}{at}: {what}: no such folder, nor in the Hugging Face cache {where} "
+                                f"({reason}); download it where the Hub is reachable: {download}") from err
+    except HfHubHTTPError as err:
+        raise InputError(f"{repo}{at}: {what}: the Hub refused the download: {first_line(err)}") from err
+    return folder
+
+
+def hub_repo_of(path: str | os.PathLike) -> str | None:
+    """The repository id (``org/name``) of a snapshot folder in a Hugging Face cache
+    (``models--org--name/snapshots/<commit>``), else None: how reports name a model given as a Hub id."""
+    parts = os.path.normpath(os.path.abspath(os.fspath(path))).split(os.sep)
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3][len("models--"):].replace("--", "/")
+    return None
+
+
+def in_hub_cache(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a snapshot in a Hugging Face cache: its files are links into the cache's blobs, shared
+    by every revision, so trine writes nothing there (tuned fusion weights, a model card)."""
+    return hub_repo_of(path) is not None
+
+
+def _has_weights(folder: str) -> bool:
+    """Whether a snapshot holds model or adapter weights in safetensors (else its .bin files are fetched)."""
+    names = os.listdir(folder)
+    return any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names)
 
 
 def _is_resource_error(err: BaseException) -> bool:

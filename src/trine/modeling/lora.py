@@ -136,17 +136,20 @@ def adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def base_model_path(folder: str | os.PathLike, base: str | os.PathLike | None = None) -> str:
-    """The base model folder of an adapter: ``base`` when given, else the one its config records."""
+def base_model_path(folder: str | os.PathLike, base: str | os.PathLike | None = None, *,
+                    revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> str:
+    """The base model folder of an adapter: ``base`` when given, else the one its config records; either may be
+    a Hub id (``revision``, ``cache_dir``: of that id)."""
     config = adapter_config(folder)
     path = os.fspath(base) if base is not None else config.get("base_model_name_or_path")
     if not path:
         raise InputError(f"{os.path.join(os.fspath(folder), ADAPTER_CONFIG)}: base_model_name_or_path: not set; "
                          "name the base model folder (--base)")
-    if not os.path.isdir(path):
-        raise MissingInputError(f"{path}: the base model folder of the adapter {folder} does not exist "
-                                "(name it with --base)")
-    return path
+    from trine.modeling.loading import resolve_model
+
+    # a folder, or a Hub id (the base a LoRA run started from may be one), fetched into the Hugging Face cache
+    return resolve_model(path, revision=revision, cache_dir=cache_dir,
+                         what=f"the base model of the adapter {os.fspath(folder)} (name it with --base)")
 
 
 def merge_lora_folder(adapter_dir: str | os.PathLike, out: str | os.PathLike, *,

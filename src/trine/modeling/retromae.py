@@ -29,7 +29,7 @@ from transformers.activations import ACT2FN
 
 from trine.errors import InputError
 from trine.io import atomic_folder
-from trine.modeling.loading import check_finite, check_loaded_model, check_model_folder, load_from_folder
+from trine.modeling.loading import check_finite, check_loaded_model, load_from_folder, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +209,9 @@ class RetroMAEModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
     ) -> RetroMAEModel:
         """Load an MLM checkpoint (its MLM head is shared by encoder and decoder) and add a new decoder.
 
@@ -217,7 +220,8 @@ class RetroMAEModel(nn.Module):
         where the config ties them). A folder holding ``retromae_decoder.safetensors`` (a trine
         pre-training checkpoint) gets its decoder back.
         """
-        path = check_model_folder(path)
+        # a folder, or a Hub id fetched into the Hugging Face cache (revision, cache_dir, token: of the id)
+        path = resolve_model(path, revision=revision, cache_dir=cache_dir, token=token)
         tokenizer = load_from_folder(AutoTokenizer.from_pretrained, path, "tokenizer",
                                      trust_remote_code=trust_remote_code)
         if not getattr(tokenizer, "is_fast", False):

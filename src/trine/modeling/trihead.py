@@ -24,10 +24,10 @@ from trine.modeling.heads import colbert_vectors, lexical_token_weights
 from trine.modeling.lexical_init import fit_lexical_head
 from trine.modeling.loading import (
     check_loaded_model,
-    check_model_folder,
     load_from_folder,
     load_state_dict_file,
     position_limit,
+    resolve_model,
 )
 from trine.modeling.pooling import check_pooling_method, pool
 
@@ -181,6 +181,9 @@ class TriHeadModel(nn.Module):
         attn_implementation: str | None = None,
         head_init_texts: Sequence[str] | None = None,
         head_init_max_length: int = 256,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
     ) -> TriHeadModel:
         """Load a backbone folder and, with ``with_heads``, its BGE-M3 head files.
 
@@ -192,7 +195,8 @@ class TriHeadModel(nn.Module):
         ``pooling_method`` unset: the folder's sentence-transformers pooling config (which
         :meth:`save_pretrained` writes), else ``cls``.
         """
-        path = check_model_folder(path)
+        # a folder, or a Hub id fetched into the Hugging Face cache (revision, cache_dir, token: of the id)
+        path = resolve_model(path, revision=revision, cache_dir=cache_dir, token=token)
         if init_missing_heads is not None and init_missing_heads not in HEAD_INITS:
             raise OptionError(f"init_missing_heads: {init_missing_heads!r}; choose from {', '.join(HEAD_INITS)}")
         if head_init_texts is not None and init_missing_heads != "bm25":

@@ -19,7 +19,33 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
-class LoraArguments:
+class HubArguments:
+    """Where a Hub id ``model_name_or_path`` comes from (FlagEmbedding's ``cache_dir`` and ``token``, and the
+    revision). :meth:`resolve_model_reference` fetches it into the Hugging Face cache when a run starts (not
+    when the arguments are parsed: parsing reads no model), so every later reader of ``model_name_or_path``
+    (the family, the output checks, LoRA's base) sees a local folder; ``model_reference`` keeps what the user
+    named (the model card's base model)."""
+
+    cache_dir: str | None = field(default=None, metadata={"help": "Hugging Face cache folder for a Hub id model "
+                                                                  "(default: HF_HUB_CACHE, else HF_HOME/hub)"})
+    revision: str | None = field(default=None, metadata={"help": "branch, tag or commit of a Hub id model "
+                                                                 "(also model_name_or_path org/name@revision)"})
+    token: str | None = field(default=None, metadata={"help": "Hugging Face token for a private or gated Hub id "
+                                                              "(default: HF_TOKEN, else the saved login)"})
+
+    def resolve_model_reference(self) -> None:
+        """``model_name_or_path`` as its local folder (once: a second call leaves it)."""
+        from trine.modeling.loading import resolve_model
+
+        if getattr(self, "model_reference", None) is not None:
+            return
+        self.model_reference = self.model_name_or_path
+        self.model_name_or_path = resolve_model(self.model_name_or_path, revision=self.revision,
+                                                cache_dir=self.cache_dir, token=self.token)
+
+
+@dataclass(kw_only=True)
+class LoraArguments(HubArguments):
     """LoRA options (FlagEmbedding's names), shared by the embedder and reranker model arguments."""
 
     use_lora: bool = field(default=False, metadata={"help": "train a LoRA adapter (peft) instead of the backbone; "
@@ -48,16 +74,9 @@ class LoraArguments:
 @dataclass(kw_only=True)
 class FlagEmbeddingModelOptions:
     """FlagEmbedding's model options that trine takes with FlagEmbedding's meaning though it needs no new
-    mechanism for them, shared by the embedder and reranker model arguments."""
+    mechanism for them, shared by the embedder and reranker model arguments (``cache_dir`` and ``token`` are
+    :class:`HubArguments`')."""
 
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "FlagEmbedding's: where models downloaded from the Hub are cached; a local "
-                                        "model folder (what trine trains from) does not use it, as in FlagEmbedding"}
-    )
-    token: str | None = field(
-        default=None, metadata={"help": "FlagEmbedding's: the Hub token for private models; a local model folder "
-                                        "does not use it (never written to the model card)"}
-    )
     use_flash_attn: bool = field(
         default=False, metadata={"help": "FlagEmbedding's: attn_implementation flash_attention_2"}
     )
@@ -106,7 +125,8 @@ RERANKER_REFUSED_OPTIONS = {
 
 @dataclass
 class ModelArguments(LoraArguments, FlagEmbeddingModelOptions):
-    model_name_or_path: str = field(metadata={"help": "model folder (a backbone, or a tri-head BGE-M3 folder)"})
+    model_name_or_path: str = field(metadata={"help": "model folder (a backbone, or a tri-head BGE-M3 folder), or a "
+                                                                    "Hugging Face Hub id (org/name[@revision])"})
     sentence_pooling_method: str | None = field(
         default=None, metadata={"help": "cls, mean or last_token (default: the folder's sentence-transformers config, "
                                         "else cls)"}

@@ -22,7 +22,7 @@ from trine.data.corpus import list_data_files
 from trine.data.reader import DataError, open_text
 from trine.data.records import read_file
 from trine.io import atomic_folder, check_output_path
-from trine.modeling.loading import check_model_folder, load_from_folder
+from trine.modeling.loading import load_from_folder, resolve_model
 
 DEFAULT_EDGES = (0, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000)
 
@@ -72,8 +72,9 @@ def split_by_length(
     files = list_data_files(list(inputs))
     sources = [*inputs, *files]
     check_output_path(output_dir, inputs=sources, overwrite=overwrite)
-    # a local folder only: a path that does not exist is an error naming it, never a Hub id to try
-    tokenizer = load_from_folder(AutoTokenizer.from_pretrained, check_model_folder(tokenizer_path), "tokenizer")
+    # a folder, or a Hub id fetched into the Hugging Face cache (a typo'd path is an error naming it, not a Hub id)
+    tokenizer = load_from_folder(AutoTokenizer.from_pretrained, resolve_model(tokenizer_path, what="tokenizer"),
+                                 "tokenizer")
     problems: list[str] = []
     parsed = {}
     for f in files:

@@ -102,6 +102,7 @@ def train_and_save(model_args: Any, data_args: Any, args: Any, build, *, command
     on a bad one), build, prepare the folder, train (resuming from a complete checkpoint), save the
     model atomically with its model card (``command``: what wrote it, ``finetune`` or
     ``finetune-reranker``)."""
+    model_args.resolve_model_reference()  # a Hub id: its folder in the Hugging Face cache, before the checks
     checkpoint = check_training_output(args, training_inputs(model_args, data_args))
     with options_checked():  # e.g. retrieval_eval_steps without eval_data: exit 2, nothing written
         trainer = build(model_args, data_args, args)
@@ -109,7 +110,7 @@ def train_and_save(model_args: Any, data_args: Any, args: Any, build, *, command
 
     def card(folder: str, history: list[dict[str, Any]]) -> ModelCard:
         kind = "reranker" if command == "finetune-reranker" else "m3" if has_head_files(folder) else "dense"
-        return training_card(command, kind, base_model=model_args.model_name_or_path, history=history, data=data,
+        return training_card(command, kind, base_model=model_args.model_reference, history=history, data=data,
                              options={"model": model_args, "data": data_args, "training": args})
 
     trainer.model_card = card

@@ -59,7 +59,8 @@ RERANKER_LOSSES = ("group_ce", "bce")
 
 @dataclass
 class RerankerModelArguments(LoraArguments, FlagEmbeddingModelOptions):
-    model_name_or_path: str = field(metadata={"help": "a reranker folder, or a backbone (a new classifier starts)"})
+    model_name_or_path: str = field(metadata={"help": "a reranker folder, or a backbone (a new classifier "
+                                                                    "starts); or a Hub id (org/name[@revision])"})
     trust_remote_code: bool = field(default=False)
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, eager, ... (transformers)"})
     model_family: str = field(default="cross-encoder", metadata={"help": "a registered reranker model family "
@@ -82,6 +83,7 @@ class RerankerModelArguments(LoraArguments, FlagEmbeddingModelOptions):
         if self.head_type is not None and self.head_type != "simple":
             raise OptionError(f"head_type: {self.head_type!r}; trine trains 'simple' heads (FlagEmbedding's 'raw' and "
                               "'complex' heads give vocabulary-wide logits its own scoring reads at the wrong index)")
+        # a Hub id is checked by the loader, once fetched (LLMReranker.from_pretrained reads the same file)
         recorded = read_family_file(self.model_name_or_path) if os.path.isdir(self.model_name_or_path) else None
         if recorded is not None and recorded["model_family"] != self.model_family:
             raise OptionError(f"model_family: {self.model_name_or_path} is a {recorded['model_family']!r} reranker "

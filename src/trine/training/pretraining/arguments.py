@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from trine.config import parse_config
-from trine.training.arguments import SafeTrainingArguments
+from trine.training.arguments import HubArguments, SafeTrainingArguments
 
 
 @dataclass
-class PretrainModelArguments:
-    model_name_or_path: str = field(metadata={"help": "masked-LM model folder (BERT or RoBERTa/XLM-R family)"})
+class PretrainModelArguments(HubArguments):
+    model_name_or_path: str = field(metadata={"help": "masked-LM model folder (BERT or RoBERTa/XLM-R family) "
+                                                                    "or Hub id (org/name[@revision])"})
     model_family: str = field(default="retromae", metadata={"help": "a registered pre-training model family "
                                                                     "(trine.modeling.families)"})
     extend_position_embeddings_to: int | None = field(

@@ -79,6 +79,7 @@ def pretrain(model_args: PretrainModelArguments, data_args: PretrainDataArgument
              args: PretrainTrainingArguments) -> str:
     """Train, then write the encoder (main process); return its folder. Both folders are checked
     against the output policy before anything is loaded (:mod:`trine.io`)."""
+    model_args.resolve_model_reference()  # a Hub id: its folder in the Hugging Face cache, before the checks
     inputs = [model_args.model_name_or_path, *data_args.train_data]
     checkpoint = check_training_output(args, inputs)
     out = encoder_dir(args)
@@ -90,7 +91,7 @@ def pretrain(model_args: PretrainModelArguments, data_args: PretrainDataArgument
     prepare_output_dir(args, resuming=checkpoint is not None)
     trainer.train(resume_from_checkpoint=checkpoint)
     if args.should_save:
-        card = training_card("pretrain", "masked-lm", base_model=model_args.model_name_or_path,
+        card = training_card("pretrain", "masked-lm", base_model=model_args.model_reference,
                              options={"model": model_args, "data": data_args, "training": args},
                              history=trainer.state.log_history, data=data_summary(
                                  (path, count_lines(path)) for path in trainer.train_dataset.files))
