@@ -186,4 +186,4 @@ def test_eval_dense_only_needs_no_heads(tmp_path, minilm_dir, capsys):
     args = ["eval", "--data", str(data), "--model", minilm_dir, "--quiet", "--k", "1,10", "--top-k", "10"]
     assert main(args + ["--modes", "dense"]) == 0
     assert main(args + ["--modes", "dense,sparse"]) == 2  # a folder without head files: named, no traceback
-    assert "init_missing_heads" in capsys.readouterr().err
+    assert "--heads" in capsys.readouterr().err
