@@ -338,3 +338,15 @@ def test_concurrent_tokenising_never_races_the_model(serve_m3):
         assert [r.status_code for r in answers] == [200] * 150, [r.text for r in answers if r.status_code != 200][:2]
     finally:
         srv.stop()
+
+
+def test_serve_takes_a_dense_only_folder_as_index_build_does(monkeypatch, splade_tiny_dir):
+    import trine.serving
+    from trine.cli import main
+
+    started = {}
+    monkeypatch.setattr(trine.serving, "run_server", lambda app, host, port, **kw: started.update(app=app))
+    assert main(["serve", splade_tiny_dir, "--port", "0"]) == 0
+    state = started["app"].state.trine
+    assert state.embedder.outputs == ("dense",)
+    assert state.embedder.query_instruction_format == "{}{}"  # the family's own template when none is given

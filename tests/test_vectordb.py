@@ -512,3 +512,28 @@ def test_cli_build_from_encodings_refuses_what_does_not_match(tmp_path, beir, m3
     for g, w in zip(got, want.result.lexical_weights[::7]):
         assert g == pytest.approx({k: v for k, v in w.items() if v > 0}, rel=1e-6)
     coll.close()
+
+
+def test_cli_indexes_and_searches_a_dense_only_model(tmp_path, beir, splade_tiny_dir, capsys):
+    """A folder without BGE-M3 heads (a plain encoder) indexes its dense output, and search gives what its
+    Embedder ranks; a lexical output it does not have is a one-line error."""
+    from trine import Embedder
+    from trine.cli import main
+
+    corpus, uri = f"{beir}/corpus.jsonl", str(tmp_path / "dense_only")
+    assert main(["index", "build", "--backend", "trine", "--model", splade_tiny_dir, "--corpus", corpus,
+                 "--uri", uri, "--outputs", "dense", "--passage_max_len", "128", "--quiet"]) == 0
+    capsys.readouterr()
+    query = "list directory contents"
+    assert main(["index", "search", "--backend", "trine", "--uri", uri, "--model", splade_tiny_dir, "--query", query,
+                 "--mode", "dense", "--k", "3", "--quiet"]) == 0
+    hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()][0]["hits"]
+    docs = [json.loads(line) for line in open(corpus)]
+    model = Embedder(splade_tiny_dir, show_progress=False, passage_max_length=128)
+    texts = [(d.get("title", "") + " " + d["text"]).strip() if d.get("title") else d["text"] for d in docs]
+    scores = model.encode_corpus(texts) @ model.encode_queries([query])[0]
+    assert [h["id"] for h in hits] == [docs[i]["_id"] for i in np.argsort(-scores, kind="stable")[:3]]
+    assert main(["index", "build", "--backend", "trine", "--model", splade_tiny_dir, "--corpus", corpus,
+                 "--uri", str(tmp_path / "x"), "--outputs", "dense,sparse", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--outputs dense,sparse" in err and len(err.splitlines()) == 1

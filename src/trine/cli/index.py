@@ -44,15 +44,18 @@ def read_corpus(path: str) -> tuple[list[str], list[str]]:
 
 
 def _encoder(args: argparse.Namespace) -> Any:
-    from trine import M3Embedder
+    """``trine encode``'s encoder for ``--model``: the three outputs of a folder with BGE-M3 heads (or with
+    ``--heads``), the dense one of any other embedder."""
+    from trine.inference.shards import load_embedder
 
+    options: dict[str, Any] = {
+        "devices": args.devices, "batch_size": args.batch_size, "query_max_length": args.query_max_len,
+        "passage_max_length": DEFAULT_PASSAGE_MAX_LEN if args.passage_max_len is None else args.passage_max_len,
+        "show_progress": not args.quiet}
+    if args.heads != "none":
+        options["init_missing_heads"] = args.heads
     with options_checked():
-        return M3Embedder(args.model, devices=args.devices, batch_size=args.batch_size,
-                          query_max_length=args.query_max_len,
-                          passage_max_length=DEFAULT_PASSAGE_MAX_LEN if args.passage_max_len is None
-                          else args.passage_max_len,
-                          init_missing_heads=None if args.heads == "none" else args.heads,
-                          show_progress=not args.quiet)
+        return load_embedder(args.model, **options)
 
 
 def _encoded(args: argparse.Namespace, ids: list[str]) -> tuple[Any, Any, tuple[str, ...]]:
@@ -362,7 +365,8 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
                                                       "the one that built the collection)")
         add_hub_options(p)
         p.add_argument("--heads", default="none", choices=["none", "neutral", "random", "bm25"],
-                       help="how to start heads for a folder without head files (none: dense only)")
+                       help="how to start heads for a folder without head files (none: index its dense output "
+                            "only)")
         p.add_argument("--batch-size", type=int, default=256)
         p.add_argument("--query_max_len", type=int, default=64)
         p.add_argument("--passage_max_len", type=int, default=None,

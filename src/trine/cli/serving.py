@@ -30,7 +30,8 @@ def _serve(args: argparse.Namespace) -> int:
     from trine.serving import ServeSettings, create_app, run_server
 
     with options_checked():
-        check_template(args.query_instruction_format.replace("\\n", "\n"), "--query_instruction_format")
+        if args.query_instruction_format is not None:
+            check_template(args.query_instruction_format.replace("\\n", "\n"), "--query_instruction_format")
         settings = ServeSettings(
             model_name=args.served_model_name or _model_name(args.model_references["model"]),
             api_key=args.api_key or os.environ.get("TRINE_API_KEY") or None,
@@ -77,8 +78,8 @@ def _model_name(reference: str) -> str:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """The embedder, the reranker (or None) and the index (or None) the options name."""
-    from trine.inference import M3Embedder, Reranker
-    from trine.modeling.trihead import TriHeadModel, has_head_files
+    from trine.inference import Reranker
+    from trine.inference.shards import load_embedder
     from trine.retrieval import HybridRetriever
 
     common = {"devices": args.devices, "use_fp16": args.fp16, "use_bf16": args.bf16, "show_progress": False}
@@ -87,13 +88,13 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
                        passage_max_length=args.passage_max_len,
                        query_instruction_for_retrieval=args.query_instruction_for_retrieval,
                        query_instruction_format=args.query_instruction_format)
-        if has_head_files(args.model) or args.heads != "none":
-            init = None if args.heads == "none" else args.heads
-            if init == "bm25":
-                raise ValueError("--heads bm25 needs texts to fit the lexical head on; use neutral or random here")
-            embedder = M3Embedder(args.model, init_missing_heads=init, **options)
-        else:  # a plain encoder folder: dense only (the sparse and ColBERT routes answer 400)
-            embedder = M3Embedder(TriHeadModel.from_pretrained(args.model, with_heads=False), **options)
+        if args.heads == "bm25":
+            raise ValueError("--heads bm25 needs texts to fit the lexical head on; use neutral or random here")
+        if args.heads != "none":
+            options["init_missing_heads"] = args.heads
+        # the three outputs of a folder with BGE-M3 heads, the dense one of any other embedder (a plain encoder,
+        # a decoder: the sparse and ColBERT routes answer 400), as trine encode and trine index build load it
+        embedder = load_embedder(args.model, **options)
         reranker = None
         if args.reranker is not None:
             reranker = Reranker(args.reranker, max_length=args.reranker_max_length, **common)
@@ -146,7 +147,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--passage_max_len", type=int, default=None, help="passage tokens (default 512 or the model's)")
     sv.add_argument("--query_instruction_for_retrieval", default=None,
                     help="prepended to queries (kind=query in /encode, and /search)")
-    sv.add_argument("--query_instruction_format", default="{}{}")
+    sv.add_argument("--query_instruction_format", default=None,
+                    help="the instruction template, two plain fields: instruction, then text (default: the model "
+                         "family's, {}{} for encoders)")
     sv.add_argument("--batch-size", type=int, default=256, help="the encoder's own batch size (token-budgeted)")
     sv.add_argument("--reranker-max-length", type=int, default=None, help="query + passage tokens per pair")
     sv.add_argument("--rerank-k", type=int, default=100,
