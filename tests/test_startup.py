@@ -278,9 +278,9 @@ def test_eval_shows_each_step_and_quiet_silences_every_bar(splade_tiny_dir, tmp_
     quiet = subprocess.run([sys.executable, *argv, "--quiet"], capture_output=True, text=True, env=env, timeout=300)
     assert loud.returncode == quiet.returncode == 0, loud.stderr + quiet.stderr
     for line in ("evaluating", "encoding 2 passages (dense)", "BM25 index of 2 passages", "encoding 1 queries",
-                 "searching: dense", "searching: bm25", "scoring 2 modes", "Loading weights", "encode:"):
+                 "searching: dense", "searching: bm25", "scoring 2 modes", "Loading weights", "encode:", "LOAD REPORT"):
         assert line in loud.stderr, line  # "encode:": the bar (leave=False clears its last state)
-    for word in ("evaluating", "encoding", "searching", "Loading weights", "encode:", "%|"):
+    for word in ("evaluating", "encoding", "searching", "Loading weights", "encode:", "%|", "LOAD REPORT"):
         assert word not in quiet.stderr, word
     assert loud.stdout == quiet.stdout and "bm25" in quiet.stdout
 

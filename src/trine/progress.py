@@ -21,6 +21,10 @@ def silence() -> None:
     # read when huggingface_hub / tqdm are first imported (here or in a child process)
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["TQDM_DISABLE"] = "1"
+    # transformers' warnings (its checkpoint LOAD REPORT of keys a head does not use) are chatter to a quiet
+    # run too; its errors still show. A verbosity the user set is kept.
+    user_verbosity = "TRANSFORMERS_VERBOSITY" in os.environ
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if "huggingface_hub" in sys.modules:
         from huggingface_hub.utils import disable_progress_bars
 
@@ -29,6 +33,8 @@ def silence() -> None:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+        if not user_verbosity:
+            transformers_logging.set_verbosity_error()
 
 
 def silenced() -> bool:
