@@ -303,6 +303,21 @@ def test_cli_build_resumes_after_a_kill_and_searches_as_trine(tmp_path, beir, m3
     assert len(outs["trine"]) == 150
     for a, b in zip(outs["trine"], outs["milvus"]):
         assert [h["score"] for h in a["hits"]] == pytest.approx([h["score"] for h in b["hits"]], abs=1e-4)
+    # the engine's RRF is plain reciprocal rank fusion (every list weight 1) without --weights; Milvus's RRF
+    # ranker takes no weights (an error, not a silent change)
+    rrf = {}
+    for weights in ([], ["--weights", "1,1"], ["--weights", "1,0.3"]):
+        rc = main(["index", "search", "--backend", "milvus", "--uri", uri, "--model", m3_dir, "--queries",
+                   f"{beir}/queries.jsonl", "--mode", "sparse+dense", "--k", "5", "--engine-fusion", "rrf",
+                   *weights, "--quiet"])
+        out, err = capsys.readouterr()
+        rrf[",".join(weights[1:])] = (rc, [json.loads(line)["hits"] for line in out.splitlines()], err)
+    assert rrf[""][0] == rrf["1,1"][0] == 0 and rrf[""][1] == rrf["1,1"][1]
+    assert rrf["1,0.3"][0] == 2 and "the RRF ranker takes no weights" in rrf["1,0.3"][2]
+    # unweighted RRF scores: 1 / (60 + rank) summed over the lists (of 100) a passage is in
+    sums = {1 / (60 + a) + (1 / (60 + b) if b else 0) for a in range(1, 101) for b in range(101)}
+    for hits in rrf[""][1]:
+        assert all(min(abs(h["score"] - v) for v in sums) < 2e-6 for h in hits)
     assert main(["index", "delete", "--backend", "milvus", "--uri", uri, "--ids", f"{ids[0]},{ids[1]}"]) == 0
     assert "holds 148 passages" in capsys.readouterr().out
 

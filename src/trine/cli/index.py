@@ -306,7 +306,10 @@ def _search(args: argparse.Namespace) -> int:
     names = {"sparse+dense": ("dense", "sparse"), "colbert+sparse+dense": ("dense", "sparse", "colbert")}
     weights = None
     if args.mode in names:
-        values = args.weights or DEFAULT_WEIGHTS[args.mode]
+        # reciprocal rank fusion is unweighted unless asked (each list counts 1 / (60 + rank)); trine's
+        # score fusion starts from the BGE-M3 paper's weights
+        plain_rrf = (1.0,) * len(names[args.mode])
+        values = args.weights or (plain_rrf if args.engine_fusion == "rrf" else DEFAULT_WEIGHTS[args.mode])
         if len(values) != len(names[args.mode]):
             raise OptionError(f"--weights for {args.mode}: {len(names[args.mode])} numbers "
                               f"({','.join(names[args.mode])}), got {values}")
@@ -402,7 +405,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--queries", default=None, help="queries.jsonl (_id/id and text)")
     s.add_argument("--mode", default="dense", choices=list(SEARCH_MODES))
     s.add_argument("--weights", type=floats, default=None,
-                   help="fused modes' weights: dense,sparse (default 1,0.3) or dense,sparse,colbert (1,0.3,1)")
+                   help="fused modes' weights: dense,sparse (default 1,0.3; 1,1 with --engine-fusion rrf) or "
+                        "dense,sparse,colbert (1,0.3,1)")
     s.add_argument("--k", type=int, default=10)
     s.add_argument("--candidate-k", type=int, default=100, help="first-stage depth (colbert: dense candidates)")
     s.add_argument("--engine-fusion", default=None, choices=["rrf", "weighted"],
