@@ -519,6 +519,28 @@ def test_merge_lora_with_an_adapter_and_its_base_as_ids(hub, tmp_path):
     assert len(a) > 10 and a == b
 
 
+def test_a_lora_adapter_on_an_id_records_the_id_and_its_commit(hub, tmp_path):
+    """An adapter trained on a Hub model names it as peft does (id + commit), not as this machine's cache path:
+    merged on the recorded commit even after the id's main moved on."""
+    from transformers import AutoModel
+
+    from trine.modeling.loading import resolve_model
+    from trine.modeling.lora import LoraOptions, add_lora, base_model_path
+
+    snapshot = resolve_model(M3, revision="v1")
+    model = add_lora(AutoModel.from_pretrained(snapshot), LoraOptions(lora_rank=4, target_modules=("query",)),
+                     base_path=snapshot, task_type="FEATURE_EXTRACTION")
+    config = model.peft_config["default"]
+    assert (config.base_model_name_or_path, config.revision) == (M3, hub["v1"])
+    model.save_pretrained(str(tmp_path / "adapter"))
+    recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert recorded["base_model_name_or_path"] == M3 and str(hub["cache"]) not in json.dumps(recorded)
+    assert base_model_path(tmp_path / "adapter") == snapshot != resolve_model(M3)
+    local = add_lora(AutoModel.from_pretrained(hub["local"][M3]), LoraOptions(lora_rank=4, target_modules=("query",)),
+                     base_path=hub["local"][M3], task_type="FEATURE_EXTRACTION").peft_config["default"]
+    assert (local.base_model_name_or_path, local.revision) == (os.path.abspath(hub["local"][M3]), None)
+
+
 def test_commands_refuse_to_write_into_the_cache(hub, inputs, capsys):
     assert main(["eval", "--data", inputs["beir"], "--model", M3, "--model-card", "--quiet"]) == 2
     err = capsys.readouterr().err

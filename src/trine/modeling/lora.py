@@ -81,7 +81,7 @@ def add_lora(model: nn.Module, options: LoraOptions, *, base_path: str | os.Path
              default_targets: Sequence[str] | None = None, extra_modules_to_save: Sequence[str] = ()) -> nn.Module:
     """Put a new LoRA adapter on a ``transformers`` model (in place; returns it): only the adapter (and
     ``modules_to_save``) train, the base weights are frozen. ``base_path``: the folder the base weights
-    were loaded from, recorded (absolute) in the adapter's config for loading and merging;
+    were loaded from, recorded (absolute, or as its Hub id and commit) in the adapter's config for loading and merging;
     ``task_type``: a key of :data:`TASK_TYPES` (the class the base loads as); ``default_targets``: the
     modules adapted when ``options.target_modules`` is unset, those the model has (a decoder family's:
     :data:`DECODER_TARGET_MODULES`, FlagEmbedding's; None: peft's default for the architecture);
@@ -113,7 +113,14 @@ def add_lora(model: nn.Module, options: LoraOptions, *, base_path: str | os.Path
         model.add_adapter(config)
     except ValueError as err:  # peft: no default target modules for this architecture
         raise OptionError(f"target_modules: {first_line(err)} (set target_modules)") from err
-    model.peft_config["default"].base_model_name_or_path = os.path.abspath(os.fspath(base_path))
+    from trine.modeling.loading import hub_repo_of
+
+    # a base fetched from the Hub is recorded as its id and commit (peft's fields), not as this machine's cache path:
+    # the adapter then loads and merges wherever it is copied, on the very weights it was trained on
+    repo = hub_repo_of(base_path)
+    peft_config = model.peft_config["default"]
+    peft_config.base_model_name_or_path = repo or os.path.abspath(os.fspath(base_path))
+    peft_config.revision = os.path.basename(os.path.normpath(os.fspath(base_path))) if repo else None
     model.peft_config["default"].inference_mode = False
     return model
 
@@ -142,6 +149,8 @@ def base_model_path(folder: str | os.PathLike, base: str | os.PathLike | None = 
     a Hub id (``revision``, ``cache_dir``: of that id)."""
     config = adapter_config(folder)
     path = os.fspath(base) if base is not None else config.get("base_model_name_or_path")
+    if base is None and revision is None:
+        revision = config.get("revision")  # the commit of a recorded Hub id
     if not path:
         raise InputError(f"{os.path.join(os.fspath(folder), ADAPTER_CONFIG)}: base_model_name_or_path: not set; "
                          "name the base model folder (--base)")
