@@ -392,10 +392,12 @@ def _files(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
 
 
 def _tensors(folder: Path) -> dict[str, bytes]:
-    """The weights of every safetensors file under ``folder``, but a pooler's: the sentence-transformers export
-    of the sparse and multi-vector parts writes a new random pooler (unused: they read token states) each time."""
-    return {f"{p.relative_to(folder)}:{k}": v.numpy().tobytes() for p in sorted(folder.rglob("*.safetensors"))
-            for k, v in load_file(str(p)).items() if not k.startswith("pooler.")}
+    """The weights of every safetensors file under ``folder`` (none a pooler's: the tiny checkpoints have none,
+    and a random one started at load must not be written)."""
+    tensors = {f"{p.relative_to(folder)}:{k}": v.numpy().tobytes() for p in sorted(folder.rglob("*.safetensors"))
+               for k, v in load_file(str(p)).items()}
+    assert not [k for k in tensors if ":pooler." in k]
+    return tensors
 
 
 def _jsonl(path: Path) -> list:
@@ -514,7 +516,6 @@ def test_merge_lora_with_an_adapter_and_its_base_as_ids(hub, tmp_path):
     publish(hub["cache"], "org/tiny-m3-lora", adapters["hub"])
     assert main(["merge-lora", adapters["local"], str(tmp_path / "merged_local")]) == 0
     assert main(["merge-lora", "org/tiny-m3-lora", str(tmp_path / "merged_hub")]) == 0
-    # the merged weights, but a pooler (the backbone has none: transformers starts a random one, unused by trine)
     a, b = (_tensors(tmp_path / f"merged_{n}") for n in ("local", "hub"))
     assert len(a) > 10 and a == b
 

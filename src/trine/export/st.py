@@ -38,10 +38,15 @@ def _max_seq_length(folder: str) -> int | None:
         return None
 
 
-def _transformer(folder: str):
+def _transformer(folder: str, model: TriHeadModel):
+    """sentence-transformers' Transformer module over ``folder`` (written from ``model``), without the pooler
+    ``model`` dropped (a checkpoint without one: the module would start and save random pooler weights)."""
     from sentence_transformers.base.modules import Transformer
 
-    return Transformer(folder, max_seq_length=_max_seq_length(folder))
+    module = Transformer(folder, max_seq_length=_max_seq_length(folder))
+    if getattr(model.backbone, "pooler", None) is None and getattr(module.model, "pooler", None) is not None:
+        module.model.pooler = None
+    return module
 
 
 def _write_sparse(model: TriHeadModel, root: str, out: str) -> None:
@@ -58,7 +63,7 @@ def _write_sparse(model: TriHeadModel, root: str, out: str) -> None:
     with torch.no_grad():
         head.linear.weight.copy_(model.sparse_linear.weight.float())
         head.linear.bias.copy_(model.sparse_linear.bias.float())
-    encoder = SparseEncoder(modules=[_transformer(root), head], device="cpu")
+    encoder = SparseEncoder(modules=[_transformer(root, model), head], device="cpu")
     encoder.save(out, create_model_card=False)
     # the module is referred to by its file in the folder (loaded with trust_remote_code)
     modules_file = os.path.join(out, "modules.json")
@@ -87,7 +92,7 @@ def _write_multivector(model: TriHeadModel, root: str, out: str) -> None:
     if first is None:
         raise InputError("the tokenizer has no CLS/BOS token: M3's multi-vectors drop the first token, and "
                          "sentence-transformers' MultiVectorMask drops tokens by name")
-    modules = [_transformer(root), dense,
+    modules = [_transformer(root, model), dense,
                MultiVectorMask(skiplist_words=[first], skiplist_tasks=["query", "document"])]
     if model.normalize_embeddings:
         modules.append(Normalize(module_input_name="token_embeddings"))

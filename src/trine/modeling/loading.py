@@ -9,7 +9,7 @@ import fnmatch
 import glob
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -202,6 +202,16 @@ def load_from_folder(load: Callable[..., Any], path: str, what: str, **kwargs: A
             raise
         hint = " (a truncated or corrupt file?)" if type(err).__name__ == "SafetensorError" else ""
         raise InputError(f"{_culprit(path, err)}: cannot load the {what}: {first_line(err)}{hint}") from err
+
+
+def drop_missing_pooler(model: Any, loading_info: Mapping[str, Any]) -> Any:
+    """``model`` without its pooler when the checkpoint had none (``loading_info``: what ``from_pretrained(...,
+    output_loading_info=True)`` returned): trine pools token states itself, and a pooler the checkpoint lacks
+    is random weights that every folder saved from the model would carry."""
+    if getattr(model, "pooler", None) is not None and any(k.startswith("pooler.")
+                                                          for k in loading_info.get("missing_keys", ())):
+        model.pooler = None
+    return model
 
 
 def load_state_dict_file(file: str) -> dict[str, torch.Tensor]:

@@ -176,11 +176,13 @@ def merge_lora_folder(adapter_dir: str | os.PathLike, out: str | os.PathLike, *,
     if task not in TASK_TYPES:
         raise InputError(f"{os.path.join(adapter_dir, ADAPTER_CONFIG)}: task_type: {task!r} is not one trine "
                          f"writes ({', '.join(sorted(TASK_TYPES))})")
-    from trine.modeling.loading import load_from_folder
+    from trine.modeling.loading import drop_missing_pooler, load_from_folder
 
     auto = getattr(transformers, TASK_TYPES[task])
     kwargs = {"num_labels": 1} if task == "SEQ_CLS" else {}
-    model = load_from_folder(auto.from_pretrained, base_path, "base model", **kwargs)
+    model, info = load_from_folder(auto.from_pretrained, base_path, "base model", output_loading_info=True, **kwargs)
+    if task == "FEATURE_EXTRACTION":  # an encoder's pooler (a classifier's is part of its head)
+        drop_missing_pooler(model, info)
     try:
         merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     except (ValueError, RuntimeError, KeyError) as err:

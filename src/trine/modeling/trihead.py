@@ -24,6 +24,7 @@ from trine.modeling.heads import colbert_vectors, lexical_token_weights
 from trine.modeling.lexical_init import fit_lexical_head
 from trine.modeling.loading import (
     check_loaded_model,
+    drop_missing_pooler,
     load_from_folder,
     load_state_dict_file,
     position_limit,
@@ -211,10 +212,7 @@ class TriHeadModel(nn.Module):
             **({"attn_implementation": attn_implementation} if attn_implementation else {}),
         )
         check_loaded_model(path, backbone, tokenizer)
-        if getattr(backbone, "pooler", None) is not None and any(k.startswith("pooler.") for k in info["missing_keys"]):
-            # trine pools token states itself; a pooler the checkpoint lacks would be random
-            # weights saved into every later checkpoint, so it is dropped.
-            backbone.pooler = None
+        drop_missing_pooler(backbone, info)
         colbert_linear = sparse_linear = None
         if with_heads:
             hidden = int(backbone.config.hidden_size)
