@@ -34,8 +34,9 @@ def make_st_bert(out: str, tokenizer_dir: str) -> str:
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(1)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=128), add_pooling_layer=False).save_pretrained(out)
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config, add_pooling_layer=False).save_pretrained(out)
     tok.save_pretrained(out)
     with open(os.path.join(out, "modules.json"), "w") as f:
         json.dump([{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -55,6 +56,7 @@ def models(tmp_path_factory, tiny_m3_dir, splade_tiny_dir, xlmr_tokenizer_dir, s
 
     from trine.modeling.decoder import DecoderEmbedder
     from trine.modeling.layerwise_reranker import LayerwiseReranker
+    from trine.modeling.llm_reranker import LLMReranker
     from trine.modeling.lora import DECODER_TARGET_MODULES, LoraOptions, add_lora, merge_lora_folder
 
     root = tmp_path_factory.mktemp("families")
@@ -75,9 +77,11 @@ def models(tmp_path_factory, tiny_m3_dir, splade_tiny_dir, xlmr_tokenizer_dir, s
     common = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256, initializer_range=0.2)
     torch.manual_seed(5)
-    for name, config in (("llm-reranker", LlamaConfig(**common)), ("qwen-lm", Qwen2Config(**common))):
+    for name, config in (("llm-foreign", LlamaConfig(**common)), ("qwen-lm", Qwen2Config(**common))):
         AutoModelForCausalLM.from_config(config).save_pretrained(root / name)
         tok.save_pretrained(root / name)
+    out["llm-foreign"] = str(root / "llm-foreign")  # a bare causal LM: a reranker or an embedder, by the role
+    LLMReranker.from_pretrained(root / "llm-foreign").save_pretrained(root / "llm-reranker")  # records its family
     out["llm-reranker"] = str(root / "llm-reranker")
     LayerwiseReranker.from_pretrained(root / "qwen-lm", start_layer=1).save_pretrained(root / "layerwise")
     out["layerwise"] = str(root / "layerwise")
@@ -106,39 +110,38 @@ def err_line(capsys) -> str:
     return err.splitlines()[-1]
 
 
-def dense(model: str, texts: list[str]) -> np.ndarray:
-    """The independent reference: the dense vectors trine's Python face gives for ``model``."""
-    from trine.inference.shards import load_embedder
-
-    return load_embedder(model, show_progress=False).encode_result(texts, ("dense",), kind="passage").dense_vecs
+def dense(encoder, texts: list[str], kind: str = "passage") -> np.ndarray:
+    """The reference the commands are checked against: the dense vectors of trine's Python face."""
+    return encoder.encode_result(texts, ("dense",), kind=kind).dense_vecs
 
 
 # ----------------------------------------------------------------------------------------- supported pairs
 @pytest.mark.parametrize("name", EMBEDDERS)
 def test_embedder_families_run_every_embedder_command(name, models, data, tmp_path, capsys, monkeypatch):
+    from trine.inference.shards import load_embedder
+
     model = models[name]
+    enc = load_embedder(model, show_progress=False, passage_max_length=64)
     outputs = "dense,sparse,colbert" if name == "tri-head" else "dense"
     # encode
-    assert main(["encode", model, data["corpus"], "--output-dir", str(tmp_path / "enc"), "--outputs", outputs]) == 0
+    assert main(["encode", model, data["corpus"], "--output-dir", str(tmp_path / "enc"), "--outputs", outputs,
+                 "--passage_max_len", "64"]) == 0
     from trine.inference.shards import open_encoded
 
     assert set(open_encoded(tmp_path / "enc").outputs) == set(outputs.split(","))
     # index build + search: the top hit is the document the dense vectors rank first
     assert main(["index", "build", "--model", model, "--corpus", data["corpus"], "--uri", str(tmp_path / "idx"),
-                 "--outputs", "dense", "--quiet"]) == 0
+                 "--outputs", "dense", "--passage_max_len", "64", "--quiet"]) == 0
     capsys.readouterr()
     assert main(["index", "search", "--model", model, "--uri", str(tmp_path / "idx"), "--query", QUERIES[2],
-                 "--k", "3", "--quiet"]) == 0
+                 "--k", "3", "--passage_max_len", "64", "--quiet"]) == 0
     hits = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["hits"]
-    from trine.inference.shards import load_embedder
-
-    enc = load_embedder(model, show_progress=False)
-    q = enc.encode_result([QUERIES[2]], ("dense",), kind="query").dense_vecs
-    assert [h["id"] for h in hits] == [f"d{i}" for i in np.argsort(-(q @ dense(model, DOCS).T)[0])[:3]]
+    q = dense(enc, [QUERIES[2]], "query")
+    assert [h["id"] for h in hits] == [f"d{i}" for i in np.argsort(-(q @ dense(enc, DOCS).T)[0])[:3]]
     # eval (dense; the tri-head model also sparse and colbert)
     modes = "dense,sparse,colbert" if name == "tri-head" else "dense"
     assert main(["eval", "--data", data["beir"], "--model", model, "--modes", modes, "--k", "1,3", "--top-k", "3",
-                 "--quiet"]) == 0
+                 "--passage_max_len", "64", "--quiet"]) == 0
     assert "dense" in capsys.readouterr().out
     # serve: /embed gives what the Python face gives
     import trine.serving
@@ -148,24 +151,24 @@ def test_embedder_families_run_every_embedder_command(name, models, data, tmp_pa
     assert main(["serve", model]) == 0
     from fastapi.testclient import TestClient
 
-    with TestClient(apps[0]) as client:
+    with TestClient(apps[0], base_url="http://localhost") as client:
         got = client.post("/embed", json={"inputs": DOCS[:2]})
     assert got.status_code == 200, got.text
-    np.testing.assert_allclose(np.array(got.json()), dense(model, DOCS[:2]), atol=1e-5)
+    np.testing.assert_allclose(np.array(got.json()), dense(enc, DOCS[:2]), atol=1e-5)
     # mine: negatives from the corpus of the pairs, never the positive
     mined = tmp_path / "mined.jsonl"
     assert main(["mine", "--input_file", data["train"], "--output_file", str(mined), "--model_name_or_path", model,
-                 "--range_for_sampling", "0-6", "--negative_number", "2", "--quiet"]) == 0
+                 "--range_for_sampling", "0-6", "--negative_number", "2", "--passage_max_len", "64", "--quiet"]) == 0
     for line in mined.read_text().splitlines():
         record = json.loads(line)
         assert len(record["neg"]) == 2 and not set(record["neg"]) & set(record["pos"])
     # score (an embedder teacher): the dense inner products
     scored = tmp_path / "scored.jsonl"
     assert main(["score", "--input_file", data["train"], "--output_file", str(scored), "--model_name_or_path", model,
-                 "--quiet"]) == 0
+                 "--passage_max_len", "64", "--quiet"]) == 0
     first = json.loads(scored.read_text().splitlines()[0])
-    qv = load_embedder(model, show_progress=False).encode_result([QUERIES[0]], ("dense",), kind="query").dense_vecs
-    assert first["pos_scores"][0] == pytest.approx(float(qv[0] @ dense(model, [DOCS[0]])[0]), abs=1e-4)
+    qv = dense(enc, [QUERIES[0]], "query")
+    assert first["pos_scores"][0] == pytest.approx(float(qv[0] @ dense(enc, [DOCS[0]])[0]), abs=1e-4)
     # export: the encoder families only
     capsys.readouterr()
     rc = main(["export", model, str(tmp_path / "st"), "--to", "sentence-transformers"])
@@ -198,14 +201,14 @@ def test_reranker_families_run_every_reranker_command(name, models, data, tmp_pa
     assert main(["serve", models["tri-head"], "--reranker", reranker, "--reranker-max-length", "64"]) == 0
     from fastapi.testclient import TestClient
 
-    with TestClient(apps[0]) as client:
+    with TestClient(apps[0], base_url="http://localhost") as client:
         got = client.post("/rerank", json={"query": QUERIES[0], "texts": DOCS[:2], "raw_scores": True})
     assert got.status_code == 200, got.text
     by_index = {r["index"]: r["score"] for r in got.json()}
     assert [by_index[0], by_index[1]] == pytest.approx(list(expected), abs=1e-4)
     # eval --reranker
     assert main(["eval", "--data", data["beir"], "--model", models["tri-head"], "--reranker", reranker,
-                 "--modes", "dense", "--k", "1,3", "--top-k", "3", "--quiet"]) == 0
+                 "--reranker-max-length", "64", "--modes", "dense", "--k", "1,3", "--top-k", "3", "--quiet"]) == 0
     assert "rerank(dense)" in capsys.readouterr().out
 
 
@@ -236,22 +239,23 @@ def test_a_reranker_is_refused_by_every_embedder_command(name, models, data, tmp
 
 
 def test_unsupported_embedder_pairs_are_one_line_errors(models, data, tmp_path, capsys):
+    short = ["--passage_max_len", "64"]
+    dec, no_sparse = "model family 'decoder' (an embedder: dense)", "does not give sparse"
     cases = [  # (argv, what the error says)
         (["encode", models["dense-only"], data["corpus"], "--output-dir", str(tmp_path / "a"), "--outputs", "colbert"],
          "model family 'encoder' (an embedder: dense) does not give colbert"),
         (["encode", models["decoder"], data["corpus"], "--output-dir", str(tmp_path / "b"), "--outputs",
-          "dense,sparse"], "model family 'decoder' (an embedder: dense) does not give sparse"),
+          "dense,sparse", *short], f"{dec} {no_sparse}"),
         (["index", "build", "--model", models["decoder-lora"], "--corpus", data["corpus"], "--uri", str(tmp_path / "c"),
-          "--outputs", "dense,colbert", "--quiet"], "model family 'decoder' (an embedder: dense) does not give colbert"),
-        (["encode", models["decoder"], data["corpus"], "--output-dir", str(tmp_path / "d"), "--heads", "neutral"],
-         "model family 'decoder' (an embedder: dense): init_missing_heads (--heads)"),
-        (["eval", "--data", data["beir"], "--model", models["decoder-merged"], "--modes", "dense,sparse", "--quiet"],
-         "model family 'decoder' (an embedder: dense) does not give sparse"),
-        (["export", models["decoder-merged"], str(tmp_path / "e"), "--to", "onnx"],
-         "model family 'decoder' (an embedder: dense): no onnx export"),
+          "--outputs", "dense,colbert", *short, "--quiet"], f"{dec} does not give colbert"),
+        (["index", "build", "--model", models["decoder"], "--corpus", data["corpus"], "--uri", str(tmp_path / "d"),
+          "--heads", "neutral", *short, "--quiet"], f"{dec}: init_missing_heads (--heads)"),
+        (["eval", "--data", data["beir"], "--model", models["decoder-merged"], "--modes", "dense,sparse", *short,
+          "--quiet"], f"{dec} {no_sparse}"),
+        (["export", models["decoder-merged"], str(tmp_path / "e"), "--to", "onnx"], f"{dec}: no onnx export"),
         (["score", "--input_file", data["train"], "--output_file", str(tmp_path / "f.jsonl"), "--reranker",
-          models["tri-head"], "--quiet"], "model family 'trihead' (an embedder: dense, sparse, colbert); this needs a "
-                                          "reranker"),
+          models["tri-head"], "--quiet"],
+         "model family 'trihead' (an embedder: dense, sparse, colbert); this needs a reranker"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
@@ -265,10 +269,11 @@ def test_recognition_of_each_foreign_layout(models, tmp_path, tiny_m3_dir):
     assert recognise_family(tiny_m3_dir) == "trihead"  # BGE-M3 layout
     assert recognise_family(models["decoder"], "embedder") == "decoder"  # a causal LM's base model (Qwen2Model)
     assert recognise_family(models["decoder"], "reranker") == "llm-reranker"
-    assert recognise_family(models["llm-reranker"], "reranker") == "llm-reranker"  # LlamaForCausalLM
+    assert recognise_family(models["llm-foreign"], "reranker") == "llm-reranker"  # LlamaForCausalLM
+    assert recognise_family(models["llm-foreign"], "embedder") == "decoder"
     assert recognise_family(models["cross-encoder"]) == "cross-encoder"  # XLMRobertaForSequenceClassification
     with pytest.raises(InputError, match="a causal LM .*name the family"):
-        recognise_family(models["llm-reranker"])
+        recognise_family(models["llm-foreign"])
     # a LoRA adapter written by peft alone (no family file): its base model's family
     adapter = shutil.copytree(models["decoder-lora"], tmp_path / "adapter")
     os.remove(adapter / FAMILY_FILE)
@@ -314,7 +319,7 @@ def test_every_folder_trine_writes_records_its_family(models, tiny_m3_dir, splad
     TriHeadModel.from_pretrained(tiny_m3_dir).save_pretrained(tmp_path / "m3")  # finetune / demo / lexical init
     TriHeadModel.from_pretrained(tiny_m3_dir, with_heads=False).save_pretrained(tmp_path / "dense")  # dense finetune
     CrossEncoder.from_pretrained(models["cross-encoder"]).save_pretrained(tmp_path / "ce")  # finetune-reranker
-    LLMReranker.from_pretrained(models["llm-reranker"]).save_pretrained(tmp_path / "llm")
+    LLMReranker.from_pretrained(models["llm-foreign"]).save_pretrained(tmp_path / "llm")
     RetroMAEModel.from_pretrained(splade_tiny_dir).save_encoder(tmp_path / "pretrained")  # pretrain
     written = {"m3": "trihead", "dense": "encoder", "ce": "cross-encoder", "llm": "llm-reranker",
                "pretrained": "encoder"}
@@ -322,5 +327,5 @@ def test_every_folder_trine_writes_records_its_family(models, tiny_m3_dir, splad
         assert read_family_file(tmp_path / folder)["model_family"] == family, folder
         assert resolve_family(tmp_path / folder)[0].name == family
     # the fixture's own trine folders: a LoRA adapter, its merge (merge-lora), a layer-wise reranker
-    for name in ("decoder-lora", "decoder-merged", "layerwise"):
+    for name in ("decoder-lora", "decoder-merged", "llm-reranker", "layerwise"):
         assert read_family_file(models[name])["model_family"] == FAMILY[name], name
