@@ -170,14 +170,18 @@ def run_end_to_end(out_dir: str = "outputs/demo", *, steps: int | None = None, b
 def run_demo(model_dir: str | None = None, heads: str = "bm25") -> dict[str, float]:
     """Print the demo; return each mode's accuracy@1 (the right passage ranked first)."""
     from trine import M3Embedder, scoring
+    from trine.modeling.families import resolve_family
 
-    model_dir = model_dir or default_model_dir()
-    has_heads = all(os.path.exists(os.path.join(model_dir, f)) for f in ("colbert_linear.pt", "sparse_linear.pt"))
+    family, model_dir = resolve_family(model_dir or default_model_dir(), "embedder")
+    has_heads = "sparse" in family.outputs
+    if not has_heads and not family.new_heads:
+        family.check_outputs(("dense", "sparse", "colbert"), model_dir)  # the demo shows all three outputs
     print(f"model: {model_dir}")
     if not has_heads:
         print(f"  no head files: lexical and ColBERT heads start '{heads}' (untrained; fine-tuning trains them)")
     fitted = not has_heads and heads == "bm25"  # the lexical head fitted on the demo's own passages
-    model = M3Embedder(model_dir, init_missing_heads=None if has_heads else heads, show_progress=False,
+    model = M3Embedder(model_dir, model_family=family.name, init_missing_heads=None if has_heads else heads,
+                       show_progress=False,
                        head_init_texts=PASSAGES if fitted else None, query_max_length=64, passage_max_length=256)
 
     q = model.encode_queries(QUERIES, return_dense=True, return_sparse=True, return_colbert_vecs=True)

@@ -72,12 +72,13 @@ def _eval(args: argparse.Namespace) -> int:
         print(summary)
     if args.model_card:
         from trine.cards import add_evaluation
-        from trine.modeling.trihead import has_head_files
+        from trine.modeling.families import resolve_family
 
         for entry in result["models"].values():
             evaluation = {"source": "trine eval", "dataset": result["dataset"], "split": result["split"],
                           "queries": result["queries"], "documents": result["documents"], "metrics": entry["metrics"]}
-            add_evaluation(entry["path"], evaluation, model_type="m3" if has_head_files(entry["path"]) else "dense")
+            family, _ = resolve_family(entry["path"], "embedder")
+            add_evaluation(entry["path"], evaluation, model_type="m3" if "sparse" in family.outputs else "dense")
             print(f"model card: {entry['path']}/README.md")
     if args.out:
         for kind, path in write_report(result, args.out, overwrite=args.overwrite,

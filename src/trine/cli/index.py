@@ -111,10 +111,9 @@ def _shard_rows(enc: Any, ids: list[str]) -> Any:
 
 def _outputs(args: argparse.Namespace, encoder: Any) -> tuple[str, ...]:
     outputs = tuple(args.outputs.split(",")) if args.outputs else encoder.outputs
-    bad = [o for o in outputs if o not in ("dense", "sparse", "colbert")] or \
-        [o for o in outputs if o not in encoder.outputs]
-    if bad or not outputs:
+    if not outputs or [o for o in outputs if o not in ("dense", "sparse", "colbert")]:
         raise OptionError(f"--outputs {args.outputs}: choose from {', '.join(encoder.outputs)} (what this model gives)")
+    encoder.check_outputs(outputs, f"--outputs {args.outputs}")  # else: an error naming the family, what it gives
     return outputs
 
 

@@ -57,7 +57,6 @@ from trine.modeling.fusion import (
     check_weights,
     read_fusion,
 )
-from trine.modeling.trihead import TriHeadModel, has_head_files
 from trine.progress import step
 from trine.retrieval import BM25Index, HybridRetriever, QueryReps, SearchResult, weighted_fusion
 from trine.retrieval.base import pad_results
@@ -454,14 +453,17 @@ def load_embedder(path: str | os.PathLike, config: EvalConfig, options: Mapping[
     asked for, the heads are not loaded (a plain dense model needs none). A ``bm25`` head start
     fits the lexical head on ``corpus`` (the documents searched, as BM25 computes its IDF on them)
     when the folder has no head files."""
-    from trine.modeling.loading import resolve_model
+    from trine.modeling.families import resolve_family
 
-    path = resolve_model(path)  # a folder, or a Hub id fetched into the Hugging Face cache
+    # a folder, or a Hub id fetched into the Hugging Face cache; its family the one it records or shows
+    family, path = resolve_family(path, "embedder")
     options = dict(options or {})
     if config_outputs(config) <= {"dense"} and options.get("init_missing_heads") is None:
         options.pop("init_missing_heads", None)
-        return M3Embedder(TriHeadModel.from_pretrained(path, with_heads=False), **options)
-    if options.get("init_missing_heads") == "bm25" and not has_head_files(path):
+        return M3Embedder(family.load(path, with_heads=False), **options)
+    if options.get("init_missing_heads") is None or not family.new_heads:
+        family.check_outputs(sorted(config_outputs(config)), path)  # e.g. sparse modes of a dense-only model
+    if options.get("init_missing_heads") == "bm25" and family.new_heads:
         if corpus is None:
             raise ValueError("init_missing_heads 'bm25' needs the corpus to fit the lexical head on")
         options["head_init_texts"] = list(corpus)

@@ -25,8 +25,9 @@ from trine.errors import InputError, MissingInputError, OptionError
 from trine.inference.batching import pad_batch, tokenize
 from trine.inference.embedder import M3Embedder
 from trine.io import atomic_folder, check_output_path
+from trine.modeling.families import resolve_family
 from trine.modeling.pooling import pool
-from trine.modeling.trihead import TriHeadModel, has_head_files, special_token_ids
+from trine.modeling.trihead import TriHeadModel, special_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,9 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, *, opset:
     if isinstance(opset, bool) or not isinstance(opset, int) or not 14 <= opset <= 23:
         raise OptionError(f"--opset: an integer from 14 to 23, not {opset!r}")
     check_output_path(out, inputs=[model_path], overwrite=overwrite, what="export folder")
-    heads = has_head_files(model_path)
+    family, _ = resolve_family(model_path, "embedder")
+    family.check_export("onnx", model_path)
+    heads = "sparse" in family.outputs  # the tri-head family; a plain encoder exports its dense output
     model = TriHeadModel.from_pretrained(model_path, with_heads=heads, attn_implementation="eager").eval()
     graph = _Graph(model).eval()
     example = pad_batch(tokenize(model.tokenizer, ["a short example", "a somewhat longer example text here"], 32),

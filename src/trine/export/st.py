@@ -23,7 +23,8 @@ import torch
 from trine.cards import inherited_card, write_card
 from trine.errors import InputError, OptionError
 from trine.io import atomic_folder, check_output_path
-from trine.modeling.trihead import TriHeadModel, has_head_files, special_token_ids
+from trine.modeling.families import resolve_family
+from trine.modeling.trihead import TriHeadModel, special_token_ids
 
 LEXICAL_MODULE_FILE = "trine_m3_lexical.py"
 LEXICAL_CLASS_REF = "trine_m3_lexical.M3LexicalWeights"
@@ -106,7 +107,9 @@ def export_sentence_transformers(model_path: str | os.PathLike, out: str | os.Pa
     multivector; default: every part the model has) asking for a head the folder lacks is an error."""
     model_path = os.fspath(model_path)
     check_output_path(out, inputs=[model_path], overwrite=overwrite, what="export folder")
-    heads = has_head_files(model_path)
+    family, _ = resolve_family(model_path, "embedder")
+    family.check_export("sentence-transformers", model_path)
+    heads = "sparse" in family.outputs  # the tri-head family; a plain encoder exports its dense output
     if parts is None:
         parts = PARTS if heads else ("dense",)
     unknown = set(parts) - set(PARTS)

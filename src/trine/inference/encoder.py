@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from trine.data.text import check_template, format_instruction
-from trine.errors import NonFiniteOutputError
+from trine.errors import NonFiniteOutputError, OptionError
 from trine.inference.batching import pad_batch, run_batched, tokenize
 from trine.inference.pool import (
     DeviceRunner,
@@ -29,9 +29,7 @@ from trine.inference.pool import (
     resolve_dtype,
 )
 from trine.inference.result import OUTPUTS, EncodeResult, check_outputs
-from trine.modeling.decoder import DecoderEmbedder
-from trine.modeling.families import inference_loader
-from trine.modeling.loading import resolve_model
+from trine.modeling.families import ModelFamily, family_of, inference_loader, resolve_family
 from trine.modeling.trihead import HeadInit, TriHeadModel
 
 logger = logging.getLogger(__name__)
@@ -52,11 +50,11 @@ def _check_onnx_options(model: Any, *, devices: Any, **options: Any) -> None:
     a ValueError naming the option."""
     from trine.export.onnx import OnnxGraph
 
-    if isinstance(model, TriHeadModel) or not isinstance(model, (str, os.PathLike, OnnxGraph)):
+    if not isinstance(model, (str, os.PathLike, OnnxGraph)):
         raise ValueError(f"backend='onnx' takes the folder of an ONNX export (trine export --to onnx), not a "
                          f"{type(model).__name__}")
     torch_only = {"use_fp16": False, "use_bf16": False, "mcls_interval": None, "pooling_method": None,
-                  "trust_remote_code": False, "model_family": "trihead", "colbert_dim": -1,
+                  "trust_remote_code": False, "model_family": None, "colbert_dim": -1,
                   "init_missing_heads": None, "head_init_texts": None, "revision": None, "cache_dir": None,
                   "token": None}
     given = [k for k, default in torch_only.items()
@@ -108,7 +106,7 @@ class Encoder(DeviceRunner):
         mcls_interval: int | None = None,
         show_progress: bool = True,
         trust_remote_code: bool = False,
-        model_family: str = "trihead",
+        model_family: str | None = None,
         truncate_dim: int | None = None,
         backend: Backend = "torch",
         revision: str | None = None,
@@ -143,8 +141,8 @@ class Encoder(DeviceRunner):
             if normalize_embeddings != model.normalize_embeddings:
                 raise ValueError(f"{model.path}: the ONNX graph was exported with normalize_embeddings="
                                  f"{model.normalize_embeddings}; it cannot be changed with backend='onnx'")
-        elif isinstance(model_name_or_path, (TriHeadModel, DecoderEmbedder)):
-            model = model_name_or_path
+        elif isinstance(model_name_or_path, torch.nn.Module) and hasattr(model_name_or_path, "family_name"):
+            model = model_name_or_path  # a loaded model of a trine family (TriHeadModel, DecoderEmbedder)
             if pooling_method is not None:
                 model.pooling_method = pooling_method
             model.normalize_embeddings = normalize_embeddings
@@ -152,9 +150,11 @@ class Encoder(DeviceRunner):
             raise ValueError(f"backend='torch' takes a model folder or a TriHeadModel, not "
                              f"{type(model_name_or_path).__name__} (an ONNX graph needs backend='onnx')")
         else:
-            # a folder, or a Hub id (org/name, org/name@revision) fetched into the Hugging Face cache
-            path = resolve_model(model_name_or_path, revision=revision, cache_dir=cache_dir, token=token)
-            model = inference_loader(model_family)(
+            # a folder, or a Hub id (org/name, org/name@revision) fetched into the Hugging Face cache; its
+            # family the one given, else the one the folder records or shows (trine.modeling.families)
+            family, path = resolve_family(model_name_or_path, "embedder", model_family=model_family,
+                                          revision=revision, cache_dir=cache_dir, token=token)
+            model = inference_loader(family.name)(
                 path,
                 with_heads=with_heads,
                 pooling_method=pooling_method,
@@ -324,6 +324,25 @@ class Encoder(DeviceRunner):
         """What this model can give: ``("dense",)``, or with heads ``("dense", "sparse", "colbert")``."""
         return OUTPUTS if self.model.has_heads else ("dense",)
 
+    @property
+    def family(self) -> ModelFamily | None:
+        """The model family of the loaded model (None for an ONNX graph, which is no trine family)."""
+        return family_of(self.model) if hasattr(self.model, "family_name") else None
+
+    def check_outputs(self, outputs: Iterable[str], where: str = "") -> tuple[str, ...]:
+        """``outputs`` in order, each one this model gives; else an ``OptionError`` naming the model family
+        and what it gives (an M3Embedder of a plain encoder started without heads gives dense only)."""
+        outputs = check_outputs(outputs)
+        missing = [o for o in outputs if o not in self.outputs]
+        if missing:
+            family = self.family
+            if family is not None and self.outputs == family.outputs:
+                family.check_outputs(outputs, where)
+            what = family.describe() if family is not None else "this ONNX graph"
+            raise OptionError(f"{where + ': ' if where else ''}{what} loaded with outputs {', '.join(self.outputs)}"
+                              f": not {', '.join(missing)}")
+        return outputs
+
     def encode_result(
         self,
         sentences: str | Sequence[str],
@@ -351,9 +370,10 @@ class Encoder(DeviceRunner):
             else self.truncate_dim
         missing = [o for o in outputs if o not in self.outputs]
         if missing:
-            hint = ("the ONNX export has none, or was loaded as an Embedder" if self.backend == "onnx"
-                    else "a decoder embedder has only the dense output" if isinstance(self.model, DecoderEmbedder)
-                    else "load it with its BGE-M3 heads (an M3Embedder)")
+            family = self.family
+            hint = ("the ONNX export has none, or was loaded as an Embedder" if family is None
+                    else "load it with its BGE-M3 heads (an M3Embedder)" if family.new_heads
+                    else f"{family.describe()} has only the dense output")
             raise ValueError(f"this model was loaded without heads (dense only): no {', '.join(missing)} output; "
                              + hint)
         if kind is not None:

@@ -27,9 +27,7 @@ from trine.inference.pool import (
     resolve_devices,
     resolve_dtype,
 )
-from trine.modeling.families import inference_loader
-from trine.modeling.llm_reranker import reranker_family
-from trine.modeling.loading import resolve_model
+from trine.modeling.families import resolve_family
 
 #: an instruction left unset: the model family's default (none for a cross-encoder; FlagLLMReranker's "A: " /
 #: "B: " for an LLM reranker); None: no instruction
@@ -45,7 +43,7 @@ def _format(instruction: str | None, instruction_format: str, text: str) -> str:
 class Reranker(DeviceRunner):
     """Relevance scores from a reranker: a cross-encoder, or a decoder-only LLM reranker (the logit of "Yes"
     after ``prompt``, FlagEmbedding's ``FlagLLMReranker``). ``model_family``: a registered reranker family
-    (``cross-encoder``, ``llm-reranker``); unset, the folder says (:func:`trine.modeling.llm_reranker.reranker_family`).
+    (``cross-encoder``, ``llm-reranker``); unset, the folder says (:func:`trine.modeling.families.resolve_family`).
 
     ``query_max_length`` (default 3/4 of ``max_length``) caps the query's tokens; the passage
     gets the rest of ``max_length`` (special tokens included). ``normalize`` applies a sigmoid.
@@ -89,12 +87,12 @@ class Reranker(DeviceRunner):
         if isinstance(model_name_or_path, nn.Module):
             model = model_name_or_path
         else:
-            # a folder, or a Hub id fetched into the Hugging Face cache; the family is read from the files
-            path = resolve_model(model_name_or_path, revision=revision, cache_dir=cache_dir, token=token,
-                                 what="reranker")
-            family = model_family or reranker_family(path)
-            model = inference_loader(family, "reranker")(path, dtype=self.dtype,
-                                                         trust_remote_code=trust_remote_code)
+            # a folder, or a Hub id fetched into the Hugging Face cache; the family is the one it records or shows
+            family, path = resolve_family(model_name_or_path, "reranker", model_family=model_family,
+                                          revision=revision, cache_dir=cache_dir, token=token, what="reranker")
+            if family.load is None:
+                raise OptionError(f"model_family: {family.name!r} has no inference loader")
+            model = family.load(path, dtype=self.dtype, trust_remote_code=trust_remote_code)
         self.model = model
         self._check_prompt(prompt)
         self._check_cutoff_layers(cutoff_layers)

@@ -357,16 +357,23 @@ def shard_done(folder: str, key: str) -> bool:
 
 # ------------------------------------------------------------------------------- encoding
 def load_embedder(model: str | os.PathLike, **options: Any) -> Any:
-    """The encoder ``trine encode`` runs: an M3Embedder for a folder with BGE-M3 head files (or when
-    ``init_missing_heads`` is given), else a dense-only Embedder. Unknown options raise."""
+    """The encoder ``trine encode`` (and ``index``, ``serve``) runs, as the model's family says
+    (:func:`trine.modeling.families.resolve_family`): an M3Embedder for a family with lexical and ColBERT
+    outputs, or for a plain encoder given ``init_missing_heads``; else a dense-only Embedder. A reranker, or
+    ``init_missing_heads`` for a family that cannot start heads, is an error naming the family. Unknown
+    options raise."""
     from trine.inference.embedder import Embedder, M3Embedder
-    from trine.modeling.loading import resolve_model
-    from trine.modeling.trihead import has_head_files
+    from trine.modeling.families import resolve_family
 
-    model = resolve_model(model)  # a folder, or a Hub id fetched into the Hugging Face cache
-    if has_head_files(model) or options.get("init_missing_heads") is not None:
-        return M3Embedder(model, **options)
-    return Embedder(model, **options)
+    # a folder, or a Hub id fetched into the Hugging Face cache; its family the one it records or shows
+    family, model = resolve_family(model, "embedder")
+    heads = options.get("init_missing_heads") is not None
+    if heads and not family.new_heads and "sparse" not in family.outputs:
+        raise OptionError(f"{model}: {family.describe()}: init_missing_heads (--heads) starts BGE-M3 heads on an "
+                          "encoder; this family takes none")
+    if "sparse" in family.outputs or (heads and family.new_heads):
+        return M3Embedder(model, model_family=family.name, **options)
+    return Embedder(model, model_family=family.name, **options)
 
 
 @dataclass
@@ -451,9 +458,7 @@ def encode_corpus(
     # with Ray this copy only fingerprints the model and checks the options: the actors hold the ones on devices
     local_options = {**embedder_options, "devices": "cpu"} if engine == "ray" else embedder_options
     embedder = load_embedder(model, **local_options) if by_path else model
-    missing = [o for o in outputs if o not in embedder.outputs]
-    if missing:
-        raise OptionError(f"outputs {', '.join(missing)}: the model has no BGE-M3 heads (dense only)")
+    embedder.check_outputs(outputs, "outputs")  # what the model's family gives, else an error naming it
     manifest = build_manifest(embedder, corpus_file, len(ids), outputs, num_shards)
     mine = list(range(rank, num_shards, world)) if shard_ids is None else sorted(set(shard_ids))
     summary = EncodeSummary(output_dir, len(ids), num_shards)

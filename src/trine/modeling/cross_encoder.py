@@ -87,6 +87,8 @@ def _find(seq: list[int], sub: list[int], start: int) -> int:
 class CrossEncoder(nn.Module):
     """A sequence-classification backbone with one output: the pair's relevance logit."""
 
+    family_name = "cross-encoder"
+
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase):
         super().__init__()
         if int(getattr(model.config, "num_labels", 1)) != 1:
@@ -145,8 +147,11 @@ class CrossEncoder(nn.Module):
         write_folder(path, self._write, atomic=atomic, overwrite=overwrite)
 
     def _write(self, folder: str) -> None:
+        from trine.modeling.families import record_family
+
         self.model.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
+        record_family(folder, self.family_name)
 
     def load_weights(self, folder: str | os.PathLike) -> None:
         """Load weights saved by :meth:`save_pretrained` into this model (resuming training)."""

@@ -170,6 +170,7 @@ class DecoderEmbedder(nn.Module):
 
     has_heads = False
     colbert_linear = sparse_linear = None  # no heads (the trainer freezes the heads a mode does not train)
+    family_name = "decoder"
     default_query_instruction_format = QUERY_INSTRUCTION_FORMAT
 
     def __init__(self, backbone: nn.Module, tokenizer: PreTrainedTokenizerBase, *,
@@ -243,6 +244,9 @@ class DecoderEmbedder(nn.Module):
         self.tokenizer.save_pretrained(folder)
         # the one writer of the pooling files (last token, normalisation), shared with the tri-head model
         TriHeadModel._write_sentence_transformers_config(self, folder)
+        from trine.modeling.families import record_family
+
+        record_family(folder, self.family_name)
 
     def load_weights(self, folder: str | os.PathLike) -> None:
         """Load the weights :meth:`save_pretrained` wrote into this model (resuming training); an adapter

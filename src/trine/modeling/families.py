@@ -1,22 +1,40 @@
-"""The model-family registry: how each kind of model is built from a command's arguments.
+"""The model-family registry: the family is the unit every command and Python face loads a model as.
 
-The trainers and the training entry points resolve a model through here (``model_family`` in the
+The trainers and the training entry points build a model through here (``model_family`` in the
 model arguments) instead of naming a class, so a new family (a decoder-only LLM embedder, LoRA
-adapters over a backbone) is one :func:`register_family` call in its own module: no trainer
-edit. A family says which role it plays (``embedder``, ``reranker``, ``pretraining``); a command
-accepts only families of its role.
+adapters over a backbone) is one :func:`register_family` call: no trainer edit. A family says which
+role it plays (``embedder``, ``reranker``, ``pretraining``), what an embedder gives (``outputs``:
+dense, sparse, colbert), what it can be exported as, and how it loads for inference; a command
+accepts only families of its role and asks the family, not the class or the files, what it can do.
+
+:func:`resolve_family` is the one door from a model reference (a folder or a Hub id) to its family:
+the family the folder records in :data:`FAMILY_FILE` (every folder trine writes has one, written by
+:func:`record_family`), else the family its files show (:func:`recognise_family`: BGE-M3 head files,
+a sentence-transformers or plain encoder folder, a causal LM, a LoRA adapter, a sequence classifier,
+a layer-wise reranker).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from trine.errors import OptionError
+from trine.errors import InputError, OptionError, first_line
 from trine.modeling.lora import DECODER_TARGET_MODULES
 
 ROLES = ("embedder", "reranker", "pretraining")
+#: the file in which every folder trine writes records its model family (and the family's own settings, e.g. an
+#: LLM reranker's prompt); FlagEmbedding and sentence-transformers ignore it
+FAMILY_FILE = "trine_family.json"
+#: where trine's rerankers recorded their family before every family did (still read)
+LEGACY_FAMILY_FILE = "trine_reranker.json"
+#: BGE-M3's head files (trine.modeling.trihead's COLBERT_FILE / SPARSE_FILE): a folder with both is tri-head
+HEAD_FILES = ("colbert_linear.pt", "sparse_linear.pt")
+#: the class name FlagEmbedding and the hub's bge-reranker-v2-minicpm-layerwise save a layer-wise reranker as
+LAYERWISE_ARCHITECTURE = "LayerWiseMiniCPMForCausalLM"
 
 
 @dataclass(frozen=True)
@@ -38,6 +56,36 @@ class ModelFamily:
     lora_modules_to_save: tuple[str, ...] = ()
     # the modules LoRA adapts when target_modules is not given (None: peft's default for the architecture)
     lora_target_modules: tuple[str, ...] | None = None
+    # what an embedder gives (of trine.inference.result.OUTPUTS); a reranker scores pairs and gives none
+    outputs: tuple[str, ...] = ()
+    # whether init_missing_heads can start new lexical and ColBERT heads on it (a plain encoder)
+    new_heads: bool = False
+    # what `trine export --to` writes of it (sentence-transformers, onnx)
+    exports: tuple[str, ...] = ()
+    # the settings the family records in FAMILY_FILE beside its name, and their types
+    settings: tuple[tuple[str, type], ...] = ()
+
+    def describe(self) -> str:
+        """The family and what it can do, for messages: ``model family 'encoder' (an embedder: dense)``."""
+        does = f"an embedder: {', '.join(self.outputs)}" if self.role == "embedder" else \
+            "a reranker: scores query-passage pairs" if self.role == "reranker" else "a pre-training model"
+        return f"model family {self.name!r} ({does})"
+
+    def check_export(self, target: str, where: str = "") -> None:
+        """Refuse an export (``trine export --to target``) this family has none of, naming what it has."""
+        if target not in self.exports:
+            head = f"{where}: " if where else ""
+            has = f"it exports to {', '.join(self.exports)}" if self.exports else "trine exports no model of it"
+            raise OptionError(f"{head}{self.describe()}: no {target} export ({has})")
+
+    def check_outputs(self, outputs: Sequence[str], where: str = "") -> None:
+        """Refuse outputs this family does not give, naming the family and what it gives (an
+        :class:`OptionError`: exit code 2 on the command line)."""
+        missing = [o for o in outputs if o not in self.outputs]
+        if missing:
+            head = f"{where}: " if where else ""
+            hint = " (--heads / init_missing_heads start new lexical and ColBERT heads)" if self.new_heads else ""
+            raise OptionError(f"{head}{self.describe()} does not give {', '.join(missing)}{hint}")
 
 
 FAMILIES: dict[str, ModelFamily] = {}
@@ -59,6 +107,175 @@ def get_family(name: str, role: str) -> ModelFamily:
     if family is None or family.role != role:
         raise OptionError(f"model_family: {name!r} is not a registered {role} family; choose from {known}")
     return family
+
+
+def family_of(model: Any) -> ModelFamily:
+    """The family of a loaded model (its ``family_name``, which trine's model classes declare)."""
+    name = getattr(model, "family_name", None)
+    if name not in FAMILIES:
+        raise OptionError(f"a {type(model).__name__} declares no trine model family (family_name)")
+    return FAMILIES[name]
+
+
+# ------------------------------------------------------------------------------ the family a folder records
+def record_family(folder: str | os.PathLike, name: str, **settings: Any) -> None:
+    """Write :data:`FAMILY_FILE` into ``folder`` (a folder being written): the one writer every save path uses."""
+    family = FAMILIES[name]
+    unknown = sorted(set(settings) - {k for k, _ in family.settings})
+    if unknown:
+        raise ValueError(f"model family {name!r} records no {unknown}")
+    with open(os.path.join(os.fspath(folder), FAMILY_FILE), "w", encoding="utf-8") as f:
+        json.dump({"model_family": name, **settings}, f, indent=2)
+
+
+def read_family_file(path: str | os.PathLike) -> dict[str, Any] | None:
+    """What a folder's :data:`FAMILY_FILE` (or an older trine reranker's :data:`LEGACY_FAMILY_FILE`) records,
+    checked: a known family and only its settings, of their types; None without such a file."""
+    folder = os.fspath(path)
+    file = next((os.path.join(folder, n) for n in (FAMILY_FILE, LEGACY_FAMILY_FILE)
+                 if os.path.isfile(os.path.join(folder, n))), None)
+    if file is None:
+        return None
+    try:
+        with open(file, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{file}: cannot read: {first_line(err)}") from err
+    if not isinstance(info, dict) or not isinstance(info.get("model_family"), str):
+        raise InputError(f"{file}: model_family: missing (an object with the folder's model family)")
+    family = FAMILIES.get(info["model_family"])
+    if family is None:
+        raise InputError(f"{file}: model_family: {info['model_family']!r} is not a model family trine knows "
+                         f"({', '.join(sorted(FAMILIES))})")
+    types = dict(family.settings)
+    unknown = sorted(set(info) - {"model_family", *types})
+    if unknown:
+        raise InputError(f"{file}: unknown keys {unknown} for model_family {family.name!r}"
+                         + (f" (it records {', '.join(types)})" if types else " (it records no settings)"))
+    for key, kind in types.items():
+        value = info.get(key)
+        if key in info and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise InputError(f"{file}: {key}: must be {_TYPE_NAMES.get(kind, kind.__name__)}")
+    return info
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
+
+
+def _json(file: str) -> dict[str, Any] | None:
+    """A JSON object file, None when absent; unreadable: an :class:`InputError` naming it."""
+    if not os.path.isfile(file):
+        return None
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{file}: cannot read: {first_line(err)}") from err
+    if not isinstance(data, dict):
+        raise InputError(f"{file}: not a JSON object")
+    return data
+
+
+def _is_causal(config: dict[str, Any]) -> bool:
+    """Whether a ``config.json`` is a decoder-only (causal) LM's: ``...ForCausalLM`` architectures, or a base
+    model of a type transformers has a causal LM for and no masked LM (Qwen2Model, LlamaModel; not BertModel)."""
+    archs = [str(a) for a in config.get("architectures") or []]
+    if archs and all(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return True
+    if config.get("is_encoder_decoder"):
+        return False
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = config.get("model_type")
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def recognise_family(path: str | os.PathLike, role: str | None = None) -> str:
+    """The family of a folder trine did not write, from its files: a LoRA adapter by its task (a causal-LM
+    adapter is an LLM reranker's, a sequence classifier's a cross-encoder's, a feature extractor's the family
+    of its base model); BGE-M3's two head files: ``trihead``; a layer-wise MiniCPM reranker; a sequence
+    classifier: ``cross-encoder``; a causal LM: ``decoder`` as an embedder, ``llm-reranker`` as a reranker
+    (``role`` says which; without one it is an error); any other encoder (a plain ``BertModel``, a
+    sentence-transformers folder): ``encoder``, dense only. Nothing to tell by, or files that contradict each
+    other: an :class:`InputError` naming the folder and what was found."""
+    folder = os.fspath(path)
+    heads = [n for n in HEAD_FILES if os.path.isfile(os.path.join(folder, n))]
+    if len(heads) == 1:
+        raise InputError(f"{folder}: has {heads[0]} but not {next(n for n in HEAD_FILES if n not in heads)}: not "
+                         "a tri-head (BGE-M3 layout) folder, nor a plain one")
+    adapter = _json(os.path.join(folder, "adapter_config.json"))
+    config = _json(os.path.join(folder, "config.json"))
+    found = "adapter_config.json" if adapter is not None else "config.json"
+    if adapter is not None:
+        task = adapter.get("task_type") or "FEATURE_EXTRACTION"
+        if task in ("CAUSAL_LM", "SEQ_CLS"):
+            name = "llm-reranker" if task == "CAUSAL_LM" else "cross-encoder"
+            if heads:
+                raise InputError(f"{folder}: a {task} LoRA adapter (a reranker's) beside BGE-M3 head files")
+            return name
+        base = adapter.get("base_model_name_or_path")
+        if not isinstance(base, str) or not base:
+            raise InputError(f"{folder}/adapter_config.json: base_model_name_or_path: not set; cannot tell the "
+                             "family of the adapter's base model")
+        from trine.modeling.loading import resolve_model
+
+        config = _json(os.path.join(resolve_model(base, what=f"the base model of the adapter {folder}"),
+                                    "config.json"))
+        found = f"the base model {base}"
+    if config is None:
+        raise InputError(f"{folder}: not a model folder trine can read: no config.json or adapter_config.json "
+                         f"(found: {', '.join(sorted(os.listdir(folder))[:8]) or 'nothing'})")
+    archs = [str(a) for a in config.get("architectures") or []]
+    if LAYERWISE_ARCHITECTURE in archs:
+        return "llm-reranker-layerwise"
+    if archs and all(a.endswith("ForSequenceClassification") for a in archs):
+        if heads:
+            raise InputError(f"{folder}: a sequence classifier ({', '.join(archs)}) beside BGE-M3 head files")
+        return "cross-encoder"
+    if heads:
+        return "trihead"
+    if _is_causal(config):
+        if role is None:
+            raise InputError(f"{folder}: a causal LM ({', '.join(archs) or config.get('model_type')}, {found}): "
+                             "a decoder embedder or an LLM reranker; name the family (model_family)")
+        return "llm-reranker" if role == "reranker" else "decoder"
+    return "encoder"
+
+
+def resolve_family(reference: str | os.PathLike, role: str | None = None, *, model_family: str | None = None,
+                   revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                   token: str | bool | None = None, what: str = "model") -> tuple[ModelFamily, str]:
+    """``(family, local folder)`` of a model reference (a folder, or a Hub id fetched through
+    :func:`trine.modeling.loading.resolve_model`): ``model_family`` when given, else the family the folder
+    records (:func:`read_family_file`), else the one its files show (:func:`recognise_family`). A family of
+    another ``role`` than the command's is an :class:`InputError` naming the folder, the family and what it does."""
+    from trine.modeling.loading import resolve_model
+
+    path = resolve_model(reference, revision=revision, cache_dir=cache_dir, token=token, what=what)
+    if model_family is not None:
+        family = get_family(model_family, role) if role is not None else FAMILIES.get(model_family)
+        if family is None:
+            raise OptionError(f"model_family: {model_family!r} is not a registered family; choose from "
+                              f"{sorted(FAMILIES)}")
+        return family, path
+    recorded = read_family_file(path)
+    if recorded is not None:
+        family = FAMILIES[recorded["model_family"]]
+        heads = [n for n in HEAD_FILES if os.path.isfile(os.path.join(path, n))]
+        if family.name == "trihead" and len(heads) != len(HEAD_FILES):
+            raise InputError(f"{path}: records model family 'trihead' but has "
+                             f"{', '.join(heads) or 'neither head file'} of {', '.join(HEAD_FILES)}")
+        if family.name != "trihead" and heads:
+            raise InputError(f"{path}: records model family {family.name!r} but holds BGE-M3 head files "
+                             f"({', '.join(heads)}); a tri-head folder records 'trihead'")
+    else:
+        family = FAMILIES[recognise_family(path, role)]
+    if role is not None and family.role != role:
+        raise InputError(f"{path}: {family.describe()}; this needs {'an' if role[0] in 'ae' else 'a'} {role}")
+    return family, path
 
 
 def inference_loader(name: str, role: str = "embedder") -> Callable[..., Any]:
@@ -98,7 +315,7 @@ def _trihead(model_args: Any, args: Any, *, passages: Any = None, passage_max_le
     from trine.modeling.trihead import TriHeadModel, has_head_files
 
     path = model_args.model_name_or_path
-    has_heads = has_head_files(path)
+    has_heads = has_head_files(path)  # the tri-head family's own test: the BGE-M3 head files
     fitted = model_args.init_missing_heads == "bm25" and not has_heads
     if fitted and passages is None:
         raise OptionError("init_missing_heads: 'bm25' fits the lexical head on the training passages; this command "
@@ -192,13 +409,22 @@ def _retromae(model_args: Any, args: Any, **context: Any) -> Any:
     )
 
 
+_ALL_OUTPUTS = ("dense", "sparse", "colbert")
+_EXPORTS = ("sentence-transformers", "onnx")
+_LLM_SETTINGS = (("prompt", str), ("sep_token", str))
 register_family(ModelFamily("trihead", "embedder", _trihead,
                             "any transformers encoder + lexical and ColBERT heads (BGE-M3 layout)", _load_trihead,
-                            lora_attribute="backbone"))
+                            lora_attribute="backbone", outputs=_ALL_OUTPUTS, exports=_EXPORTS))
+# the same model class without heads: what a plain or sentence-transformers encoder folder is, and what a dense
+# fine-tune writes; init_missing_heads makes it tri-head
+register_family(ModelFamily("encoder", "embedder", _trihead,
+                            "any transformers encoder without BGE-M3 heads (a sentence-transformers or plain "
+                            "encoder folder): dense only", _load_trihead, lora_attribute="backbone",
+                            outputs=("dense",), new_heads=True, exports=_EXPORTS))
 register_family(ModelFamily("decoder", "embedder", _decoder,
                             "any decoder-only (causal LM) backbone, last-token pooling of an appended EOS, dense "
                             "only (FlagEmbedding's FlagLLMModel)", _load_decoder, lora_attribute="backbone",
-                            lora_target_modules=DECODER_TARGET_MODULES))
+                            lora_target_modules=DECODER_TARGET_MODULES, outputs=("dense",)))
 register_family(ModelFamily("cross-encoder", "reranker", _cross_encoder,
                             "a sequence-classification encoder with one label (FlagReranker's)",
                             _load_cross_encoder, lora_attribute="model", lora_task_type="SEQ_CLS",
@@ -206,12 +432,14 @@ register_family(ModelFamily("cross-encoder", "reranker", _cross_encoder,
 register_family(ModelFamily("llm-reranker", "reranker", _llm_reranker,
                             "a decoder-only (causal LM) reranker: the logit of 'Yes' after FlagEmbedding's prompt "
                             "(FlagLLMReranker)", _load_llm_reranker, lora_attribute="model",
-                            lora_task_type="CAUSAL_LM", lora_target_modules=DECODER_TARGET_MODULES))
+                            lora_task_type="CAUSAL_LM", lora_target_modules=DECODER_TARGET_MODULES,
+                            settings=_LLM_SETTINGS))
 # LoRA on the base decoder (AutoModel): the layer heads are trine's own modules beside it, always trained in full
 register_family(ModelFamily("llm-reranker-layerwise", "reranker", _layerwise_reranker,
                             "a decoder-only reranker scoring at chosen layers with per-layer heads (FlagEmbedding's "
                             "LayerWiseFlagLLMReranker, bge-reranker-v2-minicpm-layerwise)", _load_layerwise_reranker,
                             lora_attribute="model", lora_task_type="FEATURE_EXTRACTION",
-                            lora_target_modules=DECODER_TARGET_MODULES))
+                            lora_target_modules=DECODER_TARGET_MODULES,
+                            settings=(*_LLM_SETTINGS, ("start_layer", int), ("head_multi", bool))))
 register_family(ModelFamily("retromae", "pretraining", _retromae,
                             "a masked-LM encoder with RetroMAE's one-layer enhanced decoder"))

@@ -43,14 +43,8 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from trine.errors import InputError, MissingInputError, OptionError
 from trine.io import write_folder
-from trine.modeling.llm_reranker import (
-    DEFAULT_SEP_TOKEN,
-    FAMILY_FILE,
-    LAYERWISE_ARCHITECTURE,
-    LAYERWISE_FAMILY,
-    LLMReranker,
-    read_family_file,
-)
+from trine.modeling.families import FAMILY_FILE, LAYERWISE_ARCHITECTURE, read_family_file, record_family
+from trine.modeling.llm_reranker import DEFAULT_SEP_TOKEN, LAYERWISE_FAMILY, LLMReranker
 from trine.modeling.loading import check_finite, check_loaded_model, load_from_folder, resolve_model
 from trine.modeling.lora import has_lora
 from trine.modeling.minicpm import MiniCPMModel
@@ -140,6 +134,8 @@ class LayerwiseReranker(LLMReranker):
     linear maps hidden -> 1 (``head_multi``) or one. ``forward(input_ids, attention_mask, cutoff_layers=None)``: one
     score per pair at the last layer, or, given a list of layers, a (layers, pairs) tensor.
     """
+
+    family_name = FAMILY_NAME
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, heads: nn.ModuleList, *,
                  start_layer: int, prompt: str | None = None, sep_token: str = DEFAULT_SEP_TOKEN):
@@ -324,9 +320,8 @@ class LayerwiseReranker(LLMReranker):
             save_file({k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()},
                       os.path.join(folder, HEADS_FILE))
         self.tokenizer.save_pretrained(folder)
-        with open(os.path.join(folder, FAMILY_FILE), "w", encoding="utf-8") as f:
-            json.dump({"model_family": FAMILY_NAME, "prompt": self.prompt, "sep_token": self.sep_token,
-                       "start_layer": self.start_layer, "head_multi": len(self.heads) > 1}, f, indent=2)
+        record_family(folder, FAMILY_NAME, prompt=self.prompt, sep_token=self.sep_token,
+                      start_layer=self.start_layer, head_multi=len(self.heads) > 1)
 
     def _write_flag_layout(self, folder: str) -> None:
         """FlagEmbedding's (and the hub's) layer-wise MiniCPM layout: one config naming ``LayerWiseMiniCPMForCausalLM``

@@ -21,17 +21,16 @@ same folder (merged, or with ``peft_path``).
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from trine.errors import InputError, MissingInputError, OptionError, first_line
+from trine.errors import InputError, MissingInputError, OptionError
 from trine.io import write_folder
+from trine.modeling.families import FAMILY_FILE, read_family_file, record_family, resolve_family
 from trine.modeling.loading import check_loaded_model, load_from_folder, position_limit, resolve_model
 
 # the minicpm model type (a layer-wise reranker's backbone) is registered with AutoModel by the one folder
@@ -39,8 +38,6 @@ from trine.modeling.loading import check_loaded_model, load_from_folder, positio
 # (transformers' Llama) here would cost every reranker, and `import trine`, seconds
 
 FAMILY_NAME = "llm-reranker"
-#: the file a trine reranker folder records its model family (and the LLM prompt) in
-FAMILY_FILE = "trine_reranker.json"
 DEFAULT_PROMPT = ("Given a query A and a passage B, determine whether the passage contains an answer to the query "
                   "by providing a prediction of either 'Yes' or 'No'.")
 DEFAULT_SEP_TOKEN = "\n"
@@ -48,65 +45,16 @@ DEFAULT_SEP_TOKEN = "\n"
 QUERY_INSTRUCTION = "A: "
 PASSAGE_INSTRUCTION = "B: "
 YES = "Yes"
-#: the layer-wise reranker's family (trine.modeling.layerwise_reranker) and the class name FlagEmbedding and the hub's
-#: bge-reranker-v2-minicpm-layerwise save that model as
+#: the layer-wise reranker's family (trine.modeling.layerwise_reranker)
 LAYERWISE_FAMILY = "llm-reranker-layerwise"
-LAYERWISE_ARCHITECTURE = "LayerWiseMiniCPMForCausalLM"
-
-
-def read_family_file(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The settings a folder's :data:`FAMILY_FILE` records, or None without one."""
-    file = os.path.join(os.fspath(path), FAMILY_FILE)
-    if not os.path.isfile(file):
-        return None
-    try:
-        with open(file, encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, ValueError) as err:
-        raise InputError(f"{file}: cannot read: {first_line(err)}") from err
-    if not isinstance(info, dict) or not isinstance(info.get("model_family"), str):
-        raise InputError(f"{file}: model_family: missing (an object with the reranker's model family)")
-    known = {"model_family", "prompt", "sep_token"}
-    if info["model_family"] == LAYERWISE_FAMILY:  # the layout of its layer heads
-        known |= {"start_layer", "head_multi"}
-    unknown = sorted(set(info) - known)
-    if unknown:
-        raise InputError(f"{file}: unknown keys {unknown}")
-    for key in ("prompt", "sep_token"):
-        if key in info and not isinstance(info[key], str):
-            raise InputError(f"{file}: {key}: must be a string")
-    if "start_layer" in info and (isinstance(info["start_layer"], bool) or not isinstance(info["start_layer"], int)):
-        raise InputError(f"{file}: start_layer: must be an integer")
-    if "head_multi" in info and not isinstance(info["head_multi"], bool):
-        raise InputError(f"{file}: head_multi: must be true or false")
-    return info
 
 
 def reranker_family(path: str | os.PathLike) -> str:
-    """The reranker family of a folder: the one its :data:`FAMILY_FILE` names; else ``llm-reranker-layerwise`` for
-    a FlagEmbedding / hub layer-wise MiniCPM checkpoint (bge-reranker-v2-minicpm-layerwise); ``llm-reranker`` for a
-    causal-LM checkpoint (``...ForCausalLM`` architectures, e.g. bge-reranker-v2-gemma, or a LoRA adapter of
-    the ``CAUSAL_LM`` task); else ``cross-encoder``."""
-    info = read_family_file(path)
-    if info is not None:
-        return info["model_family"]
-    folder = os.fspath(path)
-    for name, key in (("config.json", "architectures"), ("adapter_config.json", "task_type")):
-        file = os.path.join(folder, name)
-        if not os.path.isfile(file):
-            continue
-        try:
-            with open(file, encoding="utf-8") as f:
-                value = json.load(f).get(key)
-        except (OSError, ValueError, AttributeError):
-            continue  # the loader reports an unreadable config with its own message
-        if key == "architectures" and value and LAYERWISE_ARCHITECTURE in value:
-            return LAYERWISE_FAMILY
-        if key == "architectures" and value and all(str(a).endswith("ForCausalLM") for a in value):
-            return FAMILY_NAME
-        if key == "task_type" and value == "CAUSAL_LM":
-            return FAMILY_NAME
-    return "cross-encoder"
+    """The reranker family of a folder (:func:`trine.modeling.families.resolve_family` with the reranker role):
+    the one it records, else ``llm-reranker-layerwise`` for a FlagEmbedding / hub layer-wise MiniCPM checkpoint
+    (bge-reranker-v2-minicpm-layerwise), ``llm-reranker`` for a causal LM (``...ForCausalLM``, e.g.
+    bge-reranker-v2-gemma, or a ``CAUSAL_LM`` LoRA adapter), ``cross-encoder`` for a sequence classifier."""
+    return resolve_family(path, "reranker")[0].name
 
 
 class LLMReranker(nn.Module):
@@ -116,6 +64,8 @@ class LLMReranker(nn.Module):
     model, where LoRA goes), ``tokenizer``, ``max_positions``, ``tokenize_pairs`` (inference lengths),
     ``forward(input_ids, attention_mask)`` giving one score per pair, ``save_pretrained`` and ``load_weights``.
     """
+
+    family_name = FAMILY_NAME
 
     default_query_instruction = QUERY_INSTRUCTION
     default_passage_instruction = PASSAGE_INSTRUCTION
@@ -198,8 +148,7 @@ class LLMReranker(nn.Module):
     def _write(self, folder: str) -> None:
         self.model.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
-        with open(os.path.join(folder, FAMILY_FILE), "w", encoding="utf-8") as f:  # inside the folder being written
-            json.dump({"model_family": FAMILY_NAME, "prompt": self.prompt, "sep_token": self.sep_token}, f, indent=2)
+        record_family(folder, FAMILY_NAME, prompt=self.prompt, sep_token=self.sep_token)
 
     def load_weights(self, folder: str | os.PathLike) -> None:
         """Load weights :meth:`save_pretrained` wrote into this model (resuming training); an adapter checkpoint

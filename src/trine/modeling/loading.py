@@ -22,7 +22,7 @@ from trine.errors import InputError, MissingInputError, OptionError, UserError, 
 # RetroMAE decoder), LoRA adapter files and custom code (run only with trust_remote_code). Left out: ONNX /
 # OpenVINO / GGUF / TF / Flax copies, images, and training leftovers (optimizer states, checkpoints).
 HUB_PATTERNS = (
-    "*.json",  # config, tokenizer, generation, sentence-transformers, fusion.json, trine_reranker.json, adapter
+    "*.json",  # config, tokenizer, generation, sentence-transformers, fusion.json, trine_family.json, adapter
     "*.safetensors",  # model(-0000i-of-n).safetensors, adapter_model, layerwise_heads, retromae_decoder
     "*.txt", "*.model", "*.tiktoken", "*.jinja",  # vocab.txt, merges.txt, SentencePiece / tiktoken, chat templates
     "colbert_linear.pt", "sparse_linear.pt",  # BGE-M3's heads

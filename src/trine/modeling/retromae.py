@@ -296,8 +296,12 @@ class RetroMAEModel(nn.Module):
 
     # -------------------------------------------------------------------------------------- saving
     def _write_encoder(self, folder: str) -> None:
+        from trine.modeling.families import record_family
+
         self.lm.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
+        # the pre-trained encoder is a plain (dense-only) encoder backbone for trine finetune
+        record_family(folder, "encoder")
 
     def save_encoder(self, path: str | os.PathLike, *, overwrite: bool = False, card: Any = None) -> str:
         """The encoder (MLM model + tokenizer) as a plain Hugging Face folder, written atomically:

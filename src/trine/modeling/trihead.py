@@ -166,6 +166,11 @@ class TriHeadModel(nn.Module):
     def has_heads(self) -> bool:
         return self.colbert_linear is not None and self.sparse_linear is not None
 
+    @property
+    def family_name(self) -> str:
+        """Its model family (:mod:`trine.modeling.families`): ``trihead`` with heads, else ``encoder`` (dense)."""
+        return "trihead" if self.has_heads else "encoder"
+
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def from_pretrained(
@@ -292,6 +297,9 @@ class TriHeadModel(nn.Module):
             for linear, name in ((self.colbert_linear, COLBERT_FILE), (self.sparse_linear, SPARSE_FILE)):
                 state = {k: v.detach().clone().cpu() for k, v in linear.state_dict().items()}
                 torch.save(state, os.path.join(folder, name))
+        from trine.modeling.families import record_family
+
+        record_family(folder, self.family_name)
 
     def _write_sentence_transformers_config(self, folder: str) -> None:
         """Pooling and normalisation as sentence-transformers files: trine and sentence-transformers

@@ -13,7 +13,7 @@ from trine.cards import ModelCard, train_files_summary, training_card
 from trine.config import parse_config  # re-exported: the training commands parse their options with it
 from trine.data.records import TrainFile, apply_dataset_options, load_train_files
 from trine.errors import options_checked, report_user_errors
-from trine.modeling.trihead import has_head_files
+from trine.modeling.families import resolve_family
 from trine.training.arguments import TrainDataArguments
 from trine.training.dataset import EpochPlanDataset
 from trine.training.trainer import check_training_output, prepare_output_dir
@@ -109,7 +109,9 @@ def train_and_save(model_args: Any, data_args: Any, args: Any, build, *, command
     data = train_files_summary(trainer.train_dataset.files) if args.should_save else []
 
     def card(folder: str, history: list[dict[str, Any]]) -> ModelCard:
-        kind = "reranker" if command == "finetune-reranker" else "m3" if has_head_files(folder) else "dense"
+        # the folder just written records its family
+        kind = "reranker" if command == "finetune-reranker" else \
+            "m3" if "sparse" in resolve_family(folder, "embedder")[0].outputs else "dense"
         return training_card(command, kind, base_model=model_args.model_reference, history=history, data=data,
                              options={"model": model_args, "data": data_args, "training": args})
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from trine.errors import OptionError
-from trine.modeling.families import build_model
+from trine.modeling.families import build_model, family_of
 from trine.training.arguments import DataArguments, EmbedderTrainingArguments, ModelArguments
 from trine.training.collator import EmbedderCollator
 from trine.training.common import (
@@ -77,9 +77,9 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: Em
     options = collator_options(data_args, data_args.query_instruction_for_retrieval,
                                data_args.passage_instruction_for_retrieval)
     if data_args.retrieval_use_examples:
-        from trine.modeling.decoder import DecoderEmbedder, InContextExamples
+        from trine.modeling.decoder import InContextExamples
 
-        if not isinstance(encoder, DecoderEmbedder):
+        if family_of(encoder).name != "decoder":  # the family whose prompts take in-context examples
             raise OptionError("retrieval_use_examples: in-context examples are for decoder models (model_family "
                               "'decoder')")
         examples = InContextExamples(

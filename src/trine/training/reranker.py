@@ -37,8 +37,8 @@ from transformers import set_seed
 from trine.errors import OptionError
 from trine.inference.batching import pad_batch
 from trine.modeling.cross_encoder import CrossEncoder
-from trine.modeling.families import build_model
-from trine.modeling.llm_reranker import FAMILY_FILE, LAYERWISE_FAMILY, LLMReranker, read_family_file
+from trine.modeling.families import FAMILY_FILE, build_model, get_family, read_family_file
+from trine.modeling.llm_reranker import LAYERWISE_FAMILY, LLMReranker
 from trine.training.arguments import (
     RERANKER_REFUSED_OPTIONS,
     FlagEmbeddingModelOptions,
@@ -219,7 +219,7 @@ def build_reranker_trainer(model_args: RerankerModelArguments, data_args: Rerank
     set_seed(args.seed)  # a new classifier starts the same on every rank and in every run
     encoder = build_model(model_args, args, "reranker")
     if data_args.sep_token is not None:
-        if not isinstance(encoder, LLMReranker):
+        if "sep_token" not in dict(get_family(model_args.model_family, "reranker").settings):
             raise OptionError(f"sep_token: model_family {model_args.model_family!r} takes no separator (an "
                               "llm-reranker's option)")
         encoder.set_sep_token(data_args.sep_token)
