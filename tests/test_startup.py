@@ -27,6 +27,7 @@ def run_python(code: str, env: dict[str, str] | None = None) -> subprocess.Compl
     environment = {**os.environ, "PYTHONPATH": SRC, **(env or {})}
     environment.pop("TQDM_DISABLE", None)
     environment.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    environment.pop("TRANSFORMERS_VERBOSITY", None)  # set by an earlier --quiet command run in this process
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
                           timeout=300)
 
@@ -274,6 +275,7 @@ def test_eval_shows_each_step_and_quiet_silences_every_bar(splade_tiny_dir, tmp_
     env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1"}
     env.pop("TQDM_DISABLE", None)
     env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    env.pop("TRANSFORMERS_VERBOSITY", None)
     loud = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=300)
     quiet = subprocess.run([sys.executable, *argv, "--quiet"], capture_output=True, text=True, env=env, timeout=300)
     assert loud.returncode == quiet.returncode == 0, loud.stderr + quiet.stderr

@@ -84,7 +84,9 @@ class ModelFamily:
         missing = [o for o in outputs if o not in self.outputs]
         if missing:
             head = f"{where}: " if where else ""
-            hint = " (--heads / init_missing_heads start new lexical and ColBERT heads)" if self.new_heads else ""
+            # library words; the command line shows them as its flags (trine.config.command_line_words)
+            hint = (". Pass init_missing_heads='random', 'neutral' or 'bm25' to start new heads"
+                    if self.new_heads else "")
             raise OptionError(f"{head}{self.describe()} does not give {', '.join(missing)}{hint}")
 
 
