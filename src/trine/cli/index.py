@@ -25,24 +25,6 @@ DEFAULT_PASSAGE_MAX_LEN = 512
 DEFAULT_WEIGHTS = {"sparse+dense": (1.0, 0.3), "colbert+sparse+dense": (1.0, 0.3, 1.0)}
 
 
-def read_corpus(path: str) -> tuple[list[str], list[str]]:
-    """(ids, texts) of a ``corpus.jsonl``: BEIR (``_id``) or FlagEmbedding custom (``id``) layout, with ``title``
-    and ``text``; the text as ``trine eval`` encodes it."""
-    from trine.errors import MissingInputError
-    from trine.evaluation.data import RetrievalDataset, _load_corpus
-
-    try:
-        with open(path) as f:
-            first = next((line for line in f if line.strip()), "")
-    except FileNotFoundError:
-        raise MissingInputError(f"{path}: no such corpus file") from None
-    try:
-        id_field = "_id" if "_id" in json.loads(first or "{}") else "id"
-    except json.JSONDecodeError:
-        id_field = "_id"  # the loader names the line
-    return RetrievalDataset(_load_corpus(path, id_field), {}, {}).passages()
-
-
 def _encoder(args: argparse.Namespace) -> Any:
     """``trine encode``'s encoder for ``--model``: the three outputs of a folder with BGE-M3 heads (or with
     ``--heads``), the dense one of any other embedder."""
@@ -130,7 +112,9 @@ def _build(args: argparse.Namespace) -> int:
     if args.chunk_size < 1 or args.upsert_batch < 1:
         raise OptionError("--chunk-size and --upsert-batch must be positive")
     resolve_model_options(args, "model")  # a folder, or a Hub id fetched into the Hugging Face cache
-    ids, texts = read_corpus(args.corpus)
+    from trine.data.corpus import corpus_passages, read_corpus
+
+    ids, texts = corpus_passages(read_corpus(args.corpus))
     enc = None
     if args.backend == "trine":
         from trine.io import check_output_path
@@ -272,11 +256,9 @@ def _open_retriever(args: argparse.Namespace, encoder: Any) -> tuple[Any, Any]:
 
 def _queries(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     if args.queries:
-        from trine.evaluation.data import _load_queries
+        from trine.data.corpus import read_queries
 
-        with open(args.queries) as f:
-            first = next((line for line in f if line.strip()), "{}")
-        queries = _load_queries(args.queries, "_id" if "_id" in json.loads(first) else "id")
+        queries = read_queries(args.queries)
         return list(queries), list(queries.values())
     if not args.query:
         raise OptionError("give --query TEXT (repeatable) or --queries FILE")

@@ -62,6 +62,7 @@ from typing import IO, Any, Literal
 import numpy as np
 import torch
 
+from trine.data.corpus import corpus_passages, read_corpus
 from trine.errors import InputError, MissingInputError, OptionError, OutputPathError, UserError
 from trine.inference.result import OUTPUTS, EncodeResult, check_outputs
 from trine.io import (
@@ -257,18 +258,6 @@ class EncodingsWriter:
 
 
 # ------------------------------------------------------------------------------- the corpus
-def read_corpus(path: str) -> tuple[list[str], list[str]]:
-    """(ids, passages) of a corpus JSONL, read by ``trine eval``'s corpus reader: ``_id`` (BEIR) or ``id``
-    (FlagEmbedding's custom layout, taken when the first record has ``id`` and no ``_id``), ``text``,
-    optional ``title``; a bad line raises naming the file, line and field."""
-    from trine.evaluation.data import RetrievalDataset, _jsonl, _load_corpus
-
-    with contextlib.closing(_jsonl(path)) as records:
-        first = next(records, (0, {}))[1]
-    id_field = "id" if "_id" not in first and "id" in first else "_id"
-    return RetrievalDataset(_load_corpus(path, id_field), {}, {}).passages()
-
-
 def plan_shards(count: int, num_shards: int) -> list[tuple[int, int]]:
     """``num_shards`` contiguous [start, end) ranges over ``count`` documents, sizes differing by at most one."""
     return [(i * count // num_shards, (i + 1) * count // num_shards) for i in range(num_shards)]
@@ -443,7 +432,7 @@ def encode_corpus(
     outputs = check_outputs(outputs)
     if not outputs:
         raise OptionError(f"outputs: choose at least one of {', '.join(OUTPUTS)}")
-    ids, texts = read_corpus(corpus_file)
+    ids, texts = corpus_passages(read_corpus(corpus_file))
     if num_shards > len(ids):
         raise OptionError(f"num_shards {num_shards} is more than the {len(ids)} documents of {corpus_file}")
     if world > 1 and by_path and "devices" not in embedder_options and torch.cuda.is_available():
