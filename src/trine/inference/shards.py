@@ -74,6 +74,7 @@ from trine.io import (
     parent_lock,
     write_marker,
 )
+from trine.partition import contiguous_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -258,11 +259,6 @@ class EncodingsWriter:
 
 
 # ------------------------------------------------------------------------------- the corpus
-def plan_shards(count: int, num_shards: int) -> list[tuple[int, int]]:
-    """``num_shards`` contiguous [start, end) ranges over ``count`` documents, sizes differing by at most one."""
-    return [(i * count // num_shards, (i + 1) * count // num_shards) for i in range(num_shards)]
-
-
 def shard_name(index: int, num_shards: int) -> str:
     return f"shard-{index:05d}-of-{num_shards:05d}"
 
@@ -282,7 +278,7 @@ def build_manifest(embedder: Any, corpus_file: str, count: int, outputs: Sequenc
         "truncate_dim": embedder.truncate_dim,
         "outputs": list(check_outputs(outputs)),
         "corpus": {"sha256": file_sha256(corpus_file), "count": count},
-        "shards": [list(r) for r in plan_shards(count, num_shards)],
+        "shards": [list(r) for r in contiguous_bounds(count, num_shards)],
     }
     return {"identity": identity, "key": _key(identity), "corpus_file": os.path.abspath(corpus_file)}
 
@@ -446,7 +442,7 @@ def encode_corpus(
     manifest = build_manifest(embedder, corpus_file, len(ids), outputs, num_shards)
     mine = list(range(rank, num_shards, world)) if shard_ids is None else sorted(set(shard_ids))
     summary = EncodeSummary(output_dir, len(ids), num_shards)
-    plan = plan_shards(len(ids), num_shards)
+    plan = contiguous_bounds(len(ids), num_shards)
     with _ranks_joined(world):
         created = _open_folder(output_dir, manifest, inputs)
         todo = []
