@@ -19,6 +19,7 @@ from typing import Any
 
 from trine.cli.parser import add_hub_options, floats, options_checked, resolve_model_options
 from trine.errors import OptionError, UserError
+from trine.modes import FUSED_MODES, mode_outputs
 
 SEARCH_MODES = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
 DEFAULT_PASSAGE_MAX_LEN = 512
@@ -279,13 +280,12 @@ def _search(args: argparse.Namespace) -> int:
     qids, texts = _queries(args)
     encoder = _encoder(args)
     retriever, collection = _open_retriever(args, encoder)
-    modes = {"dense": ("dense",), "sparse": ("sparse",), "colbert": ("dense", "colbert"),
-             "sparse+dense": ("dense", "sparse"), "colbert+sparse+dense": ("dense", "sparse", "colbert")}[args.mode]
+    modes = mode_outputs(args.mode)
     missing = [m for m in modes if m not in retriever.indexes]
     if missing:
         raise OptionError(f"--mode {args.mode} needs {', '.join(missing)}, which this index does not hold")
     reps = encoder.encode_result(texts, modes, kind="query")
-    names = {"sparse+dense": ("dense", "sparse"), "colbert+sparse+dense": ("dense", "sparse", "colbert")}
+    names = FUSED_MODES
     weights = None
     if args.mode in names:
         values = args.weights or DEFAULT_WEIGHTS[args.mode]
