@@ -16,12 +16,12 @@ from test_finetune import PAGES, common_args, no_dropout_copy, weights, write_da
 from trine import Embedder
 from trine.curation.mining import mine_hard_negatives
 from trine.errors import OptionError
+from trine.partition import contiguous_bounds
 from trine.training.dynamic_negatives import (
     STATE_KEY,
     DynamicNegativesCallback,
     decode_negatives,
     gather_pool_encodings,
-    shard_bounds,
 )
 from trine.training.finetune import build_trainer, parse_args
 
@@ -208,7 +208,7 @@ def test_each_rank_encodes_its_shard_and_the_gather_equals_one_process(tmp_path,
     from trine import M3Embedder
 
     pool = [d for _, d in PAGES][:size]
-    assert shard_bounds(size, world_size) == shards
+    assert contiguous_bounds(size, world_size) == shards
     mp.spawn(_gather_worker, args=(world_size, tiny_m3_dir, pool, outputs, str(tmp_path / "rendezvous"),
                                    str(tmp_path)), nprocs=world_size)
     ranks = []

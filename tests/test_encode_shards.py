@@ -17,7 +17,8 @@ from conftest import TEXTS, require
 from trine.cli import main
 from trine.errors import InputError, OptionError, OutputPathError
 from trine.inference import M3Embedder, encode_corpus, load_encoded
-from trine.inference.shards import plan_shards, shard_name
+from trine.inference.shards import shard_name
+from trine.partition import contiguous_bounds
 
 OUTPUTS = ("dense", "sparse", "colbert")
 DOCS = [(f"d{i}", "Title " + str(i) if i % 3 == 1 else "", t) for i, t in enumerate(TEXTS)] + [
@@ -113,7 +114,7 @@ def test_one_shard_and_three_shards_equal_in_process_encoding(tmp_path, embedder
 def test_a_killed_run_is_resumed_finished_shards_skipped(tmp_path, embedder, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     out = tmp_path / "out"
-    plan = plan_shards(len(DOCS), 3)
+    plan = contiguous_bounds(len(DOCS), 3)
     calls: list[list[str]] = []
     real = embedder.encode_result
 

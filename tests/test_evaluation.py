@@ -130,12 +130,12 @@ def test_both_layouts_load_the_same(tmp_path):
 
 
 @pytest.mark.parametrize("corpus,pattern", [
-    (['{"_id": "d1", "text": "ok"}', '{"_id": "d2", "text": '], r"corpus\.jsonl:2: not valid JSON"),
+    (['{"_id": "d1", "text": "ok"}', '{"_id": "d2", "text": '], r"corpus\.jsonl:2: \(line\): not valid JSON"),
     ([{"_id": "d1", "text": "ok"}, {"_id": "d2", "title": "x"}], r"corpus\.jsonl:2: field 'text' is missing"),
     ([{"_id": "d1", "text": 5}], r"corpus\.jsonl:1: field 'text' must be str"),
     ([{"_id": "d1", "text": "a"}, {"_id": "d1", "text": "b"}], r"corpus\.jsonl:2: field '_id': duplicate id"),
     ([{"id": "d1", "text": "a"}], r"corpus\.jsonl:1: field '_id' is missing"),
-    (["[1, 2]"], r"corpus\.jsonl:1: expected a JSON object"),
+    (["[1, 2]"], r"corpus\.jsonl:1: \(line\): a record must be a JSON object"),
 ])
 def test_bad_corpus_names_file_line_field(tmp_path, corpus, pattern):
     make_beir(tmp_path, corpus=corpus)

@@ -16,9 +16,9 @@ from conftest import TEXTS, make_tiny_reranker, require
 from safetensors.torch import load_file, save_file
 
 from trine.cli import main
+from trine.data.corpus import DatasetFormatError, read_corpus, read_queries
 from trine.data.reader import DataError
 from trine.errors import InputError, NonFiniteOutputError
-from trine.evaluation.data import DatasetFormatError, _load_corpus, _load_queries
 from trine.inference import M3Embedder, load_encoded
 from trine.modeling.loading import check_tokenizer_fits
 from trine.modeling.trihead import TriHeadModel
@@ -273,11 +273,11 @@ def test_titles_carry_blank_texts_and_queries_follow_the_rule(tmp_path):
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text('{"_id": "0", "title": "ls", "text": ""}\n{"_id": "1", "title": " ", "text": "x"}\n')
-    assert _load_corpus(str(corpus), "_id") == {"0": {"title": "ls", "text": ""}, "1": {"title": " ", "text": "x"}}
+    assert read_corpus(str(corpus), "_id") == {"0": {"title": "ls", "text": ""}, "1": {"title": " ", "text": "x"}}
     queries = tmp_path / "queries.jsonl"
     queries.write_text('{"_id": "q0", "text": "fine"}\n{"_id": "q1", "text": "\\ud83d"}\n')
     with pytest.raises(DatasetFormatError, match=r"queries.jsonl:2: field 'text': lone surrogate U\+D83D"):
-        _load_queries(str(queries), "_id")
+        read_queries(str(queries), "_id")
     passages = tmp_path / "passages.jsonl"
     passages.write_text('{"text": "fine", "title": "\\udc00"}\n')
     with pytest.raises(DataError, match=r"passages.jsonl:1: title: lone surrogate U\+DC00"):

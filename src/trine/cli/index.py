@@ -19,28 +19,11 @@ from typing import Any
 
 from trine.cli.parser import add_hub_options, floats, options_checked, resolve_model_options
 from trine.errors import OptionError, UserError
+from trine.modes import FUSED_MODES, mode_outputs
 
 SEARCH_MODES = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
 DEFAULT_PASSAGE_MAX_LEN = 512
 DEFAULT_WEIGHTS = {"sparse+dense": (1.0, 0.3), "colbert+sparse+dense": (1.0, 0.3, 1.0)}
-
-
-def read_corpus(path: str) -> tuple[list[str], list[str]]:
-    """(ids, texts) of a ``corpus.jsonl``: BEIR (``_id``) or FlagEmbedding custom (``id``) layout, with ``title``
-    and ``text``; the text as ``trine eval`` encodes it."""
-    from trine.errors import MissingInputError
-    from trine.evaluation.data import RetrievalDataset, _load_corpus
-
-    try:
-        with open(path) as f:
-            first = next((line for line in f if line.strip()), "")
-    except FileNotFoundError:
-        raise MissingInputError(f"{path}: no such corpus file") from None
-    try:
-        id_field = "_id" if "_id" in json.loads(first or "{}") else "id"
-    except json.JSONDecodeError:
-        id_field = "_id"  # the loader names the line
-    return RetrievalDataset(_load_corpus(path, id_field), {}, {}).passages()
 
 
 def _encoder(args: argparse.Namespace) -> Any:
@@ -129,7 +112,9 @@ def _build(args: argparse.Namespace) -> int:
     if args.chunk_size < 1 or args.upsert_batch < 1:
         raise OptionError("--chunk-size and --upsert-batch must be positive")
     resolve_model_options(args, "model")  # a folder, or a Hub id fetched into the Hugging Face cache
-    ids, texts = read_corpus(args.corpus)
+    from trine.data.corpus import corpus_passages, read_corpus
+
+    ids, texts = corpus_passages(read_corpus(args.corpus))
     enc = None
     if args.backend == "trine":
         from trine.io import check_output_path
@@ -271,11 +256,9 @@ def _open_retriever(args: argparse.Namespace, encoder: Any) -> tuple[Any, Any]:
 
 def _queries(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     if args.queries:
-        from trine.evaluation.data import _load_queries
+        from trine.data.corpus import read_queries
 
-        with open(args.queries) as f:
-            first = next((line for line in f if line.strip()), "{}")
-        queries = _load_queries(args.queries, "_id" if "_id" in json.loads(first) else "id")
+        queries = read_queries(args.queries)
         return list(queries), list(queries.values())
     if not args.query:
         raise OptionError("give --query TEXT (repeatable) or --queries FILE")
@@ -296,13 +279,12 @@ def _search(args: argparse.Namespace) -> int:
     qids, texts = _queries(args)
     encoder = _encoder(args)
     retriever, collection = _open_retriever(args, encoder)
-    modes = {"dense": ("dense",), "sparse": ("sparse",), "colbert": ("dense", "colbert"),
-             "sparse+dense": ("dense", "sparse"), "colbert+sparse+dense": ("dense", "sparse", "colbert")}[args.mode]
+    modes = mode_outputs(args.mode)
     missing = [m for m in modes if m not in retriever.indexes]
     if missing:
         raise OptionError(f"--mode {args.mode} needs {', '.join(missing)}, which this index does not hold")
     reps = encoder.encode_result(texts, modes, kind="query")
-    names = {"sparse+dense": ("dense", "sparse"), "colbert+sparse+dense": ("dense", "sparse", "colbert")}
+    names = FUSED_MODES
     weights = None
     if args.mode in names:
         # reciprocal rank fusion is unweighted unless asked (each list counts 1 / (60 + rank)); trine's

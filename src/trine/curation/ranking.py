@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trine import scoring
+import trine.scoring as scoring
 from trine.data.records import Record
 from trine.retrieval.base import SearchResult
 from trine.retrieval.dense import DenseIndex

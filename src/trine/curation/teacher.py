@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from trine import scoring
+import trine.scoring as scoring
 from trine.curation.common import (
     atomic_jsonl,
     check_output,
@@ -28,6 +28,7 @@ from trine.curation.common import (
     write_row,
 )
 from trine.inference.result import EncodeResult
+from trine.modes import mode_outputs
 from trine.progress import bar as progress_bar
 from trine.scoring import HYBRID_KEYS, MODE_ALIASES
 
@@ -59,7 +60,8 @@ class EmbedderScorer:
 
     def __init__(self, embedder: Any, mode: str = "dense", weights: Sequence[float] | None = None):
         available = embedder.outputs
-        modes = tuple(m for m in M3_MODES if set(m.split("+")) <= set(available))
+        # a pair is scored exactly in every mode: ColBERT needs its vectors alone (no dense first stage)
+        modes = tuple(m for m in M3_MODES if set(mode_outputs(m, "full")) <= set(available))
         mode = MODE_ALIASES.get(mode, mode)
         if mode not in modes:
             raise ValueError(f"mode {mode!r} is not available for a {type(embedder).__name__} "
@@ -67,7 +69,7 @@ class EmbedderScorer:
         if weights is not None and len(weights) != 3:
             raise ValueError(f"weights are (dense, sparse, colbert), got {list(weights)}")
         self.embedder, self.mode, self.weights = embedder, mode, weights
-        self.outputs = tuple(mode.split("+"))
+        self.outputs = mode_outputs(mode, "full")
         self._primed: dict[str, tuple[Any, Any, Any]] = {}
 
     def _encode(self, texts: list[str], kind: str) -> list[tuple[Any, Any, Any]]:

@@ -1,8 +1,20 @@
 """The data every command reads: FlagEmbedding's JSONL training records (:mod:`.records`), text
-corpora and candidate pools (:mod:`.corpus`), all read by one reader with one error policy
-(:mod:`.reader`): every problem is ``file:line: field: message``, and nothing trains on bad data."""
+corpora, candidate pools, and retrieval corpora and queries with ids (:mod:`.corpus`), all read by
+one reader with one error policy (:mod:`.reader`): every problem is ``file:line: field: message``,
+and nothing trains on bad data."""
 
-from trine.data.corpus import iter_texts, list_data_files, read_pool, scan_texts
+from trine.data.corpus import (
+    ID_FIELDS,
+    DatasetFormatError,
+    corpus_passages,
+    iter_texts,
+    list_data_files,
+    passage_text,
+    read_corpus,
+    read_pool,
+    read_queries,
+    scan_texts,
+)
 from trine.data.reader import DataError, json_lines, text_lines
 from trine.data.records import (
     Record,
@@ -16,7 +28,13 @@ from trine.data.records import (
 from trine.data.text import text_problem
 
 __all__ = [
+    "ID_FIELDS",
     "DataError",
+    "DatasetFormatError",
+    "corpus_passages",
+    "passage_text",
+    "read_corpus",
+    "read_queries",
     "Record",
     "TrainFile",
     "apply_dataset_options",

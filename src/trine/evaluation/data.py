@@ -5,28 +5,31 @@ BEIR: ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl`` (``_id`
 FlagEmbedding custom: ``corpus.jsonl`` (``id``, ``title``, ``text``), ``<split>_queries.jsonl``
 (``id``, ``text``), ``<split>_qrels.jsonl`` (``qid``, ``docid``, ``relevance``).
 
-Bad input raises :class:`DatasetFormatError` naming the file, the line and the field.
+Bad input raises :class:`DatasetFormatError` naming the file, the line and the field. The corpus and
+queries files are read by :mod:`trine.data.corpus` (the one corpus reader, with its id rule); this module
+adds the layouts, the qrels and the dataset.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from trine.data.reader import DataError, text_lines
-from trine.data.text import text_problem
-from trine.errors import InputError
+from trine.data.corpus import (
+    DatasetFormatError,
+    corpus_passages,
+    json_records,
+    read_corpus,
+    read_queries,
+    record_field,
+    record_lines,
+)
+
+__all__ = ["LAYOUTS", "DatasetFormatError", "Layout", "RetrievalDataset", "detect_layout", "load_dataset"]
 
 Layout = Literal["auto", "beir", "custom"]
 LAYOUTS = ("auto", "beir", "custom")
-
-
-class DatasetFormatError(InputError):
-    """A test-set file that does not follow its layout; the message names file, line and field
-    (the command line prints it and exits 2)."""
 
 
 @dataclass
@@ -44,88 +47,7 @@ class RetrievalDataset:
 
     def passages(self) -> tuple[list[str], list[str]]:
         """(doc ids, texts) with the text as FlagEmbedding encodes it: ``title + " " + text`` (title if any)."""
-        ids = list(self.corpus)
-        texts = [(d["title"] + " " + d["text"]).strip() if d["title"] else d["text"] for d in self.corpus.values()]
-        return ids, texts
-
-
-def _lines(path: str) -> Iterator[tuple[int, str]]:
-    """The non-blank lines of a UTF-8 text file, numbered; a missing file or a byte that is not
-    UTF-8 raises :class:`DatasetFormatError` naming the file (and line)."""
-    if not os.path.isfile(path):
-        raise DatasetFormatError(f"{path}: file not found")
-    try:
-        yield from text_lines(path, line_field=None)  # no problems list: the first problem raises
-    except DataError as err:
-        raise DatasetFormatError(str(err)) from None
-
-
-def _jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    for lineno, line in _lines(path):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DatasetFormatError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-        if not isinstance(obj, dict):
-            raise DatasetFormatError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-        yield lineno, obj
-
-
-def _field(obj: dict[str, Any], name: str, path: str, lineno: int, kind: type, required: bool = True,
-           is_id: bool = False) -> Any:
-    if name not in obj:
-        if not required:
-            return kind()
-        raise DatasetFormatError(f"{path}:{lineno}: field '{name}' is missing")
-    value = obj[name]
-    if is_id and isinstance(value, int) and not isinstance(value, bool):
-        return str(value)  # numeric ids are common in the wild
-    if kind is int and isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            raise DatasetFormatError(f"{path}:{lineno}: field '{name}' must be an integer, got {value!r}") from None
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise DatasetFormatError(
-            f"{path}:{lineno}: field '{name}' must be {kind.__name__}, got {type(value).__name__} {value!r}"
-        )
-    return value
-
-
-def _check_text(value: str, name: str, path: str, lineno: int, may_be_blank: bool = False) -> str:
-    """``value`` if :func:`trine.data.text_problem` (the one rule for a text trine encodes) finds nothing; a
-    blank ``value`` passes when ``may_be_blank`` (a missing title, a BEIR passage whose title is its text)."""
-    if may_be_blank and not value.strip():
-        return value
-    problem = text_problem(value)
-    if problem:
-        raise DatasetFormatError(f"{path}:{lineno}: field '{name}': {problem}")
-    return value
-
-
-def _load_corpus(path: str, id_field: str) -> dict[str, dict[str, str]]:
-    corpus: dict[str, dict[str, str]] = {}
-    for lineno, obj in _jsonl(path):
-        doc_id = _field(obj, id_field, path, lineno, str, is_id=True)
-        if doc_id in corpus:
-            raise DatasetFormatError(f"{path}:{lineno}: field '{id_field}': duplicate id {doc_id!r}")
-        title = _check_text(_field(obj, "title", path, lineno, str, required=False), "title", path, lineno, True)
-        # the passage encoded is title + " " + text: an empty text is a passage when the title is not
-        text = _check_text(_field(obj, "text", path, lineno, str), "text", path, lineno, bool(title.strip()))
-        corpus[doc_id] = {"title": title, "text": text}
-    if not corpus:
-        raise DatasetFormatError(f"{path}: no documents")
-    return corpus
-
-
-def _load_queries(path: str, id_field: str) -> dict[str, str]:
-    queries: dict[str, str] = {}
-    for lineno, obj in _jsonl(path):
-        qid = _field(obj, id_field, path, lineno, str, is_id=True)
-        if qid in queries:
-            raise DatasetFormatError(f"{path}:{lineno}: field '{id_field}': duplicate id {qid!r}")
-        queries[qid] = _check_text(_field(obj, "text", path, lineno, str), "text", path, lineno)
-    return queries
+        return corpus_passages(self.corpus)
 
 
 def _add_qrel(qrels: dict[str, dict[str, int]], qid: str, did: str, rel: int, where: str,
@@ -142,7 +64,7 @@ def _add_qrel(qrels: dict[str, dict[str, int]], qid: str, did: str, rel: int, wh
 def _load_beir_qrels(path: str, corpus: dict[str, Any], queries: dict[str, str]) -> dict[str, dict[str, int]]:
     header = ["query-id", "corpus-id", "score"]
     qrels: dict[str, dict[str, int]] = {}
-    for lineno, line in _lines(path):
+    for lineno, line in record_lines(path):
         line = line.rstrip("\n").rstrip("\r")
         parts = line.split("\t")
         if lineno == 1:
@@ -164,10 +86,11 @@ def _load_beir_qrels(path: str, corpus: dict[str, Any], queries: dict[str, str])
 
 def _load_custom_qrels(path: str, corpus: dict[str, Any], queries: dict[str, str]) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
-    for lineno, obj in _jsonl(path):
-        qid = _field(obj, "qid", path, lineno, str, is_id=True)
-        did = _field(obj, "docid", path, lineno, str, is_id=True)
-        rel = _field(obj, "relevance", path, lineno, int)
+    for lineno, obj in json_records(path):
+        where = f"{path}:{lineno}"
+        qid = record_field(obj, "qid", where, str, is_id=True)
+        did = record_field(obj, "docid", where, str, is_id=True)
+        rel = record_field(obj, "relevance", where, int)
         _add_qrel(qrels, qid, did, rel, f"{path}:{lineno}", corpus, queries, ("qid", "docid"))
     return qrels
 
@@ -194,12 +117,12 @@ def load_dataset(folder: str | os.PathLike, split: str = "test", layout: Layout 
     if layout == "auto":
         layout = detect_layout(folder, split)
     if layout == "beir":
-        corpus = _load_corpus(os.path.join(folder, "corpus.jsonl"), "_id")
-        queries = _load_queries(os.path.join(folder, "queries.jsonl"), "_id")
+        corpus = read_corpus(os.path.join(folder, "corpus.jsonl"), "_id")
+        queries = read_queries(os.path.join(folder, "queries.jsonl"), "_id")
         qrels = _load_beir_qrels(os.path.join(folder, "qrels", f"{split}.tsv"), corpus, queries)
     else:
-        corpus = _load_corpus(os.path.join(folder, "corpus.jsonl"), "id")
-        queries = _load_queries(os.path.join(folder, f"{split}_queries.jsonl"), "id")
+        corpus = read_corpus(os.path.join(folder, "corpus.jsonl"), "id")
+        queries = read_queries(os.path.join(folder, f"{split}_queries.jsonl"), "id")
         qrels = _load_custom_qrels(os.path.join(folder, f"{split}_qrels.jsonl"), corpus, queries)
     if not qrels:
         raise DatasetFormatError(f"{folder}: split {split!r} has no relevance judgements")

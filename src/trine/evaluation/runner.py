@@ -57,6 +57,7 @@ from trine.modeling.fusion import (
     check_weights,
     read_fusion,
 )
+from trine.modes import needed_outputs  # the one table of mode needs (tuning imports it from here)
 from trine.progress import step
 from trine.retrieval import BM25Index, HybridRetriever, QueryReps, SearchResult, weighted_fusion
 from trine.retrieval.base import pad_results
@@ -67,16 +68,6 @@ logger = logging.getLogger(__name__)
 # FlagEmbedding's score-mode names (trine.scoring.HYBRID_KEYS; the old eval names are aliases), and rrf
 MODES = (*HYBRID_KEYS, "rrf", "bm25", "dense+bm25")
 DEFAULT_MODES = HYBRID_KEYS
-_NEEDS = {
-    "dense": {"dense"},
-    "sparse": {"sparse"},
-    "colbert": {"dense", "colbert"},
-    "sparse+dense": {"dense", "sparse"},
-    "colbert+sparse+dense": {"dense", "sparse", "colbert"},
-    "rrf": {"dense", "sparse", "colbert"},
-    "bm25": set(),  # the texts themselves
-    "dense+bm25": {"dense"},  # and the texts
-}
 #: the EvalConfig field that gives each fused mode's weights
 WEIGHT_FIELDS = {"sparse+dense": "weights_dense_sparse", "colbert+sparse+dense": "weights_all",
                  "dense+bm25": "weights_dense_bm25"}
@@ -155,14 +146,6 @@ class EvalConfig:
         if self.rerank_modes and self.reranker_top_k < max(self.k_values):
             raise ValueError(f"reranker_top_k ({self.reranker_top_k}) must be at least the largest k "
                              f"({max(self.k_values)})")
-
-
-def needed_outputs(modes: Sequence[str], dims: Sequence[int] = ()) -> set[str]:
-    """The model outputs ``modes`` need (and dense ones for Matryoshka ``dims``)."""
-    out: set[str] = {"dense"} if dims else set()
-    for m in modes:
-        out |= _NEEDS[m]
-    return out
 
 
 def config_outputs(config: EvalConfig) -> set[str]:

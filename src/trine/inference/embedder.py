@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trine import scoring
+import trine.scoring as scoring
 from trine.inference.encoder import Encoder, _given
 from trine.inference.result import OUTPUTS, EncodeResult
 from trine.modeling.trihead import TriHeadModel

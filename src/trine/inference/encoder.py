@@ -48,7 +48,7 @@ def _check_onnx_options(model: Any, *, devices: Any, **options: Any) -> None:
     """The options of ``backend="onnx"``: a folder holding ``trine export --to onnx``'s graph, on the
     CPU; what only the torch model has (precision, MCLS, pooling, head set-up, a model instance) is
     a ValueError naming the option."""
-    from trine.export.onnx import OnnxGraph
+    from trine.inference.onnx_graph import OnnxGraph
 
     if not isinstance(model, (str, os.PathLike, OnnxGraph)):
         raise ValueError(f"backend='onnx' takes the folder of an ONNX export (trine export --to onnx), not a "
@@ -133,7 +133,7 @@ class Encoder(DeviceRunner):
         if mcls_interval is not None and mcls_interval < 1:
             raise ValueError(f"mcls_interval must be a positive number of tokens, got {mcls_interval}")
         if backend == "onnx":
-            from trine.export.onnx import OnnxGraph
+            from trine.inference.onnx_graph import OnnxGraph
 
             model = model_name_or_path if isinstance(model_name_or_path, OnnxGraph) else \
                 OnnxGraph(model_name_or_path, with_heads=with_heads)

@@ -7,7 +7,6 @@ the model on its device, and keeps them until :meth:`DevicePool.close`.
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import traceback
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from trine.errors import UserError
+from trine.partition import contiguous_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +113,7 @@ class DevicePool:
     def map(self, method: str, items: Sequence[Any], chunks_per_device: int = 1, **kwargs: Any) -> list[Any]:
         """Run ``owner.method(chunk, device=..., **kwargs)`` on contiguous chunks of ``items``."""
         n_chunks = max(1, min(len(items), len(self.devices) * chunks_per_device))
-        size = math.ceil(len(items) / n_chunks)
-        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+        chunks = [items[start:end] for start, end in contiguous_bounds(len(items), n_chunks) if end > start]
         for cid, chunk in enumerate(chunks):
             self.tasks.put((cid, method, list(chunk), kwargs))
         out: list[Any] = [None] * len(chunks)

@@ -62,6 +62,7 @@ from typing import IO, Any, Literal
 import numpy as np
 import torch
 
+from trine.data.corpus import corpus_passages, read_corpus
 from trine.errors import InputError, MissingInputError, OptionError, OutputPathError, UserError
 from trine.inference.result import OUTPUTS, EncodeResult, check_outputs
 from trine.io import (
@@ -73,6 +74,7 @@ from trine.io import (
     parent_lock,
     write_marker,
 )
+from trine.partition import contiguous_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -257,23 +259,6 @@ class EncodingsWriter:
 
 
 # ------------------------------------------------------------------------------- the corpus
-def read_corpus(path: str) -> tuple[list[str], list[str]]:
-    """(ids, passages) of a corpus JSONL, read by ``trine eval``'s corpus reader: ``_id`` (BEIR) or ``id``
-    (FlagEmbedding's custom layout, taken when the first record has ``id`` and no ``_id``), ``text``,
-    optional ``title``; a bad line raises naming the file, line and field."""
-    from trine.evaluation.data import RetrievalDataset, _jsonl, _load_corpus
-
-    with contextlib.closing(_jsonl(path)) as records:
-        first = next(records, (0, {}))[1]
-    id_field = "id" if "_id" not in first and "id" in first else "_id"
-    return RetrievalDataset(_load_corpus(path, id_field), {}, {}).passages()
-
-
-def plan_shards(count: int, num_shards: int) -> list[tuple[int, int]]:
-    """``num_shards`` contiguous [start, end) ranges over ``count`` documents, sizes differing by at most one."""
-    return [(i * count // num_shards, (i + 1) * count // num_shards) for i in range(num_shards)]
-
-
 def shard_name(index: int, num_shards: int) -> str:
     return f"shard-{index:05d}-of-{num_shards:05d}"
 
@@ -293,7 +278,7 @@ def build_manifest(embedder: Any, corpus_file: str, count: int, outputs: Sequenc
         "truncate_dim": embedder.truncate_dim,
         "outputs": list(check_outputs(outputs)),
         "corpus": {"sha256": file_sha256(corpus_file), "count": count},
-        "shards": [list(r) for r in plan_shards(count, num_shards)],
+        "shards": [list(r) for r in contiguous_bounds(count, num_shards)],
     }
     return {"identity": identity, "key": _key(identity), "corpus_file": os.path.abspath(corpus_file)}
 
@@ -450,7 +435,7 @@ def encode_corpus(
     outputs = check_outputs(outputs)
     if not outputs:
         raise OptionError(f"outputs: choose at least one of {', '.join(OUTPUTS)}")
-    ids, texts = read_corpus(corpus_file)
+    ids, texts = corpus_passages(read_corpus(corpus_file))
     if num_shards > len(ids):
         raise OptionError(f"num_shards {num_shards} is more than the {len(ids)} documents of {corpus_file}")
     if world > 1 and by_path and "devices" not in embedder_options and torch.cuda.is_available():
@@ -462,7 +447,7 @@ def encode_corpus(
     manifest = build_manifest(embedder, corpus_file, len(ids), outputs, num_shards)
     mine = list(range(rank, num_shards, world)) if shard_ids is None else sorted(set(shard_ids))
     summary = EncodeSummary(output_dir, len(ids), num_shards)
-    plan = plan_shards(len(ids), num_shards)
+    plan = contiguous_bounds(len(ids), num_shards)
     with _ranks_joined(world):
         created = _open_folder(output_dir, manifest, inputs)
         todo = []

@@ -24,15 +24,10 @@ from typing import Any
 
 from trine.errors import InputError, OutputPathError
 from trine.io import atomic_file
+from trine.modes import FUSED_MODES  # the one table of modes (re-exported: fusion.json names them)
 from trine.scoring import NORMALIZATIONS
 
 FUSION_FILE = "fusion.json"
-#: each fused mode and the modes its weights list names, in order
-FUSED_MODES: dict[str, tuple[str, ...]] = {
-    "sparse+dense": ("dense", "sparse"),
-    "colbert+sparse+dense": ("dense", "sparse", "colbert"),
-    "dense+bm25": ("dense", "bm25"),
-}
 #: FlagEmbedding's weights (its MLDR/MKQA recipes); dense+bm25 is trine's, an even sum
 DEFAULT_WEIGHTS: dict[str, tuple[float, ...]] = {
     "sparse+dense": (1.0, 0.3),

@@ -29,11 +29,12 @@ from typing import Any
 import numpy as np
 
 from trine.errors import first_line
-from trine.retrieval.vectordb import (
+from trine.retrieval.collection import (
     BackendUnreachableError,
     Hits,
     ModelSignature,
     VectorCollection,
+    register_engine,
     require,
 )
 
@@ -353,3 +354,6 @@ class MilvusCollection(VectorCollection):
         if "colbert" in self.representations:
             self.client.drop_collection(self.tokens_name)
         self.client.drop_collection(self.name)
+
+
+register_engine("milvus", MilvusCollection)

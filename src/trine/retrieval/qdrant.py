@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 
 from trine.errors import first_line
-from trine.retrieval.vectordb import (
+from trine.retrieval.collection import (
     BackendUnreachableError,
     Hits,
     ModelSignature,
     VectorCollection,
+    register_engine,
     require,
 )
 
@@ -275,3 +276,6 @@ class QdrantCollection(VectorCollection):
 
     def _engine_drop(self) -> None:
         self.client.delete_collection(self.name)
+
+
+register_engine("qdrant", QdrantCollection)

@@ -23,9 +23,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import trine.serving.native as native
+import trine.serving.openai as openai
+import trine.serving.tei as tei
 from trine.inference import Encoder, Reranker
 from trine.retrieval import HybridRetriever
-from trine.serving import native, openai, tei
 from trine.serving.batcher import Batcher, Overloaded, Ticket, current_ticket
 from trine.serving.common import ApiError, ServerState, ServeSettings
 from trine.serving.metrics import ServerMetrics

@@ -176,17 +176,19 @@ class ServerState:
 
 
 def load_documents(path: str | os.PathLike, ids: Sequence[str]) -> list[str]:
-    """The texts of the documents ``ids`` (an index's rows, in order) from a BEIR ``corpus.jsonl`` (``_id``,
-    optional ``title``, ``text``; the text as ``trine eval`` encodes it: title, a space, text); an id the file
-    lacks is an error naming it."""
-    from trine.evaluation.data import RetrievalDataset, _load_corpus
+    """The texts of the documents ``ids`` (an index's rows, in order) from a corpus file read by the one corpus
+    reader (:func:`trine.data.read_corpus`: BEIR ``_id`` or FlagEmbedding's ``id``, optional ``title``,
+    ``text``; the text as ``trine eval`` encodes it: title, a space, text); an id the file lacks is an
+    error naming it."""
+    from trine.data.corpus import DatasetFormatError, corpus_passages, id_field_of, read_corpus
 
-    corpus_ids, texts = RetrievalDataset(_load_corpus(os.fspath(path), "_id"), {}, {}).passages()
+    path = os.fspath(path)
+    corpus_ids, texts = corpus_passages(read_corpus(path))
     by_id = dict(zip(corpus_ids, texts))
     missing = [i for i in ids if i not in by_id]
     if missing:
-        raise ValueError(f"{os.fspath(path)}: no document with _id {missing[0]!r} (of {len(missing)} of the index's "
-                         f"{len(ids)} documents missing)")
+        raise DatasetFormatError(f"{path}: no document with {id_field_of(path)} {missing[0]!r} (of {len(missing)} "
+                                 f"of the index's {len(ids)} documents missing)")
     return [by_id[i] for i in ids]
 
 

@@ -14,10 +14,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from trine import scoring
+import trine.scoring as scoring
 from trine.evaluation.runner import EvalConfig, rerank_result
 from trine.inference.result import OUTPUT_KEYS, OUTPUTS
 from trine.modeling.fusion import FUSED_MODES, check_weights
+from trine.modes import mode_outputs
 from trine.retrieval import QueryReps, SearchResult
 from trine.serving.common import (
     ApiError,
@@ -176,13 +177,6 @@ def _rerank_top_k(state: ServerState, body: SearchRequest) -> int | None:
     return body.rerank_top_k
 
 
-def _needs(mode: str, colbert_search: str) -> tuple[str, ...]:
-    """The query outputs (and so the indexes) a search mode uses."""
-    if mode == "colbert":
-        return ("dense", "colbert") if colbert_search == "rerank" else ("colbert",)
-    return FUSED_MODES.get(mode, (mode,))
-
-
 @router.post("/search")
 async def search(body: SearchRequest, request: Request) -> JSONResponse:
     state = state_of(request)
@@ -193,7 +187,7 @@ async def search(body: SearchRequest, request: Request) -> JSONResponse:
         mode = scoring.canonical_mode(body.mode)
     except ValueError as err:
         raise ApiError(400, f"mode: {err}", "mode") from None
-    needs = _needs(mode, body.colbert_search)
+    needs = mode_outputs(mode, body.colbert_search)
     lacking = [m for m in needs if m not in retriever.indexes]
     if lacking:
         raise ApiError(400, f"mode: {mode!r} needs the {' and '.join(lacking)} index, which the loaded index "

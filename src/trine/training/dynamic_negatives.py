@@ -21,7 +21,7 @@ Resume: after each re-mine the negatives (pool rows, compressed) are put in the 
 force at step k (and checks that the pool and the records are the same).
 
 Under DDP the pool's encoding is shared out: rank r encodes its contiguous shard of the pool
-(:func:`shard_bounds`: the first ``len(pool) % world_size`` shards one text longer), the shards are
+(:func:`trine.partition.contiguous_bounds`: the first ``len(pool) % world_size`` shards one text longer), the shards are
 all-gathered in rank order (:func:`gather_pool_encodings`: dense vectors as tensors padded to the
 longest shard, lexical weights as objects), and every rank indexes the whole gathered pool, so its
 encoding takes 1/world_size of the time. Every rank then searches it with the queries (the same
@@ -49,6 +49,7 @@ from transformers import TrainerCallback
 
 from trine.data.records import Record
 from trine.errors import OptionError
+from trine.partition import contiguous_bounds
 from trine.training.dataset import EpochPlanDataset
 from trine.training.distributed import world
 from trine.training.trainer import log_keeping_step_log
@@ -89,20 +90,10 @@ def negatives_hash(pool: list[str], rows: list[list[int]]) -> str:
     return h.hexdigest()[:16]
 
 
-def shard_bounds(count: int, world_size: int) -> list[tuple[int, int]]:
-    """Contiguous (start, end) rows of ``count`` for each rank; the first ``count % world_size`` one row longer."""
-    base, extra = divmod(count, world_size)
-    bounds, start = [], 0
-    for rank in range(world_size):
-        end = start + base + (rank < extra)
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
 def gather_pool_encodings(embedder: Any, pool: list[str], outputs: tuple[str, ...], device: Any = "cpu") -> Any:
     """The pool's passage encodings (an :class:`~trine.inference.result.EncodeResult`, pool order): each rank
-    encodes its shard (:func:`shard_bounds`) and all ranks gather every shard; one process encodes it all.
+    encodes its shard (:func:`trine.partition.contiguous_bounds`) and all ranks gather every shard; one
+    process encodes it all.
     ``device``: where the dense vectors travel (the rank's GPU for NCCL, the CPU for gloo)."""
     import torch
     import torch.distributed as dist
@@ -112,13 +103,13 @@ def gather_pool_encodings(embedder: Any, pool: list[str], outputs: tuple[str, ..
     rank, size = world()
     if size == 1:
         return embedder.encode_result(pool, outputs, kind="passage")
-    bounds = shard_bounds(len(pool), size)
+    bounds = contiguous_bounds(len(pool), size)
     lo, hi = bounds[rank]
     own = embedder.encode_result(pool[lo:hi], outputs, kind="passage") if hi > lo else None
     # the vector size, from any rank that has a shard (a rank may have none when the pool is tiny)
     dim = torch.tensor([own.dense_vecs.shape[1] if own is not None else 0], device=device)
     dist.all_reduce(dim, op=dist.ReduceOp.MAX)
-    longest = bounds[0][1] - bounds[0][0]
+    longest = bounds[0][1] - bounds[0][0]  # part 0 is a longest part (trine.partition)
     block = torch.zeros(longest, int(dim), dtype=torch.float32, device=device)
     if own is not None:
         block[: hi - lo] = torch.from_numpy(np.ascontiguousarray(own.dense_vecs, dtype=np.float32)).to(device)
