@@ -30,8 +30,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
 from trine.errors import OptionError
 from trine.inference.reranker import Reranker
+from trine.modeling.families import reranker_family
 from trine.modeling.layerwise_reranker import HEADS_FILE, LayerwiseReranker
-from trine.modeling.llm_reranker import FAMILY_FILE, LLMReranker, reranker_family
+from trine.modeling.llm_reranker import FAMILY_FILE, LLMReranker
 from trine.modeling.lora import merge_lora_folder
 from trine.training.data import Example
 from trine.training.reranker import RerankerCollator, RerankerTrainingModel, main

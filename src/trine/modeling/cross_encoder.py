@@ -147,7 +147,7 @@ class CrossEncoder(nn.Module):
         write_folder(path, self._write, atomic=atomic, overwrite=overwrite)
 
     def _write(self, folder: str) -> None:
-        from trine.modeling.families import record_family
+        from trine.modeling.family_file import record_family
 
         self.model.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)

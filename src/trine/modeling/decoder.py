@@ -244,7 +244,7 @@ class DecoderEmbedder(nn.Module):
         self.tokenizer.save_pretrained(folder)
         # the one writer of the pooling files (last token, normalisation), shared with the tri-head model
         TriHeadModel._write_sentence_transformers_config(self, folder)
-        from trine.modeling.families import record_family
+        from trine.modeling.family_file import record_family
 
         record_family(folder, self.family_name)
 

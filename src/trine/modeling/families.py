@@ -23,19 +23,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from trine.errors import InputError, OptionError, first_line
+from trine.modeling.family_file import (  # noqa: F401  (re-exported: the family file is part of the family contract)
+    FAMILY_FILE,
+    FAMILY_SETTINGS,
+    HEAD_FILES,
+    LAYERWISE_ARCHITECTURE,
+    LEGACY_FAMILY_FILE,
+    read_family_file,
+    record_family,
+)
 from trine.modeling.lora import DECODER_TARGET_MODULES
 
 ROLES = ("embedder", "reranker", "pretraining")
-#: the file in which every folder trine writes records its model family (and the family's own settings, e.g. an
-#: LLM reranker's prompt); FlagEmbedding and sentence-transformers ignore it
-FAMILY_FILE = "trine_family.json"
-#: where trine's rerankers recorded their family before every family did (still read)
-LEGACY_FAMILY_FILE = "trine_reranker.json"
-#: BGE-M3's head files (trine.modeling.trihead's COLBERT_FILE / SPARSE_FILE): a folder with both is tri-head
-HEAD_FILES = ("colbert_linear.pt", "sparse_linear.pt")
-#: the class name FlagEmbedding and the hub's bge-reranker-v2-minicpm-layerwise save a layer-wise reranker as
-LAYERWISE_ARCHITECTURE = "LayerWiseMiniCPMForCausalLM"
-
 
 @dataclass(frozen=True)
 class ModelFamily:
@@ -98,7 +97,12 @@ def register_family(family: ModelFamily, *, replace: bool = False) -> ModelFamil
         raise ValueError(f"role must be one of {ROLES}, got {family.role!r}")
     if family.name in FAMILIES and not replace:
         raise ValueError(f"model family {family.name!r} is already registered")
+    known = FAMILY_SETTINGS.get(family.name)
+    if known is not None and not replace and tuple(known) != tuple(family.settings):
+        raise ValueError(f"model family {family.name!r}: settings {family.settings} differ from the recorded "
+                         f"ones {known} (trine.modeling.family_file.FAMILY_SETTINGS)")
     FAMILIES[family.name] = family
+    FAMILY_SETTINGS[family.name] = tuple(family.settings)  # a family registered later records its settings too
     return family
 
 
@@ -117,51 +121,6 @@ def family_of(model: Any) -> ModelFamily:
     if name not in FAMILIES:
         raise OptionError(f"a {type(model).__name__} declares no trine model family (family_name)")
     return FAMILIES[name]
-
-
-# ------------------------------------------------------------------------------ the family a folder records
-def record_family(folder: str | os.PathLike, name: str, **settings: Any) -> None:
-    """Write :data:`FAMILY_FILE` into ``folder`` (a folder being written): the one writer every save path uses."""
-    family = FAMILIES[name]
-    unknown = sorted(set(settings) - {k for k, _ in family.settings})
-    if unknown:
-        raise ValueError(f"model family {name!r} records no {unknown}")
-    with open(os.path.join(os.fspath(folder), FAMILY_FILE), "w", encoding="utf-8") as f:
-        json.dump({"model_family": name, **settings}, f, indent=2)
-
-
-def read_family_file(path: str | os.PathLike) -> dict[str, Any] | None:
-    """What a folder's :data:`FAMILY_FILE` (or an older trine reranker's :data:`LEGACY_FAMILY_FILE`) records,
-    checked: a known family and only its settings, of their types; None without such a file."""
-    folder = os.fspath(path)
-    file = next((os.path.join(folder, n) for n in (FAMILY_FILE, LEGACY_FAMILY_FILE)
-                 if os.path.isfile(os.path.join(folder, n))), None)
-    if file is None:
-        return None
-    try:
-        with open(file, encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, ValueError) as err:
-        raise InputError(f"{file}: cannot read: {first_line(err)}") from err
-    if not isinstance(info, dict) or not isinstance(info.get("model_family"), str):
-        raise InputError(f"{file}: model_family: missing (an object with the folder's model family)")
-    family = FAMILIES.get(info["model_family"])
-    if family is None:
-        raise InputError(f"{file}: model_family: {info['model_family']!r} is not a model family trine knows "
-                         f"({', '.join(sorted(FAMILIES))})")
-    types = dict(family.settings)
-    unknown = sorted(set(info) - {"model_family", *types})
-    if unknown:
-        raise InputError(f"{file}: unknown keys {unknown} for model_family {family.name!r}"
-                         + (f" (it records {', '.join(types)})" if types else " (it records no settings)"))
-    for key, kind in types.items():
-        value = info.get(key)
-        if key in info and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-            raise InputError(f"{file}: {key}: must be {_TYPE_NAMES.get(kind, kind.__name__)}")
-    return info
-
-
-_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
 
 
 def _json(file: str) -> dict[str, Any] | None:
@@ -278,6 +237,14 @@ def resolve_family(reference: str | os.PathLike, role: str | None = None, *, mod
     if role is not None and family.role != role:
         raise InputError(f"{path}: {family.describe()}; this needs {'an' if role[0] in 'ae' else 'a'} {role}")
     return family, path
+
+
+def reranker_family(path: str | os.PathLike) -> str:
+    """The reranker family of a folder (:func:`resolve_family` with the reranker role):
+    the one it records, else ``llm-reranker-layerwise`` for a FlagEmbedding / hub layer-wise MiniCPM checkpoint
+    (bge-reranker-v2-minicpm-layerwise), ``llm-reranker`` for a causal LM (``...ForCausalLM``, e.g.
+    bge-reranker-v2-gemma, or a ``CAUSAL_LM`` LoRA adapter), ``cross-encoder`` for a sequence classifier."""
+    return resolve_family(path, "reranker")[0].name
 
 
 def inference_loader(name: str, role: str = "embedder") -> Callable[..., Any]:
@@ -413,7 +380,6 @@ def _retromae(model_args: Any, args: Any, **context: Any) -> Any:
 
 _ALL_OUTPUTS = ("dense", "sparse", "colbert")
 _EXPORTS = ("sentence-transformers", "onnx")
-_LLM_SETTINGS = (("prompt", str), ("sep_token", str))
 register_family(ModelFamily("trihead", "embedder", _trihead,
                             "any transformers encoder + lexical and ColBERT heads (BGE-M3 layout)", _load_trihead,
                             lora_attribute="backbone", outputs=_ALL_OUTPUTS, exports=_EXPORTS))
@@ -435,13 +401,13 @@ register_family(ModelFamily("llm-reranker", "reranker", _llm_reranker,
                             "a decoder-only (causal LM) reranker: the logit of 'Yes' after FlagEmbedding's prompt "
                             "(FlagLLMReranker)", _load_llm_reranker, lora_attribute="model",
                             lora_task_type="CAUSAL_LM", lora_target_modules=DECODER_TARGET_MODULES,
-                            settings=_LLM_SETTINGS))
+                            settings=FAMILY_SETTINGS["llm-reranker"]))
 # LoRA on the base decoder (AutoModel): the layer heads are trine's own modules beside it, always trained in full
 register_family(ModelFamily("llm-reranker-layerwise", "reranker", _layerwise_reranker,
                             "a decoder-only reranker scoring at chosen layers with per-layer heads (FlagEmbedding's "
                             "LayerWiseFlagLLMReranker, bge-reranker-v2-minicpm-layerwise)", _load_layerwise_reranker,
                             lora_attribute="model", lora_task_type="FEATURE_EXTRACTION",
                             lora_target_modules=DECODER_TARGET_MODULES,
-                            settings=(*_LLM_SETTINGS, ("start_layer", int), ("head_multi", bool))))
+                            settings=FAMILY_SETTINGS["llm-reranker-layerwise"]))
 register_family(ModelFamily("retromae", "pretraining", _retromae,
                             "a masked-LM encoder with RetroMAE's one-layer enhanced decoder"))

@@ -43,7 +43,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from trine.errors import InputError, MissingInputError, OptionError
 from trine.io import write_folder
-from trine.modeling.families import FAMILY_FILE, LAYERWISE_ARCHITECTURE, read_family_file, record_family
+from trine.modeling.family_file import FAMILY_FILE, LAYERWISE_ARCHITECTURE, read_family_file, record_family
 from trine.modeling.llm_reranker import DEFAULT_SEP_TOKEN, LAYERWISE_FAMILY, LLMReranker
 from trine.modeling.loading import check_finite, check_loaded_model, load_from_folder, resolve_model
 from trine.modeling.lora import has_lora

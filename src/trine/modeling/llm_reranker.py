@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from trine.errors import InputError, MissingInputError, OptionError
 from trine.io import write_folder
-from trine.modeling.families import FAMILY_FILE, read_family_file, record_family, resolve_family
+from trine.modeling.family_file import FAMILY_FILE, read_family_file, record_family
 from trine.modeling.loading import check_loaded_model, load_from_folder, position_limit, resolve_model
 
 # the minicpm model type (a layer-wise reranker's backbone) is registered with AutoModel by the one folder
@@ -47,14 +47,6 @@ PASSAGE_INSTRUCTION = "B: "
 YES = "Yes"
 #: the layer-wise reranker's family (trine.modeling.layerwise_reranker)
 LAYERWISE_FAMILY = "llm-reranker-layerwise"
-
-
-def reranker_family(path: str | os.PathLike) -> str:
-    """The reranker family of a folder (:func:`trine.modeling.families.resolve_family` with the reranker role):
-    the one it records, else ``llm-reranker-layerwise`` for a FlagEmbedding / hub layer-wise MiniCPM checkpoint
-    (bge-reranker-v2-minicpm-layerwise), ``llm-reranker`` for a causal LM (``...ForCausalLM``, e.g.
-    bge-reranker-v2-gemma, or a ``CAUSAL_LM`` LoRA adapter), ``cross-encoder`` for a sequence classifier."""
-    return resolve_family(path, "reranker")[0].name
 
 
 class LLMReranker(nn.Module):

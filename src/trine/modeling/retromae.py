@@ -296,7 +296,7 @@ class RetroMAEModel(nn.Module):
 
     # -------------------------------------------------------------------------------------- saving
     def _write_encoder(self, folder: str) -> None:
-        from trine.modeling.families import record_family
+        from trine.modeling.family_file import record_family
 
         self.lm.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)

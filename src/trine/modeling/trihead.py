@@ -297,7 +297,7 @@ class TriHeadModel(nn.Module):
             for linear, name in ((self.colbert_linear, COLBERT_FILE), (self.sparse_linear, SPARSE_FILE)):
                 state = {k: v.detach().clone().cpu() for k, v in linear.state_dict().items()}
                 torch.save(state, os.path.join(folder, name))
-        from trine.modeling.families import record_family
+        from trine.modeling.family_file import record_family
 
         record_family(folder, self.family_name)
 
