@@ -8,6 +8,7 @@ import pytest
 
 from trine.retrieval import ColbertPlaidIndex, HybridRetriever, Index, MultiVectorIndex, check_index, load_index
 from trine.retrieval.plaid import build_plaid
+from trine.scoring import colbert_scores_flat, colbert_scores_padded, pad_vectors
 
 DIM = 32
 
@@ -220,3 +221,16 @@ def test_uses_trine_maxsim_scale():
     index = ColbertPlaidIndex.build(docs, nbits=4, ncentroids=16)
     score = index.score([docs[3]], np.array([[3]]))[0, 0]
     assert 0.97 < score <= 1.0 + 1e-5
+
+
+def test_flat_maxsim_equals_the_padded_maxsim():
+    """The last stage's unpadded maxsim (numpy) gives trine.scoring's padded maxsim, empty documents included."""
+    rng = np.random.default_rng(4)
+    docs = [rng.standard_normal((n, DIM)).astype(np.float32) for n in (3, 0, 7, 1, 12)]
+    q = rng.standard_normal((5, DIM)).astype(np.float32)
+    qv, qm = pad_vectors([q])
+    pv, pm = pad_vectors(docs)
+    want = colbert_scores_padded(qv, qm, pv, pm)[0].numpy()
+    got = colbert_scores_flat(q, np.concatenate(docs), np.array([len(d) for d in docs]))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert got[1] == 0.0

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from trine.retrieval.base import (
     SearchResult,
@@ -49,15 +48,13 @@ from trine.retrieval.base import (
     write_meta,
 )
 from trine.retrieval.protocol import register_index, rerank
-from trine.scoring import colbert_scores_padded
+from trine.scoring import colbert_scores_flat
 
 KIND = "plaid"
 NBITS = (1, 2, 4)
 #: defaults of the build options (index.json records the values used)
 DEFAULTS: dict[str, Any] = {"nbits": 2, "ncentroids": None, "nprobe": 8, "ncandidates": 256,
                             "sample_tokens": 1 << 18, "kmeans_niter": 20, "seed": 0}
-#: candidate documents decompressed and scored at once (bounds the padded tensor's size)
-SCORE_BATCH = 64
 Part = Callable[[], tuple[Sequence[str], Sequence[np.ndarray]]]
 
 
@@ -186,7 +183,7 @@ class PlaidCodec:
         weights = np.quantile(residuals, (np.arange(buckets) + 0.5) / buckets, axis=0).T.astype(np.float32)
         return cls(centroids, np.ascontiguousarray(cutoffs), np.ascontiguousarray(weights), nbits, normalized)
 
-    def compress(self, vectors: np.ndarray, batch: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    def compress(self, vectors: np.ndarray, batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
         """(centroid ids, packed residual buckets (tokens x packed_bytes) uint8) of (tokens x dim) vectors."""
         codes = np.empty(len(vectors), dtype=self.code_dtype)
         packed = np.empty((len(vectors), self.packed_bytes), dtype=np.uint8)
@@ -223,13 +220,10 @@ class PlaidCodec:
 
 
 def _assign(centroids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """Each vector's nearest centroid (L2; for unit vectors and centroids, the best inner product).
-
-    In torch, as the search's matrix products are: one thread pool (faiss's OpenMP threads spinning
-    beside torch's slowed every later query several times over on two cores)."""
-    c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32))
-    v = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-    return ((c * c).sum(1)[None, :] - 2 * v @ c.T).argmin(1).numpy().astype(np.int64)
+    """Each vector's nearest centroid (L2; for unit vectors and centroids, the best inner product)."""
+    scores = np.ascontiguousarray(vectors, dtype=np.float32) @ centroids.T
+    scores -= 0.5 * (centroids * centroids).sum(1)[None, :]  # argmax of v.c - |c|^2 / 2 = argmin of |v - c|^2
+    return scores.argmax(1).astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------------ index
@@ -275,7 +269,7 @@ class ColbertPlaidIndex:
 
     def _index_centroids(self) -> None:
         """Per document its distinct centroids (CSR), and the inverted list centroid -> documents."""
-        self._centroids_t = torch.from_numpy(np.ascontiguousarray(self.codec.centroids.T))
+        self._centroids_t = np.ascontiguousarray(self.codec.centroids.T)
         lengths = np.diff(self.offsets)
         doc_of_token = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
         pairs = np.unique(doc_of_token * self.codec.ncentroids + self.codes.astype(np.int64))
@@ -323,29 +317,11 @@ class ColbertPlaidIndex:
             if not np.isfinite(q).all():
                 raise ValueError(f"query {i}: multi-vectors contain NaN or infinite values")
 
-    def _padded(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decompressed vectors of ``rows`` as padded (rows x max tokens x dim) plus mask, vectorised."""
-        starts, lengths = self.offsets[rows], np.diff(self.offsets)[rows]
-        pos = _ranges(starts, lengths)
-        flat = self.codec.decompress(self.codes[pos], self.packed[pos])
-        width = max(int(lengths.max(initial=0)), 1)
-        doc = np.repeat(np.arange(len(rows)), lengths)
-        tok = np.arange(len(pos)) - np.repeat(np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-        out = torch.zeros(len(rows), width, self.dim)
-        mask = torch.zeros(len(rows), width, dtype=torch.bool)
-        out[doc, tok] = torch.from_numpy(flat)
-        mask[doc, tok] = True
-        return out, mask
-
     def _maxsim(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Maxsim of one query with decompressed ``rows`` (trine.scoring's maxsim)."""
-        q = torch.as_tensor(np.asarray(query, dtype=np.float32))[None]
-        qm = torch.ones(1, q.shape[1], dtype=torch.bool)
-        out = np.empty(len(rows), dtype=np.float32)
-        for a in range(0, len(rows), SCORE_BATCH):
-            pv, pm = self._padded(rows[a:a + SCORE_BATCH])
-            out[a:a + SCORE_BATCH] = colbert_scores_padded(q, qm, pv, pm)[0].numpy()
-        return out
+        """Maxsim of one query with the decompressed vectors of ``rows`` (trine.scoring's maxsim, unpadded)."""
+        lengths = np.diff(self.offsets)[rows]
+        pos = _ranges(self.offsets[rows], lengths)
+        return colbert_scores_flat(query, self.codec.decompress(self.codes[pos], self.packed[pos]), lengths)
 
     def score(self, queries: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
         """Maxsim of query i on the decompressed vectors of rows[i] (queries x m): the numbers ``search``
@@ -379,7 +355,7 @@ class ColbertPlaidIndex:
         q = np.asarray(query, dtype=np.float32)
         if q.shape[0] == 0:
             return np.zeros(0, dtype=np.int64)
-        centroid_scores = (torch.from_numpy(q) @ self._centroids_t).numpy()  # (query tokens x centroids)
+        centroid_scores = q @ self._centroids_t  # (query tokens x centroids)
         probe = min(nprobe, self.codec.ncentroids)
         best = np.argpartition(-centroid_scores, probe - 1, axis=1)[:, :probe]
         cells = np.unique(best)
