@@ -1,8 +1,10 @@
 """A compressed multi-vector (ColBERT) index with its own candidate generation: PLAID / ColBERTv2 residual
 compression, trine's own code over numpy and faiss's k-means.
 
-Why this and not a package: ``fast-plaid`` (the engine PyLate uses) pins its own torch build, and trine
-stays on one torch; the compression and the search below are a few hundred lines of numpy.
+Why this and not a package: ``fast-plaid`` 1.7.0 (the engine PyLate uses) is built per torch version and
+its newest build (1.7.0.2110) requires ``torch==2.11.0`` exactly, while trine is on torch 2.13.0;
+``fastembed``'s MUVERA encodes fixed-dimensional vectors for candidate generation but compresses nothing.
+The compression and the search below are a few hundred lines of numpy (faiss for k-means).
 
 Compression (ColBERTv2): k-means centroids over a seeded sample of the token vectors; each token is
 stored as the id of its nearest centroid plus its residual (vector - centroid) quantised to ``nbits``
@@ -142,7 +144,9 @@ class PlaidCodec:
         shifts = np.arange(per_byte - 1, -1, -1) * self.nbits
         buckets_of_byte = (np.arange(256)[:, None] >> shifts[None, :]) & (buckets - 1)  # (256 x per_byte)
         dims = np.arange(self.packed_bytes)[:, None, None] * per_byte + np.arange(per_byte)[None, None, :]
-        self._lookup = self.weights[dims, buckets_of_byte[None, :, :]].astype(np.float32)  # (bytes x 256 x per_byte)
+        lookup = self.weights[dims, buckets_of_byte[None, :, :]].astype(np.float32)  # (bytes x 256 x per_byte)
+        self._flat_lookup = np.ascontiguousarray(lookup.reshape(-1, per_byte))
+        self._byte_base = (np.arange(self.packed_bytes, dtype=np.intp) * 256)[None, :]
         self._shifts = shifts
 
     @property
@@ -202,10 +206,11 @@ class PlaidCodec:
     def decompress(self, codes: np.ndarray, packed: np.ndarray) -> np.ndarray:
         """(tokens x dim) float32 vectors of stored tokens: centroid + bucket weights (re-normalised when
         the indexed vectors were unit length)."""
-        residual = self._lookup[np.arange(self.packed_bytes)[None, :], packed.astype(np.int64)]
-        out = self.centroids[codes.astype(np.int64)] + residual.reshape(len(codes), self.dim)
+        rows = packed.astype(np.intp) + self._byte_base  # row of each (token, byte) in the flat lookup table
+        out = self.centroids.take(codes.astype(np.intp), axis=0)
+        out += self._flat_lookup.take(rows, axis=0).reshape(len(codes), self.dim)
         if self.normalized:
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+            out /= np.maximum(np.sqrt(np.einsum("td,td->t", out, out)), 1e-12)[:, None]
         return out
 
     def save(self, folder: str) -> None:
@@ -268,14 +273,12 @@ class ColbertPlaidIndex:
         return float(self.codes.itemsize + self.packed.shape[1])
 
     def _index_centroids(self) -> None:
-        """Per document its distinct centroids (CSR), and the inverted list centroid -> documents."""
+        """The inverted list centroid -> documents holding a token of it (CSR, documents sorted)."""
         self._centroids_t = np.ascontiguousarray(self.codec.centroids.T)
         lengths = np.diff(self.offsets)
         doc_of_token = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
         pairs = np.unique(doc_of_token * self.codec.ncentroids + self.codes.astype(np.int64))
         docs, cents = pairs // self.codec.ncentroids, pairs % self.codec.ncentroids
-        self._doc_cents = cents
-        self._doc_cent_offsets = np.concatenate([[0], np.cumsum(np.bincount(docs, minlength=len(lengths)))])
         order = np.argsort(cents, kind="stable")  # docs stay sorted within a centroid
         self._cell_docs = docs[order]
         self._cell_offsets = np.concatenate([[0], np.cumsum(np.bincount(cents, minlength=self.codec.ncentroids))])
@@ -347,7 +350,8 @@ class ColbertPlaidIndex:
     def candidates(self, query: np.ndarray, nprobe: int | None = None,
                    ncandidates: int | None = None) -> np.ndarray:
         """One query's candidate rows (sorted): documents holding one of each query token's ``nprobe``
-        best centroids, cut to the ``ncandidates`` best by approximate maxsim over centroid scores."""
+        best centroids, cut to the ``ncandidates`` best by approximate maxsim over the probed centroids'
+        scores (each document's tokens replaced by their centroids; tokens in unprobed centroids left out)."""
         nprobe = self.nprobe if nprobe is None else nprobe
         ncandidates = self.ncandidates if ncandidates is None else ncandidates
         _positive("nprobe", nprobe)
@@ -359,14 +363,17 @@ class ColbertPlaidIndex:
         probe = min(nprobe, self.codec.ncentroids)
         best = np.argpartition(-centroid_scores, probe - 1, axis=1)[:, :probe]
         cells = np.unique(best)
-        starts, ends = self._cell_offsets[cells], self._cell_offsets[cells + 1]
-        docs = np.unique(self._cell_docs[_ranges(starts, ends - starts)])
+        lengths = self._cell_offsets[cells + 1] - self._cell_offsets[cells]
+        pair_docs = self._cell_docs[_ranges(self._cell_offsets[cells], lengths)]  # (cell, doc) postings probed
+        pair_cells = np.repeat(cells, lengths)
+        order = np.argsort(pair_docs, kind="stable")
+        pair_docs, pair_cells = pair_docs[order], pair_cells[order]
+        docs, first = np.unique(pair_docs, return_index=True)
         if docs.size <= ncandidates:
             return docs
-        lengths = self._doc_cent_offsets[docs + 1] - self._doc_cent_offsets[docs]
-        cents = self._doc_cents[_ranges(self._doc_cent_offsets[docs], lengths)]
-        seg_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        approx = np.maximum.reduceat(centroid_scores[:, cents], seg_starts, axis=1).sum(0)
+        # approximate maxsim over the probed centroids each document holds (its other tokens count 0: a lower
+        # bound, PLAID's pruned centroid interaction), from the postings alone
+        approx = np.maximum.reduceat(centroid_scores[:, pair_cells], first, axis=1).sum(0)
         return np.sort(top_k(approx, ncandidates, docs)[1])
 
     def search(self, queries: Sequence[np.ndarray], k: int, *, nprobe: int | None = None,
