@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--nbits", type=int, nargs="+", default=[2])
     parser.add_argument("--ncentroids", type=int, default=None)
     parser.add_argument("--nprobe", type=int, default=None)
+    parser.add_argument("--sample-tokens", type=int, default=None, help="k-means sample (default: the index's)")
+    parser.add_argument("--kmeans-niter", type=int, default=None)
     parser.add_argument("--ncandidates", type=int, nargs="+", default=None, help="searched with each (one build)")
     parser.add_argument("--encode-only", action="store_true", help="fill the vector cache and stop")
     parser.add_argument("--seed", type=int, default=0)
@@ -177,8 +179,8 @@ def main() -> None:
                                                                                                   len(ids)))])
              for a in range(0, len(ids), CHUNK)]
     for nbits in args.nbits:
-        options = {"nbits": nbits, **{k: getattr(args, k) for k in ("ncentroids", "nprobe")
-                                      if getattr(args, k) is not None}}
+        options = {"nbits": nbits, **{k: getattr(args, k) for k in ("ncentroids", "nprobe", "sample_tokens",
+                                                                    "kmeans_niter") if getattr(args, k) is not None}}
         torch.set_num_threads(os.cpu_count() or 1)
         t = time.perf_counter()
         plaid = build_plaid(parts, **options)
