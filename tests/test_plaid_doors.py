@@ -39,6 +39,8 @@ def test_index_build_from_shards_resumes_to_a_fresh_build(built, m3_dir, capsys,
     assert main(["index", "build", "--model", m3_dir, "--corpus", corpus, "--uri", uri, "--embeddings", enc,
                  "--nbits", "2"]) == 2
     assert "options of --colbert-index plaid" in capsys.readouterr().err
+    assert main([*build, "--outputs", "dense"]) == 2
+    assert "compresses the colbert output, which this build does not index (dense)" in capsys.readouterr().err
     real, calls = PlaidCodec.compress, []
 
     def killed(self, *args, **kwargs):

@@ -163,7 +163,8 @@ def _build(args: argparse.Namespace) -> int:
             import numpy as np
 
             enc, _, outputs = _encoded(args, ids)
-            if args.colbert_index == "plaid" and "colbert" in outputs:
+            _check_plaid_outputs(args, outputs)
+            if args.colbert_index == "plaid":
                 colbert_index = _plaid_from_shards(args, enc, ids, plaid)
             kept = tuple(o for o in outputs if colbert_index is None or o != "colbert")
             parts = [_take(part, list(range(len(shard_ids))), kept) for _, shard_ids, part in _shard_rows(enc, ids)]
@@ -172,10 +173,8 @@ def _build(args: argparse.Namespace) -> int:
         else:
             encoder = _encoder(args)
             outputs = _outputs(args, encoder)
+            _check_plaid_outputs(args, outputs)
             docs = encoder.encode_result(texts, outputs, kind="passage")
-        if args.colbert_index == "plaid" and "colbert" not in outputs:
-            raise OptionError("--colbert-index plaid compresses the colbert output, which this build does not index "
-                              f"({', '.join(outputs)})")
         with options_checked():
             retriever = HybridRetriever.from_encoded(
                 {k: v for k, v in dict(docs).items() if v is not None}, ids, dense_kind=args.dense_index,
@@ -221,6 +220,12 @@ def _build(args: argparse.Namespace) -> int:
     print(f"{args.backend} collection {args.collection!r} holds {len(collection)} passages ({', '.join(outputs)})")
     collection.close()
     return 0
+
+
+def _check_plaid_outputs(args: argparse.Namespace, outputs: tuple[str, ...]) -> None:
+    if args.colbert_index == "plaid" and "colbert" not in outputs:
+        raise OptionError("--colbert-index plaid compresses the colbert output, which this build does not index "
+                          f"({', '.join(outputs)})")
 
 
 def _plaid_work_dir(uri: str) -> str:
