@@ -234,3 +234,17 @@ def test_flat_maxsim_equals_the_padded_maxsim():
     got = colbert_scores_flat(q, np.concatenate(docs), np.array([len(d) for d in docs]))
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert got[1] == 0.0
+
+
+def test_eval_config_checks_the_colbert_index_options():
+    from trine.evaluation import EvalConfig
+
+    assert EvalConfig(colbert_index="plaid", colbert_index_options={"nbits": 4}).colbert_index == "plaid"
+    with pytest.raises(ValueError, match="colbert_index must be one of"):
+        EvalConfig(colbert_index="pq")
+    with pytest.raises(ValueError, match="are the plaid index's"):
+        EvalConfig(colbert_index_options={"nbits": 4})
+    with pytest.raises(ValueError, match="unknown plaid index options"):
+        EvalConfig(colbert_index="plaid", colbert_index_options={"bits": 4})
+    with pytest.raises(ValueError, match="keeps its own multi-vectors"):
+        EvalConfig(colbert_index="plaid", backend="qdrant")
