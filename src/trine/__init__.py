@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 # Public name -> the module that defines it. Add a name here (and to __all__) to export it.
 _EXPORTS = {
     "BM25Index": "trine.retrieval.bm25",
+    "ColbertPlaidIndex": "trine.retrieval.plaid",
     "CrossEncoder": "trine.modeling.cross_encoder",
     "DecoderEmbedder": "trine.modeling.decoder",
     "DenseIndex": "trine.retrieval.dense",

@@ -148,6 +148,24 @@ def colbert_scores_padded(
     return torch.cat(out, 1)
 
 
+def colbert_scores_flat(q: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Maxsim of one query (query tokens x dim) with documents given as their tokens back to back (total tokens
+    x dim, ``lengths`` per document): the numbers :func:`colbert_scores_padded` gives (mean over query tokens of
+    the best document token; a document without tokens scores 0), without padding. In numpy: one query
+    against a short list of candidates is a few small products, where torch's thread pool costs more than the
+    work on a busy machine (a compressed index's last stage)."""
+    q = np.asarray(q, dtype=np.float32)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    out = np.zeros(len(lengths), dtype=np.float32)
+    has = lengths > 0
+    if q.shape[0] == 0 or not has.any():
+        return out
+    sims = np.asarray(tokens, dtype=np.float32) @ q.T  # (tokens x query tokens)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[has]
+    out[has] = np.maximum.reduceat(sims, starts, axis=0).sum(1) / q.shape[0]
+    return out
+
+
 def check_mode_weights(weights: Sequence[float] | None) -> tuple[float, float, float]:
     """``weights_for_different_modes`` as (dense, sparse, colbert) floats, default all 1.
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from trine.cli.parser import add_hub_options, floats, ints, options_checked, resolve_model_options
+from trine.cli.parser import (
+    add_colbert_index_options,
+    add_hub_options,
+    colbert_index_options,
+    floats,
+    ints,
+    options_checked,
+    resolve_model_options,
+)
 from trine.errors import OptionError
 from trine.modes import NORMALIZATIONS
 
@@ -20,7 +28,8 @@ def _eval(args: argparse.Namespace) -> int:
     with options_checked():
         config = EvalConfig(
             modes=args.modes.split(","), k_values=args.k, metrics=args.metrics.split(","), top_k=args.top_k,
-            rerank_k=args.rerank_k, colbert_search=args.colbert_search,
+            rerank_k=args.rerank_k, colbert_search=args.colbert_search, colbert_index=args.colbert_index,
+            colbert_index_options=colbert_index_options(args),
             weights_dense_sparse=args.weights_dense_sparse, weights_all=args.weights_all,
             weights_dense_bm25=args.weights_dense_bm25, normalization=args.normalization,
             dense_index=args.dense_index, ignore_identical_ids=args.ignore_identical_ids,
@@ -126,6 +135,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--top-k", type=int, default=100, help="results per query from each first stage")
     ev.add_argument("--rerank-k", type=int, default=100, help="dense candidates re-ranked by maxsim (colbert mode)")
     ev.add_argument("--colbert-search", default="rerank", choices=["rerank", "full"])
+    add_colbert_index_options(ev)
     ev.add_argument("--weights-dense-sparse", type=floats, default=None,
                     help="dense,sparse weights of sparse+dense (default: the model folder's fusion.json, else 1,0.3)")
     ev.add_argument("--weights-all", type=floats, default=None,

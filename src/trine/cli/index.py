@@ -17,7 +17,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from trine.cli.parser import add_hub_options, floats, options_checked, resolve_model_options
+from trine.cli.parser import (
+    add_colbert_index_options,
+    add_hub_options,
+    colbert_index_options,
+    floats,
+    options_checked,
+    resolve_model_options,
+)
 from trine.errors import OptionError, UserError
 from trine.modes import FUSED_MODES, mode_outputs
 
@@ -112,6 +119,9 @@ def _build(args: argparse.Namespace) -> int:
     if args.chunk_size < 1 or args.upsert_batch < 1:
         raise OptionError("--chunk-size and --upsert-batch must be positive")
     resolve_model_options(args, "model")  # a folder, or a Hub id fetched into the Hugging Face cache
+    if args.backend != "trine" and (args.colbert_index != "exact" or colbert_index_options(args)):
+        raise OptionError(f"--colbert-index {args.colbert_index}: trine's multi-vector index (--backend trine); "
+                          f"{args.backend} keeps its own")
     from trine.data.corpus import corpus_passages, read_corpus
 
     ids, texts = corpus_passages(read_corpus(args.corpus))
@@ -124,21 +134,45 @@ def _build(args: argparse.Namespace) -> int:
             raise OptionError("--backend trine writes its indexes to a new folder: give it as --uri")
         inputs = [args.corpus, args.model, *([args.embeddings] if args.embeddings else [])]
         check_output_path(args.uri, inputs=inputs, overwrite=args.overwrite, what="--uri folder")
+        plaid = colbert_index_options(args)
+        if plaid:
+            from trine.retrieval.plaid import check_options
+
+            try:
+                check_options(dict(plaid))
+            except ValueError as err:
+                raise OptionError(f"--colbert-index plaid: {err}") from None
+        colbert_index = None
         if args.embeddings:
             import numpy as np
 
             enc, _, outputs = _encoded(args, ids)
-            parts = [_take(part, list(range(len(shard_ids))), outputs) for _, shard_ids, part in _shard_rows(enc, ids)]
+            _check_plaid_outputs(args, outputs)
+            if args.colbert_index == "plaid":
+                colbert_index = _plaid_from_shards(args, enc, ids, plaid)
+            kept = tuple(o for o in outputs if colbert_index is None or o != "colbert")
+            parts = [_take(part, list(range(len(shard_ids))), kept) for _, shard_ids, part in _shard_rows(enc, ids)]
             docs = {key: np.concatenate([p[key] for p in parts]) if key == "dense_vecs" else
                     [x for p in parts for x in p[key]] for key in parts[0]}
         else:
             encoder = _encoder(args)
             outputs = _outputs(args, encoder)
+            _check_plaid_outputs(args, outputs)
             docs = encoder.encode_result(texts, outputs, kind="passage")
-        HybridRetriever.from_encoded(dict(docs), ids, dense_kind=args.dense_index).save(args.uri,
-                                                                                       overwrite=args.overwrite)
+        with options_checked():
+            retriever = HybridRetriever.from_encoded(
+                {k: v for k, v in dict(docs).items() if v is not None}, ids, dense_kind=args.dense_index,
+                colbert_kind=args.colbert_index, colbert_options=plaid if colbert_index is None else None,
+                colbert_index=colbert_index)
+        retriever.save(args.uri, overwrite=args.overwrite)
+        if colbert_index is not None:
+            from trine.retrieval.plaid import remove_work_dir
+
+            remove_work_dir(_plaid_work_dir(args.uri))
         print(f"indexed {len(ids)} passages ({', '.join(outputs)}) into {args.uri}"
-              + (f" from the encodings in {args.embeddings}" if enc is not None else ""))
+              + (f" from the encodings in {args.embeddings}" if enc is not None else "")
+              + (f"; colbert as a plaid index, {colbert_index.bytes_per_token:.0f} bytes per token"
+                 if colbert_index is not None else ""))
         return 0
     if args.embeddings:
         enc, encoder, outputs = _encoded(args, ids)
@@ -170,6 +204,50 @@ def _build(args: argparse.Namespace) -> int:
     print(f"{args.backend} collection {args.collection!r} holds {len(collection)} passages ({', '.join(outputs)})")
     collection.close()
     return 0
+
+
+def _check_plaid_outputs(args: argparse.Namespace, outputs: tuple[str, ...]) -> None:
+    if args.colbert_index == "plaid" and "colbert" not in outputs:
+        raise OptionError("--colbert-index plaid compresses the colbert output, which this build does not index "
+                          f"({', '.join(outputs)})")
+
+
+def _plaid_work_dir(uri: str) -> str:
+    """Where a plaid build from shards keeps its finished steps until the index is saved: beside ``--uri``."""
+    path = os.path.abspath(uri)
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.plaid-build")
+
+
+def _plaid_from_shards(args: argparse.Namespace, enc: Any, ids: list[str], options: dict[str, int]) -> Any:
+    """The colbert output of ``trine encode``'s shards as a plaid index, one shard at a time, resumable: a run
+    killed while building keeps the trained codec and the compressed shards in a work folder beside ``--uri``
+    and the next run with the same options goes on from there."""
+    from trine.errors import InputError
+    from trine.inference.shards import read_shard
+    from trine.retrieval.plaid import build_plaid
+
+    def part(path: str, start: int, end: int):
+        def read() -> tuple[list[str], list[Any]]:
+            shard_ids, result = read_shard(path, end - start, ("colbert",))
+            if shard_ids != ids[start:end]:
+                bad = next(i for i, (a, b) in enumerate(zip(shard_ids, ids[start:end])) if a != b)
+                raise InputError(f"{path}/ids.json: document {start + bad} is {shard_ids[bad]!r} in the encodings "
+                                 f"but {ids[start + bad]!r} in the corpus")
+            return shard_ids, result.colbert_vecs
+        return read
+
+    parts = [part(path, start, end) for path, start, end in enc.shards]
+    work = _plaid_work_dir(args.uri)
+    resumed = os.path.isdir(work)
+    if resumed:
+        print(f"resuming the plaid build kept in {work}", file=sys.stderr)
+    try:
+        with options_checked():
+            return build_plaid(parts, work, **options)
+    except ValueError as err:
+        if "unfinished plaid build" in str(err):
+            raise InputError(str(err)) from None
+        raise
 
 
 def _new_files_watch(args: argparse.Namespace) -> Callable[[], list[str]]:
@@ -279,7 +357,7 @@ def _search(args: argparse.Namespace) -> int:
     qids, texts = _queries(args)
     encoder = _encoder(args)
     retriever, collection = _open_retriever(args, encoder)
-    modes = mode_outputs(args.mode)
+    modes = mode_outputs(args.mode, args.colbert_search)
     missing = [m for m in modes if m not in retriever.indexes]
     if missing:
         raise OptionError(f"--mode {args.mode} needs {', '.join(missing)}, which this index does not hold")
@@ -306,7 +384,8 @@ def _search(args: argparse.Namespace) -> int:
     else:
         with options_checked():
             result = retriever.search_mode(QueryReps.from_encode(dict(reps)), args.mode, args.k,
-                                           rerank_k=max(args.candidate_k, args.k), weights=weights)
+                                           rerank_k=max(args.candidate_k, args.k), weights=weights,
+                                           colbert_search=args.colbert_search)
     ids = retriever.ids
     for qid, text, rows, scores in zip(qids, texts, result.rows, result.scores):
         hits = [{"id": ids[r], "score": round(float(s), 6)} for r, s in zip(rows.tolist(), scores.tolist()) if r >= 0]
@@ -373,6 +452,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated dense,sparse,colbert (default: all the model gives)")
     b.add_argument("--dense-index", default="flat", choices=["flat", "hnsw"],
                    help="flat: exact search; hnsw: approximate (trine: FAISS HNSW; Milvus HNSW; Qdrant server HNSW)")
+    add_colbert_index_options(b)
     b.add_argument("--chunk-size", type=int, default=1024, help="passages encoded and written per step")
     b.add_argument("--upsert-batch", type=int, default=256, help="documents per database write")
     b.add_argument("--update", action="store_true", help="encode and write stored ids again (replacing them)")
@@ -389,7 +469,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="fused modes' weights: dense,sparse (default 1,0.3; 1,1 with --engine-fusion rrf) or "
                         "dense,sparse,colbert (1,0.3,1)")
     s.add_argument("--k", type=int, default=10)
-    s.add_argument("--candidate-k", type=int, default=100, help="first-stage depth (colbert: dense candidates)")
+    s.add_argument("--candidate-k", type=int, default=100,
+                   help="first-stage depth (colbert with --colbert-search rerank: dense candidates)")
+    s.add_argument("--colbert-search", default="rerank", choices=["rerank", "full"],
+                   help="--mode colbert: rerank (exact maxsim of the dense top --candidate-k) or full (the colbert "
+                        "index's own search: an exact scan, or a plaid index's candidate generation)")
     s.add_argument("--engine-fusion", default=None, choices=["rrf", "weighted"],
                    help="fuse sparse+dense inside the database (its RRF or weighted ranker) instead of trine's exact "
                         "weighted fusion")

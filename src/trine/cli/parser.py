@@ -40,7 +40,8 @@ POSITIONAL_FLAGS = {"model": "--model", "out": "--output-dir"}
 OPTION_HELP = {
     "batch_size": "texts (or pairs) per forward pass",
     "bf16": "run the model in bfloat16",
-    "colbert_search": "rerank: ColBERT re-scores the dense candidates; full: exhaustive multi-vector search",
+    "colbert_search": "rerank: ColBERT re-scores the dense candidates; full: the multi-vector index's own search "
+                      "(exhaustive with --colbert-index exact, PLAID candidates with plaid)",
     "dense_index": "flat: exact search; hnsw / ivf: approximate FAISS indexes",
     "ef_search": "HNSW search depth (FAISS efSearch; default: FAISS's)",
     "filter_batch_size": "pairs per forward pass of the reference model",
@@ -211,6 +212,31 @@ class TrineArgumentParser(argparse.ArgumentParser):
             choices = [c.strip().strip("'") for c in bad_value.group(3).split(",")]
             return message + did_you_mean(bad_value.group(2), choices)
         return message
+
+
+PLAID_FLAGS = ("nbits", "ncentroids", "nprobe", "ncandidates")
+
+
+def add_colbert_index_options(p: argparse.ArgumentParser) -> None:
+    """``--colbert-index exact|plaid`` and the plaid index's options (trine.retrieval.plaid; defaults there)."""
+    p.add_argument("--colbert-index", default="exact", choices=["exact", "plaid"],
+                   help="the multi-vector (colbert) index: exact (the vectors as they are, exact maxsim) or plaid "
+                        "(compressed: centroid + nbits-per-dimension residual, its own candidate generation)")
+    p.add_argument("--nbits", type=int, default=None, help="plaid: residual bits per dimension, 1, 2 or 4 (default 2)")
+    p.add_argument("--ncentroids", type=int, default=None,
+                   help="plaid: k-means centroids (default 2^floor(log2(4 sqrt(tokens))))")
+    p.add_argument("--nprobe", type=int, default=None, help="plaid: centroids probed per query token (default 8)")
+    p.add_argument("--ncandidates", type=int, default=None,
+                   help="plaid: documents decompressed and scored exactly per query (default 256)")
+
+
+def colbert_index_options(args: argparse.Namespace) -> dict[str, int]:
+    """The plaid options given on the command line; refused unless ``--colbert-index plaid``."""
+    given = {name: getattr(args, name) for name in PLAID_FLAGS if getattr(args, name) is not None}
+    if given and args.colbert_index != "plaid":
+        raise OptionError(f"--{' --'.join(given)}: options of --colbert-index plaid (the index is "
+                          f"{args.colbert_index})")
+    return given
 
 
 def floats(text: str) -> list[float]:

@@ -61,6 +61,8 @@ from trine.modes import needed_outputs  # the one table of mode needs (tuning im
 from trine.progress import step
 from trine.retrieval import BM25Index, HybridRetriever, QueryReps, SearchResult, weighted_fusion
 from trine.retrieval.base import pad_results
+from trine.retrieval.hybrid import COLBERT_KINDS
+from trine.retrieval.plaid import check_options as check_plaid_options
 from trine.scoring import HYBRID_KEYS, MODE_ALIASES, NORMALIZATIONS, canonical_mode
 
 logger = logging.getLogger(__name__)
@@ -83,6 +85,10 @@ class EvalConfig:
     top_k: int = 100
     rerank_k: int = 100
     colbert_search: str = "rerank"
+    #: the multi-vector index (trine backend): "exact" (MultiVectorIndex) or "plaid" (ColbertPlaidIndex, compressed,
+    #: built with ``colbert_index_options``); with ``colbert_search="full"`` the colbert mode is its own search
+    colbert_index: str = "exact"
+    colbert_index_options: dict[str, Any] = field(default_factory=dict)
     weights_dense_sparse: Sequence[float] | None = None
     weights_all: Sequence[float] | None = None
     weights_dense_bm25: Sequence[float] | None = None
@@ -118,6 +124,19 @@ class EvalConfig:
         self.dims = tuple(int(d) for d in dims)
         if self.colbert_search not in ("rerank", "full"):
             raise ValueError(f"colbert_search must be 'rerank' or 'full', not {self.colbert_search!r}")
+        if self.colbert_index not in COLBERT_KINDS:
+            raise ValueError(f"colbert_index must be one of {COLBERT_KINDS}, not {self.colbert_index!r}")
+        if self.colbert_index_options:
+            if self.colbert_index != "plaid":
+                raise ValueError(f"colbert_index_options {sorted(self.colbert_index_options)} are the plaid index's; "
+                                 f"colbert_index is {self.colbert_index!r}")
+            try:
+                check_plaid_options(dict(self.colbert_index_options))
+            except TypeError as err:
+                raise ValueError(str(err)) from None
+        if self.colbert_index != "exact" and self.backend != "trine":
+            raise ValueError(f"colbert_index {self.colbert_index!r} is trine's; the {self.backend} backend keeps "
+                             "its own multi-vectors")
         for mode, name in WEIGHT_FIELDS.items():
             value = getattr(self, name)
             if value is not None:
@@ -323,7 +342,9 @@ def index_corpus(model: Encoder, dataset: RetrievalDataset, config: EvalConfig) 
         start = time.perf_counter()
         encoded = {k: v for k, v in docs.items() if v is not None}
         if config.backend == "trine":
-            corpus.retriever = HybridRetriever.from_encoded(encoded, doc_ids, dense_kind=config.dense_index)
+            corpus.retriever = HybridRetriever.from_encoded(
+                encoded, doc_ids, dense_kind=config.dense_index, colbert_kind=config.colbert_index,
+                colbert_options=config.colbert_index_options)
         else:
             corpus.retriever = backend_retriever(model, encoded, doc_ids, config)
         corpus.index_s = time.perf_counter() - start

@@ -6,6 +6,7 @@ from trine._lazy import lazy_exports
 # Public name -> the module that defines it, imported on first use (see trine._lazy).
 _EXPORTS = {
     "BM25Index": "trine.retrieval.bm25",
+    "ColbertPlaidIndex": "trine.retrieval.plaid",
     "CollectionIndex": "trine.retrieval.vectordb",
     "DenseIndex": "trine.retrieval.dense",
     "HybridRetriever": "trine.retrieval.hybrid",

@@ -20,6 +20,7 @@ import numpy as np
 from trine.retrieval.base import SearchResult, atomic_folder, pad_results, read_meta, top_k, unique_rows, write_meta
 from trine.retrieval.dense import DenseIndex
 from trine.retrieval.multivector import MultiVectorIndex
+from trine.retrieval.plaid import ColbertPlaidIndex
 from trine.retrieval.protocol import ENCODE_KEYS, REPRESENTATIONS, Index, check_index, load_index, rerank
 from trine.retrieval.sparse import SparseIndex
 from trine.scoring import check_normalization, fuse_scores
@@ -27,6 +28,8 @@ from trine.scoring import check_normalization, fuse_scores
 MODES = REPRESENTATIONS
 #: the sub-folder of a saved HybridRetriever that holds each mode's index
 PART_FOLDERS = {"dense": "dense", "sparse": "sparse", "colbert": "multivector"}
+#: the multi-vector index kinds ``from_encoded`` builds: exact maxsim over the vectors, or compressed (PLAID)
+COLBERT_KINDS = ("exact", "plaid")
 Scorer = Callable[[np.ndarray], np.ndarray]
 
 
@@ -159,16 +162,31 @@ class HybridRetriever:
 
     @classmethod
     def from_encoded(cls, docs: Mapping[str, Any], ids: Sequence[str] | None = None, dense_kind: str = "flat",
-                     **dense_options: int) -> HybridRetriever:
+                     *, colbert_kind: str = "exact", colbert_options: Mapping[str, Any] | None = None,
+                     colbert_index: Index | None = None, **dense_options: int) -> HybridRetriever:
         """trine's indexes for whichever of ``dense_vecs``, ``lexical_weights``, ``colbert_vecs`` ``docs``
-        holds (the dictionary ``M3Embedder.encode`` returns)."""
+        holds (the dictionary ``M3Embedder.encode`` returns). ``colbert_kind``: ``"exact"``
+        (:class:`MultiVectorIndex`, the vectors as they are) or ``"plaid"`` (:class:`~trine.retrieval.plaid.
+        ColbertPlaidIndex`, compressed, built with ``colbert_options``); ``colbert_index``: one built
+        already (from shards, say) instead of ``colbert_vecs``."""
+        if colbert_kind not in COLBERT_KINDS:
+            raise ValueError(f"colbert_kind must be one of {COLBERT_KINDS}, not {colbert_kind!r}")
+        if colbert_options and colbert_kind != "plaid":
+            raise ValueError(f"colbert_options {sorted(colbert_options)} are the plaid index's; colbert_kind is "
+                             f"{colbert_kind!r}")
         reps = QueryReps.from_encode(docs)
+        if colbert_index is not None and reps.colbert_vecs is not None:
+            raise ValueError("give colbert_vecs or colbert_index, not both")
         indexes: dict[str, Index] = {}
         if reps.dense_vecs is not None:
             indexes["dense"] = DenseIndex.build(reps.dense_vecs, ids, kind=dense_kind, **dense_options)
         if reps.lexical_weights is not None:
             indexes["sparse"] = SparseIndex.build(reps.lexical_weights, ids)
-        if reps.colbert_vecs is not None:
+        if colbert_index is not None:
+            indexes["colbert"] = colbert_index
+        elif reps.colbert_vecs is not None and colbert_kind == "plaid":
+            indexes["colbert"] = ColbertPlaidIndex.build(reps.colbert_vecs, ids, **dict(colbert_options or {}))
+        elif reps.colbert_vecs is not None:
             indexes["colbert"] = MultiVectorIndex.build(reps.colbert_vecs, ids)
         return cls(indexes=indexes)
 
@@ -216,7 +234,8 @@ class HybridRetriever:
                     rerank_k: int = 100, weights: Mapping[str, float] | None = None,
                     normalization: str = "none") -> SearchResult:
         """One score mode's top ``k`` (what ``trine eval`` and ``trine serve``'s /search run): ``dense`` or
-        ``sparse`` by its own index; ``colbert`` by exact maxsim over the corpus (``colbert_search="full"``)
+        ``sparse`` by its own index; ``colbert`` by the multi-vector index's own search (``colbert_search=
+        "full"``: exact maxsim over the corpus, or a plaid index's candidate generation and decompressed maxsim)
         or over the dense top ``rerank_k`` (``"rerank"``, FlagEmbedding's recipe); a fused mode
         (``sparse+dense``, ``colbert+sparse+dense``) by weighted fusion of ``weights`` ({mode: weight})
         over the dense and sparse top ``k``."""

@@ -112,6 +112,7 @@ _BUILTIN_KINDS = {
     "dense": "trine.retrieval.dense",
     "milvus": "trine.retrieval.vectordb",
     "multivector": "trine.retrieval.multivector",
+    "plaid": "trine.retrieval.plaid",
     "qdrant": "trine.retrieval.vectordb",
     "sparse": "trine.retrieval.sparse",
 }

