@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from trine.curation.teacher import load_reranker_scorer
 from trine.errors import InputError, OptionError
 from trine.inference.reranker import Reranker
-from trine.modeling.families import get_family
-from trine.modeling.llm_reranker import DEFAULT_PROMPT, FAMILY_FILE, LLMReranker, reranker_family
+from trine.modeling.families import get_family, reranker_family
+from trine.modeling.llm_reranker import DEFAULT_PROMPT, FAMILY_FILE, LLMReranker
 from trine.modeling.lora import merge_lora_folder
 from trine.training.data import Example
 from trine.training.reranker import RerankerCollator, RerankerTrainingModel, main
