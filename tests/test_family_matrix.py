@@ -193,12 +193,12 @@ def test_reranker_families_run_every_reranker_command(name, models, data, tmp_pa
                  "--reranker_max_len", "64", "--quiet"]) == 0
     first = json.loads(scored.read_text().splitlines()[0])
     assert [first["pos_scores"][0], first["neg_scores"][0]] == pytest.approx(list(expected), abs=1e-4)
-    # serve /rerank beside a tri-head embedder
+    # serve /rerank beside an embedder (the smallest: dense-only)
     import trine.serving
 
     apps = []
     monkeypatch.setattr(trine.serving, "run_server", lambda app, *a, **k: apps.append(app))
-    assert main(["serve", models["tri-head"], "--reranker", reranker, "--reranker-max-length", "64"]) == 0
+    assert main(["serve", models["dense-only"], "--reranker", reranker, "--reranker-max-length", "64"]) == 0
     from fastapi.testclient import TestClient
 
     with TestClient(apps[0], base_url="http://localhost") as client:
@@ -207,8 +207,9 @@ def test_reranker_families_run_every_reranker_command(name, models, data, tmp_pa
     by_index = {r["index"]: r["score"] for r in got.json()}
     assert [by_index[0], by_index[1]] == pytest.approx(list(expected), abs=1e-4)
     # eval --reranker
-    assert main(["eval", "--data", data["beir"], "--model", models["tri-head"], "--reranker", reranker,
-                 "--reranker-max-length", "64", "--modes", "dense", "--k", "1,3", "--top-k", "3", "--quiet"]) == 0
+    assert main(["eval", "--data", data["beir"], "--model", models["dense-only"], "--reranker", reranker,
+                 "--reranker-max-length", "64", "--passage_max_len", "64", "--modes", "dense", "--k", "1,3",
+                 "--top-k", "3", "--quiet"]) == 0
     assert "rerank(dense)" in capsys.readouterr().out
 
 
@@ -278,6 +279,10 @@ def test_recognition_of_each_foreign_layout(models, tmp_path, tiny_m3_dir):
     adapter = shutil.copytree(models["decoder-lora"], tmp_path / "adapter")
     os.remove(adapter / FAMILY_FILE)
     assert recognise_family(adapter, "embedder") == "decoder"
+    from trine.modeling.lora import merge_lora_folder
+
+    merged = merge_lora_folder(adapter, tmp_path / "merged")  # trine merge-lora records what it wrote
+    assert read_family_file(merged)["model_family"] == "decoder"
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "task_type": "CAUSAL_LM"}))
     assert recognise_family(adapter) == "llm-reranker"

@@ -304,7 +304,8 @@ def test_cli_writes_an_encoder_that_finetune_takes(tmp_path, splade_tiny_dir):
     assert cli_main(["pretrain", *argv(splade_tiny_dir, data, out, max_steps=3, save_steps=100)]) == 0
     encoder = out / "encoder_model"
     assert sorted(set(os.listdir(encoder)) - {MARKER}) == ["README.md", "config.json", "model.safetensors",
-                                                           "tokenizer.json", "tokenizer_config.json", "trine_card.json"]
+                                                           "tokenizer.json", "tokenizer_config.json", "trine_card.json",
+                                                           "trine_family.json"]
     saved, start = weights(encoder), weights(splade_tiny_dir)
     assert any(not torch.equal(saved[k], start[k]) for k in saved if k in start)
 

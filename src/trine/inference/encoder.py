@@ -79,7 +79,9 @@ class Encoder(DeviceRunner):
     folder, run by ONNX Runtime on the CPU per batch of the same tokenising and batching (the
     torch-only options are errors). ``model_name_or_path`` may be a Hugging Face Hub id (``org/name``, or
     ``org/name@revision``), fetched into the Hub cache (``cache_dir``; ``revision``, ``token``) as
-    :func:`trine.modeling.loading.resolve_model` says; a local folder of that name wins.
+    :func:`trine.modeling.loading.resolve_model` says; a local folder of that name wins. ``model_family``: a
+    registered embedder family (``trihead``, ``encoder``, ``decoder``); unset, the one the folder records or its
+    files show (:func:`trine.modeling.families.resolve_family`).
     """
 
     def __init__(

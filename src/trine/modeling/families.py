@@ -235,7 +235,9 @@ def resolve_family(reference: str | os.PathLike, role: str | None = None, *, mod
     else:
         family = FAMILIES[recognise_family(path, role)]
     if role is not None and family.role != role:
-        raise InputError(f"{path}: {family.describe()}; this needs {'an' if role[0] in 'ae' else 'a'} {role}")
+        hint = " (an embedder or a plain backbone is not a trained reranker: trine finetune-reranker trains one)" \
+            if role == "reranker" else ""
+        raise InputError(f"{path}: {family.describe()}; this needs {'an' if role[0] in 'ae' else 'a'} {role}{hint}")
     return family, path
 
 
