@@ -16,13 +16,12 @@ a layer-wise reranker).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from trine.errors import InputError, OptionError, first_line
+from trine.errors import InputError, OptionError
 from trine.modeling.family_file import (  # noqa: F401  (re-exported: the family file is part of the family contract)
     FAMILY_FILE,
     FAMILY_SETTINGS,
@@ -30,6 +29,7 @@ from trine.modeling.family_file import (  # noqa: F401  (re-exported: the family
     LAYERWISE_ARCHITECTURE,
     LEGACY_FAMILY_FILE,
     read_family_file,
+    recognise_family,
     record_family,
 )
 from trine.modeling.lora import DECODER_TARGET_MODULES
@@ -121,89 +121,6 @@ def family_of(model: Any) -> ModelFamily:
     if name not in FAMILIES:
         raise OptionError(f"a {type(model).__name__} declares no trine model family (family_name)")
     return FAMILIES[name]
-
-
-def _json(file: str) -> dict[str, Any] | None:
-    """A JSON object file, None when absent; unreadable: an :class:`InputError` naming it."""
-    if not os.path.isfile(file):
-        return None
-    try:
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as err:
-        raise InputError(f"{file}: cannot read: {first_line(err)}") from err
-    if not isinstance(data, dict):
-        raise InputError(f"{file}: not a JSON object")
-    return data
-
-
-def _is_causal(config: dict[str, Any]) -> bool:
-    """Whether a ``config.json`` is a decoder-only (causal) LM's: ``...ForCausalLM`` architectures, or a base
-    model of a type transformers has a causal LM for and no masked LM (Qwen2Model, LlamaModel; not BertModel)."""
-    archs = [str(a) for a in config.get("architectures") or []]
-    if archs and all(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return True
-    if config.get("is_encoder_decoder"):
-        return False
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    kind = config.get("model_type")
-    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-
-def recognise_family(path: str | os.PathLike, role: str | None = None) -> str:
-    """The family of a folder trine did not write, from its files: a LoRA adapter by its task (a causal-LM
-    adapter is an LLM reranker's, a sequence classifier's a cross-encoder's, a feature extractor's the family
-    of its base model); BGE-M3's two head files: ``trihead``; a layer-wise MiniCPM reranker; a sequence
-    classifier: ``cross-encoder``; a causal LM: ``decoder`` as an embedder, ``llm-reranker`` as a reranker
-    (``role`` says which; without one it is an error); any other encoder (a plain ``BertModel``, a
-    sentence-transformers folder): ``encoder``, dense only. Nothing to tell by, or files that contradict each
-    other: an :class:`InputError` naming the folder and what was found."""
-    folder = os.fspath(path)
-    heads = [n for n in HEAD_FILES if os.path.isfile(os.path.join(folder, n))]
-    if len(heads) == 1:
-        raise InputError(f"{folder}: has {heads[0]} but not {next(n for n in HEAD_FILES if n not in heads)}: not "
-                         "a tri-head (BGE-M3 layout) folder, nor a plain one")
-    adapter = _json(os.path.join(folder, "adapter_config.json"))
-    config = _json(os.path.join(folder, "config.json"))
-    found = "adapter_config.json" if adapter is not None else "config.json"
-    if adapter is not None:
-        task = adapter.get("task_type") or "FEATURE_EXTRACTION"
-        if task in ("CAUSAL_LM", "SEQ_CLS"):
-            name = "llm-reranker" if task == "CAUSAL_LM" else "cross-encoder"
-            if heads:
-                raise InputError(f"{folder}: a {task} LoRA adapter (a reranker's) beside BGE-M3 head files")
-            return name
-        base = adapter.get("base_model_name_or_path")
-        if not isinstance(base, str) or not base:
-            raise InputError(f"{folder}/adapter_config.json: base_model_name_or_path: not set; cannot tell the "
-                             "family of the adapter's base model")
-        from trine.modeling.loading import resolve_model
-
-        config = _json(os.path.join(resolve_model(base, what=f"the base model of the adapter {folder}"),
-                                    "config.json"))
-        found = f"the base model {base}"
-    if config is None:
-        raise InputError(f"{folder}: not a model folder trine can read: no config.json or adapter_config.json "
-                         f"(found: {', '.join(sorted(os.listdir(folder))[:8]) or 'nothing'})")
-    archs = [str(a) for a in config.get("architectures") or []]
-    if LAYERWISE_ARCHITECTURE in archs:
-        return "llm-reranker-layerwise"
-    if archs and all(a.endswith("ForSequenceClassification") for a in archs):
-        if heads:
-            raise InputError(f"{folder}: a sequence classifier ({', '.join(archs)}) beside BGE-M3 head files")
-        return "cross-encoder"
-    if heads:
-        return "trihead"
-    if _is_causal(config):
-        if role is None:
-            raise InputError(f"{folder}: a causal LM ({', '.join(archs) or config.get('model_type')}, {found}): "
-                             "a decoder embedder or an LLM reranker; name the family (model_family)")
-        return "llm-reranker" if role == "reranker" else "decoder"
-    return "encoder"
 
 
 def resolve_family(reference: str | os.PathLike, role: str | None = None, *, model_family: str | None = None,

@@ -200,7 +200,7 @@ def merge_lora_folder(adapter_dir: str | os.PathLike, out: str | os.PathLike, *,
             else:
                 shutil.copy2(src, os.path.join(folder, name))
         merged.save_pretrained(folder, safe_serialization=True)
-        from trine.modeling.families import FAMILY_FILE, recognise_family, record_family
+        from trine.modeling.family_file import FAMILY_FILE, recognise_family, record_family
 
         if not os.path.isfile(os.path.join(folder, FAMILY_FILE)):  # a foreign adapter: its files tell the family
             record_family(folder, recognise_family(folder, "embedder" if task == "FEATURE_EXTRACTION" else "reranker"))
