@@ -124,7 +124,7 @@ def test_fp16_on_gpu_close_to_fp32(tiny_reranker_dir):
     np.testing.assert_allclose(a, b, atol=5e-2)
 
 
-def test_eval_rerank_stage_reorders_the_dense_top_k(tmp_path, splade_tiny_dir, minilm_dir):
+def test_eval_rerank_stage_reorders_the_dense_top_k(tmp_path, splade_tiny_dir, minilm_dir, capsys):
     """`trine eval --reranker`: rerank(dense) is the dense top-k ordered by the cross-encoder's own
     scores, and its metrics are pytrec_eval's on that ranking."""
     import pytrec_eval
@@ -173,6 +173,22 @@ def test_eval_rerank_stage_reorders_the_dense_top_k(tmp_path, splade_tiny_dir, m
     rc = main(["eval", "--data", str(data), "--model", splade_tiny_dir, "--heads", "neutral", "--quiet",
                "--modes", "dense", "--k", "1,10", "--top-k", "20", "--reranker", rr_dir, "--reranker-top-k", "20"])
     assert rc == 0
+
+    # a reranker of 128 positions: the default length is its 128, a longer one asked is refused before encoding
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    short = str(tmp_path / "rr128")
+    BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=4, intermediate_size=64, num_labels=1,
+                                             max_position_embeddings=128)).save_pretrained(short)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(short)
+    argv = ["eval", "--data", str(data), "--model", splade_tiny_dir, "--heads", "neutral", "--quiet", "--modes",
+            "dense", "--k", "1,10", "--top-k", "20", "--reranker", short, "--reranker-top-k", "10"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--reranker-max-length", "512"]) == 2
+    err = capsys.readouterr().err
+    assert "512 is more than the reranker's 128 positions" in err and "Traceback" not in err
 
 
 def test_eval_dense_only_needs_no_heads(tmp_path, minilm_dir, capsys):

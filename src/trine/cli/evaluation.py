@@ -168,7 +168,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     "rerank(<mode>)")
     ev.add_argument("--rerank-modes", default="dense", help="first-stage modes the reranker re-orders")
     ev.add_argument("--reranker-top-k", type=int, default=100, help="candidates per query the reranker scores")
-    ev.add_argument("--reranker-max-length", type=int, default=512, help="query + passage tokens per pair")
+    ev.add_argument("--reranker-max-length", type=int, default=None,
+                    help="query + passage tokens per pair (default: 512, or the reranker's positions when fewer)")
     ev.add_argument("--reranker-cutoff-layer", "--cutoff_layers", type=int, default=None,
                     help="a layer-wise LLM reranker: score after this layer (default: its last layer)")
     ev.add_argument("--devices", "--device", default=None, help="cpu, cuda:0, ... (default: one device)")

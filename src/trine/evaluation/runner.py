@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from trine.errors import OptionError
 from trine.evaluation.data import RetrievalDataset
 from trine.evaluation.metrics import DEFAULT_K, DEFAULT_METRICS, evaluate_run
 from trine.inference.embedder import M3Embedder
@@ -101,7 +102,8 @@ class EvalConfig:
     passage_max_length: int = 512
     rerank_modes: Sequence[str] = ()
     reranker_top_k: int = 100
-    reranker_max_length: int = 512
+    #: query + passage tokens per re-ranked pair; None: 512, or the reranker's positions when it has fewer
+    reranker_max_length: int | None = None
     reranker_query_max_length: int | None = None
     dims: Sequence[int] = ()
     #: where the corpus is indexed: "trine" (trine's in-memory indexes), "milvus" or "qdrant" (a collection
@@ -151,7 +153,7 @@ class EvalConfig:
         if self.rerank_k < 1:
             raise ValueError(f"rerank_k must be positive, got {self.rerank_k}")
         for name in ("top_k", "query_max_length", "passage_max_length", "reranker_top_k", "reranker_max_length"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.backend not in ("trine", "milvus", "qdrant"):
             raise ValueError(f"backend must be 'trine', 'milvus' or 'qdrant', not {self.backend!r}")
@@ -546,6 +548,11 @@ def run_evaluation(
     if reranker is not None and not isinstance(reranker, Reranker):
         result["reranker"] = os.fspath(reranker)
         reranker = Reranker(reranker, **(reranker_options or {}))
+    if reranker is not None and config.reranker_max_length is not None:
+        limit = reranker.model.max_positions  # before any encoding: a length the reranker cannot take
+        if limit is not None and config.reranker_max_length > limit:
+            raise OptionError(f"reranker_max_length: {config.reranker_max_length} is more than the reranker's "
+                              f"{limit} positions")
     for model, label in zip(models, model_labels(models)):
         model_dir = None if isinstance(model, Encoder) else os.fspath(model)
         embedder = model if isinstance(model, Encoder) else load_embedder(model, config, model_options,
