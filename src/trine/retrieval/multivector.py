@@ -94,28 +94,51 @@ class MultiVectorIndex:
         v = self.vectors[self.offsets[row] : self.offsets[row + 1]]
         return v if v.flags.writeable else np.array(v)  # memory-mapped: torch wants writable arrays
 
-    def _padded(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return pad_vectors([self.doc_vectors(r) for r in rows.tolist()])
-
     def _check_queries(self, queries: Sequence[np.ndarray]) -> None:
         for i, q in enumerate(queries):
             if np.ndim(q) != 2 or np.shape(q)[1] != self.dim:
                 raise ValueError(f"query {i}: multi-vectors of shape {np.shape(q)}; expected (tokens x {self.dim})")
 
-    def score(self, queries: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
-        """Exact maxsim of query i with rows[i] (queries x m); -inf where rows is -1."""
+    def _gather(self, docs: np.ndarray, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``docs``' token vectors padded to ``width`` (count x width x dim, float32) and their mask,
+        gathered in one indexing (no loop over documents)."""
+        lengths = self.offsets[docs + 1] - self.offsets[docs]
+        steps = np.arange(width, dtype=np.int64)
+        mask = steps[None, :] < lengths[:, None]
+        positions = np.where(mask, self.offsets[docs][:, None] + steps[None, :], 0)
+        vecs = self.vectors[positions.ravel()].astype(np.float32, copy=False).reshape(len(docs), width, self.dim)
+        return torch.from_numpy(vecs), torch.from_numpy(mask)
+
+    def score(self, queries: Sequence[np.ndarray], rows: np.ndarray, max_elements: int = 1 << 24) -> np.ndarray:
+        """Exact maxsim of query i with rows[i] (queries x m); -inf where rows is -1.
+
+        Every (query, row) pair is scored by one batched maxsim (:func:`trine.scoring.colbert_scores_padded`,
+        ``pairwise=True``): the pairs sorted by document length and cut into chunks whose padded document
+        vectors hold at most ``max_elements`` values, so padding stays small and no loop runs per pair."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.ndim != 2 or rows.shape[0] != len(queries):
             raise ValueError(f"rows must be (queries x m) with {len(queries)} queries, got {rows.shape}")
         self._check_queries(queries)
         out = np.full(rows.shape, -np.inf, dtype=np.float32)
-        for i, q in enumerate(queries):
-            valid = rows[i] >= 0
-            if not valid.any():
-                continue
-            qv, qm = pad_vectors([q])
-            pv, pm = self._padded(rows[i, valid])
-            out[i, valid] = colbert_scores_padded(qv, qm, pv, pm)[0].numpy()
+        owner, column = np.nonzero(rows >= 0)
+        if owner.size == 0:
+            return out
+        if rows.max() >= len(self.ids):
+            raise ValueError(f"rows must be below the index's {len(self.ids)} documents, got {int(rows.max())}")
+        docs = rows[owner, column]
+        lengths = self.offsets[docs + 1] - self.offsets[docs]
+        order = np.argsort(-lengths, kind="stable")  # longest first: each chunk's width is its first length
+        qv, qm = pad_vectors(list(queries))
+        scores = np.empty(docs.size, dtype=np.float32)
+        start = 0
+        while start < order.size:
+            width = max(int(lengths[order[start]]), 1)
+            chunk = order[start : start + max(1, max_elements // (width * self.dim))]
+            pv, pm = self._gather(docs[chunk], width)
+            pick = torch.from_numpy(owner[chunk])
+            scores[chunk] = colbert_scores_padded(qv[pick], qm[pick], pv, pm, pairwise=True).numpy()
+            start += chunk.size
+        out[owner, column] = scores
         return out
 
     def rerank(self, queries: Sequence[np.ndarray], candidates: SearchResult | np.ndarray, k: int) -> SearchResult:
@@ -129,7 +152,8 @@ class MultiVectorIndex:
         scores = np.empty((len(queries), len(self.ids)), dtype=np.float32)
         for start in range(0, len(self.ids), doc_batch):
             rows = np.arange(start, min(start + doc_batch, len(self.ids)))
-            pv, pm = self._padded(rows)
+            lengths = self.offsets[rows + 1] - self.offsets[rows]
+            pv, pm = self._gather(rows, max(int(lengths.max()), 1))
             scores[:, rows] = colbert_scores_padded(qv, qm, pv, pm).numpy()
         return pad_results([top_k(s, k) for s in scores], k)
 
