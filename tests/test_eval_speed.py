@@ -8,6 +8,7 @@ search that re-scores and re-ranks every weighting and measures it with pytrec_e
 from __future__ import annotations
 
 import ast
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -205,3 +206,46 @@ def test_tuning_and_runner_do_not_import_each_other():
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not {m for m in imported if m and m.startswith("trine.evaluation.runner")}
 
+
+
+# ---------------------------------------------------------------------- fusion analysis
+def test_fusion_analysis_equals_a_hand_computation(setup):
+    from trine.evaluation.analysis import analysis_table, analyze_fusion
+    from trine.modeling.fusion import FusionSettings
+
+    model, test, _ = setup
+    grid = (0.0, 0.5, 2.0)
+    config = EvalConfig(modes=("dense", "sparse", "colbert", "colbert+sparse+dense", "bm25"), k_values=(1, 10),
+                        metrics=("ndcg", "mrr"), top_k=12)
+    fusion = FusionSettings("minmax", {"colbert+sparse+dense": [1.0, 0.5, 2.0]})
+    out = analyze_fusion(model, test, config, fusion=fusion, threshold=0.6, grid=grid)
+    qids = list(test.qrels)
+    per = {}
+    for weights in [None, *_grid(3, grid)]:  # the heads, and the fused mode at every weighting of the grid
+        given = EvalConfig(**{**dataclasses.asdict(config), "normalization": "minmax",
+                              "weights_all": weights or (1.0, 0.5, 2.0)})
+        runs = evaluate_model(model, test, given, return_runs=True)["runs"]
+        for mode in (config.modes if weights is None else ("colbert+sparse+dense",)):
+            _, values = evaluate_run(test.qrels, runs[mode], [1, 10], ["ndcg", "mrr"], per_query=True)
+            per[mode if weights is None else weights] = values
+    ndcg = {m: np.array([per[m][q]["ndcg@10"] for q in qids]) for m in per}
+    hit = {m: np.array([per[m][q]["mrr@1"] > 0 for q in qids]) for m in config.modes}
+    for mode in config.modes:
+        assert out["ndcg@10"][mode] == pytest.approx(ndcg[mode].mean(), abs=1e-12)
+        assert out["right"][mode] == pytest.approx({"ndcg@10>=0.6": (ndcg[mode] >= 0.6).mean(),
+                                                    "hit@1": hit[mode].mean()})
+    heads = ("dense", "sparse", "colbert")
+    assert out["oracle ndcg@10"]["best single head"] == pytest.approx(np.max([ndcg[h] for h in heads], 0).mean())
+    assert out["oracle ndcg@10"]["best single head or bm25"] == pytest.approx(
+        np.max([ndcg[h] for h in (*heads, "bm25")], 0).mean())
+    best = np.max([ndcg[w] for w in _grid(3, grid)], 0).mean()
+    assert out["oracle ndcg@10"]["best weights per query: colbert+sparse+dense"] == pytest.approx(best, abs=1e-9)
+    only_dense = (hit["dense"] & ~hit["sparse"] & ~hit["colbert"]).mean()
+    assert out["hit@1 by the heads that get it"]["dense"] == pytest.approx(only_dense)
+    assert sum(out["hit@1 by the heads that get it"].values()) == pytest.approx(1.0)
+    fused, any_head = hit["colbert+sparse+dense"], hit["dense"] | hit["sparse"] | hit["colbert"]
+    assert out["fusion vs heads (hit@1)"]["colbert+sparse+dense"] == pytest.approx(
+        {"fused only": (fused & ~any_head).mean(), "a head only": (~fused & any_head).mean()})
+    assert "| oracle | nDCG@10 |" in analysis_table(out)
+    with pytest.raises(ValueError, match=r"add \['colbert'\] to the modes"):
+        analyze_fusion(model, test, EvalConfig(modes=("dense", "sparse"), k_values=(10,), top_k=12))

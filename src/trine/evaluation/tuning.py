@@ -123,15 +123,18 @@ class _FastNdcg:
 
     def __call__(self, scores: np.ndarray) -> np.ndarray:
         """The mean nDCG@10 of each ranking in ``scores`` (weightings x queries x candidates), one value each."""
+        return self.per_query(scores).sum(-1) / self.total_queries
+
+    def per_query(self, scores: np.ndarray) -> np.ndarray:
+        """Each query's nDCG@10 under each ranking in ``scores``: (weightings x queries)."""
         if self.cut == 0:
-            return np.zeros(scores.shape[0])
+            return np.zeros(scores.shape[:2])
         key = np.where(self.valid, scores, -np.inf).astype(np.float32)  # the run's scores are float32
         tiebreak = np.broadcast_to(-self.tiebreak, key.shape)
         order = np.lexsort((tiebreak, -key), axis=-1)[..., : self.cut]
         gains = np.take_along_axis(np.broadcast_to(np.where(self.valid, self.gains, 0.0), key.shape), order, -1)
         dcg = gains @ self.discount
-        per_query = np.divide(dcg, self.ideal, out=np.zeros_like(dcg), where=self.ideal > 0)
-        return per_query.sum(-1) / self.total_queries
+        return np.divide(dcg, self.ideal, out=np.zeros_like(dcg), where=self.ideal > 0)
 
 
 def _fused_grid(parts: Sequence[np.ndarray], combos: np.ndarray, valid: np.ndarray) -> np.ndarray:
