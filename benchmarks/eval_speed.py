@@ -112,6 +112,7 @@ def main() -> None:
                         query_max_length=32, passage_max_length=256)
     load_before = os.getloadavg()
     total = 0.0
+    cpu_start = time.process_time()
     result = {"models": {}}
     for name in args.models.split(","):
         model_of["current"] = name
@@ -121,7 +122,8 @@ def main() -> None:
         result["models"].update(one["models"])
     phases = dict(SECONDS)
     phases["other"] = total - sum(phases.values())
-    report = {"trine": os.path.dirname(trine.__file__), "total_s": round(total, 2), "load_before": load_before,
+    report = {"trine": os.path.dirname(trine.__file__), "total_s": round(total, 2),
+              "cpu_s": round(time.process_time() - cpu_start, 2), "load_before": load_before,
               "load_after": os.getloadavg(), "replayed_encodings": bool(encodings),
               "phases_s": {k: round(v, 2) for k, v in sorted(phases.items(), key=lambda x: -x[1])},
               "metrics": {k: v["metrics"] for k, v in result["models"].items()},
@@ -131,8 +133,8 @@ def main() -> None:
     if saved is not None:
         with open(args.save_encodings, "wb") as f:
             pickle.dump(saved, f, protocol=pickle.HIGHEST_PROTOCOL)
-    json.dump({k: report[k] for k in ("trine", "total_s", "load_before", "load_after", "phases_s")}, sys.stdout,
-              indent=1)
+    shown = ("trine", "total_s", "cpu_s", "load_before", "load_after", "phases_s")
+    json.dump({k: report[k] for k in shown}, sys.stdout, indent=1)
     print()
 
 
