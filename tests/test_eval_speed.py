@@ -60,12 +60,11 @@ def test_multivector_score_equals_pairwise_maxsim(dtype):
     stored = [index.doc_vectors(r).astype(np.float32) for r in range(len(docs))]
     queries = [rng.normal(size=(n, 8)).astype(np.float32) for n in (4, 7, 1)]
     rows = np.array([[0, 2, 3, -1, 6], [7, 6, 5, 4, 1], [-1, -1, -1, -1, -1]])
-    for max_elements in (1 << 24, 8 * 20):  # one chunk; a chunk per pair or two (longest first)
-        got = index.score(queries, rows, max_elements=max_elements)
-        for i, q in enumerate(queries):
-            for j, r in enumerate(rows[i]):
-                want = -np.inf if r < 0 else colbert_score(q, stored[r])
-                assert got[i, j] == pytest.approx(want, abs=1e-5), (i, j)
+    got = index.score(queries, rows)
+    for i, q in enumerate(queries):
+        for j, r in enumerate(rows[i]):
+            want = -np.inf if r < 0 else colbert_score(q, stored[r])
+            assert got[i, j] == pytest.approx(want, abs=1e-5), (i, j)
     full = index.search(queries, 8)
     for i, q in enumerate(queries):
         want = sorted(range(len(docs)), key=lambda r: (-colbert_score(q, stored[r]), r))

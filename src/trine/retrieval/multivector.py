@@ -109,36 +109,28 @@ class MultiVectorIndex:
         vecs = self.vectors[positions.ravel()].astype(np.float32, copy=False).reshape(len(docs), width, self.dim)
         return torch.from_numpy(vecs), torch.from_numpy(mask)
 
-    def score(self, queries: Sequence[np.ndarray], rows: np.ndarray, max_elements: int = 1 << 24) -> np.ndarray:
+    def score(self, queries: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
         """Exact maxsim of query i with rows[i] (queries x m); -inf where rows is -1.
 
-        Every (query, row) pair is scored by one batched maxsim (:func:`trine.scoring.colbert_scores_padded`,
-        ``pairwise=True``): the pairs sorted by document length and cut into chunks whose padded document
-        vectors hold at most ``max_elements`` values, so padding stays small and no loop runs per pair."""
+        One batched maxsim (:func:`trine.scoring.colbert_scores_padded`) per query over all its candidates,
+        gathered padded in one indexing (no loop per document). Per query, not over pairs of several queries:
+        a pair's score then depends only on the query's candidates, so equal documents tie exactly."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.ndim != 2 or rows.shape[0] != len(queries):
             raise ValueError(f"rows must be (queries x m) with {len(queries)} queries, got {rows.shape}")
         self._check_queries(queries)
-        out = np.full(rows.shape, -np.inf, dtype=np.float32)
-        owner, column = np.nonzero(rows >= 0)
-        if owner.size == 0:
-            return out
-        if rows.max() >= len(self.ids):
+        if rows.size and rows.max() >= len(self.ids):
             raise ValueError(f"rows must be below the index's {len(self.ids)} documents, got {int(rows.max())}")
-        docs = rows[owner, column]
-        lengths = self.offsets[docs + 1] - self.offsets[docs]
-        order = np.argsort(-lengths, kind="stable")  # longest first: each chunk's width is its first length
-        qv, qm = pad_vectors(list(queries))
-        scores = np.empty(docs.size, dtype=np.float32)
-        start = 0
-        while start < order.size:
-            width = max(int(lengths[order[start]]), 1)
-            chunk = order[start : start + max(1, max_elements // (width * self.dim))]
-            pv, pm = self._gather(docs[chunk], width)
-            pick = torch.from_numpy(owner[chunk])
-            scores[chunk] = colbert_scores_padded(qv[pick], qm[pick], pv, pm, pairwise=True).numpy()
-            start += chunk.size
-        out[owner, column] = scores
+        out = np.full(rows.shape, -np.inf, dtype=np.float32)
+        for i, q in enumerate(queries):
+            valid = rows[i] >= 0
+            if not valid.any():
+                continue
+            docs = rows[i, valid]
+            width = max(int((self.offsets[docs + 1] - self.offsets[docs]).max()), 1)
+            qv, qm = pad_vectors([q])
+            pv, pm = self._gather(docs, width)
+            out[i, valid] = colbert_scores_padded(qv, qm, pv, pm)[0].numpy()
         return out
 
     def rerank(self, queries: Sequence[np.ndarray], candidates: SearchResult | np.ndarray, k: int) -> SearchResult:
