@@ -121,7 +121,7 @@ def search_modes(candidates: ScoredCandidates, config: EvalConfig, fusion: Fusio
     if missing:
         raise ValueError(f"the fusion settings have no weights for {missing}")
     for mode in config.modes:
-        step(f"  ranking: {mode} (top {k})")
+        step(f"  searching: {mode} (top {k})")
         start = time.perf_counter()
         if mode in ("dense", "sparse", "bm25"):
             res = candidates.first_stage(mode, k)
