@@ -131,7 +131,7 @@ def test_fast_ndcg_equals_pytrec_eval():
     for scores in (rng.normal(size=rows.shape), np.round(rng.normal(size=rows.shape), 1)):  # the second has ties
         res = rank_candidates(rows, scores, 12)
         ref = evaluate_run(qrels, res.to_run(qids, doc_ids), [10], ["ndcg"])["ndcg@10"]
-        assert fast(scores) == pytest.approx(ref, abs=1e-9)
+        assert fast(scores[None])[0] == pytest.approx(ref, abs=1e-9)
 
 
 # ---------------------------------------------------------------------- fusion.json

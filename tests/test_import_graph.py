@@ -112,9 +112,8 @@ def test_nothing_in_src_uses_a_compatibility_shim():
 
 # ------------------------------------------------------------------ no loops, and the layers the page states
 ARCHITECTURE = SRC.parent / "docs" / "architecture.md"
-# Import cycles known today and being removed on another branch (evalspeed breaks runner <-> tuning). An
-# allowance, not a requirement: the test passes with or without it, and the merge deletes the entry.
-KNOWN_CYCLES: list[set[str]] = [{"trine.evaluation.runner", "trine.evaluation.tuning"}]
+# Import cycles allowed by name (none): an entry here is a known defect, never a silent exception.
+KNOWN_CYCLES: list[set[str]] = []
 
 
 def strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:

@@ -4,11 +4,11 @@ from trine._lazy import lazy_exports
 
 # Public name -> the module that defines it, imported on first use (see trine._lazy).
 _EXPORTS = {
-    "MODES": "trine.evaluation.runner",
+    "MODES": "trine.evaluation.config",
     "TUNE_GRID": "trine.evaluation.tuning",
-    "CorpusIndex": "trine.evaluation.runner",
+    "CorpusIndex": "trine.evaluation.candidates",
     "DatasetFormatError": "trine.evaluation.data",
-    "EvalConfig": "trine.evaluation.runner",
+    "EvalConfig": "trine.evaluation.config",
     "RetrievalDataset": "trine.evaluation.data",
     "build_manpages_beir": "trine.evaluation.manpages",
     "check_dev_split": "trine.evaluation.tuning",
@@ -17,7 +17,7 @@ _EXPORTS = {
     "evaluate_run": "trine.evaluation.metrics",
     "fusion_summary": "trine.evaluation.report",
     "mode_table": "trine.evaluation.report",
-    "index_corpus": "trine.evaluation.runner",
+    "index_corpus": "trine.evaluation.candidates",
     "load_dataset": "trine.evaluation.data",
     "markdown_table": "trine.evaluation.report",
     "plot_modes": "trine.evaluation.report",

@@ -39,152 +39,45 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
 from trine.errors import OptionError
+from trine.evaluation.candidates import (  # noqa: F401  (CorpusIndex, index_corpus: re-exported)
+    CorpusIndex,
+    ScoredCandidates,
+    encode_queries,
+    index_corpus,
+)
+from trine.evaluation.config import (  # noqa: F401  (the mode vocabulary: re-exported)
+    DEFAULT_MODES,
+    FUSION_SOURCES,
+    MODES,
+    WEIGHT_FIELDS,
+    EvalConfig,
+    config_outputs,
+    fused_modes,
+    matryoshka_modes,
+    needed_outputs,
+    uses_bm25,
+)
 from trine.evaluation.data import RetrievalDataset
-from trine.evaluation.metrics import DEFAULT_K, DEFAULT_METRICS, evaluate_run
+from trine.evaluation.metrics import evaluate_run
+from trine.evaluation.tuning import check_tuning, tune_fusion
 from trine.inference.embedder import M3Embedder
 from trine.inference.encoder import Encoder, truncate_dense
 from trine.inference.reranker import Reranker
-from trine.modeling.fusion import (
-    DEFAULT_NORMALIZATION,
-    DEFAULT_WEIGHTS,
-    FUSED_MODES,
-    FusionSettings,
-    check_weights,
-    read_fusion,
-)
-from trine.modes import needed_outputs  # the one table of mode needs (tuning imports it from here)
+from trine.modeling.fusion import DEFAULT_NORMALIZATION, DEFAULT_WEIGHTS, FusionSettings, read_fusion, write_fusion
 from trine.progress import step
-from trine.retrieval import BM25Index, HybridRetriever, QueryReps, SearchResult, weighted_fusion
+from trine.retrieval import HybridRetriever, QueryReps, SearchResult
 from trine.retrieval.base import pad_results
-from trine.retrieval.hybrid import COLBERT_KINDS
-from trine.retrieval.plaid import check_options as check_plaid_options
-from trine.scoring import HYBRID_KEYS, MODE_ALIASES, NORMALIZATIONS, canonical_mode
 
 logger = logging.getLogger(__name__)
 
-# FlagEmbedding's score-mode names (trine.scoring.HYBRID_KEYS; the old eval names are aliases), and rrf
-MODES = (*HYBRID_KEYS, "rrf", "bm25", "dense+bm25")
-DEFAULT_MODES = HYBRID_KEYS
-#: the EvalConfig field that gives each fused mode's weights
-WEIGHT_FIELDS = {"sparse+dense": "weights_dense_sparse", "colbert+sparse+dense": "weights_all",
-                 "dense+bm25": "weights_dense_bm25"}
-#: where a fusion setting came from, in the order they are looked up
-FUSION_SOURCES = ("given", "model folder", "default")
-
-
-@dataclass
-class EvalConfig:
-    modes: Sequence[str] = DEFAULT_MODES
-    k_values: Sequence[int] = DEFAULT_K
-    metrics: Sequence[str] = DEFAULT_METRICS
-    top_k: int = 100
-    rerank_k: int = 100
-    colbert_search: str = "rerank"
-    #: the multi-vector index (trine backend): "exact" (MultiVectorIndex) or "plaid" (ColbertPlaidIndex, compressed,
-    #: built with ``colbert_index_options``); with ``colbert_search="full"`` the colbert mode is its own search
-    colbert_index: str = "exact"
-    colbert_index_options: dict[str, Any] = field(default_factory=dict)
-    weights_dense_sparse: Sequence[float] | None = None
-    weights_all: Sequence[float] | None = None
-    weights_dense_bm25: Sequence[float] | None = None
-    normalization: str | None = None
-    rrf_k: float = 60.0
-    dense_index: str = "flat"
-    ignore_identical_ids: bool = False
-    batch_size: int | None = None
-    query_max_length: int = 64
-    passage_max_length: int = 512
-    rerank_modes: Sequence[str] = ()
-    reranker_top_k: int = 100
-    #: query + passage tokens per re-ranked pair; None: 512, or the reranker's positions when it has fewer
-    reranker_max_length: int | None = None
-    reranker_query_max_length: int | None = None
-    dims: Sequence[int] = ()
-    #: where the corpus is indexed: "trine" (trine's in-memory indexes), "milvus" or "qdrant" (a collection
-    #: at ``backend_uri``, named ``collection``: default ``trine_eval_<hash of the model and corpus ids>``)
-    backend: str = "trine"
-    backend_uri: str | None = None
-    collection: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        bad = [m for m in self.modes if MODE_ALIASES.get(m, m) not in MODES]
-        if bad or not self.modes:
-            raise ValueError(f"unknown modes {bad}; choose from {MODES} (aliases: {', '.join(MODE_ALIASES)})")
-        self.modes = tuple(canonical_mode(m, MODES) for m in self.modes)
-        self.rerank_modes = tuple(canonical_mode(m, MODES) for m in self.rerank_modes)
-        dims = list(self.dims or ())
-        if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in dims) \
-                or len(set(dims)) != len(dims):
-            raise ValueError(f"dims must be distinct positive integers (Matryoshka dimensions), got {dims}")
-        self.dims = tuple(int(d) for d in dims)
-        if self.colbert_search not in ("rerank", "full"):
-            raise ValueError(f"colbert_search must be 'rerank' or 'full', not {self.colbert_search!r}")
-        if self.colbert_index not in COLBERT_KINDS:
-            raise ValueError(f"colbert_index must be one of {COLBERT_KINDS}, not {self.colbert_index!r}")
-        if self.colbert_index_options:
-            if self.colbert_index != "plaid":
-                raise ValueError(f"colbert_index_options {sorted(self.colbert_index_options)} are the plaid index's; "
-                                 f"colbert_index is {self.colbert_index!r}")
-            try:
-                check_plaid_options(dict(self.colbert_index_options))
-            except TypeError as err:
-                raise ValueError(str(err)) from None
-        if self.colbert_index != "exact" and self.backend != "trine":
-            raise ValueError(f"colbert_index {self.colbert_index!r} is trine's; the {self.backend} backend keeps "
-                             "its own multi-vectors")
-        for mode, name in WEIGHT_FIELDS.items():
-            value = getattr(self, name)
-            if value is not None:
-                try:
-                    setattr(self, name, tuple(check_weights(mode, list(value), name)))
-                except TypeError:
-                    raise ValueError(f"{name} must be a list of numbers, got {value!r}") from None
-        if self.normalization is not None and self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"unknown normalization {self.normalization!r}; choose from {list(NORMALIZATIONS)}")
-        if self.top_k < max(self.k_values):
-            raise ValueError(f"top_k ({self.top_k}) must be at least the largest k ({max(self.k_values)})")
-        if self.rerank_k < 1:
-            raise ValueError(f"rerank_k must be positive, got {self.rerank_k}")
-        for name in ("top_k", "query_max_length", "passage_max_length", "reranker_top_k", "reranker_max_length"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.backend not in ("trine", "milvus", "qdrant"):
-            raise ValueError(f"backend must be 'trine', 'milvus' or 'qdrant', not {self.backend!r}")
-        if self.backend != "trine" and self.dense_index not in ("flat", "hnsw"):
-            raise ValueError(f"dense_index {self.dense_index!r}: the {self.backend} backend has 'flat' and 'hnsw'")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer (or None for the model's), got {self.batch_size}")
-        outside = [m for m in self.rerank_modes if m not in self.modes]
-        if outside:
-            raise ValueError(f"rerank_modes {outside} are not among the evaluated modes {list(self.modes)}")
-        if self.rerank_modes and self.reranker_top_k < max(self.k_values):
-            raise ValueError(f"reranker_top_k ({self.reranker_top_k}) must be at least the largest k "
-                             f"({max(self.k_values)})")
-
-
-def config_outputs(config: EvalConfig) -> set[str]:
-    return needed_outputs(config.modes, config.dims)
-
-
-def matryoshka_modes(dims: Sequence[int]) -> list[str]:
-    """The mode names the Matryoshka ``dims`` are reported under: ``dense@<dim>``."""
-    return [f"dense@{d}" for d in dims]
-
-
 Timed = tuple[SearchResult, float]
 Scorer = Callable[[np.ndarray], np.ndarray]
-
-
-def fused_modes(modes: Sequence[str]) -> list[str]:
-    """The weighted-fusion modes among ``modes`` (those with weights: :data:`trine.modeling.fusion.FUSED_MODES`)."""
-    return [m for m in modes if m in FUSED_MODES]
 
 
 def resolve_fusion(config: EvalConfig, model_dir: str | os.PathLike | None = None
@@ -214,60 +107,35 @@ def resolve_fusion(config: EvalConfig, model_dir: str | os.PathLike | None = Non
             {"normalization": norm_source, "weights": sources})
 
 
-def fusion_inputs(mode: str, retriever: HybridRetriever | None, reps: QueryReps,
-                  bm25: tuple[BM25Index, Sequence[str]] | None, k: int) -> tuple[list[SearchResult], dict[str, Scorer]]:
-    """A fused mode's first-stage lists (top ``k`` each: dense and sparse, or dense and BM25) and the
-    exact scorer of each mode it fuses (:data:`trine.modeling.fusion.FUSED_MODES` order)."""
-    if retriever is None:
-        raise ValueError(f"mode {mode!r} needs the model's index")
-    parts = FUSED_MODES[mode]
-    scorers: dict[str, Scorer] = {}
-    if "bm25" in parts:
-        if bm25 is None:
-            raise ValueError(f"mode {mode!r} needs the BM25 index and the query texts")
-        index, texts = bm25
-        candidates = [retriever.first_stage(reps, "dense", k), index.search(texts, k)]
-        scorers["dense"] = retriever.scorer(reps, "dense")
-        scorers["bm25"] = lambda rows: index.score(texts, rows)
-    else:
-        candidates = [retriever.first_stage(reps, m, k) for m in ("dense", "sparse")]
-        scorers.update((m, retriever.scorer(reps, m)) for m in parts)
-    return candidates, scorers
-
-
-def search_modes(retriever: HybridRetriever | None, reps: QueryReps, config: EvalConfig,
-                 bm25: tuple[BM25Index, Sequence[str]] | None = None,
-                 fusion: FusionSettings | None = None) -> dict[str, Timed]:
-    """Run every configured mode; ``{mode: (result, seconds)}``. ``bm25``: the BM25 index over the
-    corpus texts and the query texts (needed for modes ``bm25`` and ``dense+bm25``). ``fusion``: the
-    normalization and weights of the fused modes (default: :func:`resolve_fusion` of ``config``)."""
+def search_modes(candidates: ScoredCandidates, config: EvalConfig, fusion: FusionSettings | None = None, *,
+                 retriever: HybridRetriever | None = None, reps: QueryReps | None = None) -> dict[str, Timed]:
+    """Rank every configured mode from one query set's scored candidates; ``{mode: (result, seconds)}``
+    (the seconds of the ranking itself: the first stages and scoring are ``candidates.seconds``).
+    ``fusion``: the normalization and weights of the fused modes (default: :func:`resolve_fusion` of
+    ``config``). ``retriever`` and ``reps``: the model's index and the queries, for ``colbert_search="full"``
+    (an exact search of the whole corpus, no candidates)."""
     out: dict[str, Timed] = {}
     k = config.top_k
     fusion = fusion or resolve_fusion(config)[0]
-    norm = fusion.normalization
     missing = [m for m in fused_modes(config.modes) if m not in fusion.weights]
     if missing:
         raise ValueError(f"the fusion settings have no weights for {missing}")
     for mode in config.modes:
         step(f"  searching: {mode} (top {k})")
         start = time.perf_counter()
-        if mode == "bm25":
-            if bm25 is None:
-                raise ValueError("mode 'bm25' needs the BM25 index and the query texts")
-            res = bm25[0].search(bm25[1], k)
-        elif mode == "dense+bm25":
-            candidates, scorers = fusion_inputs(mode, retriever, reps, bm25, k)
-            res = weighted_fusion(candidates, list(scorers.values()), fusion.weights[mode], k, normalization=norm)
-        elif retriever is None:
-            raise ValueError(f"mode {mode!r} needs the model's index")
-        elif mode != "rrf":
-            res = retriever.search_mode(
-                reps, mode, k, colbert_search=config.colbert_search, rerank_k=config.rerank_k,
-                weights=dict(zip(FUSED_MODES[mode], fusion.weights[mode])) if mode in FUSED_MODES else None,
-                normalization=norm)
+        if mode in ("dense", "sparse", "bm25"):
+            res = candidates.first_stage(mode, k)
+        elif mode == "colbert" and config.colbert_search == "full":
+            if retriever is None or reps is None:
+                raise ValueError("colbert_search 'full' needs the model's index and the encoded queries")
+            res = retriever.first_stage(reps, "colbert", k)
+        elif mode == "colbert":
+            res = candidates.rerank("colbert", candidates.first_stage("dense", config.rerank_k),
+                                    min(k, config.rerank_k))
+        elif mode == "rrf":
+            res = candidates.rrf(k, config.rrf_k)
         else:
-            res = retriever.search(reps, k, {"dense": 1.0, "sparse": 1.0, "colbert": 1.0}, candidate_k=k,
-                                   fusion="rrf", rrf_k=config.rrf_k)
+            res = candidates.fuse(mode, fusion.weights[mode], k, fusion.normalization)
         out[mode] = (res, time.perf_counter() - start)
     return out
 
@@ -294,90 +162,6 @@ def rerank_result(reranker: Reranker, result: SearchResult, queries: Sequence[st
     return pad_results(ordered, top)
 
 
-@dataclass
-class CorpusIndex:
-    """A corpus encoded once by one model and indexed, shared by tuning and evaluation: the model's
-    indexes (``retriever``, for the outputs in ``needs``) and the BM25 index over the texts (``bm25``),
-    each ``None`` when no mode asked for it; ``dense_vecs``: the corpus's full dense vectors, kept for
-    the Matryoshka ``dims``."""
-
-    doc_ids: list[str]
-    texts: list[str]
-    needs: set[str]
-    retriever: HybridRetriever | None = None
-    bm25: BM25Index | None = None
-    dense_vecs: np.ndarray | None = None
-    encode_s: float = 0.0
-    index_s: float = 0.0
-
-    def check(self, dataset: RetrievalDataset, needs: set[str], with_bm25: bool) -> None:
-        """Raise unless this index covers ``dataset``'s corpus (same ids, same order) and the outputs asked for."""
-        if list(dataset.corpus) != self.doc_ids:
-            raise ValueError(f"the encoded corpus is not the corpus of {dataset.name!r} ({dataset.split}): "
-                             "splits must come from the same data folder")
-        if not needs <= self.needs:
-            raise ValueError(f"the encoded corpus lacks the outputs {sorted(needs - self.needs)}")
-        if with_bm25 and self.bm25 is None:
-            raise ValueError("the encoded corpus has no BM25 index")
-
-
-def uses_bm25(modes: Sequence[str]) -> bool:
-    return any(m in ("bm25", "dense+bm25") for m in modes)
-
-
-def index_corpus(model: Encoder, dataset: RetrievalDataset, config: EvalConfig) -> CorpusIndex:
-    """Encode ``dataset``'s corpus once with the outputs the config's modes need and index it (and
-    build the BM25 index when a mode uses it)."""
-    doc_ids, texts = dataset.passages()
-    needs = config_outputs(config)
-    corpus = CorpusIndex(doc_ids, texts, needs)
-    if needs:  # bm25 alone needs no model output
-        step(f"  encoding {len(texts)} passages ({', '.join(sorted(needs))})")
-        start = time.perf_counter()
-        docs = model.encode_result(texts, needs, kind="passage", batch_size=config.batch_size,
-                                   max_length=config.passage_max_length)
-        corpus.encode_s = time.perf_counter() - start
-        if config.dims:
-            check_dims(config.dims, docs.dense_vecs.shape[1])
-            corpus.dense_vecs = docs.dense_vecs
-        step(f"  indexing {len(texts)} passages ({config.backend} {config.dense_index})")
-        start = time.perf_counter()
-        encoded = {k: v for k, v in docs.items() if v is not None}
-        if config.backend == "trine":
-            corpus.retriever = HybridRetriever.from_encoded(
-                encoded, doc_ids, dense_kind=config.dense_index, colbert_kind=config.colbert_index,
-                colbert_options=config.colbert_index_options)
-        else:
-            corpus.retriever = backend_retriever(model, encoded, doc_ids, config)
-        corpus.index_s = time.perf_counter() - start
-    if uses_bm25(config.modes):
-        step(f"  BM25 index of {len(texts)} passages")
-        start = time.perf_counter()
-        corpus.bm25 = BM25Index.build(texts, doc_ids)
-        corpus.index_s += time.perf_counter() - start
-    return corpus
-
-
-def backend_retriever(model: Encoder, docs: dict[str, Any], doc_ids: list[str], config: EvalConfig
-                      ) -> HybridRetriever:
-    """The corpus in a vector-database collection (``config.backend``), searched through its Index views."""
-    import hashlib
-
-    from trine.retrieval.vectordb import collection_retriever
-
-    name_or_path = str(getattr(model.tokenizer, "name_or_path", "") or type(model).__name__)
-    name = config.collection or "trine_eval_" + hashlib.sha1(
-        "\n".join([name_or_path, *doc_ids]).encode()).hexdigest()[:12]
-    return collection_retriever(config.backend, docs, doc_ids, name=name, uri=config.backend_uri,
-                                dense_index=config.dense_index, tokenizer=model.tokenizer, model=name_or_path)
-
-
-def check_dims(dims: Sequence[int], full_dim: int) -> None:
-    too_big = [d for d in dims if d > full_dim]
-    if too_big:
-        raise ValueError(f"dims {too_big} exceed the model's dense size {full_dim}")
-
-
 def search_matryoshka(corpus: CorpusIndex, reps: QueryReps, dim: int, normalize: bool, config: EvalConfig
                       ) -> SearchResult:
     """Dense search with queries and corpus cut to ``dim`` dimensions (re-normalised when ``normalize``),
@@ -388,13 +172,6 @@ def search_matryoshka(corpus: CorpusIndex, reps: QueryReps, dim: int, normalize:
     retriever = HybridRetriever.from_encoded({"dense_vecs": truncate_dense(corpus.dense_vecs, dim, normalize)},
                                              corpus.doc_ids, dense_kind=config.dense_index)
     return retriever.first_stage(QueryReps(truncate_dense(reps.dense_vecs, dim, normalize)), "dense", config.top_k)
-
-
-def encode_queries(model: Encoder, texts: Sequence[str], needs: set[str], config: EvalConfig) -> QueryReps:
-    if not needs:
-        return QueryReps()
-    return QueryReps.from_encode(model.encode_result(list(texts), needs, kind="query", batch_size=config.batch_size,
-                                                     max_length=config.query_max_length))
 
 
 def evaluate_model(model: Encoder, dataset: RetrievalDataset, config: EvalConfig,
@@ -421,11 +198,12 @@ def evaluate_model(model: Encoder, dataset: RetrievalDataset, config: EvalConfig
     start = time.perf_counter()
     reps = encode_queries(model, query_texts, needs, config)
     encode_queries_s = time.perf_counter() - start
-    bm25 = (corpus.bm25, query_texts) if corpus.bm25 is not None else None
     metrics: dict[str, dict[str, float]] = {}
     search_s: dict[str, float] = {}
     runs: dict[str, dict[str, dict[str, float]]] = {}
-    results = search_modes(corpus.retriever, reps, config, bm25, fusion)
+    step(f"  first stages and each head's scores of the candidates ({len(query_texts)} queries)")
+    candidates = ScoredCandidates.build(corpus, reps, query_texts, config.modes, config)
+    results = search_modes(candidates, config, fusion, retriever=corpus.retriever, reps=reps)
     normalize = bool(getattr(getattr(model, "model", None), "normalize_embeddings", True))
     for dim, mode in zip(config.dims, matryoshka_modes(config.dims)):
         start = time.perf_counter()
@@ -436,6 +214,7 @@ def evaluate_model(model: Encoder, dataset: RetrievalDataset, config: EvalConfig
         reranked = rerank_result(reranker, results[mode][0], query_texts, texts, config)
         results[f"rerank({mode})"] = (reranked, results[mode][1] + time.perf_counter() - start)
     step(f"  scoring {len(results)} modes (pytrec_eval)")
+    start = time.perf_counter()
     for mode, (res, seconds) in results.items():
         run = res.to_run(query_ids, doc_ids)
         metrics[mode] = evaluate_run(dataset.qrels, run, config.k_values, config.metrics,
@@ -443,10 +222,12 @@ def evaluate_model(model: Encoder, dataset: RetrievalDataset, config: EvalConfig
         search_s[mode] = seconds
         if return_runs:
             runs[mode] = run
+    metrics_s = time.perf_counter() - start
     out: dict[str, Any] = {
         "metrics": metrics,
         "timings": {"encode_corpus_s": corpus.encode_s, "encode_queries_s": encode_queries_s,
-                    "index_s": corpus.index_s, "search_s": search_s},
+                    "index_s": corpus.index_s, "candidates_s": dict(candidates.seconds), "search_s": search_s,
+                    "metrics_s": metrics_s},
     }
     if return_runs:
         out["runs"] = runs
@@ -534,8 +315,6 @@ def run_evaluation(
     if not models:
         raise ValueError("no models to evaluate")
     if tune_on is not None:
-        from trine.evaluation.tuning import check_tuning
-
         check_tuning(models, dataset, tune_on, config)
     result: dict[str, Any] = {
         "dataset": dataset.name,
@@ -561,9 +340,6 @@ def run_evaluation(
         entry: dict[str, Any] = {"path": model_dir}
         corpus = None
         if tune_on is not None:
-            from trine.evaluation.tuning import tune_fusion
-            from trine.modeling.fusion import write_fusion
-
             corpus = index_corpus(embedder, dataset, config)
             step(f"  tuning fusion weights on {tune_on.name} {tune_on.split} ({len(tune_on.queries)} queries)")
             settings = tune_fusion(embedder, tune_on, config, corpus=corpus)

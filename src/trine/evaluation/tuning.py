@@ -27,31 +27,21 @@ import itertools
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from trine.errors import InputError, OptionError
+from trine.evaluation.candidates import FIRST_STAGES, CorpusIndex, ScoredCandidates, encode_queries, index_corpus
+from trine.evaluation.config import WEIGHT_FIELDS, EvalConfig, fused_modes, needed_outputs, uses_bm25
 from trine.evaluation.data import RetrievalDataset
 from trine.evaluation.metrics import evaluate_run
-from trine.evaluation.runner import (
-    WEIGHT_FIELDS,
-    CorpusIndex,
-    EvalConfig,
-    encode_queries,
-    fused_modes,
-    fusion_inputs,
-    index_corpus,
-    needed_outputs,
-    uses_bm25,
-)
 from trine.inference.encoder import Encoder
 from trine.modeling.fusion import DEFAULT_NORMALIZATION, DEFAULT_WEIGHTS, FUSED_MODES, FusionSettings
 from trine.modeling.loading import in_hub_cache
 from trine.progress import bar as progress_bar
-from trine.retrieval import SearchResult, union_rows, weighted_fusion
-from trine.scoring import check_normalization, fuse_scores, normalize_scores
+from trine.retrieval import union_rows
+from trine.scoring import check_normalization, normalize_scores
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +51,8 @@ TUNE_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 TUNE_NORMALIZATIONS = ("minmax", "zscore")
 TUNE_METRIC = "ndcg@10"
 _CUT = 10
+#: weightings ranked at once by the grid search (bounds its memory: chunk x queries x candidates)
+_CHUNK = 32
 
 
 def check_dev_split(test: RetrievalDataset, dev: RetrievalDataset) -> None:
@@ -100,22 +92,6 @@ def check_tuning(models: Sequence[Any], test: RetrievalDataset, dev: RetrievalDa
     check_dev_split(test, dev)
 
 
-@dataclass
-class _Group:
-    """One candidate union (dense + sparse, or dense + BM25): its first stages, rows and exact scores."""
-
-    candidates: list[SearchResult]
-    rows: np.ndarray
-    scores: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def scorer(self, part: str) -> Any:
-        def cached(rows: np.ndarray) -> np.ndarray:
-            if rows.shape != self.rows.shape or not np.array_equal(rows, self.rows):
-                raise ValueError("the cached scores are for another candidate union")
-            return self.scores[part]
-        return cached
-
-
 class _FastNdcg:
     """nDCG@10 of many rankings of one candidate union, in numpy: linear gains (trec_eval's), ties
     by document id descending (trec_eval's order), averaged over every judged dev query."""
@@ -145,15 +121,29 @@ class _FastNdcg:
         self.discount = discount[: self.cut]
         self.total_queries = len(dev.qrels)
 
-    def __call__(self, scores: np.ndarray) -> float:
+    def __call__(self, scores: np.ndarray) -> np.ndarray:
+        """The mean nDCG@10 of each ranking in ``scores`` (weightings x queries x candidates), one value each."""
+        return self.per_query(scores).sum(-1) / self.total_queries
+
+    def per_query(self, scores: np.ndarray) -> np.ndarray:
+        """Each query's nDCG@10 under each ranking in ``scores``: (weightings x queries)."""
         if self.cut == 0:
-            return 0.0
+            return np.zeros(scores.shape[:2])
         key = np.where(self.valid, scores, -np.inf).astype(np.float32)  # the run's scores are float32
-        order = np.lexsort((-self.tiebreak, -key), axis=-1)[:, : self.cut]
-        gains = np.take_along_axis(np.where(self.valid, self.gains, 0.0), order, 1)
+        tiebreak = np.broadcast_to(-self.tiebreak, key.shape)
+        order = np.lexsort((tiebreak, -key), axis=-1)[..., : self.cut]
+        gains = np.take_along_axis(np.broadcast_to(np.where(self.valid, self.gains, 0.0), key.shape), order, -1)
         dcg = gains @ self.discount
-        per_query = np.divide(dcg, self.ideal, out=np.zeros_like(dcg), where=self.ideal > 0)
-        return float(per_query.sum() / self.total_queries)
+        return np.divide(dcg, self.ideal, out=np.zeros_like(dcg), where=self.ideal > 0)
+
+
+def _fused_grid(parts: Sequence[np.ndarray], combos: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """:func:`trine.scoring.fuse_scores` of ``parts`` (normalised already) for every weighting (rows of
+    ``combos``) at once: (weightings x queries x candidates), the same float operations in the same order."""
+    total = np.zeros((len(combos), *valid.shape), dtype=np.float64)
+    for j, part in enumerate(parts):
+        total += combos[:, j, None, None] * np.where(valid, np.asarray(part, dtype=np.float64), 0.0)[None]
+    return total
 
 
 def _grid(parts: int, grid: Sequence[float]) -> list[tuple[float, ...]]:
@@ -192,34 +182,35 @@ def tune_fusion(model: Encoder, dev: RetrievalDataset, config: EvalConfig, *, co
     query_ids = list(dev.queries)
     query_texts = [dev.queries[q] for q in query_ids]
     reps = encode_queries(model, query_texts, needs, config)
-    bm25 = (corpus.bm25, query_texts) if corpus.bm25 is not None else None
-
-    # one candidate union per first-stage pair, each fused mode's parts scored exactly on it once
-    groups: dict[str, _Group] = {}
-    group_of = {m: "bm25" if "bm25" in FUSED_MODES[m] else "sparse" for m in modes}
-    for key in dict.fromkeys(group_of.values()):
-        widest = max((m for m in modes if group_of[m] == key), key=lambda m: len(FUSED_MODES[m]))
-        candidates, scorers = fusion_inputs(widest, corpus.retriever, reps, bm25, config.top_k)
-        rows = union_rows(candidates)
-        groups[key] = _Group(candidates, rows,
-                             {p: np.asarray(s(rows), dtype=np.float64) for p, s in scorers.items()})
-    fast = {key: _FastNdcg(g.rows, dev, query_ids, corpus.doc_ids, config.top_k, config.ignore_identical_ids)
-            for key, g in groups.items()}
+    # every first stage searched once and every head's candidates scored once; each grid point only re-weights
+    scored = ScoredCandidates.build(corpus, reps, query_texts, modes, tune_config)
+    k = config.top_k
+    groups: dict[tuple[str, ...], np.ndarray] = {}  # one candidate union per pair of first-stage lists
+    for m in modes:
+        if FIRST_STAGES[m] not in groups:
+            groups[FIRST_STAGES[m]] = union_rows([scored.first_stage(x, k) for x in FIRST_STAGES[m]])
+    fast = {key: _FastNdcg(rows, dev, query_ids, corpus.doc_ids, k, config.ignore_identical_ids)
+            for key, rows in groups.items()}
 
     best: dict[str, dict[str, tuple[float, tuple[float, ...]]]] = {}
     bar = progress_bar(total=len(normalizations) * sum(len(_grid(len(FUSED_MODES[m]), grid)) for m in modes),
                        desc="tune fusion", unit="weighting", leave=False)
     for norm in normalizations:
         best[norm] = {}
-        for key, g in groups.items():
-            valid = g.rows >= 0
-            normed = {p: normalize_scores(s, valid, norm) for p, s in g.scores.items()}
-            for mode in (m for m in modes if group_of[m] == key):
-                parts = [normed[p] for p in FUSED_MODES[mode]]
+        for key, rows in groups.items():
+            valid = rows >= 0
+            group = [m for m in modes if FIRST_STAGES[m] == key]
+            normed = {p: normalize_scores(np.asarray(scored.scorer(p)(rows), dtype=np.float64), valid, norm)
+                      for p in dict.fromkeys(p for m in group for p in FUSED_MODES[m])}
+            for mode in group:
+                combos = _grid(len(FUSED_MODES[mode]), grid)
+                weights_matrix = np.asarray(combos, dtype=np.float64)
+                values = np.concatenate([
+                    fast[key](_fused_grid([normed[p] for p in FUSED_MODES[mode]], weights_matrix[i : i + _CHUNK],
+                                          valid)) for i in range(0, len(combos), _CHUNK)])
+                bar.update(len(combos))
                 top: tuple[float, tuple[float, ...]] | None = None
-                for weights in _grid(len(parts), grid):
-                    bar.update()
-                    value = fast[key](fuse_scores(parts, weights, valid))
+                for value, weights in zip(values.tolist(), combos):  # ties go to the earlier (smaller) weights
                     if top is None or value > top[0] + 1e-12:
                         top = (value, weights)
                 best[norm][mode] = top
@@ -232,9 +223,7 @@ def tune_fusion(model: Encoder, dev: RetrievalDataset, config: EvalConfig, *, co
     weights = {m: list(best[chosen][m][1]) for m in modes}
 
     def dev_ndcg(mode: str, norm: str, w: Sequence[float]) -> float:
-        g = groups[group_of[mode]]
-        res = weighted_fusion(g.candidates, [g.scorer(p) for p in FUSED_MODES[mode]], w, config.top_k,
-                              normalization=norm)
+        res = scored.fuse(mode, w, k, norm)
         return evaluate_run(dev.qrels, res.to_run(query_ids, corpus.doc_ids), [_CUT], ["ndcg"],
                             ignore_identical_ids=config.ignore_identical_ids)[TUNE_METRIC]
 

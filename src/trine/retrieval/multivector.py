@@ -94,27 +94,42 @@ class MultiVectorIndex:
         v = self.vectors[self.offsets[row] : self.offsets[row + 1]]
         return v if v.flags.writeable else np.array(v)  # memory-mapped: torch wants writable arrays
 
-    def _padded(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return pad_vectors([self.doc_vectors(r) for r in rows.tolist()])
-
     def _check_queries(self, queries: Sequence[np.ndarray]) -> None:
         for i, q in enumerate(queries):
             if np.ndim(q) != 2 or np.shape(q)[1] != self.dim:
                 raise ValueError(f"query {i}: multi-vectors of shape {np.shape(q)}; expected (tokens x {self.dim})")
 
+    def _gather(self, docs: np.ndarray, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``docs``' token vectors padded to ``width`` (count x width x dim, float32) and their mask,
+        gathered in one indexing (no loop over documents)."""
+        lengths = self.offsets[docs + 1] - self.offsets[docs]
+        steps = np.arange(width, dtype=np.int64)
+        mask = steps[None, :] < lengths[:, None]
+        positions = np.where(mask, self.offsets[docs][:, None] + steps[None, :], 0)
+        vecs = self.vectors[positions.ravel()].astype(np.float32, copy=False).reshape(len(docs), width, self.dim)
+        return torch.from_numpy(vecs), torch.from_numpy(mask)
+
     def score(self, queries: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
-        """Exact maxsim of query i with rows[i] (queries x m); -inf where rows is -1."""
+        """Exact maxsim of query i with rows[i] (queries x m); -inf where rows is -1.
+
+        One batched maxsim (:func:`trine.scoring.colbert_scores_padded`) per query over all its candidates,
+        gathered padded in one indexing (no loop per document). Per query, not over pairs of several queries:
+        a pair's score then depends only on the query's candidates, so equal documents tie exactly."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.ndim != 2 or rows.shape[0] != len(queries):
             raise ValueError(f"rows must be (queries x m) with {len(queries)} queries, got {rows.shape}")
         self._check_queries(queries)
+        if rows.size and rows.max() >= len(self.ids):
+            raise ValueError(f"rows must be below the index's {len(self.ids)} documents, got {int(rows.max())}")
         out = np.full(rows.shape, -np.inf, dtype=np.float32)
         for i, q in enumerate(queries):
             valid = rows[i] >= 0
             if not valid.any():
                 continue
+            docs = rows[i, valid]
+            width = max(int((self.offsets[docs + 1] - self.offsets[docs]).max()), 1)
             qv, qm = pad_vectors([q])
-            pv, pm = self._padded(rows[i, valid])
+            pv, pm = self._gather(docs, width)
             out[i, valid] = colbert_scores_padded(qv, qm, pv, pm)[0].numpy()
         return out
 
@@ -129,7 +144,8 @@ class MultiVectorIndex:
         scores = np.empty((len(queries), len(self.ids)), dtype=np.float32)
         for start in range(0, len(self.ids), doc_batch):
             rows = np.arange(start, min(start + doc_batch, len(self.ids)))
-            pv, pm = self._padded(rows)
+            lengths = self.offsets[rows + 1] - self.offsets[rows]
+            pv, pm = self._gather(rows, max(int(lengths.max()), 1))
             scores[:, rows] = colbert_scores_padded(qv, qm, pv, pm).numpy()
         return pad_results([top_k(s, k) for s in scores], k)
 
