@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -73,46 +75,43 @@ def demo_checks(metrics: dict[str, dict[str, float]], metric: str = "ndcg@10") -
     return checks
 
 
-def run_end_to_end(out_dir: str = "outputs/demo", *, steps: int | None = None, batch_size: int = 32,
-                   limit: int | None = None, heads: str = "bm25", head_learning_rate: float = 1e-3,
-                   sparse_loss_weight: float = 0.3) -> dict:
-    """Data -> zero-shot eval -> unified fine-tuning -> eval; returns the evaluation result.
+# The demo's recipe: one epoch of BGE-M3's unified loss with self-distillation over in-batch
+# negatives. benchmarks/heads.py runs the same options on a second data set; a lever it measures
+# is a change of one of these (``train_options``), so both data sets get the same recipe.
+UNIFIED_RECIPE: dict = {
+    "training_mode": "unified", "use_self_distill": True, "train_group_size": 1,
+    "query_max_len": 32, "passage_max_len": 128, "temperature": 0.05, "learning_rate": 5e-5,
+    "head_learning_rate": 1e-3, "warmup_steps": 0.1, "sparse_loss_weight": 0.3, "logging_steps": 10,
+    "save_strategy": "no", "report_to": "none", "disable_tqdm": False, "seed": 0, "overwrite_output_dir": True,
+}
+EVAL_MODES = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense", "bm25", "dense+bm25")
 
-    The man pages are split into train (70%), dev (10%: fusion weights are tuned there) and test
-    (20%: every number reported). With ``heads="bm25"`` the lexical head starts fitted to BM25 term
-    weights on the training passages, and the model with ``neutral`` heads is evaluated beside it.
-    """
+
+def write_train_pairs(train, path: str) -> list[str]:
+    """Write a split's judged (query, positives) as FlagEmbedding JSONL; return the positive passages
+    (the texts the BM25-fitted lexical head is fitted on)."""
     import json
-    import time
 
-    from trine import TriHeadModel
-    from trine.evaluation import EvalConfig, fusion_summary, load_dataset, mode_table, run_evaluation, write_report
-    from trine.evaluation.manpages import build_manpages_beir
     from trine.io import atomic_file
-    from trine.training.finetuning import finetune, parse_args
 
-    start = time.perf_counter()
-    out_dir = os.path.abspath(out_dir)
-    # The demo owns out_dir: it replaces what it wrote there on an earlier run (never other folders).
-    # The demo's data are Debian's man pages: on a fresh machine (root, no package lists yet) it
-    # runs `apt-get update` to fetch them, and logs it (trine.datasets.manpages).
-    beir = build_manpages_beir(os.path.join(out_dir, "beir"), seed=0, test_fraction=0.2, dev_fraction=0.1,
-                               limit=limit, overwrite=True, update_package_lists=True)
-    train = load_dataset(beir, "train")
-    dev = load_dataset(beir, "dev")
-    test = load_dataset(beir, "test")
-    pairs = os.path.join(out_dir, "train_pairs.jsonl")
     passages = []
-    with atomic_file(pairs) as f:
+    with atomic_file(path) as f:
         for qid, docs in train.qrels.items():
             texts = [train.corpus[d]["text"] for d in docs]
             passages.extend(texts)
             f.write(json.dumps({"query": train.queries[qid], "pos": texts}) + "\n")
-    print(f"data: {len(train.qrels)} training pairs, {len(dev.queries)} dev queries (fusion weights), "
-          f"{len(test.queries)} held-out test queries over {len(test.corpus)} man pages ({beir})")
+    return passages
+
+
+def start_models(out_dir: str, passages: list[str], heads: str = "bm25", *, neutral_baseline: bool = True
+                 ) -> list[str]:
+    """Save the start model (all-MiniLM-L6-v2 with new heads) under ``out_dir/zero-shot``; return the
+    folders to evaluate zero-shot, the start model last. With ``heads="bm25"`` (the lexical head fitted to
+    BM25 term weights on ``passages``) and ``neutral_baseline``, the model with neutral heads comes first."""
+    from trine import TriHeadModel
 
     models = []
-    if heads == "bm25":
+    if heads == "bm25" and neutral_baseline:
         neutral = os.path.join(out_dir, "zero-shot-neutral")
         TriHeadModel.from_pretrained(default_model_dir(), init_missing_heads="neutral").save_pretrained(
             neutral, overwrite=True)
@@ -125,34 +124,44 @@ def run_end_to_end(out_dir: str = "outputs/demo", *, steps: int | None = None, b
     models.append(zero_shot)
     print(f"model: all-MiniLM-L6-v2 with new '{heads}' lexical and ColBERT heads -> {zero_shot}"
           + (" (lexical head fitted to BM25 term weights on the training passages)" if heads == "bm25" else ""))
+    return models
 
-    finetuned = os.path.join(out_dir, "unified")
-    options = {
-        "model_name_or_path": zero_shot, "train_data": [pairs],
-        "output_dir": finetuned, "training_mode": "unified", "use_self_distill": True, "train_group_size": 1,
-        "per_device_train_batch_size": batch_size, "query_max_len": 32, "passage_max_len": 128,
-        "temperature": 0.05, "learning_rate": 5e-5, "head_learning_rate": head_learning_rate, "warmup_steps": 0.1,
-        "sparse_loss_weight": sparse_loss_weight, "logging_steps": 10,
-        "save_strategy": "no", "report_to": "none", "disable_tqdm": False, "seed": 0, "overwrite_output_dir": True,
-    }
+
+def finetune_unified(start: str, pairs: str, out: str, *, steps: int | None = None, batch_size: int = 32,
+                     train_options: Mapping[str, Any] | None = None) -> str:
+    """Fine-tune ``start`` on ``pairs`` with :data:`UNIFIED_RECIPE`, ``train_options`` replacing or adding
+    training arguments (parsed like the command line's flags: an unknown name raises); return ``out``."""
+    from trine.training.finetuning import finetune, parse_args
+
+    options = {"model_name_or_path": start, "train_data": [pairs], "output_dir": out,
+               "per_device_train_batch_size": batch_size, **UNIFIED_RECIPE, **(train_options or {})}
     if steps:
         options["max_steps"] = steps
     else:
-        options["num_train_epochs"] = 1
+        options.setdefault("num_train_epochs", 1)
     argv = []
     for key, value in options.items():
-        argv += [f"--{key}", *(value if isinstance(value, list) else [str(value)])]
+        argv += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
     print("fine-tuning: unified loss (dense + lexical + ColBERT + ensemble) with self-distillation, "
-          "in-batch negatives")
+          "in-batch negatives" + (f"; changed: {dict(train_options)}" if train_options else ""))
     finetune(*parse_args(argv))
-    models.append(finetuned)
+    return out
 
-    modes = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense", "bm25", "dense+bm25")
-    config = EvalConfig(modes=modes, k_values=(1, 10, 100), metrics=("ndcg", "mrr", "recall"),
+
+def evaluate_models(models: list[str], test, dev) -> dict:
+    """Every mode of :data:`EVAL_MODES` on the test queries, each model's fusion weights and score
+    normalisation tuned on the dev queries first (written to its fusion.json)."""
+    from trine.evaluation import EvalConfig, run_evaluation
+
+    config = EvalConfig(modes=EVAL_MODES, k_values=(1, 10, 100), metrics=("ndcg", "mrr", "recall"),
                         query_max_length=32, passage_max_length=256)
-    # each model's fusion weights and score normalisation are tuned on the dev queries (written to
-    # its fusion.json), then every mode is measured on the test queries
-    result = run_evaluation(models, test, config, tune_on=dev)  # bars and a line per step (--quiet: none)
+    return run_evaluation(models, test, config, tune_on=dev)  # bars and a line per step (--quiet: none)
+
+
+def print_evaluation(result: dict, report_dir: str | None = None) -> None:
+    """The table of modes by models, the fusion used, the bar's checks for the last model, the report."""
+    from trine.evaluation import fusion_summary, mode_table, write_report
+
     print()
     print(mode_table(result, "ndcg@10"))
     print()
@@ -161,8 +170,54 @@ def run_end_to_end(out_dir: str = "outputs/demo", *, steps: int | None = None, b
     print(f"\n{label} (after fine-tuning):")
     for statement, holds in demo_checks(result["models"][label]["metrics"]):
         print(f"  [{'yes' if holds else 'NO '}] {statement}")
-    for kind, path in write_report(result, os.path.join(out_dir, "report"), overwrite=True).items():
-        print(f"{kind}: {path}")
+    if report_dir is not None:
+        for kind, path in write_report(result, report_dir, overwrite=True).items():
+            print(f"{kind}: {path}")
+
+
+def run_end_to_end(out_dir: str = "outputs/demo", *, steps: int | None = None, batch_size: int = 32,
+                   limit: int | None = None, heads: str = "bm25", head_learning_rate: float | None = None,
+                   sparse_loss_weight: float | None = None, train_options: Mapping[str, Any] | None = None,
+                   zero_shot: bool = True) -> dict:
+    """Data -> zero-shot eval -> unified fine-tuning -> eval; returns the evaluation result.
+
+    The man pages are split into train (70%), dev (10%: fusion weights are tuned there) and test
+    (20%: every number reported). With ``heads="bm25"`` the lexical head starts fitted to BM25 term
+    weights on the training passages, and the model with ``neutral`` heads is evaluated beside it.
+    ``train_options`` change the recipe's training arguments (:func:`finetune_unified`);
+    ``zero_shot=False`` evaluates only the fine-tuned model (a third of the evaluation time).
+    """
+    import time
+
+    from trine.evaluation import load_dataset
+    from trine.evaluation.manpages import build_manpages_beir
+
+    start = time.perf_counter()
+    out_dir = os.path.abspath(out_dir)
+    # The demo owns out_dir: it replaces what it wrote there on an earlier run (never other folders).
+    # The demo's data are Debian's man pages: on a fresh machine (root, no package lists yet) it
+    # runs `apt-get update` to fetch them, and logs it (trine.datasets.manpages).
+    beir = build_manpages_beir(os.path.join(out_dir, "beir"), seed=0, test_fraction=0.2, dev_fraction=0.1,
+                               limit=limit, overwrite=True, update_package_lists=True)
+    train = load_dataset(beir, "train")
+    dev = load_dataset(beir, "dev")
+    test = load_dataset(beir, "test")
+    pairs = os.path.join(out_dir, "train_pairs.jsonl")
+    passages = write_train_pairs(train, pairs)
+    print(f"data: {len(train.qrels)} training pairs, {len(dev.queries)} dev queries (fusion weights), "
+          f"{len(test.queries)} held-out test queries over {len(test.corpus)} man pages ({beir})")
+
+    models = start_models(out_dir, passages, heads)
+    options = dict(train_options or {})
+    if head_learning_rate is not None:
+        options["head_learning_rate"] = head_learning_rate
+    if sparse_loss_weight is not None:
+        options["sparse_loss_weight"] = sparse_loss_weight
+    finetuned = finetune_unified(models[-1], pairs, os.path.join(out_dir, "unified"), steps=steps,
+                                 batch_size=batch_size, train_options=options)
+    models = [*models, finetuned] if zero_shot else [finetuned]
+    result = evaluate_models(models, test, dev)
+    print_evaluation(result, os.path.join(out_dir, "report"))
     print(f"total {time.perf_counter() - start:.0f} s")
     return result
 
