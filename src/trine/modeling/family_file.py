@@ -57,11 +57,7 @@ def read_family_file(path: str | os.PathLike) -> dict[str, Any] | None:
                  if os.path.isfile(os.path.join(folder, n))), None)
     if file is None:
         return None
-    try:
-        with open(file, encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, ValueError) as err:
-        raise InputError(f"{file}: cannot read: {first_line(err)}") from err
+    info = _read_json(file)
     if not isinstance(info, dict) or not isinstance(info.get("model_family"), str):
         raise InputError(f"{file}: model_family: missing (an object with the folder's model family)")
     name = info["model_family"]
@@ -80,15 +76,20 @@ def read_family_file(path: str | os.PathLike) -> dict[str, Any] | None:
     return info
 
 
+def _read_json(file: str) -> Any:
+    """A JSON file's value; unreadable: an :class:`InputError` naming it."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{file}: cannot read: {first_line(err)}") from err
+
+
 def _json(file: str) -> dict[str, Any] | None:
     """A JSON object file, None when absent; unreadable: an :class:`InputError` naming it."""
     if not os.path.isfile(file):
         return None
-    try:
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as err:
-        raise InputError(f"{file}: cannot read: {first_line(err)}") from err
+    data = _read_json(file)
     if not isinstance(data, dict):
         raise InputError(f"{file}: not a JSON object")
     return data

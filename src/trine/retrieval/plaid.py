@@ -49,6 +49,7 @@ from trine.retrieval.base import (
     write_ids,
     write_meta,
 )
+from trine.retrieval.multivector import _stack
 from trine.retrieval.protocol import register_index, rerank
 from trine.scoring import colbert_scores_flat
 
@@ -99,18 +100,11 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def _check_vectors(colbert_vecs: Sequence[np.ndarray], dim: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Documents' (tokens x dim) arrays as one float32 (total tokens x dim) array, and their lengths."""
-    arrays = [np.asarray(v) for v in colbert_vecs]
-    if dim is None:
-        dim = arrays[0].shape[-1] if arrays and arrays[0].ndim == 2 else -1
-    for i, a in enumerate(arrays):
-        if a.ndim != 2 or a.shape[1] != dim:
-            raise ValueError(f"colbert_vecs[{i}] has shape {a.shape}; expected (tokens x {dim})")
-    lengths = np.array([a.shape[0] for a in arrays], dtype=np.int64)
-    vectors = np.concatenate(arrays, axis=0).astype(np.float32, copy=False) if arrays else np.zeros((0, dim))
-    if not np.isfinite(vectors).all():
-        raise ValueError("colbert_vecs contain NaN or infinite values")
-    return np.ascontiguousarray(vectors, dtype=np.float32), lengths
+    """Documents' (tokens x dim) arrays as one float32 (total tokens x dim) array, and their lengths
+    (multivector's checks; no documents: empty arrays)."""
+    if not len(colbert_vecs):
+        return np.zeros((0, dim or 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    return _stack(colbert_vecs, dim, np.float32)
 
 
 def sample_positions(total: int, sample_tokens: int, seed: int) -> np.ndarray:
