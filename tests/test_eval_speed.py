@@ -104,6 +104,26 @@ def test_scored_candidates_look_up_what_the_indexes_score(setup):
 def test_fast_evaluation_equals_the_retrievers_path(setup, normalization):
     """Every mode's metrics (pytrec_eval) as the retriever's own search gives them, re-scoring per mode."""
     model, test, _ = setup
+    assert_fast_equals_the_retrievers_path(model, test, normalization)
+
+
+def test_fast_evaluation_breaks_ties_between_duplicate_documents_as_the_retriever(tmp_path, setup):
+    """Pages with the same text score the same under every head: the order between them (and so the metrics)
+    is the retriever's, which a change of how candidates are chunked or merged would flip."""
+    from trine.datasets.manpages import ManPage
+
+    model, _, _ = setup
+    base = pages(24)
+    twins = [ManPage(f"twin{i}.1", p.name, p.description) for i, p in enumerate(base[:12])]
+    data = build_manpages_beir(tmp_path / "dup", pages=base + twins, seed=1, dev_fraction=0.0)
+    test = load_dataset(data, "test")
+    texts = [doc["text"] for doc in test.corpus.values()]
+    assert len(set(texts)) < len(texts), "the data set must hold duplicate documents"
+    for normalization in ("none", "minmax"):
+        assert_fast_equals_the_retrievers_path(model, test, normalization)
+
+
+def assert_fast_equals_the_retrievers_path(model, test, normalization: str) -> None:
     config = EvalConfig(modes=MODES, k_values=(1, 5, 10), metrics=("ndcg", "recall", "mrr"), top_k=12, rerank_k=10,
                         normalization=normalization, weights_dense_sparse=(1.0, 0.7), weights_all=(1.0, 0.5, 2.0),
                         weights_dense_bm25=(1.0, 0.2))
