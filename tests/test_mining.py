@@ -285,3 +285,110 @@ def test_candidate_pool_bad_lines_are_named(tmp_path):
                                   f"{pool}:6: (line): not UTF-8: byte 0xff at column 1"]  # as in training files
     pool.write_text('{"text": "a", "id": 1}\n{"text": "b"}\n')
     assert read_pool(str(pool)) == ["a", "b"]
+
+
+# ---------------------------------------------------------------------------------------- ColBERT ranking
+def _maxsim_matrix(queries, docs):
+    from trine.scoring import colbert_score
+
+    return np.array([[colbert_score(q, d) for d in docs] for q in queries])
+
+
+def _assert_in_ranks(rows, scores, pool, lo, hi, tolerance=1e-4):
+    for r, s in zip(rows, scores):
+        desc = np.sort(s)[::-1]
+        for neg in r["neg"]:
+            assert neg not in r["pos"] and neg != r["query"]
+            assert desc[hi - 1] - tolerance <= s[pool.index(neg)] <= desc[lo] + tolerance
+
+
+def test_colbert_exact_ranks_equal_brute_force_maxsim(tmp_path, tiny_m3_dir, pages):
+    from trine import M3Embedder
+
+    src = write(tmp_path / "train.jsonl", pages[:40])
+    out = str(tmp_path / "mined.jsonl")
+    emb = M3Embedder(tiny_m3_dir, show_progress=False, passage_max_length=64, query_max_length=24)
+    lo, hi = 2, 20
+    summary = mine_hard_negatives(src, out, emb, range_for_sampling=(lo, hi), negative_number=4, backfill="none",
+                                  colbert_index="exact", relative_margin=0.01, search_batch_size=7)
+    assert (summary.ranking, summary.index_kind) == ("colbert maxsim", "exact")
+    pool = list(dict.fromkeys(p.description for p in pages[:40]))
+    c = emb.encode_corpus(pool, return_dense=False, return_colbert_vecs=True)["colbert_vecs"]
+    q = emb.encode_queries([p.name for p in pages[:40]], return_dense=False, return_colbert_vecs=True)["colbert_vecs"]
+    maxsim = _maxsim_matrix(q, c)
+    rows = _rows(out)
+    _assert_in_ranks(rows, maxsim, pool, lo, hi, tolerance=2e-3)  # the index keeps float16 vectors
+    for r, s in zip(rows, maxsim):
+        positive = s[pool.index(r["pos"][0])]
+        assert all(s[pool.index(n)] <= 0.99 * positive + 2e-3 for n in r["neg"])  # the margin: maxsim scores too
+    assert summary.dropped_by_margin > 0
+    mined = [s[pool.index(n)] for r, s in zip(rows, maxsim) for n in r["neg"]]
+    np.testing.assert_allclose(np.asarray(summary.negative_scores), mined, atol=2e-3)
+
+
+def test_colbert_plaid_ranks_by_its_decompressed_maxsim(tmp_path, tiny_m3_dir, pages):
+    """With every passage a candidate, the plaid index ranks the pool by maxsim on its decompressed vectors."""
+    from trine import M3Embedder
+    from trine.retrieval.plaid import ColbertPlaidIndex
+
+    src = write(tmp_path / "train.jsonl", pages[:40])
+    out = str(tmp_path / "mined.jsonl")
+    emb = M3Embedder(tiny_m3_dir, show_progress=False, passage_max_length=64, query_max_length=24)
+    pool = list(dict.fromkeys(p.description for p in pages[:40]))
+    options = {"nbits": 4, "ncentroids": 16, "nprobe": 16, "ncandidates": len(pool), "seed": 3}
+    lo, hi = 1, 15
+    summary = mine_hard_negatives(src, out, emb, range_for_sampling=(lo, hi), negative_number=3, backfill="none",
+                                  colbert_index="plaid", colbert_options=options)
+    assert summary.index_kind == "plaid"
+    c = emb.encode_corpus(pool, return_dense=False, return_colbert_vecs=True)["colbert_vecs"]
+    q = emb.encode_queries([p.name for p in pages[:40]], return_dense=False, return_colbert_vecs=True)["colbert_vecs"]
+    index = ColbertPlaidIndex.build(c, **options)  # deterministic by seed: the index the miner built
+    decompressed = [index.doc_vectors(r) for r in range(len(pool))]
+    rows = _rows(out)
+    assert all(len(r["neg"]) == 3 for r in rows)
+    _assert_in_ranks(rows, _maxsim_matrix(q, decompressed), pool, lo, hi)
+
+
+def test_colbert_ranking_options_are_checked_before_encoding(tmp_path, minilm_dir, tiny_m3_dir, pages):
+    from trine import M3Embedder
+
+    src = write(tmp_path / "train.jsonl", pages[:10])
+    out = str(tmp_path / "o.jsonl")
+    m3 = M3Embedder(tiny_m3_dir, show_progress=False, passage_max_length=32)
+    for kwargs, message in (
+            ({"colbert_index": "fast"}, "colbert_index must be one of"),
+            ({"colbert_index": "exact", "hybrid_weights": (1, 0.3)}, "not with hybrid_weights"),
+            ({"colbert_index": "exact", "index_kind": "hnsw"}, "do not apply"),
+            ({"colbert_index": "exact", "backend": "qdrant"}, "do not apply"),
+            ({"colbert_index": "plaid", "colbert_options": {"nbit": 2}}, "unknown plaid index options"),
+            ({"colbert_index": "plaid", "colbert_options": {"nbits": 3}}, "nbits must be one of"),
+            ({"colbert_index": "exact", "colbert_options": {"nbits": 2}}, "are the plaid index's")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            mine_hard_negatives(src, out, m3, **kwargs)
+    with pytest.raises(ValueError, match="M3Embedder"):
+        mine_hard_negatives(src, out, Embedder(minilm_dir, show_progress=False), colbert_index="exact")
+    assert not os.path.exists(out)
+
+
+def test_cli_colbert_plaid_with_cache(tmp_path, tiny_m3_dir, pages, capsys):
+    src = write(tmp_path / "train.jsonl", pages[:30])
+    out = tmp_path / "mined.jsonl"
+    args = ["mine", "--input_file", src, "--output_file", str(out), "--model_name_or_path", tiny_m3_dir,
+            "--colbert_index", "plaid", "--nbits", "2", "--ncandidates", "20", "--nprobe", "4",
+            "--range_for_sampling", "1-12", "--negative_number", "3", "--passage_max_len", "64",
+            "--cache_dir", str(tmp_path / "cache"), "--quiet"]
+    assert main(args) == 0
+    assert "ranking colbert maxsim, index plaid" in capsys.readouterr().out
+    first = out.read_text()
+    assert main(args) == 0
+    assert "embedding cache hit" in capsys.readouterr().out
+    assert out.read_text() == first  # multi-vectors read back from the cache give the same output
+    assert len(load_train_files([str(out)], train_group_size=4)[0].records) == 30
+    base = ["mine", "--input_file", src, "--output_file", str(tmp_path / "x.jsonl"), "--model_name_or_path",
+            tiny_m3_dir]
+    for extra, message in ((["--nbits", "2"], "options of --colbert_index plaid"),
+                           (["--colbert_index", "exact", "--nprobe", "4"], "--nprobe goes with"),
+                           (["--colbert_index", "exact", "--hybrid_weights", "1,0.3"], "not with --hybrid_weights")):
+        assert main(base + extra) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()

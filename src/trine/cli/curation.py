@@ -190,10 +190,27 @@ def _mine(args: argparse.Namespace) -> int:
     hybrid = args.hybrid_weights is not None
     if hybrid and len(args.hybrid_weights) != 2:
         raise OptionError("--hybrid_weights takes two numbers: dense,sparse (e.g. 1,0.3)")
+    plaid = {k: getattr(args, k) for k in ("nbits", "ncentroids", "ncandidates") if getattr(args, k) is not None}
+    if plaid and args.colbert_index != "plaid":
+        raise OptionError(f"--{' --'.join(plaid)}: options of --colbert_index plaid")
+    if args.colbert_index is not None:
+        clash = [flag for flag, bad in (("--hybrid_weights", hybrid), ("--backend", args.backend != "trine"),
+                                        ("--index_kind", args.index_kind != "flat"),
+                                        ("--hnsw_m", args.hnsw_m is not None),
+                                        ("--ef_search", args.ef_search is not None),
+                                        ("--nlist", args.nlist is not None)) if bad]
+        if clash:
+            raise OptionError(f"--colbert_index {args.colbert_index} ranks by ColBERT maxsim with trine's multi-vector "
+                              f"index: not with {', '.join(clash)}")
+        if args.nprobe is not None:
+            if args.colbert_index != "plaid":
+                raise OptionError("--nprobe goes with --index_kind ivf or --colbert_index plaid")
+            plaid["nprobe"] = args.nprobe
     # after the options' checks, before anything is loaded: a folder, or a Hub id fetched into the cache
     resolve_model_options(args, "model_name_or_path")
-    embedder = _curation_embedder(args, m3=hybrid or args.model_type == "m3")
-    options = {k: getattr(args, k) for k in ("hnsw_m", "ef_search", "nlist", "nprobe") if getattr(args, k) is not None}
+    embedder = _curation_embedder(args, m3=hybrid or args.model_type == "m3" or args.colbert_index is not None)
+    options = {} if args.colbert_index is not None else \
+        {k: getattr(args, k) for k in ("hnsw_m", "ef_search", "nlist", "nprobe") if getattr(args, k) is not None}
     return _run_curation(args, lambda: mine_hard_negatives(
         args.input_file, args.output_file, embedder, candidate_pool=args.candidate_pool,
         range_for_sampling=parse_range(args.range_for_sampling), negative_number=args.negative_number,
@@ -203,6 +220,7 @@ def _mine(args: argparse.Namespace) -> int:
         index_options=options, cache_dir=args.cache_dir, query_chunk_size=args.query_chunk_size,
         search_batch_size=args.search_batch_size, show_progress=not args.quiet,
         backend=args.backend, backend_uri=args.uri, collection=args.collection,
+        colbert_index=args.colbert_index, colbert_options=plaid,
     ))
 
 
@@ -280,7 +298,7 @@ def _teacher_args(p: argparse.ArgumentParser, flagembedding_names: bool = False)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    mine = sub.add_parser("mine", help="hard negatives for a training file (dense or hybrid ranking, FAISS)")
+    mine = sub.add_parser("mine", help="hard negatives for a training file (dense, hybrid or ColBERT ranking)")
     _curation_model_args(mine, aliases={
         "--model_name_or_path": ("--embedder_name_or_path",),
         "--query_instruction_format": ("--query_instruction_format_for_retrieval",),
@@ -314,7 +332,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     mine.add_argument("--hnsw_m", type=int, default=None)
     mine.add_argument("--ef_search", type=int, default=None)
     mine.add_argument("--nlist", type=int, default=None)
-    mine.add_argument("--nprobe", type=int, default=None)
+    mine.add_argument("--nprobe", type=int, default=None,
+                      help="centroids probed: per query (--index_kind ivf) or per query token (--colbert_index plaid)")
+    mine.add_argument("--colbert_index", default=None, choices=["exact", "plaid"],
+                      help="rank by ColBERT maxsim instead (an M3 model): exact scans every pool passage; plaid "
+                           "searches the compressed index (its own candidates), for large pools")
+    mine.add_argument("--nbits", type=int, default=None, help="--colbert_index plaid: residual bits per dimension, "
+                      "1, 2 or 4 (default 2)")
+    mine.add_argument("--ncentroids", type=int, default=None, help="--colbert_index plaid: k-means centroids "
+                      "(default 2^floor(log2(4 sqrt(tokens))))")
+    mine.add_argument("--ncandidates", type=int, default=None, help="--colbert_index plaid: passages decompressed "
+                      "and scored per query (default 256)")
     mine.add_argument("--cache_dir", default=None, help="keep the pool's encodings here and reuse them")
     mine.add_argument("--query_chunk_size", type=int, default=2048, help="queries encoded per step")
     mine.add_argument("--search_batch_size", type=int, default=256, help="queries searched per step")

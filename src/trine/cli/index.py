@@ -30,7 +30,6 @@ from trine.modes import FUSED_MODES, mode_outputs
 
 SEARCH_MODES = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
 DEFAULT_PASSAGE_MAX_LEN = 512
-DEFAULT_WEIGHTS = {"sparse+dense": (1.0, 0.3), "colbert+sparse+dense": (1.0, 0.3, 1.0)}
 
 
 def _encoder(args: argparse.Namespace) -> Any:
@@ -368,6 +367,8 @@ def _search(args: argparse.Namespace) -> int:
         # reciprocal rank fusion is unweighted unless asked (each list counts 1 / (60 + rank)); trine's
         # score fusion starts from the BGE-M3 paper's weights
         plain_rrf = (1.0,) * len(names[args.mode])
+        from trine.modeling.fusion import DEFAULT_WEIGHTS  # here: --help loads no torch
+
         values = args.weights or (plain_rrf if args.engine_fusion == "rrf" else DEFAULT_WEIGHTS[args.mode])
         if len(values) != len(names[args.mode]):
             raise OptionError(f"--weights for {args.mode}: {len(names[args.mode])} numbers "

@@ -5,7 +5,8 @@ An entry is keyed by everything that decides the vectors: the model's weights an
 vectors), the encoder settings (pooling, normalisation, precision, maximum length, instruction,
 MCLS), which outputs were asked for, and the texts themselves (in order). An entry is a folder
 written whole or not at all (:func:`trine.io.atomic_folder`): ``meta.json``, ``dense.npy`` and,
-for lexical weights, ``lexical.npz`` (CSR arrays of token ids and weights). That format, its
+for lexical weights, ``lexical.npz`` (CSR arrays of token ids and weights), for multi-vectors
+``colbert.npz`` (the token vectors and each text's offset). That format, its
 writer and the model fingerprint live in :mod:`trine.inference.shards`, shared with ``trine encode``.
 """
 
@@ -26,6 +27,7 @@ from trine.inference.shards import (  # the one encodings format, shared with `t
     csr_to_lexical,
     encoder_settings,
     model_fingerprint,
+    read_colbert,
     read_dense_blocks,
     texts_fingerprint,
 )
@@ -34,7 +36,7 @@ from trine.io import atomic_folder
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
-OUTPUTS = ("dense", "sparse")
+OUTPUTS = ("dense", "sparse", "colbert")
 
 
 def cache_key(embedder: Any, texts: Sequence[str], outputs: Sequence[str], role: str = "corpus") -> str:
@@ -78,6 +80,8 @@ class CorpusEncodings:
             raise ValueError(f"outputs must include 'dense' and be a choice of {OUTPUTS}, got {list(outputs)}")
         if "sparse" in outputs and "sparse" not in embedder.outputs:
             raise ValueError("lexical (sparse) weights need a model with BGE-M3 heads (an M3Embedder)")
+        if "colbert" in outputs and "colbert" not in embedder.outputs:
+            raise ValueError("multi-vectors (colbert) need a model with BGE-M3 heads (an M3Embedder)")
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.embedder, self.texts, self.outputs, self.block_size = embedder, texts, tuple(outputs), block_size
@@ -113,13 +117,14 @@ class CorpusEncodings:
                 indptr, ids, vals = z["indptr"], z["ids"], z["weights"]
             if indptr.size != len(self.texts) + 1:
                 raise ValueError(f"{folder}/lexical.npz: wrong number of rows")
+        colbert = read_colbert(folder, len(self.texts)) if "colbert" in self.outputs else None
         start = 0
         for dense in read_dense_blocks(os.path.join(folder, "dense.npy"), self.block_size):
             end = start + dense.shape[0]
             if "sparse" in self.outputs:
                 lexical = csr_to_lexical(indptr[start : end + 1] - indptr[start], ids[indptr[start] : indptr[end]],
                                          vals[indptr[start] : indptr[end]])
-            yield EncodeResult(dense, lexical)
+            yield EncodeResult(dense, lexical, None if colbert is None else colbert[start:end])
             start = end
         if start != len(self.texts):
             raise ValueError(f"{folder}/dense.npy: {start} rows for {len(self.texts)} texts")

@@ -9,7 +9,9 @@ remains.
 Ranking is dense (exact FAISS inner product by default; ``index_kind`` "hnsw" or "ivf" for an
 approximate index) or, for M3 models, hybrid: ``w_dense * dense + w_sparse * lexical`` scored
 exactly over the union of the dense and the sparse top ``hybrid_candidates`` (FlagEmbedding's
-MLDR recipe, through :class:`trine.retrieval.HybridRetriever`).
+MLDR recipe, through :class:`trine.retrieval.HybridRetriever`), or, for M3 models, ColBERT maxsim over the
+pool's multi-vectors (``colbert_index``: ``exact`` scans every passage, ``plaid`` searches the compressed
+index of :mod:`trine.retrieval.plaid` with its own candidate generation, for large pools).
 
 Memory: the pool's encodings live once, inside the indexes (optionally read from an on-disk
 cache, :mod:`trine.curation.cache`). Queries are encoded ``query_chunk_size`` at a time and
@@ -42,7 +44,7 @@ from trine.curation.common import (
     read_records,
     write_row,
 )
-from trine.curation.ranking import PoolRanker, positive_scores
+from trine.curation.ranking import ColbertPoolRanker, PoolRanker, positive_scores
 from trine.curation.sampling import BACKFILL, SamplingCounts, pick_negatives
 from trine.data.corpus import read_pool
 from trine.data.records import Record
@@ -56,6 +58,7 @@ from trine.scoring import check_normalization
 logger = logging.getLogger(__name__)
 
 INDEX_OPTIONS = ("hnsw_m", "ef_construction", "ef_search", "nlist", "nprobe")
+COLBERT_INDEXES = ("exact", "plaid")
 
 
 @dataclass
@@ -94,9 +97,14 @@ def parse_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _encode(embedder: Any, texts: list[str], kind: str, sparse: bool) -> QueryReps:
-    return QueryReps.from_encode(embedder.encode_result(texts, ("dense", "sparse") if sparse else ("dense",),
-                                                        kind=kind))
+def _encode(embedder: Any, texts: list[str], kind: str, outputs: Sequence[str]) -> QueryReps:
+    return QueryReps.from_encode(embedder.encode_result(texts, outputs, kind=kind))
+
+
+def _rows(reps: QueryReps, start: int, stop: int) -> QueryReps:
+    """Queries ``start:stop`` of ``reps`` (every representation it holds)."""
+    return QueryReps(*(None if x is None else x[start:stop]
+                       for x in (reps.dense_vecs, reps.lexical_weights, reps.colbert_vecs)))
 
 
 def _pool_collection(corpus: CorpusEncodings, pool: list[str], embedder: Any, backend: str, uri: str | None,
@@ -141,10 +149,12 @@ class GivenEncodings:
         rows = 0
         for block in self._blocks:
             dense = block.dense_vecs
-            if dense is None or ("sparse" in self.outputs and block.lexical_weights is None):
+            if dense is None or ("sparse" in self.outputs and block.lexical_weights is None) or \
+                    ("colbert" in self.outputs and block.colbert_vecs is None):
                 raise ValueError(f"the given pool encodings lack outputs {list(self.outputs)}")
-            if "sparse" in self.outputs and len(block.lexical_weights) != len(dense):
-                raise ValueError("the given pool encodings have unequal numbers of dense and lexical rows")
+            if ("sparse" in self.outputs and len(block.lexical_weights) != len(dense)) or \
+                    ("colbert" in self.outputs and len(block.colbert_vecs) != len(dense)):
+                raise ValueError("the given pool encodings have unequal numbers of dense, lexical or colbert rows")
             rows += len(dense)
             if rows > self.count:
                 break
@@ -183,6 +193,8 @@ class NegativeMiner:
         backend: str = "trine",
         backend_uri: str | None = None,
         collection: str | None = None,
+        colbert_index: str | None = None,
+        colbert_options: dict[str, Any] | None = None,
     ):
         if backfill not in BACKFILL:
             raise ValueError(f"backfill must be one of {BACKFILL}, got {backfill!r}")
@@ -220,6 +232,26 @@ class NegativeMiner:
                                  "per query and not comparable: use hybrid_normalization='none'")
         if hybrid_candidates is not None and int(hybrid_candidates) < 1:
             raise ValueError(f"hybrid_candidates must be positive, got {hybrid_candidates}")
+        colbert_options = dict(colbert_options or {})
+        if colbert_index is not None:
+            if colbert_index not in COLBERT_INDEXES:
+                raise ValueError(f"colbert_index must be one of {COLBERT_INDEXES}, got {colbert_index!r}")
+            if hybrid:
+                raise ValueError("colbert_index ranks by ColBERT maxsim alone: not with hybrid_weights")
+            if backend != "trine" or index_kind != "flat" or options:
+                raise ValueError("colbert_index ranks with trine's multi-vector indexes: the dense index options "
+                                 "(backend, index_kind, index_options) do not apply")
+            if "colbert" not in embedder.outputs:
+                raise ValueError("ColBERT ranking needs multi-vectors: load the model with its BGE-M3 heads "
+                                 "(an M3Embedder)")
+            if colbert_index == "plaid":
+                from trine.retrieval.plaid import check_options
+
+                check_options(colbert_options)  # an unknown option or a bad value raises before encoding
+        if colbert_options and colbert_index != "plaid":
+            raise ValueError(f"colbert_options {sorted(colbert_options)} are the plaid index's (colbert_index is "
+                             f"{colbert_index!r})")
+        self.colbert_index, self.colbert_options = colbert_index, colbert_options
         self.embedder, self.range_for_sampling, self.negative_number = embedder, range_for_sampling, negative_number
         self.relative_margin, self.backfill, self.search_batch_size, self.seed = (relative_margin, backfill,
                                                                                   search_batch_size, seed)
@@ -241,19 +273,29 @@ class NegativeMiner:
         must be the pool's."""
         pool = list(pool)
         embedder, hybrid, weights = self.embedder, self.hybrid, self.weights
-        summary = MiningSummary(records=len(records), pool=len(pool), index_kind=self.index_kind,
-                                ranking="dense" if not hybrid else f"hybrid dense x {weights[0]} + sparse x "
-                                f"{weights[1]}" + ("" if self.hybrid_normalization == "none"
-                                                   else f" ({self.hybrid_normalization})"))
+        if self.colbert_index is not None:
+            ranking = "colbert maxsim"
+        elif hybrid:
+            ranking = f"hybrid dense x {weights[0]} + sparse x {weights[1]}" + (
+                "" if self.hybrid_normalization == "none" else f" ({self.hybrid_normalization})")
+        else:
+            ranking = "dense"
+        summary = MiningSummary(records=len(records), pool=len(pool), ranking=ranking,
+                                index_kind=self.colbert_index or self.index_kind)
         position = {t: i for i, t in enumerate(pool)}
 
         started = time.perf_counter()
-        outputs = ("dense", "sparse") if hybrid else ("dense",)
+        outputs = self.outputs
         if encodings is None:
             corpus = CorpusEncodings(embedder, pool, outputs, self.cache_dir, block_size=self.corpus_block_size)
         else:
             corpus = GivenEncodings(encodings, len(pool), outputs)
         summary.cache = corpus.status
+        if self.colbert_index is not None:
+            ranker = self._colbert_ranker(corpus, len(pool))
+            summary.seconds_corpus = time.perf_counter() - started
+            return summary, self._picks(records, pool, position, ranker, min(self.range_for_sampling[1], len(pool)),
+                                        summary)
         dense_index: DenseIndex | None = None
         lexical: list[dict[str, float]] = []
         backend = self.backend
@@ -280,9 +322,34 @@ class NegativeMiner:
         summary.seconds_corpus = time.perf_counter() - started
         return summary, self._picks(records, pool, position, ranker, depth, summary)
 
-    def _picks(self, records: Sequence[Record], pool: list[str], position: dict[str, int], ranker: PoolRanker,
-               depth: int, summary: MiningSummary) -> Iterator[list[int]]:
-        embedder, hybrid, lo = self.embedder, self.hybrid, self.range_for_sampling[0]
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """What the ranking needs encoded (dense always: the pool's encodings and their cache start with it)."""
+        if self.colbert_index is not None:
+            return ("dense", "colbert")
+        return ("dense", "sparse") if self.hybrid else ("dense",)
+
+    def _colbert_ranker(self, corpus: Any, count: int) -> ColbertPoolRanker:
+        """The pool's multi-vectors (encoded, or read from the cache) in the ``colbert_index`` index."""
+        from trine.retrieval.multivector import MultiVectorIndex
+
+        vecs: list[np.ndarray] = []
+        pool_bar = progress_bar(total=count, desc="index pool", unit="passage", disable=not self.show_progress)
+        for block in corpus.blocks():
+            vecs.extend(block["colbert_vecs"])
+            pool_bar.update(len(block["colbert_vecs"]))
+        pool_bar.close()
+        if self.colbert_index == "plaid":
+            from trine.retrieval.plaid import ColbertPlaidIndex
+
+            index = ColbertPlaidIndex.build(vecs, **self.colbert_options)
+        else:
+            index = MultiVectorIndex.build(vecs)
+        return ColbertPoolRanker(index)
+
+    def _picks(self, records: Sequence[Record], pool: list[str], position: dict[str, int],
+               ranker: PoolRanker | ColbertPoolRanker, depth: int, summary: MiningSummary) -> Iterator[list[int]]:
+        embedder, outputs, lo = self.embedder, self.outputs, self.range_for_sampling[0]
         chunk_size, batch_size, margin = self.query_chunk_size, self.search_batch_size, self.relative_margin
         started = time.perf_counter()
         bar = progress_bar(total=len(records), desc="mine", disable=not self.show_progress, unit="query")
@@ -290,14 +357,13 @@ class NegativeMiner:
             with quiet(embedder):
                 for c0 in range(0, len(records), chunk_size):
                     chunk = records[c0 : c0 + chunk_size]
-                    reps = _encode(embedder, [r.query for r in chunk], "query", sparse=hybrid)
+                    reps = _encode(embedder, [r.query for r in chunk], "query", outputs)
                     outside = list(dict.fromkeys(t for r in chunk for t in r.pos if t not in position))
-                    outside_reps = _encode(embedder, outside, "passage", sparse=hybrid) if outside else None
+                    outside_reps = _encode(embedder, outside, "passage", outputs) if outside else None
                     outside_at = {t: j for j, t in enumerate(outside)}
                     for b0 in range(0, len(chunk), batch_size):
                         batch = chunk[b0 : b0 + batch_size]
-                        sub = QueryReps(reps.dense_vecs[b0 : b0 + len(batch)],
-                                        reps.lexical_weights[b0 : b0 + len(batch)] if hybrid else None)
+                        sub = _rows(reps, b0, b0 + len(batch))
                         result = ranker.search(sub, depth)
                         pos_scores = positive_scores(ranker, sub, batch, position, outside_reps, outside_at)
                         picked = []
@@ -347,6 +413,8 @@ def mine_hard_negatives(
     backend: str = "trine",
     backend_uri: str | None = None,
     collection: str | None = None,
+    colbert_index: str | None = None,
+    colbert_options: dict[str, Any] | None = None,
 ) -> MiningSummary:
     """Write ``output_file`` (atomically; never the input) with mined ``neg`` lists.
 
@@ -361,6 +429,9 @@ def mine_hard_negatives(
     ``"milvus"`` or ``"qdrant"``: the pool is indexed in that database (``backend_uri``; collection
     ``collection``, default ``trine_pool_<hash of the pool>``, ids: hashes of the texts) and ranked
     through its Index views, exactly as over trine's indexes (``index_kind`` flat or hnsw).
+    ``colbert_index="exact"`` or ``"plaid"`` ranks by ColBERT maxsim instead (an ``M3Embedder``): over every
+    pool passage, or through the compressed index's candidates (``colbert_options``: its build and search
+    options, :data:`trine.retrieval.plaid.DEFAULTS`); the scores the margin compares are maxsim too.
     The selection itself is :class:`NegativeMiner`'s.
     """
     check_output([input_file, candidate_pool], output_file)
@@ -370,7 +441,7 @@ def mine_hard_negatives(
         hybrid_weights=hybrid_weights, hybrid_candidates=hybrid_candidates, hybrid_normalization=hybrid_normalization,
         index_kind=index_kind, index_options=index_options, cache_dir=cache_dir, query_chunk_size=query_chunk_size,
         corpus_block_size=corpus_block_size, show_progress=show_progress, backend=backend, backend_uri=backend_uri,
-        collection=collection,
+        collection=collection, colbert_index=colbert_index, colbert_options=colbert_options,
     )
     records = read_records(input_file)
     if candidate_pool is not None:

@@ -1,7 +1,11 @@
 """Ranking a candidate pool for hard-negative mining: search and exact scores over the pool's
-indexes, dense or hybrid (``w_dense * dense + w_sparse * lexical``)."""
+indexes, dense or hybrid (``w_dense * dense + w_sparse * lexical``) (:class:`PoolRanker`), or ColBERT
+maxsim over the pool's multi-vectors (:class:`ColbertPoolRanker`). Both answer the same three calls:
+``search``, ``score_rows`` (pool rows) and ``score_outside`` (a positive that is not in the pool)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -48,16 +52,36 @@ class PoolRanker:
         sparse = self.sparse.score(reps.lexical_weights, rows)
         return np.where(rows >= 0, w_d * dense + w_s * sparse, -np.inf)
 
-    def score_vector(self, reps: QueryReps, i: int, dense_vec: np.ndarray, lexical: dict | None) -> float:
-        """Exact score of query i with a passage outside the pool."""
-        d = float(np.dot(reps.dense_vecs[i].astype(np.float64), np.asarray(dense_vec, dtype=np.float64)))
+    def score_outside(self, reps: QueryReps, i: int, outside: QueryReps, o: int) -> float:
+        """Exact score of query i with passage ``o`` of ``outside`` (encoded passages not in the pool)."""
+        d = float(np.dot(reps.dense_vecs[i].astype(np.float64), np.asarray(outside.dense_vecs[o], dtype=np.float64)))
         if self.sparse is None:
             return d
         w_d, w_s = self.weights
-        return w_d * d + w_s * scoring.lexical_matching_score(reps.lexical_weights[i], lexical)
+        return w_d * d + w_s * scoring.lexical_matching_score(reps.lexical_weights[i], outside.lexical_weights[o])
 
 
-def positive_scores(ranker: PoolRanker, reps: QueryReps, batch: list[Record], position: dict[str, int],
+class ColbertPoolRanker:
+    """ColBERT maxsim over the pool's multi-vectors, through a multi-vector index: every passage scanned
+    exactly (:class:`trine.retrieval.MultiVectorIndex`) or the compressed index's own candidates, scored on
+    decompressed vectors (:class:`trine.retrieval.plaid.ColbertPlaidIndex`). Scores are the index's
+    (decompressed for plaid); a positive outside the pool scores exactly on its own vectors."""
+
+    def __init__(self, index: Any):
+        self.index = index
+
+    def search(self, reps: QueryReps, k: int) -> SearchResult:
+        return self.index.search(reps.colbert_vecs, k)
+
+    def score_rows(self, reps: QueryReps, rows: np.ndarray) -> np.ndarray:
+        return np.where(rows >= 0, self.index.score(reps.colbert_vecs, rows).astype(np.float64), -np.inf)
+
+    def score_outside(self, reps: QueryReps, i: int, outside: QueryReps, o: int) -> float:
+        return float(scoring.colbert_score(reps.colbert_vecs[i], outside.colbert_vecs[o]))
+
+
+def positive_scores(ranker: PoolRanker | ColbertPoolRanker, reps: QueryReps, batch: list[Record],
+                    position: dict[str, int],
                     outside: QueryReps | None, outside_at: dict[str, int]) -> list[list[float]]:
     """Each record's positive scores, exact: pool rows by ``position``, the others from their
     encodings ``outside`` (row ``outside_at[text]``)."""
@@ -74,9 +98,7 @@ def positive_scores(ranker: PoolRanker, reps: QueryReps, batch: list[Record], po
             if rows[j, k] >= 0:
                 scores.append(float(in_pool[j, k]))
             else:
-                o = outside_at[t]
-                scores.append(ranker.score_vector(reps, j, outside.dense_vecs[o],
-                                                  outside.lexical_weights[o] if outside.lexical_weights else None))
+                scores.append(ranker.score_outside(reps, j, outside, outside_at[t]))
         out.append(scores)
     return out
 
