@@ -15,7 +15,7 @@ from trine.evaluation import EvalConfig, build_manpages_beir, load_dataset, run_
 from trine.evaluation.candidates import FIRST_STAGES, ScoredCandidates, encode_queries, index_corpus
 from trine.evaluation.config import config_outputs
 from trine.evaluation.runner import resolve_fusion
-from trine.evaluation.tuning import fit_confidence
+from trine.evaluation.tuning import CALIBRATION_MIN_GAIN, fit_confidence
 from trine.modeling.fusion import FUSION_FILE, FusionSettings, read_fusion, write_fusion
 from trine.retrieval import (
     DenseIndex,
@@ -234,7 +234,7 @@ def pages(n):
             for i in range(n)]
 
 
-def test_evaluation_applies_the_folder_coefficients_and_tuning_records_them(tmp_path, splade_tiny_dir):
+def test_evaluation_applies_the_folder_coefficients_and_tuning_records_them(tmp_path, splade_tiny_dir, monkeypatch):
     model_dir = shutil.copytree(splade_tiny_dir, tmp_path / "model")
     data = build_manpages_beir(tmp_path / "data", pages=pages(40), seed=0, dev_fraction=0.25)
     test, dev = load_dataset(data, "test"), load_dataset(data, "dev")
@@ -273,12 +273,30 @@ def test_evaluation_applies_the_folder_coefficients_and_tuning_records_them(tmp_
     tuned = run_evaluation([model_dir], test, config, model_options=OPTIONS, tune_on=dev)
     saved = read_fusion(model_dir)
     calibration = saved.tuned_on["calibration"]["sparse+dense"]
-    assert calibration["kept"] == (calibration["dev_calibrated"] > calibration["dev_plain"] + 1e-12)
+    assert saved.tuned_on["calibration_min_gain"] == CALIBRATION_MIN_GAIN
+    assert calibration["kept"] == (calibration["dev_calibrated"] >= calibration["dev_plain"] + CALIBRATION_MIN_GAIN)
     assert (saved.coefficients("sparse+dense") is not None) == calibration["kept"]
     assert next(iter(tuned["models"].values()))["fusion"]["weights"] == saved.weights
     dev_run = run_evaluation([model_dir], dev, config, model_options=OPTIONS)
     assert next(iter(dev_run["models"].values()))["metrics"]["sparse+dense"]["ndcg@10"] == pytest.approx(
         saved.tuned_on["dev"]["sparse+dense"], abs=1e-9)
+
+    # kept whatever its gain: fusion.json holds the fitted coefficients, the tuned dev nDCG@10 is what an
+    # ordinary evaluation of the dev split with the file gives (so the file's coefficients were applied)
+    import trine.evaluation.tuning as tuning
+
+    monkeypatch.setattr(tuning, "CALIBRATION_MIN_GAIN", -1.0)
+    run_evaluation([model_dir], test, config, model_options=OPTIONS, tune_on=dev)
+    saved = read_fusion(model_dir)
+    calibration = saved.tuned_on["calibration"]["sparse+dense"]
+    assert calibration["kept"] and saved.coefficients("sparse+dense") == calibration["confidence"]
+    assert saved.weights["sparse+dense"][0] == 1.0  # the grid's weights, under the coefficients
+    dev_run = run_evaluation([model_dir], dev, config, model_options=OPTIONS)
+    (dev_entry,) = dev_run["models"].values()
+    assert dev_entry["fusion"]["confidence"] == {"sparse+dense": calibration["confidence"]}
+    assert dev_entry["metrics"]["sparse+dense"]["ndcg@10"] == pytest.approx(saved.tuned_on["dev"]["sparse+dense"],
+                                                                            abs=1e-9)
+    assert saved.tuned_on["dev"]["sparse+dense"] == pytest.approx(calibration["dev_calibrated"], abs=1e-6)
 
 
 def test_search_result_of_calibrated_weighted_fusion_ranks_by_fuse_scores():
