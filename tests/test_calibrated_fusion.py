@@ -245,6 +245,9 @@ def test_evaluation_applies_the_folder_coefficients_and_tuning_records_them(tmp_
     result = run_evaluation([model_dir], test, config, model_options=OPTIONS, return_runs=True)
     (entry,) = result["models"].values()
     assert entry["fusion"]["confidence"] == {"sparse+dense": confidence}
+    from trine.evaluation import fusion_summary
+
+    assert "sparse+dense (1, 0.5) confidence (2, -1) (model folder)" in fusion_summary(result)
     # the hand computation over the same candidates and each head's exact scores
     from trine.evaluation.runner import load_embedder
 
