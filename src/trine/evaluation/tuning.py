@@ -296,7 +296,9 @@ def tune_fusion(model: Encoder, dev: RetrievalDataset, config: EvalConfig, *, co
         valid = groups[key] >= 0
         parts = [normed_of[(chosen, key)][p] for p in FUSED_MODES[mode]]
         try:
-            coefficients = fit_confidence(parts, fast[key].valid, fast[key].gains, weights[mode])
+            # the gaps over every candidate, as fuse_scores computes them when the fusion is applied; a
+            # candidate the metric ignores (its id is the query's) is fitted as not relevant
+            coefficients = fit_confidence(parts, valid, np.where(fast[key].valid, fast[key].gains, 0.0), weights[mode])
         except ValueError as err:
             calibration[mode] = {"dev_plain": best[chosen][mode][0], "kept": False, "error": str(err)}
             logger.info("%s: calibrated fusion not fitted: %s", mode, err)
