@@ -466,3 +466,28 @@ def test_serve_options_from_flags_and_a_yaml_file(tmp_path):
     args = parse_command(parser, "serve", ["M", "--max-batch-tokens", "512", "--reranker-top-k", "20",
                                            "--documents", "C"])
     assert (args.max_batch_tokens, args.reranker_top_k, args.documents) == (512, 20, "C")
+
+
+def test_search_applies_the_calibrated_fusion_of_fusion_json(m3, retriever):
+    """The server's fusion settings (fusion.json) with confidence coefficients: /search ranks as the retriever's
+    calibrated fusion; a request giving its own weights fuses plainly (the coefficients belong to the file's)."""
+    from trine.modeling.fusion import FusionSettings
+
+    fusion = FusionSettings("minmax", {"sparse+dense": [1.0, 0.5]}, confidence={"sparse+dense": [2.0, -1.0]})
+    srv = Server(create_app(m3, None, retriever, ServeSettings(fusion=fusion, max_wait_ms=2)))
+    try:
+        query, k = "how to list files in a directory", 5
+        reps = QueryReps.from_encode(m3.encode_queries([query], return_sparse=True, return_colbert_vecs=True))
+        calibrated = retriever.search(reps, k, {"dense": 1.0, "sparse": 0.5}, candidate_k=k, normalization="minmax",
+                                      confidence={"dense": 2.0, "sparse": -1.0})
+        plain = retriever.search(reps, k, {"dense": 1.0, "sparse": 0.5}, candidate_k=k, normalization="minmax")
+        assert not np.allclose(calibrated.scores, plain.scores)
+        for body, ref in (({}, calibrated), ({"weights": [1.0, 0.5], "normalization": "minmax"}, plain)):
+            r = httpx.post(f"{srv.url}/search", json={"query": query, "k": k, "mode": "sparse+dense", **body},
+                           timeout=60)
+            assert r.status_code == 200, r.text
+            hits = r.json()["results"]
+            assert [h["id"] for h in hits] == [DOC_IDS[i] for i in ref.rows[0].tolist() if i >= 0]
+            np.testing.assert_allclose([h["score"] for h in hits], ref.scores[0][ref.rows[0] >= 0], atol=1e-5)
+    finally:
+        srv.stop()

@@ -47,22 +47,51 @@ def normalize_scores(scores: np.ndarray, valid: np.ndarray | None = None, method
     return np.where(valid & spread, out, 0.0)
 
 
+def head_confidence(normed: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Each query's (row's) confidence of one head: its best valid score minus its second best (0 when
+    the row has fewer than two valid cells), on the scale of ``normed`` (one head's normalised scores,
+    queries x candidates). A head that puts one candidate far above the rest is sure of it; a head whose
+    top scores are tied is not: the per-query signal calibrated fusion weights the heads by."""
+    s = np.asarray(normed, dtype=np.float64)
+    valid = np.asarray(valid, dtype=bool)
+    if s.shape != valid.shape or s.ndim != 2:
+        raise ValueError(f"scores of shape {s.shape} for candidates {valid.shape}")
+    if s.shape[1] < 2:
+        return np.zeros(len(s))
+    top2 = -np.sort(-np.where(valid, s, -np.inf), axis=1)[:, :2]
+    enough = valid.sum(1) >= 2
+    return np.where(enough, top2[:, 0] - np.where(enough, top2[:, 1], 0.0), 0.0)
+
+
 def fuse_scores(scores: Sequence[np.ndarray], weights: Sequence[float], valid: np.ndarray,
-                normalization: str = "none") -> np.ndarray:
+                normalization: str = "none", confidence: Sequence[float] | None = None) -> np.ndarray:
     """``sum_m weights[m] * normalize(scores[m])`` over one candidate matrix (queries x m), float64;
-    invalid (padding) cells are 0. The one formula of weighted fusion (search, evaluation, tuning)."""
+    invalid (padding) cells are 0. The one formula of weighted fusion (search, evaluation, tuning).
+
+    ``confidence`` (one coefficient per head, any sign; calibrated fusion, fitted on a dev split by
+    :func:`trine.evaluation.tuning.fit_confidence`): each query's weight of head ``m`` becomes
+    ``weights[m] * exp(confidence[m] * g_m)``, ``g_m`` the head's :func:`head_confidence` on its
+    normalised scores, so a head counts more (or less) on the queries it is sure about. ``None`` or all
+    0 is plain weighted fusion, the same numbers.
+    """
     if len(scores) != len(weights) or not scores:
         raise ValueError(f"{len(scores)} score matrices for {len(weights)} weights")
+    if confidence is not None and len(confidence) != len(scores):
+        raise ValueError(f"{len(confidence)} confidence coefficients for {len(scores)} score matrices")
     check_normalization(normalization)
     valid = np.asarray(valid, dtype=bool)
     total = np.zeros(valid.shape, dtype=np.float64)
-    for s, w in zip(scores, weights):
+    for m, (s, w) in enumerate(zip(scores, weights)):
         s = np.asarray(s, dtype=np.float64)
         if s.shape != valid.shape:
             raise ValueError(f"scores of shape {s.shape} for candidates {valid.shape}")
         if normalization != "none":
             s = normalize_scores(s, valid, normalization)
-        total += float(w) * np.where(valid, s, 0.0)
+        s = np.where(valid, s, 0.0)
+        if confidence is not None and float(confidence[m]) != 0.0:
+            total += (float(w) * np.exp(float(confidence[m]) * head_confidence(s, valid)))[:, None] * s
+        else:
+            total += float(w) * s
     return total
 
 

@@ -231,12 +231,14 @@ class ScoredCandidates:
             return out
         return lookup
 
-    def fuse(self, mode: str, weights: Sequence[float], k: int, normalization: str = "none") -> SearchResult:
+    def fuse(self, mode: str, weights: Sequence[float], k: int, normalization: str = "none",
+             confidence: Sequence[float] | None = None) -> SearchResult:
         """A fused mode's best ``k`` (:func:`trine.retrieval.weighted_fusion` of its first-stage lists, each
-        head's cached scores weighted by ``weights`` in :data:`trine.modeling.fusion.FUSED_MODES` order)."""
+        head's cached scores weighted by ``weights`` in :data:`trine.modeling.fusion.FUSED_MODES` order;
+        ``confidence``: calibrated fusion's coefficients in that order, ``None`` for plain weights)."""
         lists = [self.first_stage(m, k) for m in FIRST_STAGES[mode]]
         return weighted_fusion(lists, [self.scorer(p) for p in FUSED_MODES[mode]], weights, k,
-                               normalization=normalization)
+                               normalization=normalization, confidence=confidence)
 
     def rrf(self, k: int, rrf_k: float) -> SearchResult:
         """Reciprocal-rank fusion of the dense, sparse and (their union re-ranked) colbert lists, weights 1:

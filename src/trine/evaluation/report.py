@@ -61,6 +61,12 @@ def _weights(values: Sequence[float]) -> str:
     return "(" + ", ".join(f"{w:g}" for w in values) + ")"
 
 
+def _confidence(settings: Mapping[str, Any], mode: str) -> str:
+    """`` confidence c1,c2`` when ``mode`` fuses with calibrated-fusion coefficients, else nothing."""
+    coefficients = settings.get("confidence", {}).get(mode)
+    return "" if coefficients is None else f" confidence {_weights(coefficients)}"
+
+
 def fusion_summary(result: Mapping[str, Any]) -> str:
     """One line per model that fused modes: the normalization and weights used and where each came
     from (given, model folder, default); and, for a tuned model, the dev split, the tuned weights'
@@ -70,14 +76,15 @@ def fusion_summary(result: Mapping[str, Any]) -> str:
         tuning = entry.get("tuning")
         if tuning is not None:
             on = tuning["tuned_on"]
-            parts = [f"{m} {_weights(w)}: dev {on['metric']} {on['dev'][m]:.4f} (default {on['dev_default'][m]:.4f})"
-                     for m, w in tuning["weights"].items()]
+            parts = [f"{m} {_weights(w)}{_confidence(tuning, m)}: dev {on['metric']} {on['dev'][m]:.4f} "
+                     f"(default {on['dev_default'][m]:.4f})" for m, w in tuning["weights"].items()]
             lines.append(f"tuned {label} on {on['dataset']}/{on['split']} ({on['queries']} queries), normalization "
                          f"{tuning['normalization']}: " + "; ".join(parts) + f" -> {tuning['file']}")
         fusion = entry.get("fusion")
         if fusion is not None:
             source = fusion["source"]
-            parts = [f"{m} {_weights(w)} ({source['weights'][m]})" for m, w in fusion["weights"].items()]
+            parts = [f"{m} {_weights(w)}{_confidence(fusion, m)} ({source['weights'][m]})"
+                     for m, w in fusion["weights"].items()]
             lines.append(f"fusion {label}: normalization {fusion['normalization']} ({source['normalization']}); "
                          + "; ".join(parts))
     return "\n".join(lines)

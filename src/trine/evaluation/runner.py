@@ -103,7 +103,11 @@ def resolve_fusion(config: EvalConfig, model_dir: str | os.PathLike | None = Non
         else:
             weights[mode], sources[mode] = list(DEFAULT_WEIGHTS[mode]), "default"
     tuned_on = saved.tuned_on if saved is not None and "model folder" in (norm_source, *sources.values()) else None
-    return (FusionSettings(normalization, weights, tuned_on),
+    # calibrated fusion's coefficients were fitted with the folder's weights and normalization: they
+    # apply only where both come from it (weights or a normalization given here fuse plainly)
+    confidence = {m: c for m, c in saved.confidence.items() if m in weights and sources[m] == "model folder"
+                  and norm_source == "model folder"} if saved is not None else {}
+    return (FusionSettings(normalization, weights, tuned_on, confidence),
             {"normalization": norm_source, "weights": sources})
 
 
@@ -135,7 +139,7 @@ def search_modes(candidates: ScoredCandidates, config: EvalConfig, fusion: Fusio
         elif mode == "rrf":
             res = candidates.rrf(k, config.rrf_k)
         else:
-            res = candidates.fuse(mode, fusion.weights[mode], k, fusion.normalization)
+            res = candidates.fuse(mode, fusion.weights[mode], k, fusion.normalization, fusion.coefficients(mode))
         out[mode] = (res, time.perf_counter() - start)
     return out
 

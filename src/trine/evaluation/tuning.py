@@ -6,8 +6,12 @@ fuses scored on every candidate (as evaluation does). A grid search then picks t
 maximise the dev split's nDCG@10, the dense weight fixed at 1 and each other weight from
 :data:`TUNE_GRID` (the product grid for three modes; ties go to the smaller weights). The
 normalization is the given one, or the better of ``minmax`` and ``zscore`` (one normalization for
-all the fused modes: the best mean of their nDCG@10). The search ranks with a numpy nDCG@10; the
-chosen setting's dev nDCG@10 (and the default setting's, for comparison) is then measured by
+all the fused modes: the best mean of their nDCG@10). Then, for each fused mode, calibrated fusion
+(:func:`fit_confidence`: one confidence coefficient per head on top of the grid's weights, each query's
+weight of a head ``w * exp(c * gap)``, ``gap`` the head's first minus second normalised score, fitted by
+a listwise softmax loss on the dev candidates) is kept when it raises the dev nDCG@10 by at least
+:data:`CALIBRATION_MIN_GAIN`. The search ranks
+with a numpy nDCG@10; the chosen setting's dev nDCG@10 (and the default setting's, for comparison) is then measured by
 pytrec_eval (:func:`trine.evaluation.metrics.evaluate_run`) on the fused ranking.
 
 Python use (the corpus encodings of a test evaluation can be shared through ``corpus``)::
@@ -41,7 +45,7 @@ from trine.modeling.fusion import DEFAULT_NORMALIZATION, DEFAULT_WEIGHTS, FUSED_
 from trine.modeling.loading import in_hub_cache
 from trine.progress import bar as progress_bar
 from trine.retrieval import union_rows
-from trine.scoring import check_normalization, normalize_scores
+from trine.scoring import check_normalization, fuse_scores, head_confidence, normalize_scores
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +156,68 @@ def _grid(parts: int, grid: Sequence[float]) -> list[tuple[float, ...]]:
     return [(1.0, *c) for c in sorted(combos, key=lambda c: (sum(c), c))]
 
 
+#: calibrated fusion's fit: L2 strength on the confidence coefficients, L-BFGS iterations
+CALIBRATION_L2 = 1e-3
+CALIBRATION_ITERATIONS = 200
+#: the dev nDCG@10 gain over the grid's weights calibrated fusion must bring to be kept: smaller gains are
+#: within the noise of a few hundred dev queries (on the demo and the Debian set the fitted coefficients
+#: gained at most 0.0002 on dev and moved test by -0.0006..+0.0004: docs/benchmarks.md)
+CALIBRATION_MIN_GAIN = 0.002
+
+
+def fit_confidence(parts: Sequence[np.ndarray], valid: np.ndarray, gains: np.ndarray, weights: Sequence[float], *,
+                   l2: float = CALIBRATION_L2, iterations: int = CALIBRATION_ITERATIONS) -> list[float]:
+    """Calibrated fusion's confidence coefficients (one per head) on top of the tuned ``weights``, for
+    heads whose normalised scores are ``parts`` (each queries x candidates, ``valid`` marks the real
+    cells), fitted to ``gains`` (the judged relevance of each cell).
+
+    The fused score of :func:`trine.scoring.fuse_scores` with ``confidence``,
+    ``sum_m w_m * exp(c_m * g_m(q)) * n_m(q, d)``, times a free temperature ``t``, is trained as the
+    logits of a softmax over each query's candidates against the query's gains (normalised to sum 1;
+    queries without a judged candidate are left out), plus ``l2 * sum c^2``: full-batch L-BFGS in
+    float64 from ``c = 0``, ``t = 1``, so the same inputs give the same numbers. The weights stay the
+    grid's (they maximise the dev nDCG@10 directly, which a softmax fit of them does not: measured);
+    ``t`` rescales every score of a query alike, so it does not change a ranking and is not kept.
+    ``ValueError`` when no query has a judged candidate or the fit is not finite."""
+    import torch
+
+    heads = len(parts)
+    if heads == 0 or len(weights) != heads:
+        raise ValueError(f"{heads} heads for {len(weights)} weights")
+    valid = np.asarray(valid, dtype=bool)
+    gains = np.where(valid, np.maximum(np.asarray(gains, dtype=np.float64), 0.0), 0.0)
+    keep = gains.sum(1) > 0
+    if not keep.any():
+        raise ValueError("no query has a judged candidate to fit calibrated fusion on")
+    normed = torch.as_tensor(np.stack([np.where(valid, p, 0.0)[keep] for p in parts]), dtype=torch.float64)
+    gaps = torch.as_tensor(np.stack([head_confidence(p, valid)[keep] for p in parts]), dtype=torch.float64)
+    mask = torch.as_tensor(valid[keep])
+    target = torch.as_tensor(gains[keep] / gains[keep].sum(1, keepdims=True), dtype=torch.float64)
+    w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    c = torch.zeros(heads, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t, c], lr=1.0, max_iter=iterations, tolerance_grad=1e-9,
+                                  tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        optimizer.zero_grad()
+        per_head = w[:, None] * torch.exp(c[:, None] * gaps)  # heads x queries
+        logits = torch.exp(log_t) * (per_head[:, :, None] * normed).sum(0)
+        log_p = torch.log_softmax(logits.masked_fill(~mask, float("-inf")), 1).masked_fill(~mask, 0.0)
+        value = -(target * log_p).sum(1).mean() + l2 * (c ** 2).sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    fitted = c.detach().numpy()
+    if not np.isfinite(fitted).all():
+        raise ValueError(f"calibrated fusion did not converge (confidence {fitted.tolist()})")
+    return [float(x) for x in fitted]
+
+
 def tune_fusion(model: Encoder, dev: RetrievalDataset, config: EvalConfig, *, corpus: CorpusIndex | None = None,
-                grid: Sequence[float] = TUNE_GRID, normalizations: Sequence[str] | None = None) -> FusionSettings:
+                grid: Sequence[float] = TUNE_GRID, normalizations: Sequence[str] | None = None,
+                calibrate: bool = True) -> FusionSettings:
     """The normalization and weights of every fused mode among ``config.modes`` that maximise ``dev``'s nDCG@10.
 
     ``model``: the encoder; ``corpus``: the dev split's corpus already encoded by it
@@ -161,7 +225,9 @@ def tune_fusion(model: Encoder, dev: RetrievalDataset, config: EvalConfig, *, co
     the ones to try (default: ``config.normalization`` if set, else ``minmax`` and ``zscore``).
     Returns the settings (their ``tuned_on`` records the dev split, the grid, and the dev nDCG@10 of
     the tuned and of the default setting per mode, measured with pytrec_eval); write them into a
-    model folder with :func:`trine.modeling.fusion.write_fusion`.
+    model folder with :func:`trine.modeling.fusion.write_fusion`. ``calibrate``: also fit calibrated
+    fusion per mode (:func:`fit_confidence`) and keep it where its dev nDCG@10 beats the grid's by
+    :data:`CALIBRATION_MIN_GAIN` (``tuned_on["calibration"]`` records both values per mode).
     """
     modes = fused_modes(config.modes)
     if not modes:
@@ -193,6 +259,7 @@ def tune_fusion(model: Encoder, dev: RetrievalDataset, config: EvalConfig, *, co
             for key, rows in groups.items()}
 
     best: dict[str, dict[str, tuple[float, tuple[float, ...]]]] = {}
+    normed_of: dict[tuple[str, tuple[str, ...]], dict[str, np.ndarray]] = {}
     bar = progress_bar(total=len(normalizations) * sum(len(_grid(len(FUSED_MODES[m]), grid)) for m in modes),
                        desc="tune fusion", unit="weighting", leave=False)
     for norm in normalizations:
@@ -202,6 +269,7 @@ def tune_fusion(model: Encoder, dev: RetrievalDataset, config: EvalConfig, *, co
             group = [m for m in modes if FIRST_STAGES[m] == key]
             normed = {p: normalize_scores(np.asarray(scored.scorer(p)(rows), dtype=np.float64), valid, norm)
                       for p in dict.fromkeys(p for m in group for p in FUSED_MODES[m])}
+            normed_of[(norm, key)] = normed
             for mode in group:
                 combos = _grid(len(FUSED_MODES[mode]), grid)
                 weights_matrix = np.asarray(combos, dtype=np.float64)
@@ -221,18 +289,41 @@ def tune_fusion(model: Encoder, dev: RetrievalDataset, config: EvalConfig, *, co
         if mean[n] > mean[chosen] + 1e-12:
             chosen = n
     weights = {m: list(best[chosen][m][1]) for m in modes}
+    confidence: dict[str, list[float]] = {}
+    calibration: dict[str, dict[str, Any]] = {}
+    for mode in modes if calibrate else ():
+        key = FIRST_STAGES[mode]
+        valid = groups[key] >= 0
+        parts = [normed_of[(chosen, key)][p] for p in FUSED_MODES[mode]]
+        try:
+            # the gaps over every candidate, as fuse_scores computes them when the fusion is applied; a
+            # candidate the metric ignores (its id is the query's) is fitted as not relevant
+            coefficients = fit_confidence(parts, valid, np.where(fast[key].valid, fast[key].gains, 0.0), weights[mode])
+        except ValueError as err:
+            calibration[mode] = {"dev_plain": best[chosen][mode][0], "kept": False, "error": str(err)}
+            logger.info("%s: calibrated fusion not fitted: %s", mode, err)
+            continue
+        value = float(fast[key](fuse_scores(parts, weights[mode], valid, "none", coefficients)[None])[0])
+        kept = value >= best[chosen][mode][0] + CALIBRATION_MIN_GAIN
+        calibration[mode] = {"dev_plain": best[chosen][mode][0], "dev_calibrated": value,
+                             "confidence": coefficients, "kept": kept}
+        logger.info("%s: calibrated fusion dev nDCG@10 %.4f vs the grid's %.4f (%s)", mode, value,
+                    best[chosen][mode][0], "kept" if kept else "not kept")
+        if kept:
+            confidence[mode] = coefficients
 
-    def dev_ndcg(mode: str, norm: str, w: Sequence[float]) -> float:
-        res = scored.fuse(mode, w, k, norm)
+    def dev_ndcg(mode: str, norm: str, w: Sequence[float], c: Sequence[float] | None = None) -> float:
+        res = scored.fuse(mode, w, k, norm, c)
         return evaluate_run(dev.qrels, res.to_run(query_ids, corpus.doc_ids), [_CUT], ["ndcg"],
                             ignore_identical_ids=config.ignore_identical_ids)[TUNE_METRIC]
 
-    tuned = {m: dev_ndcg(m, chosen, weights[m]) for m in modes}
+    tuned = {m: dev_ndcg(m, chosen, weights[m], confidence.get(m)) for m in modes}
     default = {m: dev_ndcg(m, DEFAULT_NORMALIZATION, DEFAULT_WEIGHTS[m]) for m in modes}
     for m in modes:
-        if abs(tuned[m] - best[chosen][m][0]) > 1e-6:
-            logger.info("%s: the grid search's nDCG@10 %.6f differs from pytrec_eval's %.6f (tied scores)", m,
-                        best[chosen][m][0], tuned[m])
+        searched = calibration[m]["dev_calibrated"] if m in confidence else best[chosen][m][0]
+        if abs(tuned[m] - searched) > 1e-6:
+            logger.info("%s: the search's nDCG@10 %.6f differs from pytrec_eval's %.6f (tied scores)", m,
+                        searched, tuned[m])
         logger.info("tuned %s on %s (%s): normalization %s, weights %s, dev nDCG@10 %.4f (default %.4f)", m,
                     dev.name, dev.split, chosen, weights[m], tuned[m], default[m])
     tuned_on = {
@@ -240,4 +331,7 @@ def tune_fusion(model: Encoder, dev: RetrievalDataset, config: EvalConfig, *, co
         "top_k": config.top_k, "grid": [float(w) for w in grid], "normalizations_tried": list(normalizations),
         "dev": tuned, "dev_default": default,
     }
-    return FusionSettings(chosen, weights, tuned_on)
+    if calibrate:
+        tuned_on["calibration"] = calibration
+        tuned_on["calibration_min_gain"] = CALIBRATION_MIN_GAIN
+    return FusionSettings(chosen, weights, tuned_on, confidence)

@@ -8,7 +8,12 @@ its lexical scores against its cosines), so tuned ones travel with it::
      "weights": {"sparse+dense": [1.0, 0.5], "colbert+sparse+dense": [1.0, 0.3, 0.7], "dense+bm25": [1.0, 0.2]},
      "tuned_on": {"dataset": "manpages", "split": "dev", "queries": 480, "metric": "ndcg@10", ...}}
 
-Each weights list is in the order of :data:`FUSED_MODES` (dense first). ``tuned_on`` is a free
+Each weights list is in the order of :data:`FUSED_MODES` (dense first). An optional ``confidence``
+object (calibrated fusion, chosen by ``--tune-weights`` when it wins on the dev split) holds, per fused
+mode, one coefficient per head in the same order: each query's weight of head ``m`` is then
+``w_m * exp(c_m * g_m)``, ``g_m`` the gap between that head's first and second normalised score of
+the query (:func:`trine.scoring.fuse_scores`). A mode without coefficients (every file written before
+them) is plain weighted fusion, as before. ``tuned_on`` is a free
 record of where they came from (``null`` when written by hand). The file is only ever written on
 request (``trine eval --tune-weights``), into an existing folder.
 """
@@ -35,7 +40,7 @@ DEFAULT_WEIGHTS: dict[str, tuple[float, ...]] = {
     "dense+bm25": (1.0, 1.0),
 }
 DEFAULT_NORMALIZATION = "none"
-_FIELDS = ("normalization", "weights", "tuned_on")
+_FIELDS = ("normalization", "weights", "confidence", "tuned_on")
 
 
 def check_weights(mode: str, weights: Any, where: str = "weights") -> list[float]:
@@ -56,15 +61,36 @@ def check_weights(mode: str, weights: Any, where: str = "weights") -> list[float
     return values
 
 
+def check_confidence(mode: str, coefficients: Any, where: str = "confidence") -> list[float]:
+    """Calibrated fusion's ``coefficients`` of fused ``mode`` as floats: one per head the mode fuses,
+    finite, any sign (``ValueError`` naming ``where`` otherwise)."""
+    if mode not in FUSED_MODES:
+        raise ValueError(f"{where}: unknown fused mode {mode!r}; choose from {list(FUSED_MODES)}")
+    names = FUSED_MODES[mode]
+    if (isinstance(coefficients, (str, bytes)) or not isinstance(coefficients, Sequence)
+            or len(coefficients) != len(names)):
+        raise ValueError(f"{where}: {mode!r} needs {len(names)} coefficients ({', '.join(names)}), "
+                         f"got {coefficients!r}")
+    if any(isinstance(c, bool) or not isinstance(c, (int, float)) for c in coefficients):
+        raise ValueError(f"{where}: {mode!r} coefficients must be numbers, got {list(coefficients)!r}")
+    values = [float(c) for c in coefficients]
+    if any(not math.isfinite(c) for c in values):
+        raise ValueError(f"{where}: {mode!r} coefficients must be finite, got {values}")
+    return values
+
+
 @dataclass
 class FusionSettings:
     """The score normalization (one of :data:`trine.scoring.NORMALIZATIONS`) and the weights of some
     fused modes (``{mode: [w_dense, ...]}`` in :data:`FUSED_MODES` order); ``tuned_on`` records how
-    they were found (dataset, split, queries, metric and its dev values), ``None`` when not tuned."""
+    they were found (dataset, split, queries, metric and its dev values), ``None`` when not tuned.
+    ``confidence``: calibrated fusion's coefficients of some of those modes (``{mode: [c_dense, ...]}``,
+    the module doc); a mode without them fuses with its plain weights."""
 
     normalization: str = DEFAULT_NORMALIZATION
     weights: dict[str, list[float]] = field(default_factory=dict)
     tuned_on: dict[str, Any] | None = None
+    confidence: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
@@ -72,12 +98,29 @@ class FusionSettings:
         if not isinstance(self.weights, Mapping):
             raise ValueError(f"weights must be a mapping of fused mode to weights, got {type(self.weights).__name__}")
         self.weights = {mode: check_weights(mode, w, f"weights.{mode}") for mode, w in self.weights.items()}
+        if not isinstance(self.confidence, Mapping):
+            raise ValueError("confidence must be a mapping of fused mode to coefficients, got "
+                             f"{type(self.confidence).__name__}")
+        self.confidence = {mode: check_confidence(mode, c, f"confidence.{mode}") for mode, c in self.confidence.items()}
+        unweighted = sorted(set(self.confidence) - set(self.weights))
+        if unweighted:
+            raise ValueError(f"confidence: coefficients for {unweighted}, which have no weights")
         if self.tuned_on is not None and not isinstance(self.tuned_on, Mapping):
             raise ValueError(f"tuned_on must be a mapping or None, got {type(self.tuned_on).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"normalization": self.normalization, "weights": {m: list(w) for m, w in self.weights.items()},
-                "tuned_on": None if self.tuned_on is None else dict(self.tuned_on)}
+        """The ``fusion.json`` object; ``confidence`` only when some mode has coefficients (so plain
+        weighted fusion writes the file it always wrote)."""
+        out: dict[str, Any] = {"normalization": self.normalization,
+                               "weights": {m: list(w) for m, w in self.weights.items()}}
+        if self.confidence:
+            out["confidence"] = {m: list(c) for m, c in self.confidence.items()}
+        out["tuned_on"] = None if self.tuned_on is None else dict(self.tuned_on)
+        return out
+
+    def coefficients(self, mode: str) -> list[float] | None:
+        """``mode``'s calibrated-fusion coefficients, ``None`` when it fuses with plain weights."""
+        return list(self.confidence[mode]) if mode in self.confidence else None
 
 
 def fusion_path(model_dir: str | os.PathLike) -> str:
@@ -105,8 +148,11 @@ def read_fusion(model_dir: str | os.PathLike) -> FusionSettings | None:
         raise InputError(f"{path}: field 'normalization' is missing")
     if not isinstance(data.get("weights", {}), dict):
         raise InputError(f"{path}: field 'weights' must be an object of fused mode -> weights")
+    if not isinstance(data.get("confidence", {}), dict):
+        raise InputError(f"{path}: field 'confidence' must be an object of fused mode -> coefficients")
     try:
-        return FusionSettings(data["normalization"], data.get("weights", {}), data.get("tuned_on"))
+        return FusionSettings(data["normalization"], data.get("weights", {}), data.get("tuned_on"),
+                              data.get("confidence", {}))
     except ValueError as err:
         raise InputError(f"{path}: field {err}") from None
 

@@ -44,13 +44,14 @@ def union_rows(results: Sequence[SearchResult]) -> np.ndarray:
 
 
 def weighted_fusion(candidates: Sequence[SearchResult], scorers: Sequence[Scorer], weights: Sequence[float],
-                    k: int, *, normalization: str = "none") -> SearchResult:
+                    k: int, *, normalization: str = "none", confidence: Sequence[float] | None = None) -> SearchResult:
     """Rank the union of ``candidates`` by ``sum_m weights[m] * normalize(scorers[m](rows))``, best ``k`` per query.
 
     Each scorer takes a (queries x m) row matrix (-1 padding) and returns exact scores of that shape.
     ``normalization`` (:data:`trine.scoring.NORMALIZATIONS`) puts each mode's scores on one scale per
     query over that query's union of candidates before weighting: ``none`` (raw scores, FlagEmbedding's
-    recipe), ``minmax`` or ``zscore`` (:func:`trine.scoring.normalize_scores`).
+    recipe), ``minmax`` or ``zscore`` (:func:`trine.scoring.normalize_scores`). ``confidence``: calibrated
+    fusion's per-head coefficients (:func:`trine.scoring.fuse_scores`), ``None`` for plain weights.
     """
     if len(scorers) != len(weights) or not scorers:
         raise ValueError(f"{len(scorers)} scorers for {len(weights)} weights")
@@ -62,7 +63,7 @@ def weighted_fusion(candidates: Sequence[SearchResult], scorers: Sequence[Scorer
         if s.shape != rows.shape:
             raise ValueError(f"a scorer returned shape {s.shape} for rows {rows.shape}")
         scores.append(s)
-    return rank_candidates(rows, fuse_scores(scores, weights, rows >= 0, normalization), k)
+    return rank_candidates(rows, fuse_scores(scores, weights, rows >= 0, normalization, confidence), k)
 
 
 def rank_candidates(rows: np.ndarray, scores: np.ndarray, k: int) -> SearchResult:
@@ -232,13 +233,14 @@ class HybridRetriever:
 
     def search_mode(self, reps: QueryReps, mode: str, k: int, *, colbert_search: str = "rerank",
                     rerank_k: int = 100, weights: Mapping[str, float] | None = None,
-                    normalization: str = "none") -> SearchResult:
+                    normalization: str = "none", confidence: Mapping[str, float] | None = None) -> SearchResult:
         """One score mode's top ``k`` (what ``trine eval`` and ``trine serve``'s /search run): ``dense`` or
         ``sparse`` by its own index; ``colbert`` by the multi-vector index's own search (``colbert_search=
         "full"``: exact maxsim over the corpus, or a plaid index's candidate generation and decompressed maxsim)
         or over the dense top ``rerank_k`` (``"rerank"``, FlagEmbedding's recipe); a fused mode
         (``sparse+dense``, ``colbert+sparse+dense``) by weighted fusion of ``weights`` ({mode: weight})
-        over the dense and sparse top ``k``."""
+        over the dense and sparse top ``k`` (``confidence``: calibrated fusion's {mode: coefficient},
+        :func:`trine.scoring.fuse_scores`)."""
         if mode in ("dense", "sparse") or (mode == "colbert" and colbert_search == "full"):
             return self.first_stage(reps, mode, k)
         if mode == "colbert":
@@ -249,16 +251,24 @@ class HybridRetriever:
         if mode in ("sparse+dense", "colbert+sparse+dense"):
             if weights is None:
                 raise ValueError(f"mode {mode!r} needs its weights")
-            return self.search(reps, k, weights, candidate_k=k, normalization=normalization)
+            return self.search(reps, k, weights, candidate_k=k, normalization=normalization, confidence=confidence)
         raise ValueError(f"unknown search mode {mode!r}")
 
     def search(self, reps: QueryReps, k: int, weights: Mapping[str, float], *,
                candidate_modes: Sequence[str] = ("dense", "sparse"), candidate_k: int = 100,
-               fusion: str = "weighted", rrf_k: float = 60.0, normalization: str = "none") -> SearchResult:
+               fusion: str = "weighted", rrf_k: float = 60.0, normalization: str = "none",
+               confidence: Mapping[str, float] | None = None) -> SearchResult:
         """The best ``k`` documents per query, fusing the modes named in ``weights`` (see the class);
         ``normalization`` (weighted fusion only): each mode's scores per query over the union of
-        candidates, as :func:`weighted_fusion`."""
+        candidates, as :func:`weighted_fusion`; ``confidence`` (weighted fusion only): calibrated fusion's
+        {mode: coefficient} for modes named in ``weights`` (:func:`trine.scoring.fuse_scores`)."""
         check_normalization(normalization)
+        if confidence is not None:
+            if fusion != "weighted":
+                raise ValueError("confidence applies to weighted fusion; rrf fuses ranks, not scores")
+            unknown = sorted(set(confidence) - set(weights))
+            if unknown:
+                raise ValueError(f"confidence names modes {unknown} that weights does not")
         if fusion not in ("weighted", "rrf"):
             raise ValueError(f"fusion must be 'weighted' or 'rrf', not {fusion!r}")
         if fusion == "rrf" and normalization != "none":
@@ -274,7 +284,9 @@ class HybridRetriever:
         modes = list(weights)
         if fusion == "weighted":
             return weighted_fusion(candidates, [self.scorer(reps, m) for m in modes],
-                                   [weights[m] for m in modes], k, normalization=normalization)
+                                   [weights[m] for m in modes], k, normalization=normalization,
+                                   confidence=None if confidence is None else
+                                   [float(confidence.get(m, 0.0)) for m in modes])
         lists = []
         by_mode = dict(zip(candidate_modes, candidates))
         for m in modes:

@@ -194,8 +194,13 @@ async def search(body: SearchRequest, request: Request) -> JSONResponse:
                             f"lacks (it has {', '.join(retriever.indexes)})", "mode")
     state.need_outputs(needs, "mode")
     fused = mode in FUSED_MODES
-    weights = normalization = None
+    weights = normalization = confidence = None
     if fused:
+        # calibrated fusion's coefficients were fitted with fusion.json's weights and normalization: they
+        # apply when the request takes both from it (weights or a normalization in the body fuse plainly)
+        coefficients = state.settings.fusion.coefficients(mode)
+        if coefficients is not None and body.weights is None and body.normalization is None:
+            confidence = dict(zip(FUSED_MODES[mode], coefficients))
         try:
             weights = check_weights(mode, body.weights if body.weights is not None else state.settings.fusion_weights(
                 mode), "weights")
@@ -216,7 +221,7 @@ async def search(body: SearchRequest, request: Request) -> JSONResponse:
     def run() -> tuple[SearchResult, SearchResult | None]:  # what trine eval runs for the same mode (and rerank)
         found = retriever.search_mode(reps, mode, top or k, colbert_search=body.colbert_search, rerank_k=rerank_k,
                                       weights=dict(zip(FUSED_MODES[mode], weights)) if fused else None,
-                                      normalization=normalization or "none")
+                                      normalization=normalization or "none", confidence=confidence)
         if top is None:
             return found, None
         config = EvalConfig(reranker_top_k=top, reranker_max_length=state.reranker.max_length)
