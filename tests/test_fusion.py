@@ -355,3 +355,45 @@ def test_dense_bm25_equals_hand_fusion(tmp_path):
             ((rows, scores),) = hand_fusion([[dense_top, bm25_top]], [dense[None], lexical[None]], weights, norm, k)
             assert list(run[qid]) == [ids[r] for r in rows], (norm, qid)
             np.testing.assert_allclose(list(run[qid].values()), scores, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- trine index search
+def test_index_search_fuses_with_the_model_folders_settings(tmp_path, model_dir, capsys):
+    """`trine index search` fuses as eval and /search do: fusion.json's weights, normalization and calibrated
+    coefficients when the folder has them; --weights fuse plainly (with the file's normalization)."""
+    from trine import M3Embedder
+    from trine.cli import main
+
+    data = build_manpages_beir(tmp_path / "data", pages=pages(30), seed=0)
+    uri = str(tmp_path / "idx")
+    model_dir = str(model_dir)
+    assert main(["index", "build", "--model", model_dir, "--heads", "neutral", "--corpus",
+                 os.path.join(data, "corpus.jsonl"), "--uri", uri, "--passage_max_len", "64", "--quiet"]) == 0
+    query = "copy files recursively"
+    encoder = M3Embedder(model_dir, init_missing_heads="neutral", show_progress=False, query_max_length=64)
+    retriever = HybridRetriever.load(uri)
+    reps = QueryReps.from_encode(dict(encoder.encode_result([query], ("dense", "sparse"), kind="query")))
+
+    def search(*extra):
+        capsys.readouterr()
+        assert main(["index", "search", "--model", model_dir, "--heads", "neutral", "--uri", uri, "--query", query,
+                     "--mode", "sparse+dense", "--k", "6", "--query_max_len", "64", "--quiet", *extra]) == 0
+        return [(h["id"], h["score"]) for h in json.loads(capsys.readouterr().out.strip())["hits"]]
+
+    def reference(weights, normalization="none", confidence=None):
+        found = retriever.search_mode(reps, "sparse+dense", 6, weights=dict(zip(("dense", "sparse"), weights)),
+                                      normalization=normalization, confidence=confidence)
+        return [(retriever.ids[r], round(float(s), 6)) for r, s in zip(found.rows[0], found.scores[0]) if r >= 0]
+
+    def same(got, want):
+        assert [i for i, _ in got] == [i for i, _ in want]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in want], atol=1e-5)
+
+    same(search(), reference((1.0, 0.3)))  # no fusion.json: the BGE-M3 paper's weights, raw scores
+    write_fusion(model_dir, FusionSettings("minmax", {"sparse+dense": [1.0, 2.0]}, {"split": "dev"},
+                                           {"sparse+dense": [3.0, -1.0]}))
+    calibrated = search()
+    same(calibrated, reference((1.0, 2.0), "minmax", {"dense": 3.0, "sparse": -1.0}))
+    plain = search("--weights", "1,2")
+    same(plain, reference((1.0, 2.0), "minmax"))
+    assert calibrated != plain

@@ -362,14 +362,27 @@ def _search(args: argparse.Namespace) -> int:
         raise OptionError(f"--mode {args.mode} needs {', '.join(missing)}, which this index does not hold")
     reps = encoder.encode_result(texts, modes, kind="query")
     names = FUSED_MODES
-    weights = None
+    weights = confidence = None
+    normalization = "none"
     if args.mode in names:
-        # reciprocal rank fusion is unweighted unless asked (each list counts 1 / (60 + rank)); trine's
-        # score fusion starts from the BGE-M3 paper's weights
-        plain_rrf = (1.0,) * len(names[args.mode])
-        from trine.modeling.fusion import DEFAULT_WEIGHTS  # here: --help loads no torch
+        from trine.modeling.fusion import DEFAULT_WEIGHTS, read_fusion  # here: --help loads no torch
 
-        values = args.weights or (plain_rrf if args.engine_fusion == "rrf" else DEFAULT_WEIGHTS[args.mode])
+        # score fusion as `trine eval` and /search fuse: the model folder's fusion.json (tuned on a dev split by
+        # `trine eval --tune-weights`), else the BGE-M3 paper's weights; --weights fuse plainly with the file's
+        # normalization. Reciprocal rank fusion in the engine is unweighted unless asked (1 / (60 + rank)).
+        saved = None if args.engine_fusion else read_fusion(args.model)
+        if args.weights:
+            values = args.weights
+        elif args.engine_fusion == "rrf":
+            values = (1.0,) * len(names[args.mode])
+        elif saved is not None and args.mode in saved.weights:
+            values = saved.weights[args.mode]
+            coefficients = saved.coefficients(args.mode)
+            confidence = None if coefficients is None else dict(zip(names[args.mode], coefficients))
+        else:
+            values = DEFAULT_WEIGHTS[args.mode]
+        if saved is not None:
+            normalization = saved.normalization
         if len(values) != len(names[args.mode]):
             raise OptionError(f"--weights for {args.mode}: {len(names[args.mode])} numbers "
                               f"({','.join(names[args.mode])}), got {values}")
@@ -386,7 +399,8 @@ def _search(args: argparse.Namespace) -> int:
         with options_checked():
             result = retriever.search_mode(QueryReps.from_encode(dict(reps)), args.mode, args.k,
                                            rerank_k=max(args.candidate_k, args.k), weights=weights,
-                                           colbert_search=args.colbert_search)
+                                           colbert_search=args.colbert_search, normalization=normalization,
+                                           confidence=confidence)
     ids = retriever.ids
     for qid, text, rows, scores in zip(qids, texts, result.rows, result.scores):
         hits = [{"id": ids[r], "score": round(float(s), 6)} for r, s in zip(rows.tolist(), scores.tolist()) if r >= 0]
@@ -467,8 +481,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--queries", default=None, help="queries.jsonl (_id/id and text)")
     s.add_argument("--mode", default="dense", choices=list(SEARCH_MODES))
     s.add_argument("--weights", type=floats, default=None,
-                   help="fused modes' weights: dense,sparse (default 1,0.3; 1,1 with --engine-fusion rrf) or "
-                        "dense,sparse,colbert (1,0.3,1)")
+                   help="fused modes' weights: dense,sparse or dense,sparse,colbert (default: the model folder's "
+                        "fusion.json, tuned by trine eval --tune-weights, with its normalization; else 1,0.3 and "
+                        "1,0.3,1; 1,1 with --engine-fusion rrf)")
     s.add_argument("--k", type=int, default=10)
     s.add_argument("--candidate-k", type=int, default=100,
                    help="first-stage depth (colbert with --colbert-search rerank: dense candidates)")
