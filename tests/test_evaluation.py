@@ -316,6 +316,37 @@ def test_cli_eval(tmp_path, splade_tiny_dir, capsys):
     assert "--k: expected comma-separated integers" in capsys.readouterr().err
 
 
+def test_cli_eval_in_bfloat16(tmp_path, splade_tiny_dir, capsys, monkeypatch):
+    """--bf16 loads the evaluated models in bfloat16 (the encoder's dtype) and gives nearly the float32 numbers;
+    --fp16 with --bf16 is one line, exit 2."""
+    import json
+
+    import torch
+
+    from trine.cli import main
+    from trine.inference.encoder import Encoder
+
+    data = tmp_path / "data"
+    build_manpages_beir(data, pages=fake_pages(60), seed=0)
+    dtypes = []
+    original = Encoder.encode_result
+    monkeypatch.setattr(Encoder, "encode_result", lambda self, *a, **k: dtypes.append(self.dtype) or
+                        original(self, *a, **k))
+    results = {}
+    for name, flags in (("fp32", []), ("bf16", ["--bf16"])):
+        out = tmp_path / name
+        assert main(["eval", "--data", str(data), "--model", splade_tiny_dir, "--heads", "neutral", "--quiet",
+                     "--modes", "dense,sparse,colbert", "--k", "10", "--out", str(out), *flags]) == 0
+        (entry,) = json.loads((out / "results.json").read_text())["models"].values()
+        results[name] = entry["metrics"]
+    assert set(dtypes) == {torch.float32, torch.bfloat16}
+    for mode, metrics in results["fp32"].items():
+        assert abs(results["bf16"][mode]["ndcg@10"] - metrics["ndcg@10"]) < 0.05, mode
+    capsys.readouterr()
+    assert main(["eval", "--data", str(data), "--model", splade_tiny_dir, "--fp16", "--bf16"]) == 2
+    assert "exclusive" in capsys.readouterr().err
+
+
 def test_cli_manpages_data(tmp_path, manpage_set, capsys):
     from trine.cli import main
 
