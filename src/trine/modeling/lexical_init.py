@@ -70,7 +70,6 @@ def bm25_targets(token_ids: Sequence[Sequence[int]], idf: np.ndarray, skip: Sequ
     return out
 
 
-@torch.no_grad()
 def largest_bm25_weight(n_docs: int, k1: float = 1.5) -> float:
     """The largest BM25 weight a token can have in a corpus of ``n_docs`` texts, ``(k1 + 1) idf(df=1)``:
     dividing by it puts one shared token's contribution to a score at most 1, the scale of a cosine."""
@@ -120,6 +119,7 @@ class BM25Teacher:
         return q_mat @ lexical_matrix(p_weights, passage_ids, self.vocab_size).T
 
 
+@torch.no_grad()
 def fit_lexical_head(
     model,  # noqa: ANN001  (a TriHeadModel; imported lazily by it)
     texts: Sequence[str],
