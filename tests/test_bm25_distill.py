@@ -186,3 +186,31 @@ def test_bad_model_options_raise(encoder):
         build_loss("bm25_distill", temprature=1.0)
     with pytest.raises(ValueError, match="positive number"):
         build_loss("bm25_distill", temperature=-1.0)
+
+
+def test_cross_device_teacher_covers_the_gathered_columns(tmp_path, tiny_m3_dir):
+    """With negatives_cross_device the teacher scores every gathered passage (other ranks' too, each rank
+    padded to its own length): two processes give the loss and gradients of one process with the whole batch."""
+    import os
+
+    import torch.multiprocessing as mp
+    from test_training_m3 import _rank_run
+
+    encoder = TriHeadModel.from_pretrained(tiny_m3_dir)
+    no_dropout(encoder.backbone)
+    skip = sorted(encoder.unused_token_ids.tolist())
+    teacher = BM25Teacher(terms(tokenize(encoder.tokenizer, PASSAGES)["input_ids"], set(skip)),
+                          encoder.vocab_size, skip)
+    options = {"sparse_bm25_distill_weight": 0.5, "bm25_teacher": teacher}
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(_rank_run, args=(2, 29950 + os.getpid() % 40, tiny_m3_dir, out, True, options), nprocs=2, join=True)
+    result = torch.load(out)
+    model = EmbedderTrainingModel(encoder, temperature=0.05, training_mode="unified", use_self_distill=True,
+                                  **options).train()
+    full = model(tokenize(encoder.tokenizer, QUERIES), tokenize(encoder.tokenizer, PASSAGES))
+    full["loss"].backward()
+    assert "sparse_bm25_kd" in full["parts"]
+    torch.testing.assert_close(result["loss"], full["loss"].detach(), atol=1e-5, rtol=1e-5)
+    for name, prm in encoder.named_parameters():
+        if prm.grad is not None:
+            torch.testing.assert_close(result["grads"][name], prm.grad, atol=1e-5, rtol=1e-4, msg=name)
