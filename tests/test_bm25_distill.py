@@ -214,3 +214,13 @@ def test_cross_device_teacher_covers_the_gathered_columns(tmp_path, tiny_m3_dir)
     for name, prm in encoder.named_parameters():
         if prm.grad is not None:
             torch.testing.assert_close(result["grads"][name], prm.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_command_line_exit_2_on_a_bad_value(tmp_path, tiny_m3_dir, capsys):
+    from trine.training.finetune import main
+
+    data = write_data(tmp_path / "train.jsonl")
+    assert main(common_args(tiny_m3_dir, data, tmp_path / "o", sparse_bm25_distill_weight=-1)) == 2
+    err = capsys.readouterr().err
+    assert "sparse_bm25_distill_weight must be a number >= 0, got -1.0" in err
+    assert not (tmp_path / "o").exists()
