@@ -46,11 +46,12 @@ def log_softmax(row: list[float]) -> list[float]:
 
 
 def test_registry_names_and_errors():
-    assert {"infonce", "group_ce", "kl_div", "m3_kd_loss", "bce", "self_distill"} <= set(LOSSES)
+    assert {"infonce", "group_ce", "kl_div", "m3_kd_loss", "bce", "self_distill", "bm25_distill"} <= set(LOSSES)
     assert isinstance(build_loss("group_ce"), InfoNCE) and build_loss("group_ce").name == "infonce"
     assert isinstance(build_loss("kl_div"), KLDistill) and isinstance(build_loss("m3_kd_loss"), M3KD)
     assert isinstance(build_loss("bce"), PointwiseBCE) and isinstance(build_loss("self_distill"), SelfDistill)
-    with pytest.raises(ValueError, match="unknown loss 'mse'; known losses: bce, group_ce, infonce, kl_div"):
+    with pytest.raises(ValueError,
+                       match="unknown loss 'mse'; known losses: bce, bm25_distill, group_ce, infonce, kl_div"):
         build_loss("mse")
     with pytest.raises(ValueError, match="loss 'kl_div' has no option.s. temperature; its options: none"):
         build_loss("kl_div", temperature=0.1)

@@ -94,7 +94,7 @@ def test_modes_need_heads_and_valid_options(splade_tiny_dir):
         EmbedderTrainingModel(encoder, training_mode="dense", use_self_distill=True)
 
 
-def _rank_run(rank, world, port, model_dir, out, self_distill):
+def _rank_run(rank, world, port, model_dir, out, self_distill, options=None):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -102,7 +102,7 @@ def _rank_run(rank, world, port, model_dir, out, self_distill):
     encoder = TriHeadModel.from_pretrained(model_dir)
     no_dropout(encoder.backbone)
     model = EmbedderTrainingModel(encoder, temperature=0.05, training_mode="unified", negatives_cross_device=True,
-                                  use_self_distill=self_distill)
+                                  use_self_distill=self_distill, **(options or {}))
     ddp = torch.nn.parallel.DistributedDataParallel(model.train())
     per = len(QUERIES) // world
     # rank 1 gets longer passages, so the gathered ColBERT vectors need padding

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from trine.modeling.heads import lexical_matrix
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,14 +38,27 @@ def document_frequencies(token_ids: Sequence[Sequence[int]], vocab_size: int, sk
     return df
 
 
+def text_lengths(token_ids: Sequence[Sequence[int]], skip: Sequence[int] = ()) -> list[int]:
+    """Each text's BM25 length ``dl``: its tokens other than ``skip`` ids (padding and special tokens)."""
+    skip_set = set(int(t) for t in skip)
+    return [sum(1 for t in ids if int(t) not in skip_set) for ids in token_ids]
+
+
+def mean_length(lengths: Sequence[int]) -> float:
+    """BM25's ``avgdl`` (at least 1, so an all-special corpus divides by nothing smaller)."""
+    return max(float(np.mean(lengths)), 1.0) if len(lengths) else 1.0
+
+
 def bm25_targets(token_ids: Sequence[Sequence[int]], idf: np.ndarray, skip: Sequence[int] = (), *,
-                 k1: float = 1.5, b: float = 0.75) -> list[np.ndarray]:
+                 k1: float = 1.5, b: float = 0.75, avgdl: float | None = None) -> list[np.ndarray]:
     """Per text, per position: ``sqrt`` of the BM25 weight of that position's token in that text,
     ``idf * tf (k1 + 1) / (tf + k1 (1 - b + b dl / avgdl))`` (0 at ``skip`` ids); ``dl`` counts the
-    text's tokens other than ``skip``, ``avgdl`` is their mean over the texts."""
+    text's tokens other than ``skip``, ``avgdl`` is their mean over the texts unless given (a corpus's
+    mean, when ``token_ids`` are a batch scored against that corpus)."""
     skip_set = set(int(t) for t in skip)
-    lengths = [sum(1 for t in ids if t not in skip_set) for ids in token_ids]
-    avgdl = max(float(np.mean(lengths)), 1.0) if lengths else 1.0
+    lengths = text_lengths(token_ids, skip)
+    if avgdl is None:
+        avgdl = mean_length(lengths)
     out = []
     for ids, dl in zip(token_ids, lengths):
         arr = np.asarray(ids, dtype=np.int64)
@@ -53,6 +68,55 @@ def bm25_targets(token_ids: Sequence[Sequence[int]], idf: np.ndarray, skip: Sequ
         weight[np.isin(arr, list(skip_set))] = 0.0
         out.append(np.sqrt(weight))
     return out
+
+
+def largest_bm25_weight(n_docs: int, k1: float = 1.5) -> float:
+    """The largest BM25 weight a token can have in a corpus of ``n_docs`` texts, ``(k1 + 1) idf(df=1)``:
+    dividing by it puts one shared token's contribution to a score at most 1, the scale of a cosine."""
+    return (k1 + 1) * float(bm25_idf(np.array([1]), n_docs)[0])
+
+
+class BM25Teacher:
+    """BM25 scores of every (query, passage) pair of a batch, from the token ids the model sees: the
+    teacher of ``sparse_bm25_distill_weight`` (:class:`trine.training.losses.BM25Distill`).
+
+    Corpus statistics (document frequencies, ``avgdl``) come once from the training passages, tokenised
+    as the model's; a batch's passages are scored with them. ``score(q, p) = sum over the distinct
+    non-special tokens t of q of w_p(t)``, ``w_p(t)`` the BM25 weight of ``t`` in ``p`` (:func:`bm25_targets`
+    squared), divided by :func:`largest_bm25_weight` as the ``bm25`` head start is: the fitted head's
+    scores start on this scale, so the student and the teacher can share a temperature. Distinct query
+    tokens count once because the lexical head's own score counts each shared token once (max pooling)."""
+
+    def __init__(self, passage_ids: Sequence[Sequence[int]], vocab_size: int, skip: Sequence[int] = (), *,
+                 k1: float = 1.5, b: float = 0.75):
+        if not passage_ids:
+            raise ValueError("the BM25 teacher needs the training passages' token ids, got none")
+        self.vocab_size = int(vocab_size)
+        self.skip = [int(t) for t in skip]
+        self.k1, self.b = float(k1), float(b)
+        self.n_docs = len(passage_ids)
+        self.idf = bm25_idf(document_frequencies(passage_ids, self.vocab_size, self.skip), self.n_docs)
+        self.avgdl = mean_length(text_lengths(passage_ids, self.skip))
+        self.scale = largest_bm25_weight(self.n_docs, self.k1)
+
+    @classmethod
+    def from_texts(cls, tokenizer, texts: Sequence[str], max_length: int, vocab_size: int,  # noqa: ANN001
+                   skip: Sequence[int] = (), **options: float) -> BM25Teacher:
+        """The teacher over ``texts`` tokenised as the collator does (truncated to ``max_length``)."""
+        ids = tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+        return cls(ids, vocab_size, skip, **options)
+
+    @torch.no_grad()
+    def __call__(self, query_ids: torch.Tensor, passage_ids: torch.Tensor) -> torch.Tensor:
+        """Queries x passages BM25 scores (float32, on the ids' device) of padded id matrices."""
+        weights = bm25_targets(passage_ids.cpu().tolist(), self.idf, self.skip, k1=self.k1, b=self.b,
+                               avgdl=self.avgdl)
+        p_weights = torch.as_tensor(np.stack(weights) ** 2 / self.scale, dtype=torch.float32,
+                                    device=passage_ids.device)
+        skip = torch.tensor(self.skip, dtype=torch.long, device=query_ids.device)
+        q_terms = (~torch.isin(query_ids, skip)).to(torch.float32)
+        q_mat = lexical_matrix(q_terms, query_ids, self.vocab_size)  # 1 for each distinct query token
+        return q_mat @ lexical_matrix(p_weights, passage_ids, self.vocab_size).T
 
 
 @torch.no_grad()
@@ -89,7 +153,7 @@ def fit_lexical_head(
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
     special = model.unused_token_ids.tolist()
     idf = bm25_idf(document_frequencies(encoded, model.vocab_size, special), len(encoded))
-    largest = (k1 + 1) * float(bm25_idf(np.array([1]), len(encoded))[0])
+    largest = largest_bm25_weight(len(encoded), k1)
     targets = [t / np.sqrt(largest) for t in bm25_targets(encoded, idf, special, k1=k1, b=b)]
 
     order = np.random.default_rng(seed).permutation(len(encoded)).tolist()

@@ -13,7 +13,7 @@ from trine.data.text import check_template
 from trine.modeling.pooling import check_pooling_method
 from trine.modeling.trihead import HEAD_INITS
 from trine.training.losses import KD_LOSS_TYPES
-from trine.training.model import TRAINING_MODES, check_matryoshka
+from trine.training.model import TRAINING_MODES, check_bm25_distill, check_matryoshka
 
 logger = logging.getLogger(__name__)
 
@@ -318,6 +318,16 @@ class EmbedderTrainingArguments(SafeTrainingArguments):
         default=0.0, metadata={"help": "weight of SPLADE's FLOPS regulariser on the lexical weights (sparser "
                                         "weights; the logs report non-zero weights per text)"}
     )
+    sparse_bm25_distill_weight: float = field(
+        default=0.0, metadata={"help": "weight of BM25 score distillation into the lexical head (sparse and unified "
+                                       "modes): KL from the softmax of BM25's scores of every (query, in-batch "
+                                       "passage) pair, over the model's token ids with document frequencies of the "
+                                       "training passages, to the lexical scores; 0: off"}
+    )
+    sparse_bm25_distill_temperature: float | None = field(
+        default=None, metadata={"help": "temperature of the BM25 teacher's scores (normalised so one shared token "
+                                        "adds at most 1; default: sparse_temperature)"}
+    )
     dense_loss_weight: float = field(default=1.0)
     sparse_loss_weight: float = field(default=0.1)
     colbert_loss_weight: float = field(default=1.0)
@@ -405,6 +415,7 @@ class EmbedderTrainingArguments(SafeTrainingArguments):
             raise ValueError(f"training_mode must be one of {TRAINING_MODES}, got {self.training_mode!r}")
         self._resolve_matryoshka()
         self._check_dynamic_negatives()
+        check_bm25_distill(self.sparse_bm25_distill_weight, self.sparse_bm25_distill_temperature, self.training_mode)
 
     def _check_dynamic_negatives(self) -> None:
         for name in ("dynamic_negatives_steps", "dynamic_negatives_epochs"):

@@ -50,6 +50,13 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: Em
     if model_args.init_missing_heads == "bm25":  # the lexical head is fitted on the training passages
         context = {"passages": training_passages(files), "passage_max_len": data_args.passage_max_len}
     encoder = build_model(model_args, args, "embedder", **context)
+    bm25_teacher = None
+    if args.sparse_bm25_distill_weight:  # corpus statistics once, over the training passages as the model reads them
+        from trine.modeling.lexical_init import BM25Teacher
+
+        bm25_teacher = BM25Teacher.from_texts(
+            encoder.tokenizer, context.get("passages") or training_passages(files), data_args.passage_max_len,
+            encoder.vocab_size, encoder.unused_token_ids.tolist())
     if data_args.query_instruction_format is None:  # the family's template (a decoder's: FlagEmbedding's)
         data_args.query_instruction_format = getattr(encoder, "default_query_instruction_format", "{}{}")
     if args.negatives_cross_device and args.world_size == 1:
@@ -67,6 +74,9 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: Em
         sparse_flops_weight=args.sparse_flops_weight,
         matryoshka_dims=args.matryoshka_dims,
         matryoshka_weights=args.matryoshka_weights,
+        sparse_bm25_distill_weight=args.sparse_bm25_distill_weight,
+        sparse_bm25_distill_temperature=args.sparse_bm25_distill_temperature,
+        bm25_teacher=bm25_teacher,
         weights=M3LossWeights(
             ensemble_dense=args.ensemble_dense_weight, ensemble_sparse=args.ensemble_sparse_weight,
             ensemble_colbert=args.ensemble_colbert_weight, dense=args.dense_loss_weight,

@@ -17,6 +17,7 @@ name (FlagEmbedding's: ``kd_loss_type`` ``kl_div``/``m3_kd_loss``, ``reranker_lo
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -34,13 +35,15 @@ LOSSES: dict[str, type[Loss]] = {}
 @dataclass(frozen=True)
 class ScoreBatch:
     """What a loss may read. ``teacher``: a distribution over each query's group (queries x
-    group); ``ensemble``: the ensemble's logits, same shape as ``scores``."""
+    group); ``ensemble``: the ensemble's logits, same shape as ``scores``; ``bm25``: BM25's scores
+    of the same (query, passage) pairs as ``scores`` (the lexical head's teacher)."""
 
     scores: torch.Tensor
     targets: torch.Tensor
     group_size: int
     teacher: torch.Tensor | None = None
     ensemble: torch.Tensor | None = None
+    bm25: torch.Tensor | None = None
 
 
 class Loss:
@@ -54,7 +57,7 @@ class Loss:
 
     def applies(self, batch: ScoreBatch) -> bool:
         """Whether the batch has every optional input this loss needs."""
-        return all(getattr(batch, need) is not None for need in self.needs & {"teacher", "ensemble"})
+        return all(getattr(batch, need) is not None for need in self.needs & {"teacher", "ensemble", "bm25"})
 
     def __call__(self, batch: ScoreBatch) -> torch.Tensor:
         raise NotImplementedError
@@ -172,6 +175,27 @@ class SelfDistill(Loss):
 
     def __call__(self, batch: ScoreBatch) -> torch.Tensor:
         return kl_div(torch.softmax(batch.ensemble.detach(), dim=-1), batch.scores)
+
+
+@register("bm25_distill")
+@dataclass(frozen=True)
+class BM25Distill(Loss):
+    """BM25 score distillation into the lexical head (``sparse_bm25_distill_weight``): the softmax of
+    BM25's scores over every column, divided by ``temperature``, teaches the lexical scores with the
+    same KL as :class:`KLDistill`. On a small training budget the head then keeps BM25's ranking of
+    the in-batch passages (term statistics) while the contrastive terms teach it the rest."""
+
+    part: ClassVar[str] = "sparse_bm25_kd"
+    needs: ClassVar[frozenset[str]] = frozenset({"scores", "bm25"})
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise ValueError(f"bm25_distill's temperature must be a positive number, got {self.temperature!r}")
+
+    def __call__(self, batch: ScoreBatch) -> torch.Tensor:
+        return kl_div(torch.softmax(batch.bm25.detach().float() / self.temperature, dim=-1), batch.scores)
 
 
 class Objective:

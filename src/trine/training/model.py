@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from trine.modeling.heads import lexical_matrix
+from trine.modeling.lexical_init import BM25Teacher
 from trine.modeling.trihead import TriHeadModel
 from trine.scoring import colbert_scores_padded
 from trine.training.distributed import gather_padded, gather_with_grad
@@ -122,6 +123,9 @@ class EmbedderTrainingModel(nn.Module):
         sparse_flops_weight: float = 0.0,
         matryoshka_dims: Sequence[int] | None = None,
         matryoshka_weights: Sequence[float] | None = None,
+        sparse_bm25_distill_weight: float = 0.0,
+        sparse_bm25_distill_temperature: float | None = None,
+        bm25_teacher: BM25Teacher | None = None,
     ):
         super().__init__()
         if training_mode not in TRAINING_MODES:
@@ -134,6 +138,13 @@ class EmbedderTrainingModel(nn.Module):
             raise ValueError(f"sparse_temperature must be > 0, got {sparse_temperature}")
         if sparse_flops_weight < 0:
             raise ValueError(f"sparse_flops_weight must be >= 0, got {sparse_flops_weight}")
+        self.sparse_bm25_distill_weight = check_bm25_distill(
+            sparse_bm25_distill_weight, sparse_bm25_distill_temperature, training_mode)
+        if self.sparse_bm25_distill_weight and bm25_teacher is None:
+            raise ValueError("sparse_bm25_distill_weight needs a bm25_teacher (BM25 statistics of the training "
+                             "passages: trine.modeling.lexical_init.BM25Teacher)")
+        if bm25_teacher is not None and not self.sparse_bm25_distill_weight:
+            raise ValueError("a bm25_teacher is given but sparse_bm25_distill_weight is 0: nothing would use it")
         if training_mode != "dense" and not encoder.has_heads:
             raise ValueError(f"training_mode {training_mode!r} needs lexical and ColBERT heads; load the model with "
                              "init_missing_heads='random', 'neutral' or 'bm25' if its folder has none")
@@ -150,6 +161,11 @@ class EmbedderTrainingModel(nn.Module):
         self.temperature = temperature
         self.sparse_temperature = temperature if sparse_temperature is None else sparse_temperature
         self.sparse_flops_weight = sparse_flops_weight
+        self.bm25_teacher = bm25_teacher
+        # the teacher's temperature defaults to the student's: the bm25 head start puts both on one scale
+        self.bm25_distill = build_loss("bm25_distill", temperature=self.sparse_temperature
+                                       if sparse_bm25_distill_temperature is None
+                                       else float(sparse_bm25_distill_temperature))
         self.negatives_cross_device = negatives_cross_device
         self.kd_loss_type = kd_loss_type
         self.training_mode = training_mode
@@ -197,8 +213,9 @@ class EmbedderTrainingModel(nn.Module):
     def _scores(self, head: str, q: dict[str, torch.Tensor], p: dict[str, torch.Tensor], cross: bool,
                 stats: dict[str, torch.Tensor]) -> torch.Tensor:
         """Queries x (gathered) passages for one head, divided by its temperature (``sparse_temperature``
-        for the lexical head). The lexical head adds its FLOPS regulariser (when weighted) and its
-        non-zero weights per text to ``stats``."""
+        for the lexical head). The lexical head adds its FLOPS regulariser (when weighted), its BM25
+        teacher's scores of the same (gathered) columns (``bm25``, when distilling) and its non-zero
+        weights per text to ``stats``."""
         if head == "colbert":
             pv, pm = (gather_padded(p["colbert_vecs"], p["colbert_mask"]) if cross
                       else (p["colbert_vecs"], p["colbert_mask"]))
@@ -217,6 +234,8 @@ class EmbedderTrainingModel(nn.Module):
                 stats["sparse_nonzeros_passage"] = (local > 0).sum(1).float().mean()
             if self.sparse_flops_weight:
                 stats["flops"] = flops(q_mat) + flops(local)
+            if self.bm25_teacher is not None:  # the gathered ids: the teacher covers the same columns
+                stats["bm25"] = self.bm25_teacher(q["input_ids"], pid)
             return s / self.sparse_temperature
         else:
             s = q["dense_vecs"] @ (gather_with_grad(p["dense_vecs"]) if cross else p["dense_vecs"]).T
@@ -281,6 +300,9 @@ class EmbedderTrainingModel(nn.Module):
             scores[head] = s if in_batch_negatives else group_scores(s, targets, group)
             if head == "dense" and not in_batch_negatives:
                 matryoshka = {d: group_scores(m, targets, group) for d, m in matryoshka.items()}
+        bm25 = stats.pop("bm25", None)
+        if bm25 is not None and not in_batch_negatives:
+            bm25 = group_scores(bm25, targets, group)
         if not in_batch_negatives:
             targets = positive_columns(n_q, group, False, False, targets.device)
         loss, parts = self._loss(scores, partial(ScoreBatch, targets=targets, group_size=group, teacher=teacher),
@@ -289,6 +311,10 @@ class EmbedderTrainingModel(nn.Module):
             flops_loss = stats.pop("flops")
             parts["sparse_flops"] = flops_loss.detach()
             loss = loss + self.sparse_flops_weight * flops_loss
+        if bm25 is not None:  # BM25's ranking of the same columns distilled into the lexical scores
+            distill = self.bm25_distill(ScoreBatch(scores["sparse"], targets, group, bm25=bm25))
+            parts[self.bm25_distill.part] = distill.detach()
+            loss = loss + self.sparse_bm25_distill_weight * distill
         self.step += 1  # forward passes, as FlagEmbedding counts them for self_distill_start_step
         negatives = next(iter(scores.values())).size(1) - 1
         return {"loss": loss, "parts": parts, "negatives_per_query": negatives,
@@ -342,6 +368,23 @@ class EmbedderTrainingModel(nn.Module):
                 distill = distill + weight * d
             total = (total + distill / 3) / 2
         return total, parts
+
+
+def check_bm25_distill(weight: float, temperature: float | None, training_mode: str) -> float:
+    """``sparse_bm25_distill_weight`` checked: a finite number >= 0, above 0 only in a mode that trains the
+    lexical head; its temperature positive, and given only with a weight."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"sparse_bm25_distill_weight must be a number >= 0, got {weight!r}")
+    if temperature is not None:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"sparse_bm25_distill_temperature must be a number > 0, got {temperature!r}")
+        if not weight:
+            raise ValueError("sparse_bm25_distill_temperature needs sparse_bm25_distill_weight > 0")
+    if weight and training_mode not in ("sparse", "unified"):
+        raise ValueError(f"sparse_bm25_distill_weight trains the lexical head: it needs training_mode 'sparse' or "
+                         f"'unified', not {training_mode!r}")
+    return float(weight)
 
 
 def flops(weights: torch.Tensor) -> torch.Tensor:
