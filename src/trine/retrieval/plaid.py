@@ -11,7 +11,16 @@ stored as the id of its nearest centroid plus its residual (vector - centroid) q
 per dimension: per dimension, ``2**nbits - 1`` bucket cutoffs (the residuals' quantiles in the sample)
 and ``2**nbits`` bucket weights (the quantiles at the buckets' middles). A token decompresses to
 ``centroid + weights[d, bucket_d]`` per dimension, re-normalised when the indexed vectors are unit
-length (ColBERT and BGE-M3 vectors are), as ColBERTv2 does.
+length (ColBERT and BGE-M3 vectors are), as ColBERTv2 does. Or (``pq_bytes``) the residual is
+product-quantised: ``pq_bytes`` sub-vectors of ``dim / pq_bytes`` dimensions, each stored as the byte
+naming the nearest of 256 codewords (faiss's k-means per sub-space, on the sample's residuals); it
+decompresses to ``centroid + concat(codeword_j)``, re-normalised alike. Both store whole bytes per
+token, so one lookup table (byte position x byte value -> that byte's dimensions) decompresses either.
+
+Token pooling (``pool_factor``, Clavie et al. 2024, as PyLate's ``pool_factor``): before anything
+else, each document's token vectors are clustered (Ward's hierarchical clustering) into
+``ceil(tokens / pool_factor)`` groups and each group replaced by its mean (re-normalised for unit
+vectors): fewer stored vectors per document, at the cost of a maxsim over merged tokens.
 
 Search (PLAID): per query, the query tokens' scores against every centroid; the ``nprobe`` best
 centroids of each query token give the candidate documents (an inverted list centroid -> documents);
@@ -56,8 +65,10 @@ from trine.scoring import colbert_scores_flat
 KIND = "plaid"
 NBITS = (1, 2, 4)
 #: defaults of the build options (index.json records the values used)
-DEFAULTS: dict[str, Any] = {"nbits": 2, "ncentroids": None, "nprobe": 8, "ncandidates": 256,
-                            "sample_tokens": 1 << 18, "kmeans_niter": 20, "seed": 0}
+#: nbits None: 2, or no scalar residual where pq_bytes is given (nbits and pq_bytes are two codings of it)
+DEFAULTS: dict[str, Any] = {"nbits": None, "pq_bytes": None, "pool_factor": 1, "ncentroids": None, "nprobe": 8,
+                            "ncandidates": 256, "sample_tokens": 1 << 18, "kmeans_niter": 20, "seed": 0}
+DEFAULT_NBITS = 2
 Part = Callable[[], tuple[Sequence[str], Sequence[np.ndarray]]]
 
 
@@ -73,9 +84,16 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"unknown plaid index options {unknown}; options are {sorted(DEFAULTS)}")
     out = {**DEFAULTS, **options}
-    if out["nbits"] not in NBITS:
+    if out["pq_bytes"] is not None:
+        _positive("pq_bytes", out["pq_bytes"])
+        if out["nbits"] is not None:
+            raise ValueError(f"nbits {out['nbits']} and pq_bytes {out['pq_bytes']}: two codings of the residual; "
+                             "give one")
+    elif out["nbits"] is None:
+        out["nbits"] = DEFAULT_NBITS
+    if out["pq_bytes"] is None and out["nbits"] not in NBITS:
         raise ValueError(f"nbits must be one of {NBITS}, not {out['nbits']!r}")
-    for name in ("nprobe", "ncandidates", "sample_tokens", "kmeans_niter"):
+    for name in ("nprobe", "ncandidates", "sample_tokens", "kmeans_niter", "pool_factor"):
         _positive(name, out[name])
     if out["ncentroids"] is not None:
         _positive("ncentroids", out["ncentroids"])
@@ -117,31 +135,44 @@ def sample_positions(total: int, sample_tokens: int, seed: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ codec
 @dataclass
 class PlaidCodec:
-    """What compresses a token: centroids (ncentroids x dim), per-dimension bucket ``cutoffs``
-    (dim x 2**nbits - 1) and ``weights`` (dim x 2**nbits), ``nbits``, and whether decompressed
-    vectors are re-normalised (``normalized``: the indexed vectors are unit length)."""
+    """What compresses a token: centroids (ncentroids x dim), whether decompressed vectors are
+    re-normalised (``normalized``: the indexed vectors are unit length), and the residual's coding: either
+    ``nbits`` with per-dimension bucket ``cutoffs`` (dim x 2**nbits - 1) and ``weights`` (dim x 2**nbits),
+    or product-quantiser ``codebooks`` (pq_bytes x 256 x dim / pq_bytes)."""
 
     centroids: np.ndarray
-    cutoffs: np.ndarray
-    weights: np.ndarray
-    nbits: int
+    cutoffs: np.ndarray | None
+    weights: np.ndarray | None
+    nbits: int | None
     normalized: bool
+    codebooks: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         dim = self.dim
-        buckets = 1 << self.nbits
-        if self.cutoffs.shape != (dim, buckets - 1) or self.weights.shape != (dim, buckets):
-            raise ValueError(f"codec shapes do not match: centroids {self.centroids.shape}, cutoffs "
-                             f"{self.cutoffs.shape}, weights {self.weights.shape} for nbits {self.nbits}")
-        per_byte = 8 // self.nbits
-        # residual of each packed byte value at each byte position: one gather decompresses a token
-        shifts = np.arange(per_byte - 1, -1, -1) * self.nbits
-        buckets_of_byte = (np.arange(256)[:, None] >> shifts[None, :]) & (buckets - 1)  # (256 x per_byte)
-        dims = np.arange(self.packed_bytes)[:, None, None] * per_byte + np.arange(per_byte)[None, None, :]
-        lookup = self.weights[dims, buckets_of_byte[None, :, :]].astype(np.float32)  # (bytes x 256 x per_byte)
-        self._flat_lookup = np.ascontiguousarray(lookup.reshape(-1, per_byte))
+        if self.codebooks is not None:
+            m = self.codebooks.shape[0]
+            if (self.nbits is not None or self.cutoffs is not None or self.weights is not None
+                    or self.codebooks.shape != (m, 256, dim // max(m, 1)) or m * self.codebooks.shape[2] != dim):
+                raise ValueError(f"codec shapes do not match: centroids {self.centroids.shape}, codebooks "
+                                 f"{self.codebooks.shape} (and no scalar residual with them)")
+            # a byte's value at byte position j is codeword j: the codebooks are the lookup table
+            self._flat_lookup = np.ascontiguousarray(self.codebooks.reshape(m * 256, -1), dtype=np.float32)
+        else:
+            if self.nbits not in NBITS or self.cutoffs is None or self.weights is None:
+                raise ValueError(f"a scalar residual codec needs nbits in {NBITS}, cutoffs and weights")
+            buckets = 1 << self.nbits
+            if self.cutoffs.shape != (dim, buckets - 1) or self.weights.shape != (dim, buckets):
+                raise ValueError(f"codec shapes do not match: centroids {self.centroids.shape}, cutoffs "
+                                 f"{self.cutoffs.shape}, weights {self.weights.shape} for nbits {self.nbits}")
+            per_byte = 8 // self.nbits
+            # residual of each packed byte value at each byte position: one gather decompresses a token
+            shifts = np.arange(per_byte - 1, -1, -1) * self.nbits
+            buckets_of_byte = (np.arange(256)[:, None] >> shifts[None, :]) & (buckets - 1)  # (256 x per_byte)
+            dims = np.arange(self.packed_bytes)[:, None, None] * per_byte + np.arange(per_byte)[None, None, :]
+            lookup = self.weights[dims, buckets_of_byte[None, :, :]].astype(np.float32)  # (bytes x 256 x per_byte)
+            self._flat_lookup = np.ascontiguousarray(lookup.reshape(-1, per_byte))
+            self._shifts = shifts
         self._byte_base = (np.arange(self.packed_bytes, dtype=np.intp) * 256)[None, :]
-        self._shifts = shifts
 
     @property
     def dim(self) -> int:
@@ -153,20 +184,38 @@ class PlaidCodec:
 
     @property
     def packed_bytes(self) -> int:
+        """Residual bytes per token."""
+        if self.codebooks is not None:
+            return int(self.codebooks.shape[0])
+        assert self.nbits is not None
         return self.dim * self.nbits // 8
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the codec's arrays (centroids, and cutoffs and weights or codebooks)."""
+        return sum(int(a.nbytes) for a in (self.centroids, self.cutoffs, self.weights, self.codebooks)
+                   if a is not None)
 
     @property
     def code_dtype(self) -> type:
         return np.uint16 if self.ncentroids <= 1 << 16 else np.int32
 
     @classmethod
-    def train(cls, sample: np.ndarray, nbits: int, ncentroids: int, kmeans_niter: int, seed: int) -> PlaidCodec:
-        """k-means (faiss, seeded) over ``sample``, then the residuals' per-dimension quantiles."""
+    def train(cls, sample: np.ndarray, nbits: int | None, ncentroids: int, kmeans_niter: int, seed: int,
+              pq_bytes: int | None = None) -> PlaidCodec:
+        """k-means (faiss, seeded) over ``sample``, then the residuals' per-dimension quantiles (``nbits``) or
+        their product quantiser (``pq_bytes``: 256 codewords per sub-space, faiss's k-means, seeded)."""
         import faiss
 
         sample = np.ascontiguousarray(sample, dtype=np.float32)
         dim = sample.shape[1]
-        if (dim * nbits) % 8:
+        if pq_bytes is not None:
+            if dim % pq_bytes:
+                raise ValueError(f"pq_bytes {pq_bytes} must divide the vectors' dim {dim}")
+            if sample.shape[0] < 256:
+                raise ValueError(f"pq_bytes: 256 codewords per sub-space need at least 256 sampled token vectors, "
+                                 f"not {sample.shape[0]}")
+        elif (dim * nbits) % 8:
             raise ValueError(f"dim {dim} x nbits {nbits} must be a multiple of 8 (whole bytes per token)")
         if ncentroids > sample.shape[0]:
             raise ValueError(f"ncentroids {ncentroids} is more than the {sample.shape[0]} sampled token vectors")
@@ -176,6 +225,14 @@ class PlaidCodec:
         centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
         codes = _assign(centroids, sample)
         residuals = sample - centroids[codes]
+        if pq_bytes is not None:
+            sub = dim // pq_bytes
+            codebooks = np.empty((pq_bytes, 256, sub), dtype=np.float32)
+            for j in range(pq_bytes):
+                km = faiss.Kmeans(sub, 256, niter=kmeans_niter, seed=seed + 1 + j, verbose=False)
+                km.train(np.ascontiguousarray(residuals[:, j * sub:(j + 1) * sub]))
+                codebooks[j] = km.centroids
+            return cls(centroids, None, None, None, normalized, codebooks)
         buckets = 1 << nbits
         cutoffs = np.quantile(residuals, np.arange(1, buckets) / buckets, axis=0).T.astype(np.float32)
         weights = np.quantile(residuals, (np.arange(buckets) + 0.5) / buckets, axis=0).T.astype(np.float32)
@@ -189,12 +246,17 @@ class PlaidCodec:
             v = np.ascontiguousarray(vectors[start:start + batch], dtype=np.float32)
             c = _assign(self.centroids, v)
             residuals = v - self.centroids[c]
+            codes[start:start + len(v)] = c
+            if self.codebooks is not None:  # nearest codeword of each sub-vector
+                sub = self.codebooks.shape[2]
+                for j in range(self.codebooks.shape[0]):
+                    packed[start:start + len(v), j] = _assign(self.codebooks[j], residuals[:, j * sub:(j + 1) * sub])
+                continue
             bucket = np.zeros(residuals.shape, dtype=np.uint8)
             for j in range(self.cutoffs.shape[1]):  # bucket = how many cutoffs are <= the residual
                 bucket += residuals >= self.cutoffs[None, :, j]
             grouped = bucket.reshape(len(v), self.packed_bytes, 8 // self.nbits).astype(np.uint16)
             packed[start:start + len(v)] = (grouped << self._shifts[None, None, :]).sum(-1).astype(np.uint8)
-            codes[start:start + len(v)] = c
         return codes, packed
 
     def decompress(self, codes: np.ndarray, packed: np.ndarray) -> np.ndarray:
@@ -209,13 +271,54 @@ class PlaidCodec:
 
     def save(self, folder: str) -> None:
         np.save(os.path.join(folder, "centroids.npy"), self.centroids)
+        if self.codebooks is not None:
+            np.save(os.path.join(folder, "codebooks.npy"), self.codebooks)
+            return
         np.save(os.path.join(folder, "cutoffs.npy"), self.cutoffs)
         np.save(os.path.join(folder, "weights.npy"), self.weights)
 
     @classmethod
-    def load(cls, folder: str, nbits: int, normalized: bool) -> PlaidCodec:
-        return cls(*(np.load(os.path.join(folder, f"{n}.npy")) for n in ("centroids", "cutoffs", "weights")),
-                   nbits=nbits, normalized=normalized)
+    def load(cls, folder: str, nbits: int | None, normalized: bool) -> PlaidCodec:
+        """The codec saved in ``folder``: product-quantised where ``nbits`` is None, else scalar."""
+        def arr(name: str) -> np.ndarray:
+            return np.load(os.path.join(folder, f"{name}.npy"))
+
+        if nbits is None:
+            return cls(arr("centroids"), None, None, None, normalized, arr("codebooks"))
+        return cls(arr("centroids"), arr("cutoffs"), arr("weights"), nbits=nbits, normalized=normalized)
+
+
+def pool_tokens(vectors: np.ndarray, pool_factor: int) -> np.ndarray:
+    """One document's (tokens x dim) vectors pooled into ``ceil(tokens / pool_factor)`` (Ward's hierarchical
+    clustering, scipy): each cluster's mean, re-normalised when the vectors are unit length. ``pool_factor``
+    1, or a document of one token, is left as it is."""
+    n = len(vectors)
+    target = -(-n // pool_factor)
+    if pool_factor == 1 or n <= 1 or target >= n:
+        return np.asarray(vectors, dtype=np.float32)
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    v = np.asarray(vectors, dtype=np.float64)
+    labels = fcluster(linkage(v, method="ward"), t=target, criterion="maxclust") - 1
+    counts = np.bincount(labels)
+    pooled = np.zeros((len(counts), v.shape[1]))
+    np.add.at(pooled, labels, v)
+    pooled /= counts[:, None]
+    if np.all(np.abs(np.linalg.norm(v, axis=1) - 1.0) < 1e-3):
+        pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+    return pooled.astype(np.float32)
+
+
+def _pooled(part: Part, pool_factor: int) -> Part:
+    """``part`` with each document's vectors pooled (:func:`pool_tokens`); ``part`` itself for factor 1."""
+    if pool_factor == 1:
+        return part
+
+    def read() -> tuple[Sequence[str], Sequence[np.ndarray]]:
+        part_ids, vecs = part()
+        return part_ids, [pool_tokens(v, pool_factor) if np.ndim(v) == 2 else v for v in vecs]
+
+    return read
 
 
 def _assign(centroids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
@@ -263,8 +366,15 @@ class ColbertPlaidIndex:
 
     @property
     def bytes_per_token(self) -> float:
-        """Stored bytes per token: centroid id and packed residual (the codec and offsets are extra)."""
+        """Stored bytes per stored token: centroid id and packed residual (the codec and offsets are extra;
+        with token pooling, a stored token stands for about ``pool_factor`` of the document's)."""
         return float(self.codes.itemsize + self.packed.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """All the bytes of the stored arrays: centroid ids, residual codes, offsets and the codec (ids.json's
+        document ids are not counted)."""
+        return int(self.codes.nbytes + self.packed.nbytes + self.offsets.nbytes + self.codec.nbytes)
 
     def _index_centroids(self) -> None:
         """The inverted list centroid -> documents holding a token of it (CSR, documents sorted)."""
@@ -293,7 +403,8 @@ class ColbertPlaidIndex:
         check_unique(self.ids + new_ids)
         if not new_ids:
             return
-        vectors, lengths = _check_vectors(colbert_vecs, self.dim)
+        pooled = _pooled(lambda: (new_ids, colbert_vecs), int(self.options["pool_factor"]))()[1]
+        vectors, lengths = _check_vectors(pooled, self.dim)
         codes, packed = self.codec.compress(vectors)
         self.codes = np.concatenate([self.codes, codes])
         self.packed = np.concatenate([self.packed, packed])
@@ -423,6 +534,7 @@ def build_plaid(parts: Sequence[Part], work_dir: str | os.PathLike | None = None
     refused. The caller removes ``work_dir`` once the index is saved (:func:`remove_work_dir`).
     """
     opts = check_options(options)
+    parts = [_pooled(p, opts["pool_factor"]) for p in parts]
     work = None if work_dir is None else os.fspath(work_dir)
     if work is not None:
         os.makedirs(work, exist_ok=True)
@@ -447,7 +559,8 @@ def build_plaid(parts: Sequence[Part], work_dir: str | os.PathLike | None = None
             if hi > lo:
                 sample.append(_check_vectors(part()[1], None)[0][positions[lo:hi] - start])
             start += size
-        return PlaidCodec.train(np.concatenate(sample), opts["nbits"], ncentroids, opts["kmeans_niter"], opts["seed"])
+        return PlaidCodec.train(np.concatenate(sample), opts["nbits"], ncentroids, opts["kmeans_niter"], opts["seed"],
+                                opts["pq_bytes"])
 
     codec = _step(work, "codec", train, lambda f, c: (c.save(f), _write_json(f, "codec.json", {
         "normalized": c.normalized})), lambda f: PlaidCodec.load(f, opts["nbits"], _read_json(f, "codec.json")[
