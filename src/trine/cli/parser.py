@@ -221,7 +221,8 @@ def add_colbert_index_options(p: argparse.ArgumentParser) -> None:
     """``--colbert-index exact|plaid`` and the plaid index's options (trine.retrieval.plaid; defaults there)."""
     p.add_argument("--colbert-index", default="exact", choices=["exact", "plaid"],
                    help="the multi-vector (colbert) index: exact (the vectors as they are, exact maxsim) or plaid "
-                        "(compressed: centroid + nbits-per-dimension residual, its own candidate generation)")
+                        "(compressed: centroid + a residual of --nbits per dimension or --pq-bytes per token, its own "
+                        "candidate generation)")
     p.add_argument("--nbits", type=int, default=None, help="plaid: residual bits per dimension, 1, 2 or 4 (default 2)")
     p.add_argument("--pq-bytes", dest="pq_bytes", type=int, default=None,
                    help="plaid: product-quantise the residual into this many bytes per token instead of --nbits "

@@ -299,12 +299,15 @@ def pool_tokens(vectors: np.ndarray, pool_factor: int) -> np.ndarray:
     from scipy.cluster.hierarchy import fcluster, linkage
 
     v = np.asarray(vectors, dtype=np.float64)
-    labels = fcluster(linkage(v, method="ward"), t=target, criterion="maxclust") - 1
-    counts = np.bincount(labels)
-    pooled = np.zeros((len(counts), v.shape[1]))
-    np.add.at(pooled, labels, v)
-    pooled /= counts[:, None]
-    if np.all(np.abs(np.linalg.norm(v, axis=1) - 1.0) < 1e-3):
+    gram = v @ v.T  # Euclidean distances from one product (scipy's pdist is slower on 100k short documents)
+    squared = np.diag(gram)
+    upper = np.triu_indices(n, 1)
+    distances = np.sqrt(np.maximum(squared[:, None] + squared[None, :] - 2.0 * gram, 0.0)[upper])
+    labels = fcluster(linkage(distances, method="ward"), t=target, criterion="maxclust") - 1
+    members = np.zeros((int(labels.max()) + 1, n))
+    members[labels, np.arange(n)] = 1.0
+    pooled = (members @ v) / members.sum(1, keepdims=True)
+    if np.all(np.abs(np.sqrt(squared) - 1.0) < 1e-3):
         pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
     return pooled.astype(np.float32)
 
