@@ -185,6 +185,9 @@ def main() -> None:
     parser.add_argument("--sample-tokens", type=int, default=None, help="k-means sample (default: the index's)")
     parser.add_argument("--kmeans-niter", type=int, default=None)
     parser.add_argument("--ncandidates", type=int, nargs="+", default=None, help="searched with each (one build)")
+    parser.add_argument("--interaction-factor", type=int, nargs="+", default=None,
+                        help="searched with each (one build): documents given the full centroid interaction, per "
+                             "candidate")
     parser.add_argument("--encode-only", action="store_true", help="fill the vector cache and stop")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -259,17 +262,20 @@ def main() -> None:
             torch.set_num_threads(args.threads)
             (key, value), = coding.items()
             name = f"plaid {key}={value} pool={pool_factor} ncentroids={plaid.codec.ncentroids} nprobe={plaid.nprobe}"
-            for ncandidates in args.ncandidates or [plaid.ncandidates]:
+            searches = [(n, f) for n in args.ncandidates or [plaid.ncandidates]
+                        for f in args.interaction_factor or [plaid.interaction_factor]]
+            for ncandidates, factor in searches:
                 with threadpool_limits(args.threads):
-                    found, lat = timed(lambda i, index=plaid, n=ncandidates: index.search([q_colbert[i]], 10,
-                                                                                          ncandidates=n),
-                                       range(len(queries)))
+                    found, lat = timed(lambda i, index=plaid, n=ncandidates, f=factor: index.search(
+                        [q_colbert[i]], 10, ncandidates=n, interaction_factor=f), range(len(queries)))
                     # which stage loses the exact top 10: the candidates, or the decompressed scores' order
-                    caught = np.mean([np.isin(truth.rows[i], plaid.candidates(q_colbert[i], ncandidates=ncandidates))
-                                      .mean() for i in range(len(queries))])
+                    caught = np.mean([np.isin(truth.rows[i], plaid.candidates(
+                        q_colbert[i], ncandidates=ncandidates, interaction_factor=factor)).mean()
+                        for i in range(len(queries))])
                 plaid_rows = np.concatenate([r.rows for r in found])
                 # every stored byte (ids, codes, offsets, codec) over the documents' own (unpooled) tokens
-                rows.append({"method": f"{name} ncandidates={ncandidates}", "bytes": plaid.nbytes / len(vecs),
+                rows.append({"method": f"{name} ncandidates={ncandidates} interaction={factor}",
+                             "bytes": plaid.nbytes / len(vecs),
                              "build_s": build_s, "p50": np.percentile(lat, 50) * 1000,
                              "p99": np.percentile(lat, 99) * 1000, "recall": recall_at(plaid_rows, truth.rows),
                              "caught": caught, "pos": positive_metrics(plaid_rows)})

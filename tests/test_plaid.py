@@ -211,6 +211,25 @@ def test_candidate_generation_finds_the_exact_top_document(corpus, index):
             assert t in candidates and len(candidates) <= ncandidates
 
 
+def test_full_centroid_interaction_is_a_hand_centroid_maxsim(corpus, index):
+    """With every probed document kept by the pruned stage, the candidates are the ``ncandidates`` probed documents
+    with the best maxsim over their tokens' centroids; interaction_factor 1 skips that stage."""
+    rng, _, docs, _ = corpus
+    q = unit(rng.standard_normal((5, DIM)))
+    centroids = index.codec.centroids
+    probed = set(np.argsort(-(q @ centroids.T), axis=1)[:, :2].ravel().tolist())
+    rows = [r for r in range(len(docs)) if probed & set(index.codes[index.offsets[r]:index.offsets[r + 1]].tolist())]
+    assert len(rows) > 20
+    full = np.array([(q @ centroids[index.codes[index.offsets[r]:index.offsets[r + 1]].astype(int)].T).max(1).sum()
+                     for r in rows])
+    want = np.sort(np.array(rows)[np.argsort(-full)[:20]])
+    np.testing.assert_array_equal(index.candidates(q, nprobe=2, ncandidates=20, interaction_factor=1000), want)
+    pruned = index.candidates(q, nprobe=2, ncandidates=20, interaction_factor=1)
+    assert len(pruned) == 20 and set(pruned) <= set(rows)
+    with pytest.raises(ValueError, match="interaction_factor must be a positive integer"):
+        index.candidates(q, interaction_factor=0)
+
+
 def test_recall_against_exact_maxsim_on_a_clustered_set():
     rng = np.random.default_rng(7)
     centres, docs = clustered(rng, 1500, topics=60, noise=0.05)

@@ -25,7 +25,9 @@ vectors): fewer stored vectors per document, at the cost of a maxsim over merged
 Search (PLAID): per query, the query tokens' scores against every centroid; the ``nprobe`` best
 centroids of each query token give the candidate documents (an inverted list centroid -> documents);
 an approximate maxsim from the centroid scores alone (each document's token replaced by its centroid)
-keeps the best ``ncandidates``; exact maxsim on their decompressed vectors ranks them. ``score`` gives
+keeps the best ``interaction_factor * ncandidates``; a full centroid interaction (every token of theirs
+replaced by its centroid, PLAID's third stage) keeps the best ``ncandidates`` of those; exact maxsim on
+their decompressed vectors ranks them. ``score`` gives
 that same decompressed maxsim, so fusion and re-ranking through this index agree with its search.
 
 A build from parts (``trine encode``'s shards) is resumable: :func:`build_plaid` keeps the trained codec
@@ -67,7 +69,8 @@ NBITS = (1, 2, 4)
 #: defaults of the build options (index.json records the values used)
 #: nbits None: 2, or no scalar residual where pq_bytes is given (nbits and pq_bytes are two codings of it)
 DEFAULTS: dict[str, Any] = {"nbits": None, "pq_bytes": None, "pool_factor": 1, "ncentroids": None, "nprobe": 8,
-                            "ncandidates": 256, "sample_tokens": 1 << 18, "kmeans_niter": 20, "seed": 0}
+                            "ncandidates": 256, "interaction_factor": 4, "sample_tokens": 1 << 18, "kmeans_niter": 20,
+                            "seed": 0}
 DEFAULT_NBITS = 2
 Part = Callable[[], tuple[Sequence[str], Sequence[np.ndarray]]]
 
@@ -93,7 +96,7 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
         out["nbits"] = DEFAULT_NBITS
     if out["pq_bytes"] is None and out["nbits"] not in NBITS:
         raise ValueError(f"nbits must be one of {NBITS}, not {out['nbits']!r}")
-    for name in ("nprobe", "ncandidates", "sample_tokens", "kmeans_niter", "pool_factor"):
+    for name in ("nprobe", "ncandidates", "interaction_factor", "sample_tokens", "kmeans_niter", "pool_factor"):
         _positive(name, out[name])
     if out["ncentroids"] is not None:
         _positive("ncentroids", out["ncentroids"])
@@ -336,11 +339,13 @@ class ColbertPlaidIndex:
     """Compressed token vectors per document (``colbert_vecs``), searched by centroid interaction
     (PLAID) and ranked by maxsim on decompressed vectors. Implements :class:`trine.retrieval.Index`.
 
-    Build options (:data:`DEFAULTS`): ``nbits`` (1, 2 or 4 bits per dimension of the residual),
+    Build options (:data:`DEFAULTS`): ``nbits`` (1, 2 or 4 bits per dimension of the residual) or
+    ``pq_bytes`` (a product-quantised residual of that many bytes), ``pool_factor`` (token pooling),
     ``ncentroids`` (default :func:`default_ncentroids` of the token count), ``sample_tokens`` (token
-    vectors k-means and the bucket quantiles learn from), ``kmeans_niter``, ``seed``; search options
-    ``nprobe`` (centroids probed per query token) and ``ncandidates`` (documents decompressed and
-    scored exactly per query), which ``search`` also takes per call.
+    vectors k-means and the residual coding learn from), ``kmeans_niter``, ``seed``; search options
+    ``nprobe`` (centroids probed per query token), ``ncandidates`` (documents decompressed and scored
+    exactly per query) and ``interaction_factor`` (``interaction_factor * ncandidates`` documents get the
+    full centroid interaction), which ``search`` also takes per call.
     """
 
     representation = "colbert"
@@ -366,6 +371,10 @@ class ColbertPlaidIndex:
     @property
     def ncandidates(self) -> int:
         return int(self.options["ncandidates"])
+
+    @property
+    def interaction_factor(self) -> int:
+        return int(self.options["interaction_factor"])
 
     @property
     def bytes_per_token(self) -> float:
@@ -455,15 +464,18 @@ class ColbertPlaidIndex:
         return rerank(self, queries, candidates, k)
 
     # ------------------------------------------------------------------ search
-    def candidates(self, query: np.ndarray, nprobe: int | None = None,
-                   ncandidates: int | None = None) -> np.ndarray:
+    def candidates(self, query: np.ndarray, nprobe: int | None = None, ncandidates: int | None = None,
+                   interaction_factor: int | None = None) -> np.ndarray:
         """One query's candidate rows (sorted): documents holding one of each query token's ``nprobe``
-        best centroids, cut to the ``ncandidates`` best by approximate maxsim over the probed centroids'
-        scores (each document's tokens replaced by their centroids; tokens in unprobed centroids left out)."""
+        best centroids, cut to the ``interaction_factor * ncandidates`` best by approximate maxsim over the
+        probed centroids' scores (each document's tokens replaced by their centroids; tokens in unprobed
+        centroids left out), then to the ``ncandidates`` best by maxsim over all their tokens' centroids."""
         nprobe = self.nprobe if nprobe is None else nprobe
         ncandidates = self.ncandidates if ncandidates is None else ncandidates
+        factor = self.interaction_factor if interaction_factor is None else interaction_factor
         _positive("nprobe", nprobe)
         _positive("ncandidates", ncandidates)
+        _positive("interaction_factor", factor)
         q = np.asarray(query, dtype=np.float32)
         if q.shape[0] == 0:
             return np.zeros(0, dtype=np.int64)
@@ -482,17 +494,27 @@ class ColbertPlaidIndex:
         # approximate maxsim over the probed centroids each document holds (its other tokens count 0: a lower
         # bound, PLAID's pruned centroid interaction), from the postings alone
         approx = np.maximum.reduceat(centroid_scores[:, pair_cells], first, axis=1).sum(0)
-        return np.sort(top_k(approx, ncandidates, docs)[1])
+        kept = np.sort(top_k(approx, ncandidates * factor, docs)[1])
+        if kept.size <= ncandidates:
+            return kept
+        # full centroid interaction: each kept document's every token replaced by its centroid (the stored ids)
+        lengths = np.diff(self.offsets)[kept]
+        has = lengths > 0
+        kept, lengths = kept[has], lengths[has]
+        token_cells = self.codes[_ranges(self.offsets[kept], lengths)].astype(np.intp)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        full = np.maximum.reduceat(centroid_scores[:, token_cells], starts, axis=1).sum(0)
+        return np.sort(top_k(full, ncandidates, kept)[1])
 
     def search(self, queries: Sequence[np.ndarray], k: int, *, nprobe: int | None = None,
-               ncandidates: int | None = None) -> SearchResult:
+               ncandidates: int | None = None, interaction_factor: int | None = None) -> SearchResult:
         """Each query's best ``k`` rows by decompressed maxsim over its candidates (see :meth:`candidates`)."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         self._check_queries(queries)
         out = []
         for q in queries:
-            rows = self.candidates(q, nprobe, ncandidates)
+            rows = self.candidates(q, nprobe, ncandidates, interaction_factor)
             out.append(top_k(self._maxsim(q, rows), k, rows) if rows.size else
                        (np.zeros(0), np.zeros(0, np.int64)))
         return pad_results(out, k)
