@@ -214,7 +214,7 @@ class TrineArgumentParser(argparse.ArgumentParser):
         return message
 
 
-PLAID_FLAGS = ("nbits", "pq_bytes", "pool_factor", "ncentroids", "nprobe", "ncandidates")
+PLAID_FLAGS = ("nbits", "pq_bytes", "pool_factor", "ncentroids", "nprobe", "ncandidates", "interaction_factor")
 
 
 def add_colbert_index_options(p: argparse.ArgumentParser) -> None:
@@ -235,6 +235,9 @@ def add_colbert_index_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nprobe", type=int, default=None, help="plaid: centroids probed per query token (default 8)")
     p.add_argument("--ncandidates", type=int, default=None,
                    help="plaid: documents decompressed and scored exactly per query (default 256)")
+    p.add_argument("--interaction-factor", dest="interaction_factor", type=int, default=None,
+                   help="plaid: this many times --ncandidates documents get the full centroid interaction (all their "
+                        "tokens' centroids) before the decompression (default 1: none)")
 
 
 def colbert_index_options(args: argparse.Namespace) -> dict[str, int]:

@@ -69,7 +69,7 @@ NBITS = (1, 2, 4)
 #: defaults of the build options (index.json records the values used)
 #: nbits None: 2, or no scalar residual where pq_bytes is given (nbits and pq_bytes are two codings of it)
 DEFAULTS: dict[str, Any] = {"nbits": None, "pq_bytes": None, "pool_factor": 1, "ncentroids": None, "nprobe": 8,
-                            "ncandidates": 256, "interaction_factor": 4, "sample_tokens": 1 << 18, "kmeans_niter": 20,
+                            "ncandidates": 256, "interaction_factor": 1, "sample_tokens": 1 << 18, "kmeans_niter": 20,
                             "seed": 0}
 DEFAULT_NBITS = 2
 Part = Callable[[], tuple[Sequence[str], Sequence[np.ndarray]]]
