@@ -293,26 +293,42 @@ class PlaidCodec:
 
 def pool_tokens(vectors: np.ndarray, pool_factor: int) -> np.ndarray:
     """One document's (tokens x dim) vectors pooled into ``ceil(tokens / pool_factor)`` (Ward's hierarchical
-    clustering, scipy): each cluster's mean, re-normalised when the vectors are unit length. ``pool_factor``
-    1, or a document of one token, is left as it is."""
+    clustering, scipy, its first ``tokens - ceil(tokens / pool_factor)`` merges: exactly that many clusters, so
+    a pooled document's length is known from its length alone): each cluster's mean, re-normalised when the
+    vectors are unit length. ``pool_factor`` 1, or a document of one token, is left as it is."""
     n = len(vectors)
     target = -(-n // pool_factor)
     if pool_factor == 1 or n <= 1 or target >= n:
         return np.asarray(vectors, dtype=np.float32)
-    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.cluster.hierarchy import linkage
 
     v = np.asarray(vectors, dtype=np.float64)
     gram = v @ v.T  # Euclidean distances from one product (scipy's pdist is slower on 100k short documents)
     squared = np.diag(gram)
     upper = np.triu_indices(n, 1)
     distances = np.sqrt(np.maximum(squared[:, None] + squared[None, :] - 2.0 * gram, 0.0)[upper])
-    labels = fcluster(linkage(distances, method="ward"), t=target, criterion="maxclust") - 1
-    members = np.zeros((int(labels.max()) + 1, n))
+    merges = linkage(distances, method="ward")[: n - target, :2].astype(np.int64)
+    parent = np.arange(2 * n - 1)
+    for step, (a, b) in enumerate(merges):  # merge `step` makes cluster n + step out of a and b
+        parent[a] = parent[b] = n + step
+    roots = np.arange(n)
+    while True:  # follow each token up to its cluster among the applied merges
+        up = parent[roots]
+        if np.array_equal(up, roots):
+            break
+        roots = up
+    labels = np.unique(roots, return_inverse=True)[1].reshape(-1)
+    members = np.zeros((target, n))
     members[labels, np.arange(n)] = 1.0
     pooled = (members @ v) / members.sum(1, keepdims=True)
     if np.all(np.abs(np.sqrt(squared) - 1.0) < 1e-3):
         pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
     return pooled.astype(np.float32)
+
+
+def pooled_lengths(lengths: np.ndarray, pool_factor: int) -> np.ndarray:
+    """Documents' token counts after :func:`pool_tokens`: ``ceil(tokens / pool_factor)``."""
+    return -(-np.asarray(lengths, dtype=np.int64) // pool_factor)
 
 
 def _pooled(part: Part, pool_factor: int) -> Part:
@@ -559,12 +575,13 @@ def build_plaid(parts: Sequence[Part], work_dir: str | os.PathLike | None = None
     refused. The caller removes ``work_dir`` once the index is saved (:func:`remove_work_dir`).
     """
     opts = check_options(options)
-    parts = [_pooled(p, opts["pool_factor"]) for p in parts]
+    raw, parts = parts, [_pooled(p, opts["pool_factor"]) for p in parts]
     work = None if work_dir is None else os.fspath(work_dir)
     if work is not None:
         os.makedirs(work, exist_ok=True)
-    lengths = _step(work, "lengths", lambda: [_check_vectors(p()[1], None)[1] for p in parts], _save_lengths,
-                    _load_lengths)
+    # the pooled token counts follow from the documents' own (no clustering in this pass)
+    lengths = _step(work, "lengths", lambda: [pooled_lengths(_check_vectors(p()[1], None)[1], opts["pool_factor"])
+                                              for p in raw], _save_lengths, _load_lengths)
     if len(lengths) != len(parts):
         raise ValueError(f"{work}: made for {len(lengths)} parts, given {len(parts)}")
     total = int(sum(int(x.sum()) for x in lengths))
