@@ -98,6 +98,89 @@ def test_codec_is_a_hand_quantisation(corpus, nbits):
     assert error < {1: 0.1, 2: 0.06, 4: 0.02}[nbits]
 
 
+def test_pq_codec_is_a_hand_product_quantisation(corpus):
+    """pq_bytes: each token's byte j names the codeword of sub-space j nearest its residual's j-th sub-vector; it
+    decompresses to centroid + the codewords side by side (re-normalised); scores are maxsim on exactly that."""
+    rng, _, docs, _ = corpus
+    docs = docs[:120]
+    index = ColbertPlaidIndex.build(docs, pq_bytes=8, ncentroids=32, seed=1)  # every token is in the sample
+    assert index.options["nbits"] is None and index.options["pq_bytes"] == 8 and index.bytes_per_token == 2 + 8
+    assert index.packed.shape == (int(index.offsets[-1]), 8) and index.codec.codebooks.shape == (8, 256, DIM // 8)
+    vectors = np.concatenate(docs)
+    centroids, books = index.codec.centroids, index.codec.codebooks
+    nearest = ((vectors[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
+    np.testing.assert_array_equal(index.codes, nearest)
+    residuals = (vectors - centroids[nearest]).reshape(len(vectors), 8, DIM // 8)
+    words = ((residuals[:, :, None, :] - books[None]) ** 2).sum(-1).argmin(-1)  # (tokens x 8)
+    np.testing.assert_array_equal(index.packed, words)
+    hand = unit(centroids[nearest] + books[np.arange(8)[None, :], words].reshape(len(vectors), DIM))
+    got = np.concatenate([index.doc_vectors(r) for r in range(len(docs))])
+    np.testing.assert_allclose(got, hand, atol=1e-5)
+    assert np.abs(got - vectors).mean() < 0.06  # about 2 bits' error at a quarter of their bytes
+    queries = [unit(rng.standard_normal((4, DIM))) for _ in range(3)]
+    rows = rng.integers(0, len(docs), size=(3, 9))
+    offsets = index.offsets
+    exact_on_hand = MultiVectorIndex.build([hand[offsets[r]:offsets[r + 1]] for r in range(len(docs))])
+    np.testing.assert_allclose(index.score(queries, rows), exact_on_hand.score(queries, rows), atol=1e-5)
+    with pytest.raises(ValueError, match="two codings of the residual"):
+        ColbertPlaidIndex.build(docs, pq_bytes=8, nbits=2)
+    with pytest.raises(ValueError, match="pq_bytes 5 must divide the vectors' dim 32"):
+        ColbertPlaidIndex.build(docs, pq_bytes=5, ncentroids=32)
+    with pytest.raises(ValueError, match="pq_bytes must be a positive integer"):
+        ColbertPlaidIndex.build(docs, pq_bytes=0)
+
+
+def test_token_pooling_merges_a_documents_similar_tokens():
+    """pool_tokens: duplicated tokens merge back into the distinct ones; ceil(n / factor) unit vectors are kept."""
+    from trine.retrieval.plaid import pool_tokens
+
+    rng = np.random.default_rng(11)
+    distinct = unit(rng.standard_normal((5, DIM)))
+    doubled = unit(np.repeat(distinct, 2, axis=0) + 1e-3 * rng.standard_normal((10, DIM)))
+    pooled = pool_tokens(doubled[rng.permutation(10)], 2)
+    assert pooled.shape == (5, DIM)
+    # each distinct vector has exactly one pooled vector next to it
+    np.testing.assert_allclose(np.sort((pooled @ distinct.T).max(0)), np.ones(5), atol=1e-5)
+    np.testing.assert_array_equal(np.sort((pooled @ distinct.T).argmax(1)), np.arange(5))
+    ten = unit(rng.standard_normal((10, DIM)))
+    three = pool_tokens(ten, 3)
+    assert three.shape == (4, DIM) and np.allclose(np.linalg.norm(three, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(pool_tokens(ten, 1), ten)
+    np.testing.assert_array_equal(pool_tokens(ten[:1], 2), ten[:1])
+
+
+def test_a_pooled_index_stores_and_scores_the_pooled_vectors(corpus):
+    """pool_factor: the index holds ceil(n / factor) tokens per document, the codec's compression of the pooled
+    vectors; its scores are maxsim on their hand decompression."""
+    from trine.retrieval.plaid import pool_tokens
+
+    rng, _, docs, ids = corpus
+    index = ColbertPlaidIndex.build(docs, ids, nbits=2, pool_factor=2, ncentroids=64, seed=3)
+    pooled = [pool_tokens(d, 2) for d in docs]
+    np.testing.assert_array_equal(np.diff(index.offsets), [-(-len(d) // 2) for d in docs])
+    codes, packed = index.codec.compress(np.concatenate(pooled))
+    np.testing.assert_array_equal(index.codes, codes)
+    np.testing.assert_array_equal(index.packed, packed)
+    queries = [unit(rng.standard_normal((5, DIM))) for _ in range(4)]
+    rows = rng.integers(0, len(docs), size=(4, 10))
+    hand = MultiVectorIndex.build([hand_decompress(index, r) for r in range(len(docs))])
+    np.testing.assert_allclose(index.score(queries, rows), hand.score(queries, rows), atol=1e-5)
+    # added documents are pooled alike
+    index.add(docs[:2], ["x0", "x1"])
+    np.testing.assert_array_equal(np.diff(index.offsets)[-2:], [-(-len(d) // 2) for d in docs[:2]])
+    np.testing.assert_array_equal(index.codes[-len(pooled[0]) - len(pooled[1]):], codes[:len(pooled[0]) + len(
+        pooled[1])])
+    # pooled tokens still find a document from its own tokens
+    queries = [unit(docs[t][:6] + 0.02 * rng.standard_normal((min(6, len(docs[t])), DIM))) for t in (3, 50, 201)]
+    np.testing.assert_array_equal(index.search(queries, 1).rows[:, 0], [3, 50, 201])
+
+
+def test_nbytes_counts_every_stored_array(corpus, index):
+    stored = index.codes.nbytes + index.packed.nbytes + index.offsets.nbytes
+    codec = index.codec.centroids.nbytes + index.codec.cutoffs.nbytes + index.codec.weights.nbytes
+    assert index.nbytes == stored + codec
+
+
 def test_scores_equal_exact_maxsim_on_hand_decompressed_vectors(corpus, index):
     rng, _, docs, _ = corpus
     queries = [unit(rng.standard_normal((int(rng.integers(2, 9)), DIM))) for _ in range(5)]
@@ -126,6 +209,25 @@ def test_candidate_generation_finds_the_exact_top_document(corpus, index):
         for q, t in zip(queries, targets):
             candidates = index.candidates(q, nprobe, ncandidates)
             assert t in candidates and len(candidates) <= ncandidates
+
+
+def test_full_centroid_interaction_is_a_hand_centroid_maxsim(corpus, index):
+    """With every probed document kept by the pruned stage, the candidates are the ``ncandidates`` probed documents
+    with the best maxsim over their tokens' centroids; interaction_factor 1 skips that stage."""
+    rng, _, docs, _ = corpus
+    q = unit(rng.standard_normal((5, DIM)))
+    centroids = index.codec.centroids
+    probed = set(np.argsort(-(q @ centroids.T), axis=1)[:, :2].ravel().tolist())
+    rows = [r for r in range(len(docs)) if probed & set(index.codes[index.offsets[r]:index.offsets[r + 1]].tolist())]
+    assert len(rows) > 20
+    full = np.array([(q @ centroids[index.codes[index.offsets[r]:index.offsets[r + 1]].astype(int)].T).max(1).sum()
+                     for r in rows])
+    want = np.sort(np.array(rows)[np.argsort(-full)[:20]])
+    np.testing.assert_array_equal(index.candidates(q, nprobe=2, ncandidates=20, interaction_factor=1000), want)
+    pruned = index.candidates(q, nprobe=2, ncandidates=20, interaction_factor=1)
+    assert len(pruned) == 20 and set(pruned) <= set(rows)
+    with pytest.raises(ValueError, match="interaction_factor must be a positive integer"):
+        index.candidates(q, interaction_factor=0)
 
 
 def test_recall_against_exact_maxsim_on_a_clustered_set():
@@ -180,7 +282,11 @@ def test_add_compresses_with_the_trained_codec(corpus):
     assert index.search([query], 1).rows[0, 0] == 350
 
 
-def test_an_interrupted_build_resumes_to_a_fresh_build(corpus, tmp_path):
+@pytest.mark.parametrize("options,other", [
+    ({"nbits": 2, "ncentroids": 48, "sample_tokens": 2000, "seed": 5}, {"nbits": 4}),
+    ({"pq_bytes": 8, "pool_factor": 2, "ncentroids": 48, "sample_tokens": 2000, "seed": 5}, {"pool_factor": 3}),
+])
+def test_an_interrupted_build_resumes_to_a_fresh_build(corpus, tmp_path, options, other):
     _, _, docs, ids = corpus
     cuts = [0, 90, 170, 260, 400]
     calls = [0] * 4
@@ -195,14 +301,13 @@ def test_an_interrupted_build_resumes_to_a_fresh_build(corpus, tmp_path):
         return read
 
     parts = [part(i) for i in range(4)]
-    options = {"nbits": 2, "ncentroids": 48, "sample_tokens": 2000, "seed": 5}
     work = tmp_path / "work"
     with pytest.raises(KeyboardInterrupt):
         build_plaid(parts, work, **options)
     assert (work / "codec").is_dir() and (work / "part-00001").is_dir() and not (work / "part-00002").exists()
     before = list(calls)
-    with pytest.raises(ValueError, match="other nbits"):
-        build_plaid(parts, work, **{**options, "nbits": 4})
+    with pytest.raises(ValueError, match=f"other {next(iter(other))}"):
+        build_plaid(parts, work, **{**options, **other})
     resumed = build_plaid(parts, work, **options)
     assert calls[0] == before[0] and calls[1] == before[1]  # finished parts are not read again
     fresh = ColbertPlaidIndex.build(docs, ids, **options)  # one part, no work folder
@@ -210,8 +315,19 @@ def test_an_interrupted_build_resumes_to_a_fresh_build(corpus, tmp_path):
     for name in ("codes", "packed", "offsets"):
         np.testing.assert_array_equal(getattr(resumed, name), getattr(fresh, name))
     np.testing.assert_array_equal(resumed.codec.centroids, fresh.codec.centroids)
+    if fresh.codec.codebooks is not None:
+        np.testing.assert_array_equal(resumed.codec.codebooks, fresh.codec.codebooks)
     q = [docs[5][:3]]
     np.testing.assert_array_equal(resumed.search(q, 5).rows, fresh.search(q, 5).rows)
+    # and saved and loaded, the same again
+    fresh.save(tmp_path / "saved")
+    loaded = load_index(tmp_path / "saved")
+    assert loaded.options == fresh.options
+    for name in ("codes", "packed", "offsets"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(fresh, name))
+    a, b = fresh.search(q, 5), loaded.search(q, 5)
+    np.testing.assert_array_equal(a.rows, b.rows)
+    np.testing.assert_array_equal(a.scores, b.scores)
 
 
 def test_uses_trine_maxsim_scale():

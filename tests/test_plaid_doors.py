@@ -70,6 +70,32 @@ def test_index_build_from_shards_resumes_to_a_fresh_build(built, m3_dir, capsys,
         np.testing.assert_array_equal(getattr(got, name), getattr(fresh, name))
 
 
+def test_index_build_pq_and_pooling_flags(built, m3_dir, capsys, tmp_path):  # noqa: F811
+    """--pq-bytes and --pool-factor reach the index (saved in its settings) and give what a build with those
+    options gives; bad values are exit 2 before anything is written."""
+    corpus, enc, _ = built
+    uri = str(tmp_path / "pq")
+    build = ["index", "build", "--model", m3_dir, "--corpus", corpus, "--uri", uri, "--embeddings", enc, "--quiet",
+             "--colbert-index", "plaid", "--ncentroids", "32"]
+    for bad, message in ((["--pool-factor", "0"], "pool_factor must be a positive integer"),
+                         (["--pq-bytes", "16", "--nbits", "2"], "two codings of the residual")):
+        assert main([*build, *bad]) == 2
+        assert message in capsys.readouterr().err and not os.path.exists(uri)
+    assert main([*build[:-4], "--pool-factor", "2"]) == 2
+    assert "--pool-factor: options of --colbert-index plaid" in capsys.readouterr().err
+    assert main([*build, "--pq-bytes", "16", "--pool-factor", "2"]) == 0
+    assert "18 bytes per token (pool factor 2: per pooled token)" in capsys.readouterr().out  # 2 + 16
+    got = HybridRetriever.load(uri).multivector
+    assert got.options["pq_bytes"] == 16 and got.options["pool_factor"] == 2 and got.options["nbits"] is None
+    encoded = load_encoded(enc, ("colbert",))
+    fresh = ColbertPlaidIndex.build(encoded.result.colbert_vecs, encoded.ids, ncentroids=32, pq_bytes=16,
+                                    pool_factor=2)
+    assert got.ids == fresh.ids and got.options == fresh.options
+    for name in ("codes", "packed", "offsets"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(fresh, name))
+    assert got.offsets[-1] < sum(len(v) for v in encoded.result.colbert_vecs) * 0.6
+
+
 def test_index_search_full_is_the_plaid_search(built, m3_dir, capsys):  # noqa: F811
     corpus, enc, uri = built
     if not os.path.exists(uri):

@@ -171,7 +171,8 @@ def _build(args: argparse.Namespace) -> int:
         print(f"indexed {len(ids)} passages ({', '.join(outputs)}) into {args.uri}"
               + (f" from the encodings in {args.embeddings}" if enc is not None else "")
               + (f"; colbert as a plaid index, {colbert_index.bytes_per_token:.0f} bytes per token"
-                 if colbert_index is not None else ""))
+                 + (f" (pool factor {colbert_index.options['pool_factor']}: per pooled token)"
+                    if colbert_index.options["pool_factor"] > 1 else "") if colbert_index is not None else ""))
         return 0
     if args.embeddings:
         enc, encoder, outputs = _encoded(args, ids)

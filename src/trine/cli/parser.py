@@ -214,28 +214,38 @@ class TrineArgumentParser(argparse.ArgumentParser):
         return message
 
 
-PLAID_FLAGS = ("nbits", "ncentroids", "nprobe", "ncandidates")
+PLAID_FLAGS = ("nbits", "pq_bytes", "pool_factor", "ncentroids", "nprobe", "ncandidates", "interaction_factor")
 
 
 def add_colbert_index_options(p: argparse.ArgumentParser) -> None:
     """``--colbert-index exact|plaid`` and the plaid index's options (trine.retrieval.plaid; defaults there)."""
     p.add_argument("--colbert-index", default="exact", choices=["exact", "plaid"],
                    help="the multi-vector (colbert) index: exact (the vectors as they are, exact maxsim) or plaid "
-                        "(compressed: centroid + nbits-per-dimension residual, its own candidate generation)")
+                        "(compressed: centroid + a residual of --nbits per dimension or --pq-bytes per token, its own "
+                        "candidate generation)")
     p.add_argument("--nbits", type=int, default=None, help="plaid: residual bits per dimension, 1, 2 or 4 (default 2)")
+    p.add_argument("--pq-bytes", dest="pq_bytes", type=int, default=None,
+                   help="plaid: product-quantise the residual into this many bytes per token instead of --nbits "
+                        "(one byte per dim/pq-bytes dimensions; must divide the dim)")
+    p.add_argument("--pool-factor", dest="pool_factor", type=int, default=None,
+                   help="plaid: merge each passage's similar token vectors (hierarchical clustering) into "
+                        "tokens/pool-factor vectors before compressing (default 1: none)")
     p.add_argument("--ncentroids", type=int, default=None,
                    help="plaid: k-means centroids (default 2^floor(log2(4 sqrt(tokens))))")
     p.add_argument("--nprobe", type=int, default=None, help="plaid: centroids probed per query token (default 8)")
     p.add_argument("--ncandidates", type=int, default=None,
                    help="plaid: documents decompressed and scored exactly per query (default 256)")
+    p.add_argument("--interaction-factor", dest="interaction_factor", type=int, default=None,
+                   help="plaid: this many times --ncandidates documents get the full centroid interaction (all their "
+                        "tokens' centroids) before the decompression (default 1: none)")
 
 
 def colbert_index_options(args: argparse.Namespace) -> dict[str, int]:
     """The plaid options given on the command line; refused unless ``--colbert-index plaid``."""
     given = {name: getattr(args, name) for name in PLAID_FLAGS if getattr(args, name) is not None}
     if given and args.colbert_index != "plaid":
-        raise OptionError(f"--{' --'.join(given)}: options of --colbert-index plaid (the index is "
-                          f"{args.colbert_index})")
+        raise OptionError(f"--{' --'.join(n.replace('_', '-') for n in given)}: options of --colbert-index plaid "
+                          f"(the index is {args.colbert_index})")
     return given
 
 

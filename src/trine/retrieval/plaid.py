@@ -11,12 +11,23 @@ stored as the id of its nearest centroid plus its residual (vector - centroid) q
 per dimension: per dimension, ``2**nbits - 1`` bucket cutoffs (the residuals' quantiles in the sample)
 and ``2**nbits`` bucket weights (the quantiles at the buckets' middles). A token decompresses to
 ``centroid + weights[d, bucket_d]`` per dimension, re-normalised when the indexed vectors are unit
-length (ColBERT and BGE-M3 vectors are), as ColBERTv2 does.
+length (ColBERT and BGE-M3 vectors are), as ColBERTv2 does. Or (``pq_bytes``) the residual is
+product-quantised: ``pq_bytes`` sub-vectors of ``dim / pq_bytes`` dimensions, each stored as the byte
+naming the nearest of 256 codewords (faiss's k-means per sub-space, on the sample's residuals); it
+decompresses to ``centroid + concat(codeword_j)``, re-normalised alike. Both store whole bytes per
+token, so one lookup table (byte position x byte value -> that byte's dimensions) decompresses either.
+
+Token pooling (``pool_factor``, Clavie et al. 2024, as PyLate's ``pool_factor``): before anything
+else, each document's token vectors are clustered (Ward's hierarchical clustering) into
+``ceil(tokens / pool_factor)`` groups and each group replaced by its mean (re-normalised for unit
+vectors): fewer stored vectors per document, at the cost of a maxsim over merged tokens.
 
 Search (PLAID): per query, the query tokens' scores against every centroid; the ``nprobe`` best
 centroids of each query token give the candidate documents (an inverted list centroid -> documents);
 an approximate maxsim from the centroid scores alone (each document's token replaced by its centroid)
-keeps the best ``ncandidates``; exact maxsim on their decompressed vectors ranks them. ``score`` gives
+keeps the best ``interaction_factor * ncandidates``; a full centroid interaction (every token of theirs
+replaced by its centroid, PLAID's third stage) keeps the best ``ncandidates`` of those; exact maxsim on
+their decompressed vectors ranks them. ``score`` gives
 that same decompressed maxsim, so fusion and re-ranking through this index agree with its search.
 
 A build from parts (``trine encode``'s shards) is resumable: :func:`build_plaid` keeps the trained codec
@@ -56,8 +67,11 @@ from trine.scoring import colbert_scores_flat
 KIND = "plaid"
 NBITS = (1, 2, 4)
 #: defaults of the build options (index.json records the values used)
-DEFAULTS: dict[str, Any] = {"nbits": 2, "ncentroids": None, "nprobe": 8, "ncandidates": 256,
-                            "sample_tokens": 1 << 18, "kmeans_niter": 20, "seed": 0}
+#: nbits None: 2, or no scalar residual where pq_bytes is given (nbits and pq_bytes are two codings of it)
+DEFAULTS: dict[str, Any] = {"nbits": None, "pq_bytes": None, "pool_factor": 1, "ncentroids": None, "nprobe": 8,
+                            "ncandidates": 256, "interaction_factor": 1, "sample_tokens": 1 << 18, "kmeans_niter": 20,
+                            "seed": 0}
+DEFAULT_NBITS = 2
 Part = Callable[[], tuple[Sequence[str], Sequence[np.ndarray]]]
 
 
@@ -73,9 +87,16 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"unknown plaid index options {unknown}; options are {sorted(DEFAULTS)}")
     out = {**DEFAULTS, **options}
-    if out["nbits"] not in NBITS:
+    if out["pq_bytes"] is not None:
+        _positive("pq_bytes", out["pq_bytes"])
+        if out["nbits"] is not None:
+            raise ValueError(f"nbits {out['nbits']} and pq_bytes {out['pq_bytes']}: two codings of the residual; "
+                             "give one")
+    elif out["nbits"] is None:
+        out["nbits"] = DEFAULT_NBITS
+    if out["pq_bytes"] is None and out["nbits"] not in NBITS:
         raise ValueError(f"nbits must be one of {NBITS}, not {out['nbits']!r}")
-    for name in ("nprobe", "ncandidates", "sample_tokens", "kmeans_niter"):
+    for name in ("nprobe", "ncandidates", "interaction_factor", "sample_tokens", "kmeans_niter", "pool_factor"):
         _positive(name, out[name])
     if out["ncentroids"] is not None:
         _positive("ncentroids", out["ncentroids"])
@@ -117,31 +138,44 @@ def sample_positions(total: int, sample_tokens: int, seed: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ codec
 @dataclass
 class PlaidCodec:
-    """What compresses a token: centroids (ncentroids x dim), per-dimension bucket ``cutoffs``
-    (dim x 2**nbits - 1) and ``weights`` (dim x 2**nbits), ``nbits``, and whether decompressed
-    vectors are re-normalised (``normalized``: the indexed vectors are unit length)."""
+    """What compresses a token: centroids (ncentroids x dim), whether decompressed vectors are
+    re-normalised (``normalized``: the indexed vectors are unit length), and the residual's coding: either
+    ``nbits`` with per-dimension bucket ``cutoffs`` (dim x 2**nbits - 1) and ``weights`` (dim x 2**nbits),
+    or product-quantiser ``codebooks`` (pq_bytes x 256 x dim / pq_bytes)."""
 
     centroids: np.ndarray
-    cutoffs: np.ndarray
-    weights: np.ndarray
-    nbits: int
+    cutoffs: np.ndarray | None
+    weights: np.ndarray | None
+    nbits: int | None
     normalized: bool
+    codebooks: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         dim = self.dim
-        buckets = 1 << self.nbits
-        if self.cutoffs.shape != (dim, buckets - 1) or self.weights.shape != (dim, buckets):
-            raise ValueError(f"codec shapes do not match: centroids {self.centroids.shape}, cutoffs "
-                             f"{self.cutoffs.shape}, weights {self.weights.shape} for nbits {self.nbits}")
-        per_byte = 8 // self.nbits
-        # residual of each packed byte value at each byte position: one gather decompresses a token
-        shifts = np.arange(per_byte - 1, -1, -1) * self.nbits
-        buckets_of_byte = (np.arange(256)[:, None] >> shifts[None, :]) & (buckets - 1)  # (256 x per_byte)
-        dims = np.arange(self.packed_bytes)[:, None, None] * per_byte + np.arange(per_byte)[None, None, :]
-        lookup = self.weights[dims, buckets_of_byte[None, :, :]].astype(np.float32)  # (bytes x 256 x per_byte)
-        self._flat_lookup = np.ascontiguousarray(lookup.reshape(-1, per_byte))
+        if self.codebooks is not None:
+            m = self.codebooks.shape[0]
+            if (self.nbits is not None or self.cutoffs is not None or self.weights is not None
+                    or self.codebooks.shape != (m, 256, dim // max(m, 1)) or m * self.codebooks.shape[2] != dim):
+                raise ValueError(f"codec shapes do not match: centroids {self.centroids.shape}, codebooks "
+                                 f"{self.codebooks.shape} (and no scalar residual with them)")
+            # a byte's value at byte position j is codeword j: the codebooks are the lookup table
+            self._flat_lookup = np.ascontiguousarray(self.codebooks.reshape(m * 256, -1), dtype=np.float32)
+        else:
+            if self.nbits not in NBITS or self.cutoffs is None or self.weights is None:
+                raise ValueError(f"a scalar residual codec needs nbits in {NBITS}, cutoffs and weights")
+            buckets = 1 << self.nbits
+            if self.cutoffs.shape != (dim, buckets - 1) or self.weights.shape != (dim, buckets):
+                raise ValueError(f"codec shapes do not match: centroids {self.centroids.shape}, cutoffs "
+                                 f"{self.cutoffs.shape}, weights {self.weights.shape} for nbits {self.nbits}")
+            per_byte = 8 // self.nbits
+            # residual of each packed byte value at each byte position: one gather decompresses a token
+            shifts = np.arange(per_byte - 1, -1, -1) * self.nbits
+            buckets_of_byte = (np.arange(256)[:, None] >> shifts[None, :]) & (buckets - 1)  # (256 x per_byte)
+            dims = np.arange(self.packed_bytes)[:, None, None] * per_byte + np.arange(per_byte)[None, None, :]
+            lookup = self.weights[dims, buckets_of_byte[None, :, :]].astype(np.float32)  # (bytes x 256 x per_byte)
+            self._flat_lookup = np.ascontiguousarray(lookup.reshape(-1, per_byte))
+            self._shifts = shifts
         self._byte_base = (np.arange(self.packed_bytes, dtype=np.intp) * 256)[None, :]
-        self._shifts = shifts
 
     @property
     def dim(self) -> int:
@@ -153,20 +187,38 @@ class PlaidCodec:
 
     @property
     def packed_bytes(self) -> int:
+        """Residual bytes per token."""
+        if self.codebooks is not None:
+            return int(self.codebooks.shape[0])
+        assert self.nbits is not None
         return self.dim * self.nbits // 8
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the codec's arrays (centroids, and cutoffs and weights or codebooks)."""
+        return sum(int(a.nbytes) for a in (self.centroids, self.cutoffs, self.weights, self.codebooks)
+                   if a is not None)
 
     @property
     def code_dtype(self) -> type:
         return np.uint16 if self.ncentroids <= 1 << 16 else np.int32
 
     @classmethod
-    def train(cls, sample: np.ndarray, nbits: int, ncentroids: int, kmeans_niter: int, seed: int) -> PlaidCodec:
-        """k-means (faiss, seeded) over ``sample``, then the residuals' per-dimension quantiles."""
+    def train(cls, sample: np.ndarray, nbits: int | None, ncentroids: int, kmeans_niter: int, seed: int,
+              pq_bytes: int | None = None) -> PlaidCodec:
+        """k-means (faiss, seeded) over ``sample``, then the residuals' per-dimension quantiles (``nbits``) or
+        their product quantiser (``pq_bytes``: 256 codewords per sub-space, faiss's k-means, seeded)."""
         import faiss
 
         sample = np.ascontiguousarray(sample, dtype=np.float32)
         dim = sample.shape[1]
-        if (dim * nbits) % 8:
+        if pq_bytes is not None:
+            if dim % pq_bytes:
+                raise ValueError(f"pq_bytes {pq_bytes} must divide the vectors' dim {dim}")
+            if sample.shape[0] < 256:
+                raise ValueError(f"pq_bytes: 256 codewords per sub-space need at least 256 sampled token vectors, "
+                                 f"not {sample.shape[0]}")
+        elif (dim * nbits) % 8:
             raise ValueError(f"dim {dim} x nbits {nbits} must be a multiple of 8 (whole bytes per token)")
         if ncentroids > sample.shape[0]:
             raise ValueError(f"ncentroids {ncentroids} is more than the {sample.shape[0]} sampled token vectors")
@@ -176,6 +228,14 @@ class PlaidCodec:
         centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
         codes = _assign(centroids, sample)
         residuals = sample - centroids[codes]
+        if pq_bytes is not None:
+            sub = dim // pq_bytes
+            codebooks = np.empty((pq_bytes, 256, sub), dtype=np.float32)
+            for j in range(pq_bytes):
+                km = faiss.Kmeans(sub, 256, niter=kmeans_niter, seed=seed + 1 + j, verbose=False)
+                km.train(np.ascontiguousarray(residuals[:, j * sub:(j + 1) * sub]))
+                codebooks[j] = km.centroids
+            return cls(centroids, None, None, None, normalized, codebooks)
         buckets = 1 << nbits
         cutoffs = np.quantile(residuals, np.arange(1, buckets) / buckets, axis=0).T.astype(np.float32)
         weights = np.quantile(residuals, (np.arange(buckets) + 0.5) / buckets, axis=0).T.astype(np.float32)
@@ -189,12 +249,17 @@ class PlaidCodec:
             v = np.ascontiguousarray(vectors[start:start + batch], dtype=np.float32)
             c = _assign(self.centroids, v)
             residuals = v - self.centroids[c]
+            codes[start:start + len(v)] = c
+            if self.codebooks is not None:  # nearest codeword of each sub-vector
+                sub = self.codebooks.shape[2]
+                for j in range(self.codebooks.shape[0]):
+                    packed[start:start + len(v), j] = _assign(self.codebooks[j], residuals[:, j * sub:(j + 1) * sub])
+                continue
             bucket = np.zeros(residuals.shape, dtype=np.uint8)
             for j in range(self.cutoffs.shape[1]):  # bucket = how many cutoffs are <= the residual
                 bucket += residuals >= self.cutoffs[None, :, j]
             grouped = bucket.reshape(len(v), self.packed_bytes, 8 // self.nbits).astype(np.uint16)
             packed[start:start + len(v)] = (grouped << self._shifts[None, None, :]).sum(-1).astype(np.uint8)
-            codes[start:start + len(v)] = c
         return codes, packed
 
     def decompress(self, codes: np.ndarray, packed: np.ndarray) -> np.ndarray:
@@ -209,13 +274,73 @@ class PlaidCodec:
 
     def save(self, folder: str) -> None:
         np.save(os.path.join(folder, "centroids.npy"), self.centroids)
+        if self.codebooks is not None:
+            np.save(os.path.join(folder, "codebooks.npy"), self.codebooks)
+            return
         np.save(os.path.join(folder, "cutoffs.npy"), self.cutoffs)
         np.save(os.path.join(folder, "weights.npy"), self.weights)
 
     @classmethod
-    def load(cls, folder: str, nbits: int, normalized: bool) -> PlaidCodec:
-        return cls(*(np.load(os.path.join(folder, f"{n}.npy")) for n in ("centroids", "cutoffs", "weights")),
-                   nbits=nbits, normalized=normalized)
+    def load(cls, folder: str, nbits: int | None, normalized: bool) -> PlaidCodec:
+        """The codec saved in ``folder``: product-quantised where ``nbits`` is None, else scalar."""
+        def arr(name: str) -> np.ndarray:
+            return np.load(os.path.join(folder, f"{name}.npy"))
+
+        if nbits is None:
+            return cls(arr("centroids"), None, None, None, normalized, arr("codebooks"))
+        return cls(arr("centroids"), arr("cutoffs"), arr("weights"), nbits=nbits, normalized=normalized)
+
+
+def pool_tokens(vectors: np.ndarray, pool_factor: int) -> np.ndarray:
+    """One document's (tokens x dim) vectors pooled into ``ceil(tokens / pool_factor)`` (Ward's hierarchical
+    clustering, scipy, its first ``tokens - ceil(tokens / pool_factor)`` merges: exactly that many clusters, so
+    a pooled document's length is known from its length alone): each cluster's mean, re-normalised when the
+    vectors are unit length. ``pool_factor`` 1, or a document of one token, is left as it is."""
+    n = len(vectors)
+    target = -(-n // pool_factor)
+    if pool_factor == 1 or n <= 1 or target >= n:
+        return np.asarray(vectors, dtype=np.float32)
+    from scipy.cluster.hierarchy import linkage
+
+    v = np.asarray(vectors, dtype=np.float64)
+    gram = v @ v.T  # Euclidean distances from one product (scipy's pdist is slower on 100k short documents)
+    squared = np.diag(gram)
+    upper = np.triu_indices(n, 1)
+    distances = np.sqrt(np.maximum(squared[:, None] + squared[None, :] - 2.0 * gram, 0.0)[upper])
+    merges = linkage(distances, method="ward")[: n - target, :2].astype(np.int64)
+    parent = np.arange(2 * n - 1)
+    for step, (a, b) in enumerate(merges):  # merge `step` makes cluster n + step out of a and b
+        parent[a] = parent[b] = n + step
+    roots = np.arange(n)
+    while True:  # follow each token up to its cluster among the applied merges
+        up = parent[roots]
+        if np.array_equal(up, roots):
+            break
+        roots = up
+    labels = np.unique(roots, return_inverse=True)[1].reshape(-1)
+    members = np.zeros((target, n))
+    members[labels, np.arange(n)] = 1.0
+    pooled = (members @ v) / members.sum(1, keepdims=True)
+    if np.all(np.abs(np.sqrt(squared) - 1.0) < 1e-3):
+        pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+    return pooled.astype(np.float32)
+
+
+def pooled_lengths(lengths: np.ndarray, pool_factor: int) -> np.ndarray:
+    """Documents' token counts after :func:`pool_tokens`: ``ceil(tokens / pool_factor)``."""
+    return -(-np.asarray(lengths, dtype=np.int64) // pool_factor)
+
+
+def _pooled(part: Part, pool_factor: int) -> Part:
+    """``part`` with each document's vectors pooled (:func:`pool_tokens`); ``part`` itself for factor 1."""
+    if pool_factor == 1:
+        return part
+
+    def read() -> tuple[Sequence[str], Sequence[np.ndarray]]:
+        part_ids, vecs = part()
+        return part_ids, [pool_tokens(v, pool_factor) if np.ndim(v) == 2 else v for v in vecs]
+
+    return read
 
 
 def _assign(centroids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
@@ -230,11 +355,13 @@ class ColbertPlaidIndex:
     """Compressed token vectors per document (``colbert_vecs``), searched by centroid interaction
     (PLAID) and ranked by maxsim on decompressed vectors. Implements :class:`trine.retrieval.Index`.
 
-    Build options (:data:`DEFAULTS`): ``nbits`` (1, 2 or 4 bits per dimension of the residual),
+    Build options (:data:`DEFAULTS`): ``nbits`` (1, 2 or 4 bits per dimension of the residual) or
+    ``pq_bytes`` (a product-quantised residual of that many bytes), ``pool_factor`` (token pooling),
     ``ncentroids`` (default :func:`default_ncentroids` of the token count), ``sample_tokens`` (token
-    vectors k-means and the bucket quantiles learn from), ``kmeans_niter``, ``seed``; search options
-    ``nprobe`` (centroids probed per query token) and ``ncandidates`` (documents decompressed and
-    scored exactly per query), which ``search`` also takes per call.
+    vectors k-means and the residual coding learn from), ``kmeans_niter``, ``seed``; search options
+    ``nprobe`` (centroids probed per query token), ``ncandidates`` (documents decompressed and scored
+    exactly per query) and ``interaction_factor`` (``interaction_factor * ncandidates`` documents get the
+    full centroid interaction), which ``search`` also takes per call.
     """
 
     representation = "colbert"
@@ -262,9 +389,20 @@ class ColbertPlaidIndex:
         return int(self.options["ncandidates"])
 
     @property
+    def interaction_factor(self) -> int:
+        return int(self.options["interaction_factor"])
+
+    @property
     def bytes_per_token(self) -> float:
-        """Stored bytes per token: centroid id and packed residual (the codec and offsets are extra)."""
+        """Stored bytes per stored token: centroid id and packed residual (the codec and offsets are extra;
+        with token pooling, a stored token stands for about ``pool_factor`` of the document's)."""
         return float(self.codes.itemsize + self.packed.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """All the bytes of the stored arrays: centroid ids, residual codes, offsets and the codec (ids.json's
+        document ids are not counted)."""
+        return int(self.codes.nbytes + self.packed.nbytes + self.offsets.nbytes + self.codec.nbytes)
 
     def _index_centroids(self) -> None:
         """The inverted list centroid -> documents holding a token of it (CSR, documents sorted)."""
@@ -293,7 +431,8 @@ class ColbertPlaidIndex:
         check_unique(self.ids + new_ids)
         if not new_ids:
             return
-        vectors, lengths = _check_vectors(colbert_vecs, self.dim)
+        pooled = _pooled(lambda: (new_ids, colbert_vecs), int(self.options["pool_factor"]))()[1]
+        vectors, lengths = _check_vectors(pooled, self.dim)
         codes, packed = self.codec.compress(vectors)
         self.codes = np.concatenate([self.codes, codes])
         self.packed = np.concatenate([self.packed, packed])
@@ -341,15 +480,18 @@ class ColbertPlaidIndex:
         return rerank(self, queries, candidates, k)
 
     # ------------------------------------------------------------------ search
-    def candidates(self, query: np.ndarray, nprobe: int | None = None,
-                   ncandidates: int | None = None) -> np.ndarray:
+    def candidates(self, query: np.ndarray, nprobe: int | None = None, ncandidates: int | None = None,
+                   interaction_factor: int | None = None) -> np.ndarray:
         """One query's candidate rows (sorted): documents holding one of each query token's ``nprobe``
-        best centroids, cut to the ``ncandidates`` best by approximate maxsim over the probed centroids'
-        scores (each document's tokens replaced by their centroids; tokens in unprobed centroids left out)."""
+        best centroids, cut to the ``interaction_factor * ncandidates`` best by approximate maxsim over the
+        probed centroids' scores (each document's tokens replaced by their centroids; tokens in unprobed
+        centroids left out), then to the ``ncandidates`` best by maxsim over all their tokens' centroids."""
         nprobe = self.nprobe if nprobe is None else nprobe
         ncandidates = self.ncandidates if ncandidates is None else ncandidates
+        factor = self.interaction_factor if interaction_factor is None else interaction_factor
         _positive("nprobe", nprobe)
         _positive("ncandidates", ncandidates)
+        _positive("interaction_factor", factor)
         q = np.asarray(query, dtype=np.float32)
         if q.shape[0] == 0:
             return np.zeros(0, dtype=np.int64)
@@ -368,17 +510,27 @@ class ColbertPlaidIndex:
         # approximate maxsim over the probed centroids each document holds (its other tokens count 0: a lower
         # bound, PLAID's pruned centroid interaction), from the postings alone
         approx = np.maximum.reduceat(centroid_scores[:, pair_cells], first, axis=1).sum(0)
-        return np.sort(top_k(approx, ncandidates, docs)[1])
+        kept = np.sort(top_k(approx, ncandidates * factor, docs)[1])
+        if kept.size <= ncandidates:
+            return kept
+        # full centroid interaction: each kept document's every token replaced by its centroid (the stored ids)
+        lengths = np.diff(self.offsets)[kept]
+        has = lengths > 0
+        kept, lengths = kept[has], lengths[has]
+        token_cells = self.codes[_ranges(self.offsets[kept], lengths)].astype(np.intp)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        full = np.maximum.reduceat(centroid_scores[:, token_cells], starts, axis=1).sum(0)
+        return np.sort(top_k(full, ncandidates, kept)[1])
 
     def search(self, queries: Sequence[np.ndarray], k: int, *, nprobe: int | None = None,
-               ncandidates: int | None = None) -> SearchResult:
+               ncandidates: int | None = None, interaction_factor: int | None = None) -> SearchResult:
         """Each query's best ``k`` rows by decompressed maxsim over its candidates (see :meth:`candidates`)."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         self._check_queries(queries)
         out = []
         for q in queries:
-            rows = self.candidates(q, nprobe, ncandidates)
+            rows = self.candidates(q, nprobe, ncandidates, interaction_factor)
             out.append(top_k(self._maxsim(q, rows), k, rows) if rows.size else
                        (np.zeros(0), np.zeros(0, np.int64)))
         return pad_results(out, k)
@@ -423,11 +575,13 @@ def build_plaid(parts: Sequence[Part], work_dir: str | os.PathLike | None = None
     refused. The caller removes ``work_dir`` once the index is saved (:func:`remove_work_dir`).
     """
     opts = check_options(options)
+    raw, parts = parts, [_pooled(p, opts["pool_factor"]) for p in parts]
     work = None if work_dir is None else os.fspath(work_dir)
     if work is not None:
         os.makedirs(work, exist_ok=True)
-    lengths = _step(work, "lengths", lambda: [_check_vectors(p()[1], None)[1] for p in parts], _save_lengths,
-                    _load_lengths)
+    # the pooled token counts follow from the documents' own (no clustering in this pass)
+    lengths = _step(work, "lengths", lambda: [pooled_lengths(_check_vectors(p()[1], None)[1], opts["pool_factor"])
+                                              for p in raw], _save_lengths, _load_lengths)
     if len(lengths) != len(parts):
         raise ValueError(f"{work}: made for {len(lengths)} parts, given {len(parts)}")
     total = int(sum(int(x.sum()) for x in lengths))
@@ -447,7 +601,8 @@ def build_plaid(parts: Sequence[Part], work_dir: str | os.PathLike | None = None
             if hi > lo:
                 sample.append(_check_vectors(part()[1], None)[0][positions[lo:hi] - start])
             start += size
-        return PlaidCodec.train(np.concatenate(sample), opts["nbits"], ncentroids, opts["kmeans_niter"], opts["seed"])
+        return PlaidCodec.train(np.concatenate(sample), opts["nbits"], ncentroids, opts["kmeans_niter"], opts["seed"],
+                                opts["pq_bytes"])
 
     codec = _step(work, "codec", train, lambda f, c: (c.save(f), _write_json(f, "codec.json", {
         "normalized": c.normalized})), lambda f: PlaidCodec.load(f, opts["nbits"], _read_json(f, "codec.json")[
