@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from trine.cli.parser import PLAID_FLAGS, add_hub_options, floats, options_checked, resolve_model_options
 from trine.cli.parser import DevicesAction as _Devices  # noqa: F401 (generate-queries imports it from here)
-from trine.cli.parser import add_hub_options, floats, options_checked, resolve_model_options
 from trine.errors import InputError, OptionError, UserError
 
 # FlagEmbedding's scripts/hn_mine.py and scripts/add_reranker_score.py option names: each one trine
@@ -190,7 +190,7 @@ def _mine(args: argparse.Namespace) -> int:
     hybrid = args.hybrid_weights is not None
     if hybrid and len(args.hybrid_weights) != 2:
         raise OptionError("--hybrid_weights takes two numbers: dense,sparse (e.g. 1,0.3)")
-    plaid = {k: getattr(args, k) for k in ("nbits", "ncentroids", "ncandidates") if getattr(args, k) is not None}
+    plaid = {k: getattr(args, k) for k in PLAID_FLAGS if k != "nprobe" and getattr(args, k) is not None}
     if plaid and args.colbert_index != "plaid":
         raise OptionError(f"--{' --'.join(plaid)}: options of --colbert_index plaid")
     if args.colbert_index is not None:
@@ -343,6 +343,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                       "(default 2^floor(log2(4 sqrt(tokens))))")
     mine.add_argument("--ncandidates", type=int, default=None, help="--colbert_index plaid: passages decompressed "
                       "and scored per query (default 256)")
+    mine.add_argument("--pq_bytes", type=int, default=None, help="--colbert_index plaid: product-quantise the "
+                      "residual into this many bytes per token instead of --nbits")
+    mine.add_argument("--pool_factor", type=int, default=None, help="--colbert_index plaid: merge each passage's "
+                      "similar token vectors into tokens/pool_factor before compressing (default 1: none)")
+    mine.add_argument("--interaction_factor", type=int, default=None, help="--colbert_index plaid: full centroid "
+                      "interaction over interaction_factor x ncandidates passages (default 1: off)")
     mine.add_argument("--cache_dir", default=None, help="keep the pool's encodings here and reuse them")
     mine.add_argument("--query_chunk_size", type=int, default=2048, help="queries encoded per step")
     mine.add_argument("--search_batch_size", type=int, default=256, help="queries searched per step")
