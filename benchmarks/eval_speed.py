@@ -87,21 +87,37 @@ def instrument(encodings: dict | None, saved: dict | None, model_of: dict) -> No
         runner.tune_fusion = runner_tune
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("demo", help="the demo's output folder (beir/ and the model folders)")
-    parser.add_argument("--models", default="zero-shot-neutral,zero-shot,unified")
-    parser.add_argument("--out", required=True, help="JSON file for the timings and metrics")
+def add_replay_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encodings", default=None, help="replay the encodings of this --save-encodings file")
     parser.add_argument("--save-encodings", default=None, help="write every encoding made to this file (pickle)")
-    args = parser.parse_args()
+
+
+def start_replay(args: argparse.Namespace, model_of: dict) -> tuple[dict | None, dict | None]:
+    """(the replayed encodings or None, the dict collecting new ones or None), with the functions instrumented."""
     encodings = None
     if args.encodings:
         with open(args.encodings, "rb") as f:
             encodings = pickle.load(f)
     saved: dict | None = {} if args.save_encodings else None
-    model_of: dict = {}
     instrument(encodings, saved, model_of)
+    return encodings, saved
+
+
+def save_replay(args: argparse.Namespace, saved: dict | None) -> None:
+    if saved is not None:
+        with open(args.save_encodings, "wb") as f:
+            pickle.dump(saved, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("demo", help="the demo's output folder (beir/ and the model folders)")
+    parser.add_argument("--models", default="zero-shot-neutral,zero-shot,unified")
+    parser.add_argument("--out", required=True, help="JSON file for the timings and metrics")
+    add_replay_options(parser)
+    args = parser.parse_args()
+    model_of: dict = {}
+    encodings, saved = start_replay(args, model_of)
 
     import trine
     from trine.evaluation import EvalConfig, load_dataset, run_evaluation
@@ -130,9 +146,7 @@ def main() -> None:
               "fusion": {k: v.get("fusion") for k, v in result["models"].items()}}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
-    if saved is not None:
-        with open(args.save_encodings, "wb") as f:
-            pickle.dump(saved, f, protocol=pickle.HIGHEST_PROTOCOL)
+    save_replay(args, saved)
     shown = ("trine", "total_s", "cpu_s", "load_before", "load_after", "phases_s")
     json.dump({k: report[k] for k in shown}, sys.stdout, indent=1)
     print()

@@ -9,7 +9,7 @@ calibrated fusion does on test where the dev rule does not keep it). The model f
 ``--scratch`` first (tuning writes fusion.json into it), so the original is never written::
 
     PYTHONPATH=src python benchmarks/fusion_calibration.py outputs/demo/beir outputs/demo/unified \\
-        --scratch /tmp/calib/demo --save-encodings /tmp/calib/demo/enc.pkl --out /tmp/calib/demo/calibration.json
+        --scratch scratch/demo --save-encodings scratch/demo-enc.pkl --out demo_calibration.json
 
 ``--encodings FILE`` replays the encodings of an earlier ``--save-encodings`` (or ``benchmarks/eval_speed.py``
 run with the same model folder name) instead of encoding: the corpus encoding is most of the time on 2 cores.
@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import shutil
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from eval_speed import MODES, instrument  # noqa: E402  (the demo's modes; encoding replay)
+from eval_speed import MODES, add_replay_options, save_replay, start_replay  # noqa: E402  (modes; encoding replay)
 
 
 def main() -> None:
@@ -35,16 +34,10 @@ def main() -> None:
     parser.add_argument("model", help="the trained model folder (never written: it is copied into --scratch)")
     parser.add_argument("--scratch", required=True, help="folder to copy the model into and tune there")
     parser.add_argument("--out", required=True, help="JSON file for both settings and every mode's test metrics")
-    parser.add_argument("--encodings", default=None, help="replay the encodings of this --save-encodings file")
-    parser.add_argument("--save-encodings", default=None, help="write every encoding made to this file (pickle)")
+    add_replay_options(parser)
     args = parser.parse_args()
-    encodings = None
-    if args.encodings:
-        with open(args.encodings, "rb") as f:
-            encodings = pickle.load(f)
-    saved: dict | None = {} if args.save_encodings else None
     name = os.path.basename(os.path.normpath(args.model))
-    instrument(encodings, saved, {"current": name})
+    encodings, saved = start_replay(args, {"current": name})
 
     from trine.evaluation import EvalConfig, load_dataset, run_evaluation
     from trine.evaluation.runner import evaluate_model, index_corpus, load_embedder, resolve_fusion
@@ -82,9 +75,7 @@ def main() -> None:
     }
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
-    if saved is not None:
-        with open(args.save_encodings, "wb") as f:
-            pickle.dump(saved, f, protocol=pickle.HIGHEST_PROTOCOL)
+    save_replay(args, saved)
     print("| mode | grid (before) | --tune-weights now | coefficients on every mode |\n|---|---|---|---|")
     for mode, values in report["ndcg@10"].items():
         print(f"| {mode} | {values['grid']:.4f} | {values['calibrated']:.4f} | {values['calibrated_every_mode']:.4f} |")

@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from test_fusion import OPTIONS, pages  # the shared man-page-like data
 
 from trine.errors import InputError
 from trine.evaluation import EvalConfig, build_manpages_beir, load_dataset, run_evaluation
@@ -218,20 +219,7 @@ def test_given_weights_or_normalization_fuse_plainly(tmp_path):
 
 
 # ---------------------------------------------------------------------- through the evaluation
-OPTIONS = {"init_missing_heads": "neutral", "show_progress": False, "devices": "cpu"}
 
-
-def pages(n):
-    from trine.datasets.manpages import ManPage
-
-    topics = ["copy files", "list directory", "print text", "compress data", "network socket", "change mode",
-              "show processes", "search patterns", "format output", "manage users"]
-    words = ["quickly", "recursively", "safely", "remote", "local", "binary", "unicode", "large", "hidden",
-             "archived", "shared", "temporary", "encrypted"]
-    return [ManPage(f"tool{i}.1", f"{topics[i % 10]} {words[i % 13]}",
-                    f"This command can {topics[(i * 3 + 1) % 10]} for {words[(i * 7) % 13]} items; it may also "
-                    f"{topics[i % 10]} when {words[i % 13]} or {words[(i + 5) % 13]}.")
-            for i in range(n)]
 
 
 def test_evaluation_applies_the_folder_coefficients_and_tuning_records_them(tmp_path, splade_tiny_dir, monkeypatch):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_fusion import OPTIONS, pages  # the shared man-page-like data
 
 from trine.evaluation import EvalConfig, build_manpages_beir, evaluate_model, evaluate_run, index_corpus, load_dataset
 from trine.evaluation.candidates import ScoredCandidates, encode_queries
@@ -23,22 +24,8 @@ from trine.modeling.fusion import FUSED_MODES
 from trine.retrieval import MultiVectorIndex, weighted_fusion
 from trine.scoring import colbert_score, fuse_scores, normalize_scores
 
-OPTIONS = {"init_missing_heads": "neutral", "show_progress": False, "devices": "cpu"}
 MODES = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense", "rrf", "bm25", "dense+bm25")
 
-
-def pages(n):
-    """Man-page-like data where each query shares words with several pages: retrieval is not trivial."""
-    from trine.datasets.manpages import ManPage
-
-    topics = ["copy files", "list directory", "print text", "compress data", "network socket", "change mode",
-              "show processes", "search patterns", "format output", "manage users"]
-    words = ["quickly", "recursively", "safely", "remote", "local", "binary", "unicode", "large", "hidden",
-             "archived", "shared", "temporary", "encrypted"]
-    return [ManPage(f"tool{i}.1", f"{topics[i % 10]} {words[i % 13]}",
-                    f"This command can {topics[(i * 3 + 1) % 10]} for {words[(i * 7) % 13]} items; it may also "
-                    f"{topics[i % 10]} when {words[i % 13]} or {words[(i + 5) % 13]}.")
-            for i in range(n)]
 
 
 @pytest.fixture(scope="module")

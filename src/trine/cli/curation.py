@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from trine.cli.parser import PLAID_FLAGS, add_hub_options, floats, options_checked, resolve_model_options
+from trine.cli.parser import (
+    PLAID_FLAGS,
+    add_colbert_index_options,
+    add_hub_options,
+    floats,
+    options_checked,
+    resolve_model_options,
+)
 from trine.cli.parser import DevicesAction as _Devices  # noqa: F401 (generate-queries imports it from here)
 from trine.errors import InputError, OptionError, UserError
 
@@ -334,21 +341,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     mine.add_argument("--nlist", type=int, default=None)
     mine.add_argument("--nprobe", type=int, default=None,
                       help="centroids probed: per query (--index_kind ivf) or per query token (--colbert_index plaid)")
-    mine.add_argument("--colbert_index", default=None, choices=["exact", "plaid"],
-                      help="rank by ColBERT maxsim instead (an M3 model): exact scans every pool passage; plaid "
-                           "searches the compressed index (its own candidates), for large pools")
-    mine.add_argument("--nbits", type=int, default=None, help="--colbert_index plaid: residual bits per dimension, "
-                      "1, 2 or 4 (default 2)")
-    mine.add_argument("--ncentroids", type=int, default=None, help="--colbert_index plaid: k-means centroids "
-                      "(default 2^floor(log2(4 sqrt(tokens))))")
-    mine.add_argument("--ncandidates", type=int, default=None, help="--colbert_index plaid: passages decompressed "
-                      "and scored per query (default 256)")
-    mine.add_argument("--pq_bytes", type=int, default=None, help="--colbert_index plaid: product-quantise the "
-                      "residual into this many bytes per token instead of --nbits")
-    mine.add_argument("--pool_factor", type=int, default=None, help="--colbert_index plaid: merge each passage's "
-                      "similar token vectors into tokens/pool_factor before compressing (default 1: none)")
-    mine.add_argument("--interaction_factor", type=int, default=None, help="--colbert_index plaid: full centroid "
-                      "interaction over interaction_factor x ncandidates passages (default 1: off)")
+    add_colbert_index_options(mine, None, nprobe=False, help="rank by ColBERT maxsim instead (an M3 model): exact "
+                              "scans every pool passage; plaid searches the compressed index (its own candidates), "
+                              "for large pools")
     mine.add_argument("--cache_dir", default=None, help="keep the pool's encodings here and reuse them")
     mine.add_argument("--query_chunk_size", type=int, default=2048, help="queries encoded per step")
     mine.add_argument("--search_batch_size", type=int, default=256, help="queries searched per step")

@@ -217,12 +217,14 @@ class TrineArgumentParser(argparse.ArgumentParser):
 PLAID_FLAGS = ("nbits", "pq_bytes", "pool_factor", "ncentroids", "nprobe", "ncandidates", "interaction_factor")
 
 
-def add_colbert_index_options(p: argparse.ArgumentParser) -> None:
-    """``--colbert-index exact|plaid`` and the plaid index's options (trine.retrieval.plaid; defaults there)."""
-    p.add_argument("--colbert-index", default="exact", choices=["exact", "plaid"],
-                   help="the multi-vector (colbert) index: exact (the vectors as they are, exact maxsim) or plaid "
-                        "(compressed: centroid + a residual of --nbits per dimension or --pq-bytes per token, its own "
-                        "candidate generation)")
+def add_colbert_index_options(p: argparse.ArgumentParser, default: str | None = "exact", *, nprobe: bool = True,
+                              help: str | None = None) -> None:
+    """``--colbert-index exact|plaid`` and the plaid index's options (trine.retrieval.plaid; defaults there).
+    ``nprobe=False``: the command has its own ``--nprobe`` (`trine mine`'s, shared with its IVF index)."""
+    p.add_argument("--colbert-index", default=default, choices=["exact", "plaid"],
+                   help=help or "the multi-vector (colbert) index: exact (the vectors as they are, exact maxsim) or "
+                        "plaid (compressed: centroid + a residual of --nbits per dimension or --pq-bytes per token, "
+                        "its own candidate generation)")
     p.add_argument("--nbits", type=int, default=None, help="plaid: residual bits per dimension, 1, 2 or 4 (default 2)")
     p.add_argument("--pq-bytes", dest="pq_bytes", type=int, default=None,
                    help="plaid: product-quantise the residual into this many bytes per token instead of --nbits "
@@ -232,7 +234,8 @@ def add_colbert_index_options(p: argparse.ArgumentParser) -> None:
                         "tokens/pool-factor vectors before compressing (default 1: none)")
     p.add_argument("--ncentroids", type=int, default=None,
                    help="plaid: k-means centroids (default 2^floor(log2(4 sqrt(tokens))))")
-    p.add_argument("--nprobe", type=int, default=None, help="plaid: centroids probed per query token (default 8)")
+    if nprobe:
+        p.add_argument("--nprobe", type=int, default=None, help="plaid: centroids probed per query token (default 8)")
     p.add_argument("--ncandidates", type=int, default=None,
                    help="plaid: documents decompressed and scored exactly per query (default 256)")
     p.add_argument("--interaction-factor", dest="interaction_factor", type=int, default=None,

@@ -283,6 +283,7 @@ class NegativeMiner:
         summary = MiningSummary(records=len(records), pool=len(pool), ranking=ranking,
                                 index_kind=self.colbert_index or self.index_kind)
         position = {t: i for i, t in enumerate(pool)}
+        depth = min(self.range_for_sampling[1], len(pool))
 
         started = time.perf_counter()
         outputs = self.outputs
@@ -294,8 +295,7 @@ class NegativeMiner:
         if self.colbert_index is not None:
             ranker = self._colbert_ranker(corpus, len(pool))
             summary.seconds_corpus = time.perf_counter() - started
-            return summary, self._picks(records, pool, position, ranker, min(self.range_for_sampling[1], len(pool)),
-                                        summary)
+            return summary, self._picks(records, pool, position, ranker, depth, summary)
         dense_index: DenseIndex | None = None
         lexical: list[dict[str, float]] = []
         backend = self.backend
@@ -316,7 +316,6 @@ class NegativeMiner:
         if backend == "trine":
             sparse_index = SparseIndex.build(lexical) if hybrid else None
         del lexical
-        depth = min(self.range_for_sampling[1], len(pool))
         candidates = depth if self.hybrid_candidates is None else int(self.hybrid_candidates)
         ranker = PoolRanker(dense_index, sparse_index, weights, min(candidates, len(pool)), self.hybrid_normalization)
         summary.seconds_corpus = time.perf_counter() - started

@@ -74,7 +74,7 @@ class ColbertPoolRanker:
         return self.index.search(reps.colbert_vecs, k)
 
     def score_rows(self, reps: QueryReps, rows: np.ndarray) -> np.ndarray:
-        return np.where(rows >= 0, self.index.score(reps.colbert_vecs, rows).astype(np.float64), -np.inf)
+        return self.index.score(reps.colbert_vecs, rows).astype(np.float64)  # -inf where rows is -1
 
     def score_outside(self, reps: QueryReps, i: int, outside: QueryReps, o: int) -> float:
         return float(scoring.colbert_score(reps.colbert_vecs[i], outside.colbert_vecs[o]))
