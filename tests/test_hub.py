@@ -458,7 +458,7 @@ COMMANDS = {
     "split-by-length": (lambda m, out, i: ["split-by-length", "--input_path", i["pairs"], "--output_dir",
                                            str(out / "split"), "--model_name_or_path", m(DENSE), "--length_list",
                                            "0", "20"],
-                        lambda out, stdout: _files(out / "split")),
+                        lambda out, stdout: _files(out / "split", skip=(".trine-output",))),
 }
 
 
