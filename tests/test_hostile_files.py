@@ -20,7 +20,7 @@ from trine.data.corpus import DatasetFormatError, read_corpus, read_queries
 from trine.data.reader import DataError
 from trine.errors import InputError, NonFiniteOutputError
 from trine.inference import M3Embedder, load_encoded
-from trine.modeling.loading import check_tokenizer_fits
+from trine.modeling.loading import check_tokenizer_fits, load_tokenizer
 from trine.modeling.trihead import TriHeadModel
 
 
@@ -90,6 +90,32 @@ def test_bge_m3_layout_without_tokenizer_json_is_refused(tmp_path, tiny_m3_dir):
     with pytest.raises(InputError, match=r"no_tokenizer: the tokenizer knows 5 tokens but the model's embedding "
                                          r"table has 250002 rows"):
         M3Embedder(broken, show_progress=False)
+
+
+def test_a_tokenizer_read_again_is_a_fresh_copy_and_an_edited_folder_is_read_anew(tmp_path, xlmr_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    folder = str(tmp_path / "tok")
+    shutil.copytree(xlmr_tokenizer_dir, folder)
+    texts = ["Hello world, ünïcödé 你好", "a second, longer text to pad the first one against"]
+    first = load_tokenizer(folder)
+    first.padding_side = "left"  # a caller's change stays its own
+    again = load_tokenizer(folder)
+    assert again is not first and again.padding_side == "right"
+    reference = AutoTokenizer.from_pretrained(folder)
+    assert type(again) is type(reference) and again.name_or_path == reference.name_or_path
+    assert again(texts, padding=True, truncation=True, max_length=12) == reference(texts, padding=True,
+                                                                                   truncation=True, max_length=12)
+    config = os.path.join(folder, "tokenizer_config.json")
+    with open(config, encoding="utf-8") as f:
+        edited = dict(json.load(f), model_max_length=64)
+    with open(config, "w", encoding="utf-8") as f:
+        json.dump(edited, f)
+    os.utime(config, ns=(os.stat(config).st_atime_ns, os.stat(config).st_mtime_ns + 10**9))
+    assert load_tokenizer(folder).model_max_length == 64
+    shutil.rmtree(folder)
+    with pytest.raises(InputError, match=re.escape(folder)):
+        load_tokenizer(folder)  # a folder gone is not served from memory
 
 
 class _Table(torch.nn.Module):

@@ -36,7 +36,7 @@ from trine.data.text import text_problem
 from trine.errors import InputError, OptionError
 from trine.inference.pool import DeviceRunner, check_positive_int, resolve_devices, resolve_dtype
 from trine.io import check_distinct, remove_stale_temps, temp_prefix
-from trine.modeling.loading import resolve_model
+from trine.modeling.loading import load_tokenizer, resolve_model
 from trine.progress import bar as progress_bar
 
 # Of the prompts tried with SmolLM2-135M-Instruct (benchmarks/generate_queries_smollm2.py), the one whose pairs
@@ -172,7 +172,7 @@ class QueryGenerator(DeviceRunner):
                  use_fp16: bool = False, batch_size: int = 8, passage_max_len: int = 256,
                  gguf_file: str | None = None, use_chat_template: bool | None = None, revision: str | None = None,
                  cache_dir: str | os.PathLike | None = None, token: str | bool | None = None):
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.passage_max_len = check_positive_int("passage_max_len", passage_max_len)
@@ -186,7 +186,7 @@ class QueryGenerator(DeviceRunner):
         extra = {"gguf_file": gguf_file} if gguf_file else {}
         config = AutoConfig.from_pretrained(model_name_or_path, **extra)
         self.seq2seq = bool(getattr(config, "is_encoder_decoder", False))
-        self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **extra)
+        self.tokenizer = load_tokenizer(model_name_or_path, **extra)
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
         if use_chat_template and (self.seq2seq or not has_template):
             raise OptionError(f"{model_name_or_path}: use_chat_template: the model has no chat template"

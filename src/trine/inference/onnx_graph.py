@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from trine.errors import InputError, MissingInputError
+from trine.modeling.loading import load_tokenizer
 
 MODEL_FILE = "model.onnx"
 RECIPE_FILE = "trine_onnx.json"
@@ -33,7 +34,6 @@ class OnnxGraph:
     def __init__(self, path: str | os.PathLike, *, model_file: str | None = None,
                  providers: Sequence[str] | None = None, with_heads: bool = True):
         import onnxruntime as ort
-        from transformers import AutoTokenizer
 
         self.path = os.fspath(path)
         recipe_file = os.path.join(self.path, RECIPE_FILE)
@@ -48,7 +48,7 @@ class OnnxGraph:
         if not os.path.isfile(file):
             raise MissingInputError(f"{self.path}: no {os.path.basename(file)}; not a trine ONNX export "
                                     "(trine export --to onnx)")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.tokenizer = load_tokenizer(self.path)
         self.file = file
         self.session = ort.InferenceSession(file, providers=list(providers or ["CPUExecutionProvider"]))
         self.has_heads = bool(self.recipe["has_heads"]) and with_heads

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from trine.errors import InputError, MissingInputError
 from trine.io import write_folder
-from trine.modeling.loading import check_loaded_model, load_from_folder, position_limit, resolve_model
+from trine.modeling.loading import check_loaded_model, load_from_folder, load_tokenizer, position_limit, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +123,7 @@ class CrossEncoder(nn.Module):
         start training) loads only with ``new_classifier=True``; a warning names the new weights."""
         # a folder, or a Hub id fetched into the Hugging Face cache (revision, cache_dir, token: of the id)
         path = resolve_model(path, revision=revision, cache_dir=cache_dir, token=token)
-        tokenizer = load_from_folder(AutoTokenizer.from_pretrained, path, "tokenizer",
-                                     trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         model, info = load_from_folder(
             AutoModelForSequenceClassification.from_pretrained, path, "reranker", num_labels=1, dtype=dtype,
             trust_remote_code=trust_remote_code, output_loading_info=True,

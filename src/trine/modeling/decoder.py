@@ -26,11 +26,11 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModel, PreTrainedTokenizerBase
 
 from trine.errors import InputError, MissingInputError, OptionError
 from trine.io import write_folder
-from trine.modeling.loading import check_loaded_model, load_from_folder, position_limit, resolve_model
+from trine.modeling.loading import check_loaded_model, load_from_folder, load_tokenizer, position_limit, resolve_model
 from trine.modeling.pooling import check_pooling_method, pool
 
 logger = logging.getLogger(__name__)
@@ -217,8 +217,7 @@ class DecoderEmbedder(nn.Module):
                               "Embedder, not an M3Embedder")
         # a folder, or a Hub id fetched into the Hugging Face cache (revision, cache_dir, token: of the id)
         path = resolve_model(path, revision=revision, cache_dir=cache_dir, token=token)
-        tokenizer = load_from_folder(AutoTokenizer.from_pretrained, path, "tokenizer",
-                                     trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         backbone = load_from_folder(
             AutoModel.from_pretrained, path, "model", dtype=dtype, trust_remote_code=trust_remote_code,
             **({"attn_implementation": attn_implementation} if attn_implementation else {}),

@@ -39,13 +39,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModel, PreTrainedTokenizerBase
 
 from trine.errors import InputError, MissingInputError, OptionError
 from trine.io import write_folder
 from trine.modeling.family_file import FAMILY_FILE, LAYERWISE_ARCHITECTURE, read_family_file, record_family
 from trine.modeling.llm_reranker import DEFAULT_SEP_TOKEN, LAYERWISE_FAMILY, LLMReranker
-from trine.modeling.loading import check_finite, check_loaded_model, load_from_folder, resolve_model
+from trine.modeling.loading import check_finite, check_loaded_model, load_from_folder, load_tokenizer, resolve_model
 from trine.modeling.lora import has_lora
 from trine.modeling.minicpm import MiniCPMModel
 from trine.modeling.minicpm import register as register_minicpm
@@ -245,8 +245,7 @@ class LayerwiseReranker(LLMReranker):
         has_heads = os.path.isfile(os.path.join(path, HEADS_FILE)) or flag
         if has_heads and (start_layer is not None or head_multi is not None):
             raise OptionError(f"start_layer/head_multi: {path} has its layer heads already (they set up new heads)")
-        tokenizer = load_from_folder(AutoTokenizer.from_pretrained, path, "tokenizer",
-                                     trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         model = load_from_folder(
             AutoModel.from_pretrained, path, "model", dtype=dtype, trust_remote_code=trust_remote_code,
             **({"attn_implementation": attn_implementation} if attn_implementation else {}),

@@ -26,12 +26,12 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from trine.errors import InputError, MissingInputError, OptionError
 from trine.io import write_folder
 from trine.modeling.family_file import FAMILY_FILE, read_family_file, record_family
-from trine.modeling.loading import check_loaded_model, load_from_folder, position_limit, resolve_model
+from trine.modeling.loading import check_loaded_model, load_from_folder, load_tokenizer, position_limit, resolve_model
 
 # the minicpm model type (a layer-wise reranker's backbone) is registered with AutoModel by the one folder
 # loader, trine.modeling.loading.load_from_folder, when a folder is of that type: importing MiniCPM's code
@@ -118,8 +118,7 @@ class LLMReranker(nn.Module):
         if info.get("model_family", FAMILY_NAME) != FAMILY_NAME:
             raise InputError(f"{os.path.join(path, FAMILY_FILE)}: model_family: {info['model_family']!r}, not "
                              f"{FAMILY_NAME!r}")
-        tokenizer = load_from_folder(AutoTokenizer.from_pretrained, path, "tokenizer",
-                                     trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         model = load_from_folder(
             AutoModelForCausalLM.from_pretrained, path, "model", dtype=dtype, trust_remote_code=trust_remote_code,
             **({"attn_implementation": attn_implementation} if attn_implementation else {}),

@@ -9,6 +9,9 @@ import fnmatch
 import glob
 import json
 import os
+import pickle
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -202,6 +205,58 @@ def load_from_folder(load: Callable[..., Any], path: str, what: str, **kwargs: A
             raise
         hint = " (a truncated or corrupt file?)" if type(err).__name__ == "SafetensorError" else ""
         raise InputError(f"{_culprit(path, err)}: cannot load the {what}: {first_line(err)}{hint}") from err
+
+
+# ------------------------------------------------------------------ tokenizers, read once per process
+#: how many tokenizers a process keeps (pickled) after reading them: XLM-R's, BGE-M3's, is a 17 MB tokenizer.json
+#: that transformers takes 3 s or more to read; unpickling a copy of one already read takes a third of that
+TOKENIZER_CACHE_SIZE = 4
+_TOKENIZER_FILES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".py", ".gguf")
+_tokenizers: OrderedDict[tuple, bytes] = OrderedDict()
+_tokenizers_lock = threading.Lock()
+
+
+def _tokenizer_fingerprint(folder: str) -> tuple | None:
+    """What a tokenizer read from ``folder`` depends on: the name, size and modification time of each file that
+    can configure it (None where the folder cannot be listed: then nothing is cached)."""
+    try:
+        with os.scandir(folder) as entries:
+            return tuple(sorted((e.name, st.st_size, st.st_mtime_ns) for e in entries
+                                if e.name.endswith(_TOKENIZER_FILES) and e.is_file()
+                                for st in (e.stat(),)))
+    except OSError:
+        return None
+
+
+def load_tokenizer(path: str, what: str = "tokenizer", **kwargs: Any) -> Any:
+    """``AutoTokenizer.from_pretrained(path, **kwargs)`` through :func:`load_from_folder`, read once per process
+    for a local folder: later calls for the same folder, unchanged, with the same options get a copy of the first
+    as it was read (each caller may change its own: padding side, added tokens)."""
+    from transformers import AutoTokenizer
+
+    def read() -> Any:
+        return load_from_folder(AutoTokenizer.from_pretrained, path, what, **kwargs)
+
+    fingerprint = _tokenizer_fingerprint(path) if os.path.isdir(path) else None
+    if fingerprint is None:
+        return read()
+    key = (os.path.realpath(path), fingerprint, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+    with _tokenizers_lock:
+        blob = _tokenizers.get(key)
+        if blob is not None:
+            _tokenizers.move_to_end(key)
+    if blob is not None:
+        return pickle.loads(blob)
+    tokenizer = read()
+    try:
+        blob = pickle.dumps(tokenizer, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        return tokenizer  # a tokenizer that cannot be copied (some remote code) is read again next time
+    with _tokenizers_lock:
+        _tokenizers[key] = blob
+        while len(_tokenizers) > TOKENIZER_CACHE_SIZE:
+            _tokenizers.popitem(last=False)
+    return tokenizer
 
 
 def drop_missing_pooler(model: Any, loading_info: Mapping[str, Any]) -> Any:

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForMaskedLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.activations import ACT2FN
 
 from trine.errors import InputError
 from trine.io import atomic_folder
-from trine.modeling.loading import check_finite, check_loaded_model, load_from_folder, resolve_model
+from trine.modeling.loading import check_finite, check_loaded_model, load_from_folder, load_tokenizer, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -222,8 +222,7 @@ class RetroMAEModel(nn.Module):
         """
         # a folder, or a Hub id fetched into the Hugging Face cache (revision, cache_dir, token: of the id)
         path = resolve_model(path, revision=revision, cache_dir=cache_dir, token=token)
-        tokenizer = load_from_folder(AutoTokenizer.from_pretrained, path, "tokenizer",
-                                     trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         if not getattr(tokenizer, "is_fast", False):
             raise InputError(f"{path}: RetroMAE needs a fast tokenizer (tokenizer.json) to find whole words")
         if tokenizer.mask_token_id is None:

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModel, PreTrainedTokenizerBase
 
 from trine.errors import InputError, MissingInputError, OptionError, first_line
 from trine.io import write_folder
@@ -27,6 +27,7 @@ from trine.modeling.loading import (
     drop_missing_pooler,
     load_from_folder,
     load_state_dict_file,
+    load_tokenizer,
     position_limit,
     resolve_model,
 )
@@ -209,8 +210,7 @@ class TriHeadModel(nn.Module):
             raise OptionError("head_init_texts are the corpus of init_missing_heads='bm25' and go with it only")
         if pooling_method is None:
             pooling_method = sentence_transformers_pooling(path) or "cls"
-        tokenizer = load_from_folder(AutoTokenizer.from_pretrained, path, "tokenizer",
-                                     trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         backbone, info = load_from_folder(
             AutoModel.from_pretrained, path, "model", dtype=dtype, trust_remote_code=trust_remote_code,
             output_loading_info=True,

@@ -16,13 +16,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from transformers import AutoTokenizer
-
 from trine.data.corpus import list_data_files
 from trine.data.reader import DataError, open_text
 from trine.data.records import read_file
 from trine.io import atomic_folder, check_output_path
-from trine.modeling.loading import load_from_folder, resolve_model
+from trine.modeling.loading import load_tokenizer, resolve_model
 
 DEFAULT_EDGES = (0, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000)
 
@@ -73,8 +71,7 @@ def split_by_length(
     sources = [*inputs, *files]
     check_output_path(output_dir, inputs=sources, overwrite=overwrite)
     # a folder, or a Hub id fetched into the Hugging Face cache (a typo'd path is an error naming it, not a Hub id)
-    tokenizer = load_from_folder(AutoTokenizer.from_pretrained, resolve_model(tokenizer_path, what="tokenizer"),
-                                 "tokenizer")
+    tokenizer = load_tokenizer(resolve_model(tokenizer_path, what="tokenizer"))
     problems: list[str] = []
     parsed = {}
     for f in files:
