@@ -44,6 +44,8 @@ from mine import build_data  # noqa: E402
 
 DEFAULT_WORK = os.path.join(os.path.expanduser("~"), ".cache", "trine", "bench", "multivector")
 CHUNK = 2000
+# a model folder's files that do not change its vectors (trine eval --tune-weights rewrites fusion.json)
+NOT_VECTORS = {"fusion.json", "README.md", "trine_card.json", ".trine-output"}
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -78,7 +80,8 @@ def encoder(args: argparse.Namespace):
 
 def cache_key(args: argparse.Namespace) -> str:
     """The vector cache's folder name: the passage maximum length, and for ``--model`` the folder's name and a
-    digest of its path and its files' sizes and times (another model, or a re-trained one, gets its own)."""
+    digest of its path and its files' sizes and times (another model, or a re-trained one, gets its own; files
+    that do not change the vectors, :data:`NOT_VECTORS`, are left out)."""
     if args.model is None:
         return f"len{args.passage_max_len}"  # the raw MiniLM states (the folder name of earlier runs)
     import hashlib
@@ -87,7 +90,8 @@ def cache_key(args: argparse.Namespace) -> str:
     if not os.path.isdir(root):
         raise SystemExit(f"--model {args.model}: not a folder")
     stamp = [root] + [f"{name}:{os.path.getsize(os.path.join(root, name))}:{os.path.getmtime(os.path.join(root, name))}"
-                      for name in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, name))]
+                      for name in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, name))
+                      and name not in NOT_VECTORS]
     digest = hashlib.sha1("\n".join(stamp).encode()).hexdigest()[:10]
     return f"{os.path.basename(root)}-{digest}-len{args.passage_max_len}"
 

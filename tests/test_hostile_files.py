@@ -92,15 +92,20 @@ def test_bge_m3_layout_without_tokenizer_json_is_refused(tmp_path, tiny_m3_dir):
         M3Embedder(broken, show_progress=False)
 
 
-def test_a_tokenizer_read_again_is_a_fresh_copy_and_an_edited_folder_is_read_anew(tmp_path, xlmr_tokenizer_dir):
+def test_a_tokenizer_read_again_is_a_fresh_copy_and_an_edited_folder_is_read_anew(tmp_path, minilm_dir,
+                                                                                   monkeypatch):
     from transformers import AutoTokenizer
 
     folder = str(tmp_path / "tok")
-    shutil.copytree(xlmr_tokenizer_dir, folder)
+    shutil.copytree(minilm_dir, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.onnx", "onnx"))
+    reads = []
+    real = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: reads.append(a) or real(*a, **k))
     texts = ["Hello world, ünïcödé 你好", "a second, longer text to pad the first one against"]
     first = load_tokenizer(folder)
     first.padding_side = "left"  # a caller's change stays its own
     again = load_tokenizer(folder)
+    assert len(reads) == 1  # read once
     assert again is not first and again.padding_side == "right"
     reference = AutoTokenizer.from_pretrained(folder)
     assert type(again) is type(reference) and again.name_or_path == reference.name_or_path
@@ -112,7 +117,7 @@ def test_a_tokenizer_read_again_is_a_fresh_copy_and_an_edited_folder_is_read_ane
     with open(config, "w", encoding="utf-8") as f:
         json.dump(edited, f)
     os.utime(config, ns=(os.stat(config).st_atime_ns, os.stat(config).st_mtime_ns + 10**9))
-    assert load_tokenizer(folder).model_max_length == 64
+    assert load_tokenizer(folder).model_max_length == 64 and len(reads) == 3  # the reference, then the edit
     shutil.rmtree(folder)
     with pytest.raises(InputError, match=re.escape(folder)):
         load_tokenizer(folder)  # a folder gone is not served from memory
