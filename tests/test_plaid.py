@@ -3,6 +3,8 @@ finds what exact maxsim finds, and save/load and an interrupted-then-resumed bui
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -98,30 +100,44 @@ def test_codec_is_a_hand_quantisation(corpus, nbits):
     assert error < {1: 0.1, 2: 0.06, 4: 0.02}[nbits]
 
 
-def test_pq_codec_is_a_hand_product_quantisation(corpus):
+@pytest.mark.parametrize("opq", [False, True])
+def test_pq_codec_is_a_hand_product_quantisation(corpus, opq):
     """pq_bytes: each token's byte j names the codeword of sub-space j nearest its residual's j-th sub-vector; it
-    decompresses to centroid + the codewords side by side (re-normalised); scores are maxsim on exactly that."""
+    decompresses to centroid + the codewords side by side (re-normalised); scores are maxsim on exactly that.
+    With opq (the default with pq_bytes) all of it happens after an orthonormal rotation R (x @ R.T), and the
+    decompressed vectors are rotated back (@ R)."""
     rng, _, docs, _ = corpus
     docs = docs[:120]
-    index = ColbertPlaidIndex.build(docs, pq_bytes=8, ncentroids=32, seed=1)  # every token is in the sample
+    index = ColbertPlaidIndex.build(docs, pq_bytes=8, ncentroids=32, seed=1, **({} if opq else {"opq": False}))
     assert index.options["nbits"] is None and index.options["pq_bytes"] == 8 and index.bytes_per_token == 2 + 8
+    assert index.options["opq"] is opq and (index.codec.rotation is not None) is opq
     assert index.packed.shape == (int(index.offsets[-1]), 8) and index.codec.codebooks.shape == (8, 256, DIM // 8)
-    vectors = np.concatenate(docs)
+    rotation = index.codec.rotation if opq else np.eye(DIM, dtype=np.float32)
+    np.testing.assert_allclose(rotation @ rotation.T, np.eye(DIM), atol=1e-5)
+    vectors = np.concatenate(docs) @ rotation.T
     centroids, books = index.codec.centroids, index.codec.codebooks
     nearest = ((vectors[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
     np.testing.assert_array_equal(index.codes, nearest)
     residuals = (vectors - centroids[nearest]).reshape(len(vectors), 8, DIM // 8)
     words = ((residuals[:, :, None, :] - books[None]) ** 2).sum(-1).argmin(-1)  # (tokens x 8)
     np.testing.assert_array_equal(index.packed, words)
-    hand = unit(centroids[nearest] + books[np.arange(8)[None, :], words].reshape(len(vectors), DIM))
+    hand = unit(centroids[nearest] + books[np.arange(8)[None, :], words].reshape(len(vectors), DIM)) @ rotation
     got = np.concatenate([index.doc_vectors(r) for r in range(len(docs))])
     np.testing.assert_allclose(got, hand, atol=1e-5)
-    assert np.abs(got - vectors).mean() < 0.06  # about 2 bits' error at a quarter of their bytes
+    assert np.abs(got - np.concatenate(docs)).mean() < 0.06  # about 2 bits' error at a quarter of their bytes
     queries = [unit(rng.standard_normal((4, DIM))) for _ in range(3)]
     rows = rng.integers(0, len(docs), size=(3, 9))
     offsets = index.offsets
     exact_on_hand = MultiVectorIndex.build([hand[offsets[r]:offsets[r + 1]] for r in range(len(docs))])
     np.testing.assert_allclose(index.score(queries, rows), exact_on_hand.score(queries, rows), atol=1e-5)
+    found = index.search(queries, 5, ncandidates=len(docs))  # every document a candidate: exact on the hand vectors
+    np.testing.assert_allclose(found.scores, exact_on_hand.search(queries, 5).scores, atol=1e-5)
+    if not opq:
+        return
+    with pytest.raises(ValueError, match="opq .* goes with pq_bytes, not nbits"):
+        ColbertPlaidIndex.build(docs, nbits=2, opq=True)
+    with pytest.raises(ValueError, match="opq must be true or false"):
+        ColbertPlaidIndex.build(docs, pq_bytes=8, opq=1)
     with pytest.raises(ValueError, match="two codings of the residual"):
         ColbertPlaidIndex.build(docs, pq_bytes=8, nbits=2)
     with pytest.raises(ValueError, match="pq_bytes 5 must divide the vectors' dim 32"):
@@ -265,6 +281,20 @@ def test_save_load_equals_the_index_in_memory(corpus, index, tmp_path):
     # a HybridRetriever holding it saves and loads it by its kind
     HybridRetriever(indexes={"colbert": index}).save(tmp_path / "hybrid")
     assert isinstance(HybridRetriever.load(tmp_path / "hybrid").multivector, ColbertPlaidIndex)
+    # a rotated product-quantised index round-trips with its rotation; one saved before OPQ (no "opq" in
+    # index.json) loads unrotated
+    docs = corpus[2][:150]
+    for opq in (True, False):
+        pq = ColbertPlaidIndex.build(docs, pq_bytes=8, ncentroids=32, opq=opq)
+        folder = tmp_path / f"pq-{opq}"
+        pq.save(folder)
+        if not opq:
+            meta = json.loads((folder / "index.json").read_text())
+            del meta["options"]["opq"]
+            (folder / "index.json").write_text(json.dumps(meta))
+        back = load_index(folder)
+        assert back.options["opq"] is opq and (back.codec.rotation is not None) is opq
+        np.testing.assert_array_equal(back.search(queries, 7).scores, pq.search(queries, 7).scores)
 
 
 def test_add_compresses_with_the_trained_codec(corpus):

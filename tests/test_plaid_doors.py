@@ -78,7 +78,8 @@ def test_index_build_pq_and_pooling_flags(built, m3_dir, capsys, tmp_path):  # n
     build = ["index", "build", "--model", m3_dir, "--corpus", corpus, "--uri", uri, "--embeddings", enc, "--quiet",
              "--colbert-index", "plaid", "--ncentroids", "32"]
     for bad, message in ((["--pool-factor", "0"], "pool_factor must be a positive integer"),
-                         (["--pq-bytes", "16", "--nbits", "2"], "two codings of the residual")):
+                         (["--pq-bytes", "16", "--nbits", "2"], "two codings of the residual"),
+                         (["--nbits", "2", "--opq"], "opq rotates the residual")):
         assert main([*build, *bad]) == 2
         assert message in capsys.readouterr().err and not os.path.exists(uri)
     assert main([*build[:-4], "--pool-factor", "2"]) == 2
@@ -87,6 +88,7 @@ def test_index_build_pq_and_pooling_flags(built, m3_dir, capsys, tmp_path):  # n
     assert "18 bytes per token (pool factor 2: per pooled token)" in capsys.readouterr().out  # 2 + 16
     got = HybridRetriever.load(uri).multivector
     assert got.options["pq_bytes"] == 16 and got.options["pool_factor"] == 2 and got.options["nbits"] is None
+    assert got.options["opq"] is True and got.codec.rotation is not None  # on by default with --pq-bytes
     encoded = load_encoded(enc, ("colbert",))
     fresh = ColbertPlaidIndex.build(encoded.result.colbert_vecs, encoded.ids, ncentroids=32, pq_bytes=16,
                                     pool_factor=2)

@@ -214,7 +214,7 @@ class TrineArgumentParser(argparse.ArgumentParser):
         return message
 
 
-PLAID_FLAGS = ("nbits", "pq_bytes", "pool_factor", "ncentroids", "nprobe", "ncandidates", "interaction_factor")
+PLAID_FLAGS = ("nbits", "pq_bytes", "opq", "pool_factor", "ncentroids", "nprobe", "ncandidates", "interaction_factor")
 
 
 def add_colbert_index_options(p: argparse.ArgumentParser, default: str | None = "exact", *, nprobe: bool = True,
@@ -229,6 +229,9 @@ def add_colbert_index_options(p: argparse.ArgumentParser, default: str | None = 
     p.add_argument("--pq-bytes", dest="pq_bytes", type=int, default=None,
                    help="plaid: product-quantise the residual into this many bytes per token instead of --nbits "
                         "(one byte per dim/pq-bytes dimensions; must divide the dim)")
+    p.add_argument("--opq", action=argparse.BooleanOptionalAction, default=None,
+                   help="plaid: rotate the residual (OPQ, learned) before product quantisation (default: on with "
+                        "--pq-bytes; --no-opq: plain product quantisation)")
     p.add_argument("--pool-factor", dest="pool_factor", type=int, default=None,
                    help="plaid: merge each passage's similar token vectors (hierarchical clustering) into "
                         "tokens/pool-factor vectors before compressing (default 1: none)")
@@ -243,7 +246,7 @@ def add_colbert_index_options(p: argparse.ArgumentParser, default: str | None = 
                         "tokens' centroids) before the decompression (default 1: none)")
 
 
-def colbert_index_options(args: argparse.Namespace) -> dict[str, int]:
+def colbert_index_options(args: argparse.Namespace) -> dict[str, int | bool]:
     """The plaid options given on the command line; refused unless ``--colbert-index plaid``."""
     given = {name: getattr(args, name) for name in PLAID_FLAGS if getattr(args, name) is not None}
     if given and args.colbert_index != "plaid":

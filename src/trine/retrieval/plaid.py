@@ -67,10 +67,11 @@ from trine.scoring import colbert_scores_flat
 KIND = "plaid"
 NBITS = (1, 2, 4)
 #: defaults of the build options (index.json records the values used)
-#: nbits None: 2, or no scalar residual where pq_bytes is given (nbits and pq_bytes are two codings of it)
-DEFAULTS: dict[str, Any] = {"nbits": None, "pq_bytes": None, "pool_factor": 1, "ncentroids": None, "nprobe": 8,
-                            "ncandidates": 256, "interaction_factor": 1, "sample_tokens": 1 << 18, "kmeans_niter": 20,
-                            "seed": 0}
+#: nbits None: 2, or no scalar residual where pq_bytes is given (nbits and pq_bytes are two codings of it);
+#: opq None: on with pq_bytes (a learned rotation of the residuals before product quantisation), else off
+DEFAULTS: dict[str, Any] = {"nbits": None, "pq_bytes": None, "opq": None, "pool_factor": 1, "ncentroids": None,
+                            "nprobe": 8, "ncandidates": 256, "interaction_factor": 1, "sample_tokens": 1 << 18,
+                            "kmeans_niter": 20, "seed": 0}
 DEFAULT_NBITS = 2
 Part = Callable[[], tuple[Sequence[str], Sequence[np.ndarray]]]
 
@@ -96,6 +97,12 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
         out["nbits"] = DEFAULT_NBITS
     if out["pq_bytes"] is None and out["nbits"] not in NBITS:
         raise ValueError(f"nbits must be one of {NBITS}, not {out['nbits']!r}")
+    if out["opq"] is None:
+        out["opq"] = out["pq_bytes"] is not None
+    elif not isinstance(out["opq"], bool):
+        raise ValueError(f"opq must be true or false, not {out['opq']!r}")
+    elif out["opq"] and out["pq_bytes"] is None:
+        raise ValueError("opq rotates the residual for product quantisation: it goes with pq_bytes, not nbits")
     for name in ("nprobe", "ncandidates", "interaction_factor", "sample_tokens", "kmeans_niter", "pool_factor"):
         _positive(name, out[name])
     if out["ncentroids"] is not None:
@@ -141,7 +148,10 @@ class PlaidCodec:
     """What compresses a token: centroids (ncentroids x dim), whether decompressed vectors are
     re-normalised (``normalized``: the indexed vectors are unit length), and the residual's coding: either
     ``nbits`` with per-dimension bucket ``cutoffs`` (dim x 2**nbits - 1) and ``weights`` (dim x 2**nbits),
-    or product-quantiser ``codebooks`` (pq_bytes x 256 x dim / pq_bytes)."""
+    or product-quantiser ``codebooks`` (pq_bytes x 256 x dim / pq_bytes), optionally after an orthonormal
+    ``rotation`` (dim x dim, OPQ): then the centroids and codebooks live in the rotated space (``x @
+    rotation.T``), which keeps every inner product, so queries are rotated once (:meth:`to_codec_space`) and
+    scored against the stored tokens there; :meth:`decompress` rotates back."""
 
     centroids: np.ndarray
     cutoffs: np.ndarray | None
@@ -149,9 +159,13 @@ class PlaidCodec:
     nbits: int | None
     normalized: bool
     codebooks: np.ndarray | None = None
+    rotation: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         dim = self.dim
+        if self.rotation is not None and (self.codebooks is None or self.rotation.shape != (dim, dim)):
+            raise ValueError(f"a rotation {self.rotation.shape} goes with product-quantiser codebooks and is "
+                             f"dim x dim ({dim})")
         if self.codebooks is not None:
             m = self.codebooks.shape[0]
             if (self.nbits is not None or self.cutoffs is not None or self.weights is not None
@@ -196,18 +210,24 @@ class PlaidCodec:
     @property
     def nbytes(self) -> int:
         """Bytes of the codec's arrays (centroids, and cutoffs and weights or codebooks)."""
-        return sum(int(a.nbytes) for a in (self.centroids, self.cutoffs, self.weights, self.codebooks)
+        return sum(int(a.nbytes) for a in (self.centroids, self.cutoffs, self.weights, self.codebooks, self.rotation)
                    if a is not None)
 
     @property
     def code_dtype(self) -> type:
         return np.uint16 if self.ncentroids <= 1 << 16 else np.int32
 
+    def to_codec_space(self, vectors: np.ndarray) -> np.ndarray:
+        """``vectors`` (n x dim) as float32 in the space the codec stores tokens in (rotated with OPQ)."""
+        v = np.ascontiguousarray(vectors, dtype=np.float32)
+        return v if self.rotation is None else v @ self.rotation.T
+
     @classmethod
     def train(cls, sample: np.ndarray, nbits: int | None, ncentroids: int, kmeans_niter: int, seed: int,
-              pq_bytes: int | None = None) -> PlaidCodec:
+              pq_bytes: int | None = None, opq: bool = False) -> PlaidCodec:
         """k-means (faiss, seeded) over ``sample``, then the residuals' per-dimension quantiles (``nbits``) or
-        their product quantiser (``pq_bytes``: 256 codewords per sub-space, faiss's k-means, seeded)."""
+        their product quantiser (``pq_bytes``: 256 codewords per sub-space, faiss's k-means, seeded), after
+        ``opq``'s rotation of the residuals (faiss's OPQMatrix, ``kmeans_niter`` alternations) where asked."""
         import faiss
 
         sample = np.ascontiguousarray(sample, dtype=np.float32)
@@ -229,13 +249,24 @@ class PlaidCodec:
         codes = _assign(centroids, sample)
         residuals = sample - centroids[codes]
         if pq_bytes is not None:
+            rotation = None
+            if opq:
+                matrix = faiss.OPQMatrix(dim, pq_bytes)
+                matrix.niter = kmeans_niter
+                inner = faiss.ProductQuantizer(dim, pq_bytes, 8)  # OPQMatrix's own, without faiss's stderr warning
+                inner.cp.min_points_per_centroid = 1  # on small samples (the rotation is the same)
+                matrix.pq = inner
+                matrix.train(np.ascontiguousarray(residuals))
+                rotation = faiss.vector_to_array(matrix.A).reshape(dim, dim).astype(np.float32)
+                centroids = np.ascontiguousarray(centroids @ rotation.T)
+                residuals = np.ascontiguousarray(residuals @ rotation.T)
             sub = dim // pq_bytes
             codebooks = np.empty((pq_bytes, 256, sub), dtype=np.float32)
             for j in range(pq_bytes):
                 km = faiss.Kmeans(sub, 256, niter=kmeans_niter, seed=seed + 1 + j, verbose=False)
                 km.train(np.ascontiguousarray(residuals[:, j * sub:(j + 1) * sub]))
                 codebooks[j] = km.centroids
-            return cls(centroids, None, None, None, normalized, codebooks)
+            return cls(centroids, None, None, None, normalized, codebooks, rotation)
         buckets = 1 << nbits
         cutoffs = np.quantile(residuals, np.arange(1, buckets) / buckets, axis=0).T.astype(np.float32)
         weights = np.quantile(residuals, (np.arange(buckets) + 0.5) / buckets, axis=0).T.astype(np.float32)
@@ -246,7 +277,7 @@ class PlaidCodec:
         codes = np.empty(len(vectors), dtype=self.code_dtype)
         packed = np.empty((len(vectors), self.packed_bytes), dtype=np.uint8)
         for start in range(0, len(vectors), batch):
-            v = np.ascontiguousarray(vectors[start:start + batch], dtype=np.float32)
+            v = self.to_codec_space(vectors[start:start + batch])
             c = _assign(self.centroids, v)
             residuals = v - self.centroids[c]
             codes[start:start + len(v)] = c
@@ -263,8 +294,13 @@ class PlaidCodec:
         return codes, packed
 
     def decompress(self, codes: np.ndarray, packed: np.ndarray) -> np.ndarray:
-        """(tokens x dim) float32 vectors of stored tokens: centroid + bucket weights (re-normalised when
-        the indexed vectors were unit length)."""
+        """(tokens x dim) float32 vectors of stored tokens: centroid + bucket weights or codewords
+        (re-normalised when the indexed vectors were unit length), rotated back with OPQ."""
+        out = self.decompress_in_codec_space(codes, packed)
+        return out if self.rotation is None else out @ self.rotation
+
+    def decompress_in_codec_space(self, codes: np.ndarray, packed: np.ndarray) -> np.ndarray:
+        """:meth:`decompress` before the rotation back (what scores against :meth:`to_codec_space` queries)."""
         rows = packed.astype(np.intp) + self._byte_base  # row of each (token, byte) in the flat lookup table
         out = self.centroids.take(codes.astype(np.intp), axis=0)
         out += self._flat_lookup.take(rows, axis=0).reshape(len(codes), self.dim)
@@ -276,18 +312,22 @@ class PlaidCodec:
         np.save(os.path.join(folder, "centroids.npy"), self.centroids)
         if self.codebooks is not None:
             np.save(os.path.join(folder, "codebooks.npy"), self.codebooks)
+            if self.rotation is not None:
+                np.save(os.path.join(folder, "rotation.npy"), self.rotation)
             return
         np.save(os.path.join(folder, "cutoffs.npy"), self.cutoffs)
         np.save(os.path.join(folder, "weights.npy"), self.weights)
 
     @classmethod
-    def load(cls, folder: str, nbits: int | None, normalized: bool) -> PlaidCodec:
-        """The codec saved in ``folder``: product-quantised where ``nbits`` is None, else scalar."""
+    def load(cls, folder: str, nbits: int | None, normalized: bool, opq: bool = False) -> PlaidCodec:
+        """The codec saved in ``folder``: product-quantised where ``nbits`` is None (rotated first with
+        ``opq``), else scalar."""
         def arr(name: str) -> np.ndarray:
             return np.load(os.path.join(folder, f"{name}.npy"))
 
         if nbits is None:
-            return cls(arr("centroids"), None, None, None, normalized, arr("codebooks"))
+            return cls(arr("centroids"), None, None, None, normalized, arr("codebooks"),
+                       arr("rotation") if opq else None)
         return cls(arr("centroids"), arr("cutoffs"), arr("weights"), nbits=nbits, normalized=normalized)
 
 
@@ -454,10 +494,12 @@ class ColbertPlaidIndex:
                 raise ValueError(f"query {i}: multi-vectors contain NaN or infinite values")
 
     def _maxsim(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Maxsim of one query with the decompressed vectors of ``rows`` (trine.scoring's maxsim, unpadded)."""
+        """Maxsim of one query, given in the codec's space (:meth:`PlaidCodec.to_codec_space`), with the
+        decompressed vectors of ``rows`` (trine.scoring's maxsim, unpadded)."""
         lengths = np.diff(self.offsets)[rows]
         pos = _ranges(self.offsets[rows], lengths)
-        return colbert_scores_flat(query, self.codec.decompress(self.codes[pos], self.packed[pos]), lengths)
+        return colbert_scores_flat(query, self.codec.decompress_in_codec_space(self.codes[pos], self.packed[pos]),
+                                   lengths)
 
     def score(self, queries: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
         """Maxsim of query i on the decompressed vectors of rows[i] (queries x m): the numbers ``search``
@@ -472,7 +514,7 @@ class ColbertPlaidIndex:
         for i, q in enumerate(queries):
             valid = rows[i] >= 0
             if valid.any():
-                out[i, valid] = self._maxsim(q, rows[i, valid])
+                out[i, valid] = self._maxsim(self.codec.to_codec_space(q), rows[i, valid])
         return out
 
     def rerank(self, queries: Sequence[np.ndarray], candidates: SearchResult | np.ndarray, k: int) -> SearchResult:
@@ -486,13 +528,17 @@ class ColbertPlaidIndex:
         best centroids, cut to the ``interaction_factor * ncandidates`` best by approximate maxsim over the
         probed centroids' scores (each document's tokens replaced by their centroids; tokens in unprobed
         centroids left out), then to the ``ncandidates`` best by maxsim over all their tokens' centroids."""
+        return self._candidates(self.codec.to_codec_space(query), nprobe, ncandidates, interaction_factor)
+
+    def _candidates(self, q: np.ndarray, nprobe: int | None, ncandidates: int | None,
+                    interaction_factor: int | None) -> np.ndarray:
+        """:meth:`candidates` of a query given in the codec's space."""
         nprobe = self.nprobe if nprobe is None else nprobe
         ncandidates = self.ncandidates if ncandidates is None else ncandidates
         factor = self.interaction_factor if interaction_factor is None else interaction_factor
         _positive("nprobe", nprobe)
         _positive("ncandidates", ncandidates)
         _positive("interaction_factor", factor)
-        q = np.asarray(query, dtype=np.float32)
         if q.shape[0] == 0:
             return np.zeros(0, dtype=np.int64)
         centroid_scores = q @ self._centroids_t  # (query tokens x centroids)
@@ -529,8 +575,9 @@ class ColbertPlaidIndex:
             raise ValueError(f"k must be at least 1, got {k}")
         self._check_queries(queries)
         out = []
-        for q in queries:
-            rows = self.candidates(q, nprobe, ncandidates, interaction_factor)
+        for query in queries:
+            q = self.codec.to_codec_space(query)
+            rows = self._candidates(q, nprobe, ncandidates, interaction_factor)
             out.append(top_k(self._maxsim(q, rows), k, rows) if rows.size else
                        (np.zeros(0), np.zeros(0, np.int64)))
         return pad_results(out, k)
@@ -552,8 +599,8 @@ class ColbertPlaidIndex:
     def load(cls, path: str | os.PathLike) -> ColbertPlaidIndex:
         meta = read_meta(path, KIND)
         folder = os.fspath(path)
-        options = check_options(meta["options"])
-        codec = PlaidCodec.load(folder, options["nbits"], bool(meta["normalized"]))
+        options = check_options({"opq": False, **meta["options"]})  # an index saved before OPQ has none
+        codec = PlaidCodec.load(folder, options["nbits"], bool(meta["normalized"]), options["opq"])
         codes = np.load(os.path.join(folder, "codes.npy"))
         packed = np.load(os.path.join(folder, "residuals.npy"))
         offsets = np.load(os.path.join(folder, "offsets.npy"))
@@ -602,11 +649,11 @@ def build_plaid(parts: Sequence[Part], work_dir: str | os.PathLike | None = None
                 sample.append(_check_vectors(part()[1], None)[0][positions[lo:hi] - start])
             start += size
         return PlaidCodec.train(np.concatenate(sample), opts["nbits"], ncentroids, opts["kmeans_niter"], opts["seed"],
-                                opts["pq_bytes"])
+                                opts["pq_bytes"], opts["opq"])
 
     codec = _step(work, "codec", train, lambda f, c: (c.save(f), _write_json(f, "codec.json", {
         "normalized": c.normalized})), lambda f: PlaidCodec.load(f, opts["nbits"], _read_json(f, "codec.json")[
-            "normalized"]))
+            "normalized"], opts["opq"]))
     all_ids: list[str] = []
     codes, packed, offsets = [], [], [np.zeros(1, dtype=np.int64)]
     for number, (part, n) in enumerate(zip(parts, lengths)):
