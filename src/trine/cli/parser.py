@@ -229,9 +229,11 @@ def add_colbert_index_options(p: argparse.ArgumentParser, default: str | None = 
     p.add_argument("--pq-bytes", dest="pq_bytes", type=int, default=None,
                    help="plaid: product-quantise the residual into this many bytes per token instead of --nbits "
                         "(one byte per dim/pq-bytes dimensions; must divide the dim)")
-    p.add_argument("--opq", action=argparse.BooleanOptionalAction, default=None,
-                   help="plaid: rotate the residual (OPQ, learned) before product quantisation (default: on with "
-                        "--pq-bytes; --no-opq: plain product quantisation)")
+    p.add_argument("--opq", dest="opq", action="store_const", const=True, default=None,
+                   help="plaid: rotate the residual (OPQ, learned) before product quantisation (default with "
+                        "--pq-bytes)")
+    p.add_argument("--no-opq", dest="opq", action="store_const", const=False, default=None,
+                   help="plaid: plain product quantisation, no rotation")
     p.add_argument("--pool-factor", dest="pool_factor", type=int, default=None,
                    help="plaid: merge each passage's similar token vectors (hierarchical clustering) into "
                         "tokens/pool-factor vectors before compressing (default 1: none)")
