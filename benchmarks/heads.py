@@ -177,8 +177,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--label", default=None, help="the run's name (default: baseline, or the --set items)")
     parser.add_argument("--zero-shot", action="store_true", help="also evaluate the start model")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: one epoch)")
+    parser.add_argument("--mine-negatives", type=int, default=0, metavar="N",
+                        help="give each training pair N hard negatives mined by the start model's dense vectors "
+                             "among the training positives (`trine mine`, ranks 2-50) and train with groups of N + 1 "
+                             "(default 0: in-batch negatives only, the recipe's)")
     args = parser.parse_args(argv)
     options = parse_set(args.set)
+    if args.mine_negatives:
+        options.setdefault("train_group_size", str(args.mine_negatives + 1))
     label = args.label or ("+".join(f"{k}={v}" for k, v in options.items()) or "baseline")
     times: dict[str, float] = {}
 
@@ -196,6 +202,18 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.perf_counter()
     models = start_models(out, passages, "bm25", neutral_baseline=False)
     times["start model"] = time.perf_counter() - t
+    if args.mine_negatives:
+        from trine.cli import main as trine
+
+        t = time.perf_counter()
+        mined = os.path.join(out, "train_pairs_mined.jsonl")
+        if os.path.exists(mined):
+            os.remove(mined)  # the run's own output of an earlier try
+        if trine(["mine", "--input_file", pairs, "--output_file", mined, "--model_name_or_path", models[-1],
+                  "--range_for_sampling", "2-50", "--negative_number", str(args.mine_negatives), "--quiet"]) != 0:
+            raise SystemExit("trine mine failed")
+        pairs = mined
+        times["mining"] = time.perf_counter() - t
     t = time.perf_counter()
     finetuned = finetune_unified(models[-1], pairs, os.path.join(out, "unified"), steps=args.steps,
                                  train_options=options)
@@ -213,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
     load = os.getloadavg()[0]
     print(f"\nlexical non-zeros per text: {nonzeros['query']:.1f} per query, {nonzeros['passage']:.1f} per passage")
     print("phases: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f" (load average {load:.1f})")
-    row = {"data": args.data, "label": label, "set": options, "steps": args.steps, "ndcg@10": metrics,
+    row = {"data": args.data, "label": label, "set": options, "steps": args.steps,
+           "mine_negatives": args.mine_negatives, "ndcg@10": metrics,
            "nonzeros": nonzeros, "seconds": times, "load": load, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     with open(os.path.join(CACHE, "results.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
