@@ -228,14 +228,14 @@ def _tokenizer_fingerprint(folder: str) -> tuple | None:
         return None
 
 
-def load_tokenizer(path: str, what: str = "tokenizer", **kwargs: Any) -> Any:
+def load_tokenizer(path: str, **kwargs: Any) -> Any:
     """``AutoTokenizer.from_pretrained(path, **kwargs)`` through :func:`load_from_folder`, read once per process
     for a local folder: later calls for the same folder, unchanged, with the same options get a copy of the first
     as it was read (each caller may change its own: padding side, added tokens)."""
     from transformers import AutoTokenizer
 
     def read() -> Any:
-        return load_from_folder(AutoTokenizer.from_pretrained, path, what, **kwargs)
+        return load_from_folder(AutoTokenizer.from_pretrained, path, "tokenizer", **kwargs)
 
     fingerprint = _tokenizer_fingerprint(path) if os.path.isdir(path) else None
     if fingerprint is None:

@@ -16,6 +16,9 @@ product-quantised: ``pq_bytes`` sub-vectors of ``dim / pq_bytes`` dimensions, ea
 naming the nearest of 256 codewords (faiss's k-means per sub-space, on the sample's residuals); it
 decompresses to ``centroid + concat(codeword_j)``, re-normalised alike. Both store whole bytes per
 token, so one lookup table (byte position x byte value -> that byte's dimensions) decompresses either.
+With ``opq`` (the default with ``pq_bytes``) the residuals are first rotated by an orthonormal matrix
+learned on the sample (OPQ, faiss's ``OPQMatrix``): centroids and codewords are kept in the rotated
+space, where inner products are the same, and each query is rotated once before it is scored.
 
 Token pooling (``pool_factor``, Clavie et al. 2024, as PyLate's ``pool_factor``): before anything
 else, each document's token vectors are clustered (Ward's hierarchical clustering) into
@@ -209,7 +212,7 @@ class PlaidCodec:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the codec's arrays (centroids, and cutoffs and weights or codebooks)."""
+        """Bytes of the codec's arrays (centroids, and cutoffs and weights or codebooks and the rotation)."""
         return sum(int(a.nbytes) for a in (self.centroids, self.cutoffs, self.weights, self.codebooks, self.rotation)
                    if a is not None)
 
